@@ -28,7 +28,7 @@ def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, ali
     k_pos = torch.arange(max_len, device=q.device)
     if alibi_slopes is not None:
         rel = (k_pos[None, :] - (seq_lens.long()[:, None] - 1)).float()
-        scores += alibi_slopes.float().view(1, num_kv_heads, group, 1, 1) * rel[:, None, None, None, :]
+        scores += alibi_slopes.float().view(1, num_kv_heads, group, 1) * rel[:, None, None, :]
     scores.masked_fill_(k_pos[None, None, None, :] >= seq_lens.long()[:, None, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(probs, values).view(num_seqs, num_heads, head_dim)
