@@ -1,0 +1,60 @@
+"""The decoder-only language model both families share: embed -> blocks -> final norm -> tied or own head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.attention import AttentionMetadata, KVCache
+from models.config import ModelConfig
+from models.falcon import FalconBlock, falcon_slots
+from models.layers import LayerNorm, RMSNorm
+from models.llama import LlamaBlock, llama_slots
+from models.rope import RotaryEmbedding
+from models.weights import Slot
+
+
+class CausalLM(nn.Module):
+    """`forward` maps packed token ids to final hidden states; `compute_logits` maps hidden states to logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        falcon = config.arch == "falcon"
+        block = FalconBlock if falcon else LlamaBlock
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(block(config) for _ in range(config.num_layers))
+        self.norm = (LayerNorm if falcon else RMSNorm)(config.hidden_size, config.norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.rope = None
+        if self.embed.weight.device.type != "meta":  # the loader builds on meta, then calls init_buffers
+            self.init_buffers(self.embed.weight.device)
+
+    def init_buffers(self, device: torch.device | str = "cpu") -> None:
+        """(Re)compute the tables that are not weights: RoPE angles and ALiBi slopes."""
+        self.rope = RotaryEmbedding(self.config, device) if self.config.use_rope else None
+        for block in self.layers:
+            block.attn.init_alibi(device)
+
+    def weight_slots(self) -> dict[str, Slot]:
+        return (falcon_slots if self.config.arch == "falcon" else llama_slots)(self, self.config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """input_ids, positions `[num_tokens]` -> hidden `[num_tokens, hidden]` (after the final norm)."""
+        rope = None
+        if self.rope is not None:
+            rope = self.rope.cos_sin(positions, meta.seq_len_per_token() if self.rope.rope_type == "dynamic"
+                                     else None)
+        x, residual = self.embed(input_ids), None
+        for i, block in enumerate(self.layers):
+            x, residual = block(x, residual, rope, meta, None if kv_caches is None else kv_caches[i])
+        if residual is not None:
+            x, _ = self.norm(x, residual)
+            return x
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight)

@@ -1,0 +1,88 @@
+"""Falcon decoder block in its three variants (DESIGN.md 5) and its checkpoint names.
+
+- falcon-7b: multi-query, parallel attention + MLP, one `input_layernorm`, RoPE, no biases.
+- falcon-40b/180B (`new_decoder_architecture`): grouped KV, parallel, `ln_attn` + `ln_mlp`
+  (or only `input_layernorm` when `num_ln_in_parallel_attn == 1`), RoPE.
+- falcon-rw: MHA, sequential attention then MLP with two norms, ALiBi, biases.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from models.attention import AttentionMetadata, KVCache
+from models.config import ModelConfig
+from models.layers import Attention, GeluMLP, LayerNorm
+from models.weights import Slot
+
+
+class FalconBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.norm_eps
+        self.parallel = config.parallel_attn
+        self.two_norms = config.new_decoder_architecture and config.num_ln_in_parallel_attn == 2
+        if self.two_norms:
+            self.ln_attn, self.ln_mlp = LayerNorm(hidden, eps), LayerNorm(hidden, eps)
+        else:
+            self.input_layernorm = LayerNorm(hidden, eps)
+            if not self.parallel:
+                self.post_attention_layernorm = LayerNorm(hidden, eps)
+        self.attn = Attention(config, bias=config.bias, out_bias=config.bias)
+        self.mlp = GeluMLP(hidden, config.intermediate_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, residual: None, rope, meta: AttentionMetadata,
+                kv_cache: KVCache | None) -> tuple[torch.Tensor, None]:
+        """Returns (x + block(x), None): Falcon's norms have biases, so the residual is added here."""
+        if self.two_norms:
+            attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
+        else:
+            attn_in = mlp_in = self.input_layernorm(x)
+        attn_out = self.attn(attn_in, rope, meta, kv_cache)
+        if not self.parallel:
+            x = x + attn_out
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        return x + (self.mlp(mlp_in) + attn_out), None
+
+
+def qkv_rows_to_blocks(w: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Reorder Falcon's fused query_key_value rows into [q heads; k heads; v heads]."""
+    d, h, h_kv = config.head_dim, config.num_heads, config.num_kv_heads
+    tail = w.shape[1:]
+    if config.new_decoder_architecture:  # per KV group: [q_0 .. q_{g-1}, k, v]
+        grouped = w.reshape(h_kv, h // h_kv + 2, d, *tail)
+        q, k, v = grouped[:, :-2], grouped[:, -2], grouped[:, -1]
+    elif config.multi_query:  # [q_0 .. q_{H-1}, k, v]: already blocks
+        return w
+    else:  # MHA: per head [q, k, v]
+        per_head = w.reshape(h, 3, d, *tail)
+        q, k, v = per_head[:, 0], per_head[:, 1], per_head[:, 2]
+    return torch.cat([q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)])
+
+
+def falcon_slots(model: nn.Module, config: ModelConfig) -> dict[str, Slot]:
+    """HF checkpoint name -> where it lands."""
+    kinds = ["weight", "bias"] if config.bias else ["weight"]
+    slots = {"transformer.word_embeddings.weight": Slot(model.embed.weight),
+             "transformer.ln_f.weight": Slot(model.norm.weight), "transformer.ln_f.bias": Slot(model.norm.bias)}
+    if not config.tie_word_embeddings:
+        slots["lm_head.weight"] = Slot(model.lm_head.weight)
+    reorder = partial(qkv_rows_to_blocks, config=config)
+    for i, block in enumerate(model.layers):
+        pre = f"transformer.h.{i}."
+        for kind in kinds:
+            slots[f"{pre}self_attention.query_key_value.{kind}"] = Slot(
+                getattr(block.attn.qkv_proj, kind), transform=reorder)
+            slots[f"{pre}self_attention.dense.{kind}"] = Slot(getattr(block.attn.o_proj, kind))
+            slots[f"{pre}mlp.dense_h_to_4h.{kind}"] = Slot(getattr(block.mlp.up_proj, kind))
+            slots[f"{pre}mlp.dense_4h_to_h.{kind}"] = Slot(getattr(block.mlp.down_proj, kind))
+        norms = ["ln_attn", "ln_mlp"] if block.two_norms else ["input_layernorm"]
+        if not block.two_norms and not block.parallel:
+            norms.append("post_attention_layernorm")
+        for name in norms:
+            for kind in ("weight", "bias"):
+                slots[f"{pre}{name}.{kind}"] = Slot(getattr(getattr(block, name), kind))
+    return slots

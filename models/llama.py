@@ -1,0 +1,57 @@
+"""Llama decoder block (pre-norm, RMSNorm fused with the residual add) and its checkpoint names."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.attention import AttentionMetadata, KVCache
+from models.config import ModelConfig
+from models.layers import Attention, GatedMLP, RMSNorm
+from models.weights import Slot
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config, bias=config.attention_bias, out_bias=config.attention_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope, meta: AttentionMetadata,
+                kv_cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (block output without the residual, residual): the next norm adds them, fused."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.attn(x, rope, meta, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+def llama_slots(model: nn.Module, config: ModelConfig) -> dict[str, Slot]:
+    """HF checkpoint name -> where it lands; q/k/v and gate/up go into row ranges of fused matrices."""
+    q, kv, inter = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.intermediate_size
+    slots = {"model.embed_tokens.weight": Slot(model.embed.weight), "model.norm.weight": Slot(model.norm.weight)}
+    if not config.tie_word_embeddings:
+        slots["lm_head.weight"] = Slot(model.lm_head.weight)
+    for i, block in enumerate(model.layers):
+        pre = f"model.layers.{i}."
+        attn, mlp = block.attn, block.mlp
+        kinds = ["weight", "bias"] if config.attention_bias else ["weight"]
+        for kind in kinds:
+            fused = getattr(attn.qkv_proj, kind)
+            slots[f"{pre}self_attn.q_proj.{kind}"] = Slot(fused, 0, q)
+            slots[f"{pre}self_attn.k_proj.{kind}"] = Slot(fused, q, kv)
+            slots[f"{pre}self_attn.v_proj.{kind}"] = Slot(fused, q + kv, kv)
+            slots[f"{pre}self_attn.o_proj.{kind}"] = Slot(getattr(attn.o_proj, kind))
+        for kind in ["weight", "bias"] if config.mlp_bias else ["weight"]:
+            fused = getattr(mlp.gate_up_proj, kind)
+            slots[f"{pre}mlp.gate_proj.{kind}"] = Slot(fused, 0, inter)
+            slots[f"{pre}mlp.up_proj.{kind}"] = Slot(fused, inter, inter)
+            slots[f"{pre}mlp.down_proj.{kind}"] = Slot(getattr(mlp.down_proj, kind))
+        slots[f"{pre}input_layernorm.weight"] = Slot(block.input_layernorm.weight)
+        slots[f"{pre}post_attention_layernorm.weight"] = Slot(block.post_attention_layernorm.weight)
+    return slots

@@ -1,0 +1,101 @@
+"""Load a model folder's safetensors (one file or sharded) into a CausalLM: memory-mapped, cast, checked."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from models.causal_lm import CausalLM
+from models.config import ModelConfig, load_config
+
+# Tensors some checkpoints carry that hold nothing we need.
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias)$")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not match its config: names the tensor and what was expected."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; supported: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The shards listed by model.safetensors.index.json, else every *.safetensors file in the folder."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"shards listed in {index} are missing: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else "no such folder"
+        raise WeightsError(f"no *.safetensors weights in {model_dir} (found: {found}); "
+                           "weights are loaded only from safetensors (convert GGUF with `llmengine convert`)")
+    return files
+
+
+def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> None:
+    """Copy every checkpoint tensor into its slot; every slot must be filled exactly once."""
+    slots = model.weight_slots()
+    seen: set[str] = set()
+    files = safetensors_files(model_dir)
+    names = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            names.update({name: path for name in f.keys()})
+    unexpected = sorted(n for n in names if n not in slots and not IGNORED.search(n)
+                        and not (n == "lm_head.weight" and model.config.tie_word_embeddings))
+    if unexpected:
+        raise WeightsError(f"unexpected tensors in {model_dir}: {unexpected[:5]}"
+                           f"{' ...' if len(unexpected) > 5 else ''} (does config.json match the weights?)")
+    missing = sorted(set(slots) - set(names))
+    if missing:
+        raise WeightsError(f"missing tensors in {model_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    bar = tqdm(total=len(slots), desc=f"loading {model_dir.name}", unit="tensor", disable=not progress)
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                slot = slots.get(name)
+                if slot is None:
+                    continue
+                tensor = f.get_tensor(name)
+                if slot.transform is not None:
+                    tensor = slot.transform(tensor)
+                target = slot.target()
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise WeightsError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
+                                       f"expected {tuple(target.shape)} from config.json")
+                target.copy_(tensor)
+                seen.add(name)
+                bar.update(1)
+    bar.close()
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               progress: bool = True, config: ModelConfig | None = None) -> CausalLM:
+    """Build the model that `model_dir/config.json` describes and fill it from its safetensors."""
+    model_dir = Path(model_dir)
+    config = config or load_config(model_dir)
+    torch_dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to_empty(device=device).to(torch_dtype)
+    model.init_buffers(device)  # computed tables were made on meta too
+    with torch.no_grad():
+        load_weights(model, model_dir, progress)
+    return model.eval()
