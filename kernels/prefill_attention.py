@@ -14,6 +14,8 @@ Scores: `scale * q.k + alibi_slopes[h] * (k_pos - q_pos)` when slopes are given 
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels.dispatch import use_triton
 
@@ -65,9 +67,160 @@ def prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables,
     return out
 
 
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of log2-domain scores s `[M, N]` (masked entries -inf) and values v `[N, D]` into
+    the running max m_i, denominator l_i and unnormalised output acc (all fp32)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
+    k_cache_ptr, v_cache_ptr, block_tables_ptr, alibi_slopes_ptr,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_o_tok, stride_o_head, stride_c_block, stride_c_slot, stride_c_head, stride_bt_seq,
+    scale, num_queries_per_kv, head_dim, block_size,
+    HAS_CACHE: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Causal varlen flash attention of BLOCK_M new query tokens of one head over the cached prefix
+    and the new tokens of their sequence.
+
+    Layout: q, out `[num_tokens, num_heads, head_dim]`, k, v `[num_tokens, num_kv_heads, head_dim]`
+    packed by cu_seqlens_q; k_cache, v_cache `[num_blocks, block_size, num_kv_heads, head_dim]` (same
+    strides); block_tables `[num_seqs, max_blocks]`; last dims contiguous. Grid:
+    `(cdiv(max_seqlen_q, BLOCK_M), num_heads, num_seqs)`. Program (m, h, i) takes local query rows
+    `m*BLOCK_M ...` of sequence i and head h (KV head `h // num_queries_per_kv`) and runs an fp32 online
+    softmax over (1) the `ctx_len = seq_len - q_len` cached tokens, gathered BLOCK_N at a time through
+    the block table, all visible, then (2) the sequence's new tokens from k, v up to its last row, with
+    the causal mask. Scores are kept in the log2 domain (`scale * log2(e)` folded in). Head-dim is
+    padded to the power of two BLOCK_D with masks. Programs past the end of a sequence exit at once.
+    """
+    m_block = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    ctx_len = tl.load(seq_lens_ptr + seq) - q_len
+    kv_head = head // num_queries_per_kv
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the new tokens
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    m_mask = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q_tok + head * stride_q_head + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    qk_scale = scale * 1.4426950408889634  # log2(e): softmax through exp2
+    if HAS_ALIBI:
+        slope = tl.load(alibi_slopes_ptr + head).to(tl.float32) * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if HAS_CACHE:
+        # (1) the cached prefix: every key precedes every query, no causal mask.
+        q_pos = ctx_len + offs_m
+        for start in range(0, ctx_len, BLOCK_N):
+            k_pos = start + offs_n
+            n_mask = k_pos < ctx_len
+            block = tl.load(block_tables_ptr + seq * stride_bt_seq + k_pos // block_size, mask=n_mask,
+                            other=0)
+            slot = block.to(tl.int64) * stride_c_block + (k_pos % block_size) * stride_c_slot \
+                + kv_head * stride_c_head
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if HAS_ALIBI:
+                s += slope * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+
+    # (2) the new tokens, causal; keys beyond this block's last query row are never needed.
+    end = tl.minimum(q_len, (m_block + 1) * BLOCK_M)
+    for start in range(0, end, BLOCK_N):
+        k_idx = start + offs_n
+        n_mask = k_idx < q_len
+        k_rows = (q_start + k_idx).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + k_rows[:, None] * stride_k_tok + kv_head * stride_k_head + offs_d[None, :],
+                    mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + k_rows[:, None] * stride_v_tok + kv_head * stride_v_head + offs_d[None, :],
+                    mask=kv_mask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_ALIBI:
+            s += slope * (k_idx[None, :] - offs_m[:, None]).to(tl.float32)
+        s = tl.where((k_idx[None, :] <= offs_m[:, None]) & n_mask[None, :], s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def prefill_launch_config(dtype: torch.dtype, head_dim: int) -> dict:
+    """Tile sizes: 128x64 tiles with 8 warps for 16-bit inputs; smaller, unpipelined ones for fp32 so
+    that shared memory stays under the 99 KiB of sm_86/sm_89 (tf32x3 needs extra operand copies)."""
+    if dtype == torch.float32 or head_dim > 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
 def prefill_attention_triton(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, scale,
-                             alibi_slopes=None, max_seqlen_q=None) -> torch.Tensor:
-    raise NotImplementedError("Triton prefill_attention: see the kernels issue")
+                             alibi_slopes=None, max_seqlen_q=None, out=None, block_m=None,
+                             block_n=None) -> torch.Tensor:
+    """Triton path of `prefill_attention`. `out` (optional) receives the result; `block_m`, `block_n`
+    override the tile sizes (tests use small tiles to keep the interpreter fast)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    num_seqs = seq_lens.shape[0]
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    has_cache = k_cache is not None
+    if has_cache:
+        assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "caches must share a layout"
+        cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+        block_size = k_cache.shape[1]
+    else:
+        k_cache = v_cache = block_tables = q  # never read
+        cache_strides, block_size = (0, 0, 0, 0), 1
+    config = prefill_launch_config(q.dtype, head_dim)
+    if block_m is not None:
+        config["BLOCK_M"] = block_m
+    if block_n is not None:
+        config["BLOCK_N"] = block_n
+    grid = (triton.cdiv(max_seqlen_q, config["BLOCK_M"]), num_heads, num_seqs)
+    prefill_attention_kernel[grid](
+        q, k, v, out, cu_seqlens_q, seq_lens, k_cache, v_cache, block_tables,
+        alibi_slopes if alibi_slopes is not None else q,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), *cache_strides,
+        scale, num_heads // num_kv_heads, head_dim, block_size,
+        HAS_CACHE=has_cache, HAS_ALIBI=alibi_slopes is not None,
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        BLOCK_D=triton.next_power_of_2(head_dim), **config,
+    )
+    return out
 
 
 def prefill_attention(
