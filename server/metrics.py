@@ -1,0 +1,65 @@
+"""Prometheus metrics of one app, in a registry of its own (two apps in one process never collide)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0, 10.0, 30.0)
+
+
+class _EngineCollector:
+    """Reads each engine's stats() at scrape time: KV blocks used and free, requests waiting and running."""
+
+    def __init__(self, engines: Callable[[], dict[str, Any]]) -> None:
+        self._engines = engines
+
+    def collect(self):
+        families = {
+            "blocks_used": GaugeMetricFamily("llmengine_kv_blocks_used", "KV-cache blocks in use", labels=["model"]),
+            "blocks_free": GaugeMetricFamily("llmengine_kv_blocks_free", "KV-cache blocks free", labels=["model"]),
+            "num_waiting": GaugeMetricFamily("llmengine_queue_depth", "requests waiting in the engine's queue",
+                                             labels=["model"]),
+            "num_running": GaugeMetricFamily("llmengine_running_requests", "requests in the running batch",
+                                             labels=["model"]),
+        }
+        for name, engine in self._engines().items():
+            stats = engine.stats()
+            for key, family in families.items():
+                if key in stats:
+                    family.add_metric([name], float(stats[key]))
+        yield from families.values()
+
+
+class Metrics:
+    def __init__(self, engines: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llmengine_http_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=r)
+        self.tokens = Counter("llmengine_generated_tokens", "tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("llmengine_time_to_first_token_seconds", "arrival to first generated token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("llmengine_time_per_output_token_seconds", "time per generated token after the first",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("llmengine_requests_in_flight",
+                               "generation requests in the server (waiting + running)", registry=r)
+        r.register(_EngineCollector(engines))
+
+    def token_observer(self, model: str) -> Callable[[bool, int, float], None]:
+        tokens, ttft, tpot = self.tokens.labels(model), self.ttft.labels(model), self.tpot.labels(model)
+
+        def observe(first: bool, n: int, seconds: float) -> None:
+            tokens.inc(n)
+            if first:
+                ttft.observe(seconds)
+            else:
+                for _ in range(n):
+                    tpot.observe(seconds / n)
+        return observe
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,133 @@
+"""`llmengine serve`: load one or more models and serve them over HTTP with uvicorn.
+
+    llmengine serve                                  # the default model on 127.0.0.1:5005
+    llmengine serve --model smollm2-135m-instruct --model mine=/path/to/folder --api-key KEY
+
+The port opens at once; /readyz answers 503 until every model is loaded, then the server prints how to
+call it. On Ctrl-C (SIGINT) or SIGTERM, requests in flight get `GRACE_SECONDS` to finish, then an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from server.app import create_app
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+GRACE_SECONDS = 10.0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, draining the app first on shutdown: new requests get 503, requests in flight get the
+    grace period, then an error (an error chunk for streams), before uvicorn closes the connections."""
+
+    def __init__(self, config: uvicorn.Config, grace: float = GRACE_SECONDS) -> None:
+        super().__init__(config)
+        self.grace = grace
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        state = getattr(getattr(self.config.app, "state", None), "server", None)
+        if state is not None:
+            await state.drain(self.grace)
+        await super().shutdown(sockets)
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", default=[], metavar="NAME[=PATH]",
+                        help=f"a model to serve: a zoo name, a folder, or NAME=PATH to serve a folder under a "
+                             f"name; repeat to serve several (default: {DEFAULT_MODEL})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=5005)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: float32 on CPU, the checkpoint's dtype on CUDA")
+    parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV-cache size (default: sized by the engine)")
+    parser.add_argument("--api-key", default=None,
+                        help="require this key on every route but health (default: $LLMENGINE_API_KEY; none = open)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests in flight (waiting + running) beyond which new ones get 429")
+
+
+def model_specs(args: list[str]) -> list[tuple[str, str, dict[str, Path]]]:
+    """`--model` values -> (served name, what to resolve, NAME=PATH mapping)."""
+    specs = []
+    for text in args or [DEFAULT_MODEL]:
+        if "=" in text:
+            name, path = text.split("=", 1)
+            specs.append((name, name, {name: Path(path).expanduser()}))
+        else:
+            served = Path(text).name if Path(text).expanduser().is_dir() else text
+            specs.append((served, text, {}))
+    names = [name for name, _, _ in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models would be served under one name: {names}")
+    return specs
+
+
+def banner(host: str, port: int, names: list[str], api_key: str | None) -> str:
+    shown = "[::1]" if host == "::" else ("127.0.0.1" if host in ("0.0.0.0", "") else host)
+    base = f"http://{shown}:{port}"
+    auth = f" -u {api_key}:" if api_key else ""
+    env = f"SCALE_API_KEY={api_key} " if api_key else ""
+    name = names[0]
+    return "\n".join([
+        f"llmengine: serving {', '.join(names)} at {base}",
+        "  curl:",
+        f"    curl{auth} -X POST '{base}/v1/llm/completions-sync?model_endpoint_name={name}' "
+        f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Suggest a name for an icecream shop\", "
+        f"\"max_new_tokens\": 32, \"temperature\": 0}}'",
+        "  SDK:",
+        f"    {env}LLM_ENGINE_BASE_PATH={base}/ python -c \"from llmengine import Completion; "
+        f"print(Completion.create(model='{name}', prompt='Suggest a name for an icecream shop', "
+        f"max_new_tokens=32, temperature=0).output.text)\"",
+        f"  OpenAI: OpenAI(base_url='{base}/v1', api_key='{api_key or 'none'}')"
+        f".completions.create(model='{name}', prompt='...')",
+    ])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from models.zoo import resolve_model  # heavy imports only once we really serve
+    from runtime import AsyncEngine
+
+    specs = model_specs(args.model)
+    api_key = args.api_key or os.environ.get("LLMENGINE_API_KEY") or None
+
+    def load_engines() -> dict[str, Any]:
+        engines = {}
+        for name, ref, mapping in specs:
+            folder = resolve_model(ref, mapping)
+            sys.stderr.write(f"llmengine: loading {name} from {folder}\n")  # one write: log lines interleave
+            engines[name] = AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name)
+        return engines
+
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(f"llmengine serve: warning: no API key, and {args.host} is reachable from other "
+                         "machines; anyone who can reach it can use it (set --api-key or LLMENGINE_API_KEY)\n")
+    app = create_app(load_engines, api_key=api_key, max_queue=args.max_queue)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=3, timeout_keep_alive=30)
+    server = GracefulServer(config)
+    state = app.state.server
+
+    def announce() -> None:  # once the port is open and the models are loaded (or failed to)
+        while not server.should_exit and not (server.started and (state.ready or state.load_error)):
+            time.sleep(0.05)
+        if state.load_error:
+            print(f"llmengine serve: error: {state.load_error}", file=sys.stderr, flush=True)
+            server.should_exit = True
+        elif state.ready:
+            print(banner(args.host, args.port, list(state.engines), api_key), flush=True)
+
+    threading.Thread(target=announce, name="llmengine-announce", daemon=True).start()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a clean shutdown
+        pass
+    return 1 if state.load_error or not server.started else 0

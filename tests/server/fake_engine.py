@@ -1,0 +1,102 @@
+"""A fake AsyncEngine for the server tests that need control a model cannot give: exact timing, failures
+mid-stream, many requests held in flight. It obeys runtime.AsyncEngine's API.
+
+Output for a prompt of N words: tokens " w0", " w1", ... (one per `delay` seconds) up to max_new_tokens.
+Prompts that steer it:
+- "fail-after K ...": K tokens, then finished with finish_reason "error" (error "boom");
+- "raise-after K ...": K tokens, then the iterator raises RuntimeError;
+- "quiet ...": every other delta has a token but no text (the detokenizer holding bytes back).
+Each request holds 1 block, plus 1 per 4 tokens, until it finishes or is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from types import SimpleNamespace
+
+from runtime import RequestOutput, SamplingParams
+
+
+class FakeEngine:
+    def __init__(self, name: str = "fake", delay: float = 0.01, max_model_len: int = 64, blocks_total: int = 100):
+        self.name = name
+        self.delay = delay
+        self.max_model_len = max_model_len
+        self.config = SimpleNamespace(max_position_embeddings=max_model_len, arch="fake")
+        self.tokenizer = SimpleNamespace(encode=lambda s, **_: list(range(len(s.split()))),
+                                         decode=lambda ids, **_: "".join(f" w{i}" for i in ids), eos_token_id=0)
+        self.blocks_total = blocks_total
+        self._lock = threading.Lock()
+        self._blocks: dict[str, int] = {}  # request id -> blocks held
+        self._aborted: set[str] = set()
+        self.aborts: list[str] = []  # every abort() call, in order
+        self.requests: list[tuple[str | list[int], SamplingParams]] = []
+        self.started = False
+        self.shut_down = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.shut_down = True
+        with self._lock:
+            self._aborted.update(self._blocks)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.aborts.append(request_id)
+            if request_id in self._blocks:
+                self._aborted.add(request_id)
+                del self._blocks[request_id]  # freed at once, as the real engine does
+
+    def stats(self) -> dict:
+        with self._lock:
+            used = sum(self._blocks.values())
+            return {"num_running": len(self._blocks), "num_waiting": 0, "blocks_total": self.blocks_total,
+                    "blocks_used": used, "blocks_free": self.blocks_total - used}
+
+    def add_request(self, prompt, params: SamplingParams, request_id=None, deadline=None):
+        params.validate()
+        n_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())
+        if n_prompt == 0:
+            raise ValueError("prompt is empty (0 tokens)")
+        total = n_prompt + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                             f"tokens, but the model's context is {self.max_model_len} tokens")
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:
+            self._blocks[request_id] = 1
+        self.requests.append((prompt, params))
+        return self._generate(request_id, prompt if isinstance(prompt, str) else "", n_prompt, params)
+
+    async def _generate(self, rid: str, prompt: str, n_prompt: int, params: SamplingParams):
+        words = prompt.split()
+        fail_at = int(words[1]) if words and words[0] in ("fail-after", "raise-after") else None
+        n = 0
+        try:
+            while True:
+                await asyncio.sleep(self.delay)
+                with self._lock:
+                    if rid in self._aborted:
+                        yield RequestOutput(rid, "", [], None, True, "abort", n_prompt, n, None)
+                        return
+                if fail_at is not None and n == fail_at:
+                    if words[0] == "raise-after":
+                        raise RuntimeError("engine exploded")
+                    yield RequestOutput(rid, "", [], None, True, "error", n_prompt, n, "boom")
+                    return
+                text = "" if words and words[0] == "quiet" and n % 2 == 0 else f" w{n}"
+                n += 1
+                with self._lock:
+                    self._blocks[rid] = 1 + n // 4
+                done = n >= params.max_new_tokens
+                log_probs = [-0.5 * n] if params.return_token_log_probs else None
+                yield RequestOutput(rid, text, [n], log_probs, done, "length" if done else None, n_prompt, n, None)
+                if done:
+                    return
+        finally:
+            with self._lock:
+                self._blocks.pop(rid, None)
