@@ -1,0 +1,161 @@
+"""The engine on a background thread, with an asyncio stream of deltas per request.
+
+The thread owns the model, the scheduler and the cache. Callers hand it work through an inbox (new
+sequences, aborts) under a condition variable; the thread takes the inbox at each step boundary, runs a
+step and delivers each delta into its request's asyncio.Queue with `loop.call_soon_threadsafe`. With
+nothing to do it sleeps on the condition variable.
+
+    engine = AsyncEngine("smollm2-135m-instruct")
+    async for delta in engine.add_request("Hello", SamplingParams(max_new_tokens=8)):
+        print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from runtime.engine import Engine, RequestOutput
+from runtime.params import SamplingParams
+from runtime.sequence import Sequence
+
+logger = logging.getLogger("runtime")
+
+
+class AsyncEngine:
+    def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto",
+                 kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 name: str | None = None):
+        self.engine = Engine(model, dtype=dtype, device=device, kv_cache_gib=kv_cache_gib,
+                             gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
+                             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                             max_model_len=max_model_len)
+        self.name = name or (Path(model).name if Path(model).is_dir() else str(model))
+        self.config = self.engine.config
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self._cond = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            if self._stopping:
+                raise RuntimeError("the engine has been shut down")
+            self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+            self._thread.start()
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate now (ValueError with the token counts), then stream the request's deltas."""
+        loop = asyncio.get_running_loop()
+        request_id = request_id or uuid.uuid4().hex
+        seq = self.engine.make_sequence(prompt, params, request_id, deadline)
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine has been shut down")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            self._streams[request_id] = (loop, queue)
+            self._inbox.append(seq)
+            self._cond.notify()
+        self.start()
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:  # the consumer went away (closed, cancelled): free the request's blocks
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            waiting_in_inbox = len(self._inbox)
+        stats = self.engine.stats()
+        stats["num_waiting"] += waiting_in_inbox
+        return stats
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the engine thread -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._inbox or self._aborts or self._stopping or self.engine.has_unfinished()):
+                    self._cond.wait()
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                stopping = self._stopping
+            outputs: list[RequestOutput] = []
+            try:
+                self._iteration(inbox, aborts, stopping, outputs)
+            except Exception as e:  # a bug outside the per-step guards: fail everything in flight, go on
+                logger.exception("engine loop error")
+                for rid in list(self.engine.requests):
+                    outputs.append(self.engine.abort(rid, "error", f"{type(e).__name__}: {e}"))
+            self._deliver(outputs)
+            if stopping:
+                return
+
+    def _iteration(self, inbox: list[Sequence], aborts: list[str], stopping: bool,
+                   outputs: list[RequestOutput]) -> None:
+        """Take in new requests and aborts, then run one step (or, when stopping, abort everything)."""
+        engine = self.engine
+        for seq in inbox:
+            try:
+                engine.add(seq)
+            except Exception as e:  # noqa: BLE001 - refuse that request only
+                outputs.append(RequestOutput(seq.request_id, "", [], None, True, "error",
+                                             seq.num_prompt_tokens, 0, f"{type(e).__name__}: {e}"))
+        for request_id in aborts:
+            if (output := engine.abort(request_id)) is not None:
+                outputs.append(output)
+        if stopping:
+            outputs += [engine.abort(rid) for rid in list(engine.requests)]
+            return
+        steps = engine.counters["steps"]
+        outputs += engine.step()
+        if not outputs and engine.counters["steps"] == steps:  # nothing could run: do not spin
+            with self._cond:
+                self._cond.wait(0.01)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            with self._cond:
+                target = self._streams.get(output.request_id)
+                if output.finished:
+                    self._streams.pop(output.request_id, None)
+            if target is None:
+                continue
+            loop, queue = target
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, output)
+            except RuntimeError:  # its event loop is closed: nobody listens any more
+                if not output.finished:
+                    self.abort(output.request_id)

@@ -1,0 +1,228 @@
+"""The synchronous engine: requests in, one step at a time, token deltas out.
+
+`Engine.step()` expires requests past their deadline, asks the scheduler for a batch, runs it, samples,
+and turns each new token into a `RequestOutput` delta (stop tokens, stop strings, max_new_tokens). The
+async engine runs it on a background thread; `LLM` runs it in a plain loop.
+
+A model folder without tokenizer files (the tiny test checkpoints) still serves token-id prompts: the
+deltas then carry token ids and empty text, and string prompts or stop strings are rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.config import load_config
+from models.loader import DTYPES, load_model, parse_dtype
+from models.tokenizer import TOKENIZER_FILES, Tokenizer
+from runtime.block_manager import BlockManager, num_blocks_for_budget
+from runtime.detokenizer import TextStream
+from runtime.model_runner import ModelRunner
+from runtime.params import SamplingParams
+from runtime.sampler import Sampler
+from runtime.scheduler import Scheduler
+from runtime.sequence import Sequence
+
+logger = logging.getLogger("runtime")
+FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
+COUNTERS = ("requests_added", "steps", "failed_steps", "tokens_computed", "tokens_generated",
+            *(f"finished_{reason}" for reason in FINISH_REASONS))
+
+
+@dataclass
+class RequestOutput:
+    """One delta of one request's output; the last one has finished=True."""
+
+    request_id: str
+    text: str  # new text since the previous delta ("" while text is held back)
+    token_ids: list[int]  # tokens generated since the previous delta
+    log_probs: list[float] | None  # one per token in token_ids, when requested
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" | "error"
+    num_prompt_tokens: int
+    num_completion_tokens: int  # total so far
+    error: str | None = None
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A model folder, or a name the model zoo knows."""
+    from models.zoo import resolve_model
+
+    return Path(resolve_model(model))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto",
+                 kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 progress: bool = False):
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value < 1:
+                raise ValueError(f"{name}={value} is out of range: accepted an integer >= 1")
+        model_dir = resolve_model_dir(model)
+        self.model_dir = model_dir
+        self.config = config = load_config(model_dir)
+        self.device = resolve_device(device)
+        if dtype == "auto":  # fp32 on CPU (exact, and fast there); the checkpoint's dtype on a GPU
+            dtype = "float32" if self.device.type != "cuda" else \
+                config.torch_dtype if config.torch_dtype in DTYPES else "bfloat16"
+        self.dtype = parse_dtype(dtype)
+        self.model = load_model(model_dir, self.dtype, self.device, progress=progress, config=config)
+        has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
+        self.tokenizer = Tokenizer.from_folder(model_dir) if has_tokenizer else None
+        self.stop_token_ids = set(config.eos_token_id) | (self.tokenizer.stop_token_ids if self.tokenizer else set())
+
+        # Room for one step's activations and logits, kept out of the GPU budget.
+        element = self.model.embed.weight.element_size()
+        reserve = max_num_batched_tokens * element * 4 * (config.hidden_size * 4 + config.intermediate_size * 2) \
+            + max_num_seqs * config.vocab_size * 4 * 4
+        num_blocks = num_blocks_for_budget(config, self.dtype, block_size, self.device, kv_cache_gib,
+                                           gpu_memory_utilization, reserve)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        self.sampler = Sampler()
+        self.cache_tokens = num_blocks * block_size
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_tokens)
+        self.requests: dict[str, Sequence] = {}
+        # Every key exists from the start, so stats() has a fixed shape and no key appears mid-read.
+        self.counters: Counter[str] = Counter({key: 0 for key in COUNTERS})
+
+    # -- requests -------------------------------------------------------------------------------------
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                      deadline: float | None = None) -> Sequence:
+        """Validate a request and build its sequence (touches no engine state: safe from any thread)."""
+        params.validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
+                                 "give the prompt as token ids")
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+            bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if not prompt_ids:
+            raise ValueError("prompt is empty (0 tokens)")
+        if params.stop_sequences and self.tokenizer is None:
+            raise ValueError("stop_sequences need a tokenizer; this model folder has none")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            limit = f"the KV cache holds {self.cache_tokens} tokens" if self.max_model_len == self.cache_tokens \
+                else f"max_model_len is {self.max_model_len}"
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                             f"{total} tokens, but {limit}")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
+        text = TextStream(self.tokenizer, prompt_ids, params.stop_sequences, params.include_stop_str_in_output,
+                          params.skip_special_tokens)
+        return Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, text, deadline, generator)
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in flight")
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        self.counters["requests_added"] += 1
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    deadline: float | None = None) -> Sequence:
+        seq = self.make_sequence(prompt, params, request_id, deadline)
+        self.add(seq)
+        return seq
+
+    def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
+        """Finish a request now (its blocks go back at once); None if it is not in flight."""
+        seq = self.requests.get(request_id)
+        return None if seq is None else self._finish(seq, reason, error)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = [self._finish(seq, "timeout") for seq in list(self.requests.values())
+                   if seq.deadline is not None and now >= seq.deadline]
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        self.counters["steps"] += 1
+        try:
+            logits = self.runner.execute(batch)
+            sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == seq.num_tokens]
+            tokens, log_probs = self.sampler(logits, sampling) if sampling else ([], [])
+        except Exception as e:  # the whole step failed: fail its requests, keep serving the others
+            logger.exception("engine step failed; failing its %d requests", len(batch))
+            self.counters["failed_steps"] += 1
+            return outputs + [self._finish(seq, "error", f"{type(e).__name__}: {e}") for seq, _ in batch]
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+            self.counters["tokens_computed"] += n
+        for seq, token, log_prob in zip(sampling, tokens, log_probs):
+            try:
+                outputs.append(self._append_token(seq, token, log_prob))
+            except Exception as e:  # one request's bookkeeping failed: only that request fails
+                logger.exception("request %s failed", seq.request_id)
+                outputs.append(self._finish(seq, "error", f"{type(e).__name__}: {e}"))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, log_prob: float) -> RequestOutput:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        self.counters["tokens_generated"] += 1
+        reason = None
+        if token in self.stop_token_ids and not p.ignore_eos:
+            # The stop token's own text only with include_stop_str_in_output (and specials not skipped).
+            text = seq.text.add(token)[0] if p.include_stop_str_in_output else ""
+            text += seq.text.flush()
+            reason = "stop"
+        else:
+            text, stopped = seq.text.add(token)
+            if stopped:
+                reason = "stop"
+            elif len(seq.output_token_ids) >= p.max_new_tokens:
+                text += seq.text.flush()
+                reason = "length"
+        if reason is not None:
+            self._release(seq, reason)
+        return RequestOutput(seq.request_id, text, [token], [log_prob] if p.return_token_log_probs else None,
+                             reason is not None, reason, seq.num_prompt_tokens, len(seq.output_token_ids))
+
+    def _release(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.requests.pop(seq.request_id, None)
+        self.counters[f"finished_{reason}"] += 1
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        """End a request that did not end by a token (abort, timeout, error): flush held text, free blocks."""
+        self._release(seq, reason)
+        try:
+            text = seq.text.flush()
+        except Exception:  # noqa: BLE001 - a broken detokenizer must not stop the finishing
+            text = ""
+        return RequestOutput(seq.request_id, text, [], [] if seq.params.return_token_log_probs else None, True,
+                             reason, seq.num_prompt_tokens, len(seq.output_token_ids), error)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "blocks_total": bm.num_blocks, "blocks_used": bm.num_used, "blocks_free": bm.num_free,
+                "block_size": bm.block_size, "num_preemptions": self.scheduler.num_preemptions,
+                **self.counters}

@@ -1,0 +1,77 @@
+"""One forward step of a mixed batch over the paged KV cache, which the runner owns.
+
+For each scheduled (sequence, n) the step feeds the sequence's next n uncomputed tokens: their ids and
+positions packed one sequence after another, each token's cache slot, the sequence's block table and its
+length after the step (the AttentionMetadata contract of models/attention.py). It returns the fp32
+logits of the last fed token of each sequence that has then computed all its tokens (the ones that
+sample); a sequence still mid-prefill gives none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.attention import AttentionMetadata, KVCache
+from models.causal_lm import CausalLM
+from runtime.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = model.embed.weight.device
+        self.dtype = model.embed.weight.dtype
+        c = model.config
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.kv_caches: list[KVCache] = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+
+    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                   AttentionMetadata, list[int]]:
+        """input_ids, positions, metadata, and the indices (into the packed tokens) of the tokens that
+        sample."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        cu_seqlens = [0]
+        sample_index: list[int] = []
+        for seq, n in batch:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids += seq.token_ids(start, end)
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            seq_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            if end == seq.num_tokens:
+                sample_index.append(cu_seqlens[-1] - 1)
+        width = max(len(seq.block_table) for seq, _ in batch)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            cu_seqlens_q=tensor(cu_seqlens, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            slot_mapping=tensor(slots, torch.int64),
+            block_tables=tensor(tables, torch.int32),
+            max_seqlen_q=max(n for _, n in batch),
+            is_decode=all(n == 1 for _, n in batch),
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_index
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Run the step; fp32 logits `[num_sampling_seqs, vocab]` in batch order."""
+        input_ids, positions, meta, sample_index = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        if not sample_index:
+            return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
+        last = torch.tensor(sample_index, dtype=torch.int64).to(self.device)
+        return self.model.compute_logits(hidden[last]).float()

@@ -1,0 +1,50 @@
+"""Per-request sampling and stopping parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = -1  # -1 = off
+    top_p: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI semantics, over the generated tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # same seed, same text (a generator per request)
+    stop_sequences: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    return_token_log_probs: bool = False
+    ignore_eos: bool = False
+
+    def validate(self) -> SamplingParams:
+        """Raise ValueError naming the first field out of its accepted range; returns self."""
+        def bad(name: str, accepted: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r} is out of range: accepted {accepted}")
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "an integer >= 1")
+        if not self.temperature >= 0:
+            raise bad("temperature", ">= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
+            raise bad("top_k", "-1 (off) or an integer >= 1")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "0 < top_p <= 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "[-2, 2]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "an integer or None")
+        if isinstance(self.stop_sequences, str):
+            self.stop_sequences = [self.stop_sequences]
+        if any(not isinstance(s, str) or not s for s in self.stop_sequences):
+            raise bad("stop_sequences", "a list of non-empty strings")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,85 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Every step mixes the decode tokens of running sequences with prefill chunks, within
+`max_num_batched_tokens` tokens and `max_num_seqs` sequences, first come first served. A sequence takes
+as many of its uncomputed tokens as the budget leaves (a long prompt is prefilled over several steps).
+When the cache has no block for a running sequence, the newest running sequence is preempted: its
+blocks are freed and it goes back to the front of the waiting queue, to be recomputed from its prompt
+and generated tokens. The oldest running sequence is never starved (a request is only accepted if it
+fits the whole cache alone), so the engine always makes progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from runtime.block_manager import BlockManager
+from runtime.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The next step: (sequence, number of new tokens), with blocks already allocated for them."""
+        budget = self.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()  # the newest; never one already in this batch
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                batch.append((seq, n))
+                budget -= n
+                i += 1
+        # Admit waiting sequences, oldest first, unless blocks just ran out.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of its queue and free its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,60 @@
+"""One request as the scheduler, the block manager and the runner see it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.detokenizer import TextStream
+from runtime.params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Token ids are `prompt_token_ids + output_token_ids`; the first `num_computed_tokens` of them have
+    their K/V in the cache (in the blocks of `block_table`). Each step computes some of the rest; once
+    all are computed the step samples the next token. Preemption frees the blocks and sets
+    `num_computed_tokens` to 0, so the sequence is recomputed from prompt + output later."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    text: TextStream
+    deadline: float | None = None  # time.monotonic() after which it finishes with "timeout"
+    generator: torch.Generator | None = None  # seeded requests draw from their own generator
+    output_token_ids: list[int] = field(default_factory=list)
+    output_log_probs: list[float] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids[start:] + self.output_token_ids[max(0, start - n):end - n])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
