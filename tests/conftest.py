@@ -28,3 +28,24 @@ def default_gguf() -> Path:
     from models.gguf import default_gguf_path
 
     return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def real_engine(default_model_dir: Path):
+    from runtime import AsyncEngine
+    from tests.server.live_server import MODEL
+
+    engine = AsyncEngine(default_model_dir, name=MODEL, kv_cache_gib=0.25)  # ~340 blocks: plenty here
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llm_server(real_engine):
+    """The default model served by the real runtime over real HTTP, shared by the whole session."""
+    from server.app import create_app
+    from tests.server.live_server import MODEL, serve
+
+    with serve(create_app({MODEL: real_engine})) as live:
+        live.engine = real_engine
+        yield live
