@@ -39,6 +39,11 @@ run: $(MODEL)
 test: $(MODEL)
 	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q tests
 
+# Decode speed against transformers in the same run, then 1 vs 16 concurrent streams through the server.
+bench: $(MODEL)
+	$(PY) -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --check-text
+	$(PY) -m benchmarks.serving --launch --concurrency 1 16 --max-new-tokens 128
+
 gpu-check: $(SETUP)
 	$(PY) -m benchmarks.gpu_check
 

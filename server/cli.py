@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=run_serve)
 
+    from benchmarks.cli import add_bench_args, run_bench
+
+    bench = sub.add_parser("bench", help="decode-speed and serving benchmarks (JSON, Markdown, PNG)")
+    add_bench_args(bench)
+    bench.set_defaults(func=run_bench)
+
     gen = sub.add_parser("generate", help="complete one prompt offline and print the completion")
     gen.add_argument("--model", default="smollm2-135m-instruct", help="zoo name, folder, or NAME=PATH")
     gen.add_argument("--prompt", required=True)

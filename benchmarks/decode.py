@@ -1,0 +1,384 @@
+"""Offline decode benchmark: our runtime against transformers `generate` on the same workload, in one run.
+
+    python -m benchmarks.decode                  # the issue's workload: default model, batch 1, 128 tokens, fp32 + bf16
+    python -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --check-text
+    python -m benchmarks.decode --model llama-2-7b --num-layers 2 --dtype bfloat16   # random weights, real shapes
+
+Per implementation, dtype and batch size, median and min/max over the repeats:
+- TTFT: submit -> first token (mean over the batch's sequences); it includes the prefill.
+- TPOT: time per decode step once every sequence has its first token (= time per output token per sequence).
+- decode tok/s: tokens generated after that moment / the time they took (all sequences together).
+- total tok/s: all output tokens / the whole generate call, prefill included.
+- peak memory: on CPU the peak resident set minus the resident set before the model was loaded (weights, KV
+  cache, activations); on CUDA torch.cuda.max_memory_allocated.
+- weight bandwidth: the weight bytes one decode step reads (every matrix, the LM head; not the embedding table)
+  / TPOT, and that as a share of a large tensor copy's bandwidth (read + write) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.common import (
+    OUT_DIR,
+    PeakMemory,
+    append_results,
+    copy_bandwidth,
+    fmt,
+    machine_info,
+    markdown_table,
+    rss_bytes,
+    spread,
+    synchronize,
+    write_outputs,
+)
+from benchmarks.random_model import checkpoint_dir, make_random_checkpoint, parse_overrides, random_config
+
+DEFAULT_PROMPT = "1, 2, 3, 4, 5, 6,"
+
+
+@dataclass
+class Run:
+    """One timed generate call over a batch."""
+
+    ttft: float  # seconds, mean over sequences
+    decode_time: float  # from the moment every sequence had its first token to the last token
+    decode_steps: int
+    decode_tokens: int
+    total_time: float
+    output_tokens: int
+    token_ids: list[list[int]]
+
+
+def run_ours(llm, prompts: list[list[int]], params, device: torch.device) -> Run:
+    """Drive the engine step by step so each token's arrival time is known."""
+    engine = llm.engine
+    seqs = [engine.make_sequence(p, params, f"bench-{i}-{time.monotonic_ns()}") for i, p in enumerate(prompts)]
+    tokens: dict[str, list[int]] = {s.request_id: [] for s in seqs}
+    first: dict[str, float] = {}
+    steps: list[tuple[float, int]] = []  # (time, tokens that step)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for seq in seqs:
+        engine.add(seq)
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()  # the sampler's token ids are on the host: the step is done
+        n = 0
+        for out in outs:
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            if out.token_ids:
+                first.setdefault(out.request_id, now)
+                tokens[out.request_id] += out.token_ids
+                n += len(out.token_ids)
+        if n:
+            steps.append((now, n))
+    all_first = max(first.values())
+    decode = [(t, n) for t, n in steps if t > all_first]
+    ids = [tokens[s.request_id] for s in seqs]
+    return Run(ttft=sum(t - t0 for t in first.values()) / len(first), decode_time=steps[-1][0] - all_first,
+               decode_steps=len(decode), decode_tokens=sum(n for _, n in decode),
+               total_time=steps[-1][0] - t0, output_tokens=sum(map(len, ids)), token_ids=ids)
+
+
+def run_hf(model, prompts: list[list[int]], max_new_tokens: int, ignore_eos: bool, stop: set[int],
+           device: torch.device) -> Run:
+    """transformers generate, greedy; a streamer stamps the time of each step's tokens."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):  # first call: the prompt; then one call per step with the batch's new tokens
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    input_ids = torch.tensor(prompts, device=device)
+    pad = min(stop) if stop else 0
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, streamer=clock)
+    if ignore_eos:
+        kwargs["min_new_tokens"] = max_new_tokens  # eos is masked until then: never stops early
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    synchronize(device)
+    ids = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row)) if not ignore_eos else len(row)
+        ids.append(row[:end])
+    times = clock.times
+    output_tokens = sum(map(len, ids))
+    return Run(ttft=times[1] - t0, decode_time=times[-1] - times[1], decode_steps=len(times) - 2,
+               decode_tokens=output_tokens - len(ids), total_time=times[-1] - t0, output_tokens=output_tokens,
+               token_ids=ids)
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: all parameters but an untied embedding table."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:
+        total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
+
+
+def summarize_runs(runs: list[Run], weight_bytes: int, copy_bw: float) -> dict:
+    tpot = [r.decode_time / r.decode_steps if r.decode_steps else float("nan") for r in runs]
+    decode_tok_s = [r.decode_tokens / r.decode_time if r.decode_time > 0 else float("nan") for r in runs]
+    weight_bw = [weight_bytes / t for t in tpot]
+    return {
+        "ttft_ms": spread([r.ttft * 1e3 for r in runs]),
+        "tpot_ms": spread([t * 1e3 for t in tpot]),
+        "decode_tok_s": spread(decode_tok_s),
+        "total_tok_s": spread([r.output_tokens / r.total_time for r in runs]),
+        "weight_gb_s": spread([b / 1e9 for b in weight_bw]),
+        "weight_bw_pct_of_copy": 100 * spread(weight_bw)["median"] / copy_bw,
+        "output_tokens": runs[0].output_tokens,
+        "decode_steps": runs[0].decode_steps,
+    }
+
+
+def make_prompts(args, tokenizer, vocab_size: int, batch_size: int) -> list[list[int]]:
+    """The text prompt for every row, or distinct random token ids of --prompt-len per row."""
+    if args.prompt_len is None and tokenizer is not None:
+        return [tokenizer.encode(args.prompt, add_special_tokens=True)] * batch_size
+    length = args.prompt_len or 16
+    generator = torch.Generator().manual_seed(args.seed + batch_size)
+    return torch.randint(min(16, vocab_size - 1), vocab_size, (batch_size, length), generator=generator).tolist()
+
+
+def resolve_folder(args) -> tuple[Path, bool]:
+    """(model folder, random weights?) for --model: real weights unless asked for random ones or absent."""
+    from models.zoo import ZOO, ModelNotFoundError, resolve_model
+
+    wants_random = args.random_weights or args.num_layers is not None or args.override
+    if not wants_random:
+        try:
+            return Path(resolve_model(args.model)), False
+        except ModelNotFoundError:
+            if args.model not in ZOO:
+                raise
+            print(f"{args.model}: no weights on this machine; using random weights at its shapes", file=sys.stderr)
+    config = random_config(args.model, args.num_layers, parse_overrides(args.override))
+    folder = checkpoint_dir(Path(args.out_dir) / "models", args.model, config, args.seed)
+    return make_random_checkpoint(config, folder, seed=args.seed), True
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.config import load_config
+    from models.loader import parse_dtype
+    from models.tokenizer import TOKENIZER_FILES, Tokenizer
+    from runtime import LLM, SamplingParams
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder, random_weights = resolve_folder(args)
+    config = load_config(folder)
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
+    stop = set(config.eos_token_id) | (tokenizer.stop_token_ids if tokenizer else set())
+    prompts = {b: make_prompts(args, tokenizer, config.vocab_size, b) for b in args.batch_sizes}
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    info = machine_info()
+    copy_bw = copy_bandwidth(device)
+    impls = ["ours"] + ([] if args.no_baseline else ["transformers"])
+    bar = tqdm(total=len(args.dtype) * len(impls) * len(args.batch_sizes) * (args.warmup + args.repeats),
+               desc="decode", unit="run", disable=args.no_progress)
+    rows, checks, weight_bytes = [], [], {}
+    for dtype in args.dtype:
+        outputs: dict[str, dict[int, list[list[int]]]] = {}
+        for impl in impls:
+            gc.collect()
+            base_rss = rss_bytes()
+            bar.set_description(f"decode {impl} {dtype} (loading)")
+            if impl == "ours":
+                prompt_budget = max(len(p) for ps in prompts.values() for p in ps) + args.max_new_tokens + 32
+                kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim \
+                    * parse_dtype(dtype).itemsize * prompt_budget * max(args.batch_sizes)
+                llm = LLM(folder, dtype=dtype, device=str(device), max_num_seqs=max(args.batch_sizes),
+                          kv_cache_gib=args.kv_cache_gib or max(0.01, 1.25 * kv_bytes / (1 << 30)))
+                weight_bytes[dtype] = decode_weight_bytes(llm.engine.model)
+                generate = lambda ps: run_ours(llm, ps, params, device)  # noqa: B023
+            else:
+                import transformers
+
+                transformers.logging.set_verbosity_error()
+                transformers.logging.disable_progress_bar()
+                model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype))
+                model = model.to(device).eval()
+                generate = lambda ps: run_hf(model, ps, args.max_new_tokens, args.ignore_eos, stop, device)  # noqa: B023
+            outputs[impl] = {}
+            for b in args.batch_sizes:
+                bar.set_description(f"decode {impl} {dtype} batch {b}")
+                memory = PeakMemory(device)
+                memory.start(base_rss)
+                runs = []
+                for i in range(args.warmup + args.repeats):
+                    result = generate(prompts[b])
+                    if i >= args.warmup:
+                        runs.append(result)
+                    bar.update(1)
+                outputs[impl][b] = runs[0].token_ids
+                row = {"impl": impl, "dtype": dtype, "batch_size": b, "prompt_tokens": len(prompts[b][0]),
+                       **summarize_runs(runs, weight_bytes[dtype], copy_bw),
+                       "peak_mem_mib": memory.peak_bytes() / (1 << 20)}
+                rows.append(row)
+            llm = model = generate = None  # free this implementation before loading the next
+        if "transformers" in outputs:
+            checks += compare_outputs(dtype, outputs["ours"], outputs["transformers"], stop, tokenizer)
+    bar.close()
+    report = {"benchmark": "decode", "machine": info, "model": args.model, "folder": str(folder),
+              "random_weights": random_weights, "num_layers": config.num_layers, "device": str(device),
+              "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "warmup": args.warmup,
+              "repeats": args.repeats, "copy_bandwidth_gb_s": copy_bw / 1e9, "weight_bytes": weight_bytes,
+              "memory": PeakMemory(device).kind, "rows": rows, "text_check": checks}
+    markdown = render_markdown(report, show_text=args.check_text)
+    out_dir = Path(args.out_dir)
+    paths = write_outputs(out_dir, args.name, report, markdown)
+    paths["png"] = plot(report, out_dir / f"{args.name}.png")
+    print(markdown)
+    if args.append_results:
+        print(f"appended to {append_results(f'decode: {args.model}', markdown, info)}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def compare_outputs(dtype, ours, theirs, stop, tokenizer) -> list[dict]:
+    """Greedy tokens of ours vs transformers per batch size and row, up to our first stop token (the baseline
+    masks eos until max_new_tokens)."""
+    checks = []
+    for b in ours:
+        for row, (a, h) in enumerate(zip(ours[b], theirs[b])):
+            n = next((i for i, t in enumerate(a) if t in stop), len(a))
+            mismatch = next((i for i in range(n) if i >= len(h) or a[i] != h[i]), None)
+            check = {"dtype": dtype, "batch_size": b, "row": row, "match": mismatch is None, "first_mismatch": mismatch}
+            if tokenizer is not None and row == 0:
+                check["ours_text"] = tokenizer.decode(a, skip_special_tokens=False)
+                check["transformers_text"] = tokenizer.decode(h, skip_special_tokens=False)
+            checks.append(check)
+    return checks
+
+
+def render_markdown(report: dict, show_text: bool = False) -> str:
+    weights = "random weights, " if report["random_weights"] else ""
+    lines = [f"Decode: {report['model']} ({weights}{report['num_layers']} layers) on {report['device']}, "
+             f"{report['max_new_tokens']} new tokens{', ignore eos' if report['ignore_eos'] else ''}, "
+             f"median (min-max) of {report['repeats']} after {report['warmup']} warm-up; copy bandwidth "
+             f"{report['copy_bandwidth_gb_s']:.1f} GB/s; memory: {report['memory']}.", ""]
+    header = ["impl", "dtype", "batch", "prompt", "TTFT ms", "TPOT ms", "decode tok/s", "total tok/s", "peak MiB",
+              "weights GB/s (% copy)", "vs transformers"]
+    hf = {(r["dtype"], r["batch_size"]): r for r in report["rows"] if r["impl"] == "transformers"}
+    table = []
+    for r in report["rows"]:
+        base = hf.get((r["dtype"], r["batch_size"]))
+        ratio = f"{r['decode_tok_s']['median'] / base['decode_tok_s']['median']:.2f}x" if base else "-"
+        d = r["decode_tok_s"]
+        table.append([r["impl"], r["dtype"], r["batch_size"], r["prompt_tokens"], fmt(r["ttft_ms"]["median"]),
+                      fmt(r["tpot_ms"]["median"], 2), f"{fmt(d['median'])} ({fmt(d['min'])}-{fmt(d['max'])})",
+                      fmt(r["total_tok_s"]["median"]), fmt(r["peak_mem_mib"], 0),
+                      f"{fmt(r['weight_gb_s']['median'], 2)} ({fmt(r['weight_bw_pct_of_copy'], 0)}%)", ratio])
+    lines.append(markdown_table(header, table))
+    checks = report["text_check"]
+    if checks:
+        bad = [c for c in checks if not c["match"]]
+        lines.append(f"Greedy tokens, ours vs transformers: {len(checks) - len(bad)}/{len(checks)} sequences equal"
+                     + ("." if not bad else "; mismatches: " + ", ".join(
+                         f"{c['dtype']} batch {c['batch_size']} row {c['row']} at token {c['first_mismatch']}"
+                         for c in bad[:8]) + "."))
+        if show_text:
+            for c in checks:
+                if "ours_text" in c and c["batch_size"] == min(x["batch_size"] for x in checks):
+                    lines.append(f"\n- {c['dtype']} ours: {c['ours_text']!r}\n- {c['dtype']} transformers: "
+                                 f"{c['transformers_text']!r}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tok, ax_tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in report["rows"]:
+        series.setdefault((r["impl"], r["dtype"]), []).append(r)
+    for (impl, dtype), rs in series.items():
+        xs = [r["batch_size"] for r in rs]
+        for ax, key in ((ax_tok, "decode_tok_s"), (ax_tpot, "tpot_ms")):
+            med = [r[key]["median"] for r in rs]
+            err = [[m - r[key]["min"] for m, r in zip(med, rs)], [r[key]["max"] - m for m, r in zip(med, rs)]]
+            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=f"{impl} {dtype}",
+                        linestyle="-" if impl == "ours" else "--")
+    batch_sizes = sorted({r["batch_size"] for r in report["rows"]})
+    for ax, label in ((ax_tok, "decode tok/s"), (ax_tpot, "time per output token (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"decode: {report['model']} on {report['device']}, {report['max_new_tokens']} tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    from models.zoo import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="zoo name or model folder (default: %(default)s)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights at the zoo model's shapes (implied by --num-layers/--override)")
+    parser.add_argument("--num-layers", type=int, default=None, help="random weights with this many layers")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a config.json field of the random model (e.g. hidden_size=256); repeatable")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt, every row (default: %(default)r)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="random token-id prompts of this length instead (no tokenizer: default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="always generate --max-new-tokens (default: on)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
+    parser.add_argument("--check-text", action="store_true", help="also print ours' and the baseline's greedy text")
+    parser.add_argument("--kv-cache-gib", type=float, default=None, help="default: what the workload needs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=str(OUT_DIR))
+    parser.add_argument("--name", default="decode", help="output file stem (default: %(default)s)")
+    parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""A fake streaming server for the serving benchmark's tests: canned tokens at a fixed pace, no model.
+
+It answers /readyz, the LLM Engine stream route (one `data:` event per token, the last one finished) and the
+OpenAI completions stream (a chunk per token, a usage chunk, `[DONE]`), each token `TOKEN_SECONDS` apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+TOKEN_SECONDS = 0.005
+PROMPT_TOKENS = 7
+
+
+def _event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI()
+    app.state.bodies = []
+
+    @app.get("/readyz")
+    async def readyz() -> dict:
+        return {"status": "ready"}
+
+    @app.post("/v1/llm/completions-stream")
+    async def llm_stream(request: Request):
+        body = await request.json()
+        app.state.bodies.append(body)
+        if request.query_params.get("model_endpoint_name") != "fake":
+            return JSONResponse({"detail": "no such model"}, status_code=404)
+
+        async def events():
+            n = body["max_new_tokens"]
+            for i in range(1, n + 1):
+                await asyncio.sleep(TOKEN_SECONDS)
+                yield _event({"request_id": "r", "output": {"text": f" w{i}", "finished": i == n,
+                              "num_prompt_tokens": PROMPT_TOKENS, "num_completion_tokens": i, "token": None},
+                              "error": None})
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def openai_stream(request: Request):
+        body = await request.json()
+        app.state.bodies.append(body)
+
+        async def events():
+            n = body["max_tokens"]
+            for i in range(1, n + 1):
+                await asyncio.sleep(TOKEN_SECONDS)
+                yield _event({"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": f" w{i}"}]})
+            yield _event({"id": "c", "choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n}})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.app = create_app()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> FakeServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the fake server did not start")
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+if __name__ == "__main__":  # as a process, for --launch: fake_sse_server.py --port P [--model NAME]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default="fake")
+    uvicorn.run(create_app(), host="127.0.0.1", port=parser.parse_args().port, log_level="warning")
