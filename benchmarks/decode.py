@@ -210,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
                 kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim \
                     * parse_dtype(dtype).itemsize * prompt_budget * max(args.batch_sizes)
                 llm = LLM(folder, dtype=dtype, device=str(device), max_num_seqs=max(args.batch_sizes),
-                          kv_cache_gib=args.kv_cache_gib or max(0.01, 1.25 * kv_bytes / (1 << 30)))
+                          kv_cache_gib=args.kv_cache_gib or max(0.01, 1.25 * kv_bytes / (1 << 30)),
+                          compile=args.compile)
                 weight_bytes[dtype] = decode_weight_bytes(llm.engine.model)
                 generate = lambda ps: run_ours(llm, ps, params, device)  # noqa: B023
             else:
@@ -354,6 +355,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile our decode step (the warm-up run pays the compile)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt, every row (default: %(default)r)")
     parser.add_argument("--prompt-len", type=int, default=None,

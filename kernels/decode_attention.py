@@ -9,6 +9,7 @@ head_dim]` already holding the new token; block_tables int32 `[num_seqs, max_blo
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -17,23 +18,19 @@ from kernels.dispatch import use_triton
 
 def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes=None):
     num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    max_len = int(seq_lens.max())
-    num_blocks = (max_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks].long()
-    # [num_seqs, num_kv_heads, max_len, head_dim]
-    keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)
-    values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)
-    queries = q.view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
-    k_pos = torch.arange(max_len, device=q.device)
+    # Every block the tables name (the runner sizes them to the longest sequence), gathered in one go;
+    # positions past a sequence's length are masked.
+    keys = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [num_seqs, num_kv_heads, width, head_dim]
+    values = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    k_pos = torch.arange(keys.shape[2], device=q.device)
+    rel = k_pos - (seq_lens[:, None].long() - 1)  # [num_seqs, width]: key position - query position
+    mask = (rel <= 0)[:, None, None, :]
     if alibi_slopes is not None:
-        rel = (k_pos[None, :] - (seq_lens.long()[:, None] - 1)).float()
-        scores += alibi_slopes.float().view(1, num_kv_heads, group, 1) * rel[:, None, None, :]
-    scores.masked_fill_(k_pos[None, None, None, :] >= seq_lens.long()[:, None, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(probs, values).view(num_seqs, num_heads, head_dim)
+        bias = alibi_slopes.to(q.dtype)[None, :, None, None] * rel[:, None, None, :].to(q.dtype)
+        mask = bias.masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                         scale=scale, enable_gqa=num_heads != keys.shape[1])
+    return out.view(num_seqs, num_heads, head_dim)
 
 
 @triton.jit

@@ -14,12 +14,12 @@ from kernels.dispatch import use_triton
 
 
 def rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
-    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    # in q's dtype, as HF computes it: (x * cos) + (rotate_half(x) * sin)
+    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     return rotate(q), rotate(k)
 

@@ -28,6 +28,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.rope = None
+        self.head_weight: torch.Tensor | None = None  # a separate copy of a tied head, if any
         if self.embed.weight.device.type != "meta":  # the loader builds on meta, then calls init_buffers
             self.init_buffers(self.embed.weight.device)
 
@@ -36,6 +37,18 @@ class CausalLM(nn.Module):
         self.rope = RotaryEmbedding(self.config, device) if self.config.use_rope else None
         for block in self.layers:
             block.attn.init_alibi(device)
+
+    def use_column_major_weights(self) -> None:
+        """Store every projection matrix column-major (W.t() contiguous) and give a tied head its own copy.
+
+        On CPU, MKL's matrix-vector product streams `x @ W.t()` with W column-major ~30% faster than the
+        row-major checkpoint layout (DESIGN.md 6); the math and every result are the same.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+        if self.lm_head is None:
+            self.head_weight = self.embed.weight.detach().t().contiguous().t()
 
     def weight_slots(self) -> dict[str, Slot]:
         return (falcon_slots if self.config.arch == "falcon" else llama_slots)(self, self.config)
@@ -56,5 +69,7 @@ class CausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        weight = self.embed.weight if self.head_weight is None else self.head_weight
         return torch.nn.functional.linear(hidden, weight)

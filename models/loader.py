@@ -98,4 +98,6 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     model.init_buffers(device)  # computed tables were made on meta too
     with torch.no_grad():
         load_weights(model, model_dir, progress)
+    if torch.device(device).type == "cpu" and torch_dtype == torch.float32:  # bf16 GEMV is not faster so
+        model.use_column_major_weights()
     return model.eval()

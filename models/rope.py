@@ -62,7 +62,8 @@ class RotaryEmbedding:
         if self.cos_sin_cache.device != positions.device:
             self.device = positions.device
             self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
-        if positions.numel() and int(positions.max()) >= self.cos_sin_cache.shape[0] and self.rope_type != "dynamic":
+        if (not torch.compiler.is_compiling() and positions.numel() and self.rope_type != "dynamic"
+                and int(positions.max()) >= self.cos_sin_cache.shape[0]):
             self.cos_sin_cache = self._table(self.inv_freq, torch.arange(2 * int(positions.max()) + 2))
         if self.rope_type != "dynamic" or seq_len_per_token is None:
             return self.cos_sin_cache, positions

@@ -68,7 +68,7 @@ class Engine:
     def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto",
                  kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, compile: bool = False):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -94,13 +94,16 @@ class Engine:
                                            gpu_memory_utilization, reserve)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, compile_decode=compile)
         self.sampler = Sampler()
         self.cache_tokens = num_blocks * block_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_tokens)
         self.requests: dict[str, Sequence] = {}
         # Every key exists from the start, so stats() has a fixed shape and no key appears mid-read.
         self.counters: Counter[str] = Counter({key: 0 for key in COUNTERS})
+        if compile:
+            self.warm_up()
+            self.counters = Counter({key: 0 for key in COUNTERS})
 
     # -- requests -------------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
@@ -151,6 +154,15 @@ class Engine:
         """Finish a request now (its blocks go back at once); None if it is not in flight."""
         seq = self.requests.get(request_id)
         return None if seq is None else self._finish(seq, reason, error)
+
+    def warm_up(self) -> None:
+        """Run decode steps for one and for two sequences, so that compiling happens now, not in a request."""
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        for batch in (1, 2):
+            for i in range(batch):
+                self.add_request([0] * (4 + i), params, request_id=f"warm-up-{batch}-{i}")
+            while self.has_unfinished():
+                self.step()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

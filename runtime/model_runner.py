@@ -17,8 +17,12 @@ from runtime.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, compile_decode: bool = False):
         self.model = model
+        # Decode steps have one shape family (one token per sequence): torch.compile fuses their many small
+        # ops (norms, rotary, cache writes, masks) into a few kernels, which on CPU is most of the time
+        # outside the matrix products. Prefill chunks stay eager.
+        self.decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.embed.weight.device
@@ -70,7 +74,8 @@ class ModelRunner:
     def execute(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Run the step; fp32 logits `[num_sampling_seqs, vocab]` in batch order."""
         input_ids, positions, meta, sample_index = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        forward = self.decode_forward if meta.is_decode else self.model.forward
+        hidden = forward(input_ids, positions, meta, self.kv_caches)
         if not sample_index:
             return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
         last = torch.tensor(sample_index, dtype=torch.int64).to(self.device)
