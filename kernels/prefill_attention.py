@@ -33,6 +33,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
     """q `[q_len, H, d]` at positions q_start.. over k, v `[k_len, Hkv, d]` at positions 0..; causal."""
     q_len, num_heads, _ = q.shape
     k_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    if q_start == 0 and alibi_slopes is None:  # a whole prompt: plain causal attention, no mask to build
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             is_causal=True, scale=scale, enable_gqa=group > 1)
+        return out.transpose(0, 1)
     q_pos = torch.arange(q_start, q_start + q_len, device=q.device)
     k_pos = torch.arange(k_len, device=q.device)
     rel = (k_pos[None, :] - q_pos[:, None]).to(q.dtype if q.is_floating_point() else torch.float32)
@@ -40,7 +45,6 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
     mask.masked_fill_(rel > 0, float("-inf"))
     if alibi_slopes is not None:
         mask = mask[None] + alibi_slopes.to(q.dtype)[:, None, None] * rel[None]
-    group = num_heads // num_kv_heads
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unflatten(0, (num_kv_heads, group)),
         k.transpose(0, 1)[:, None],

@@ -8,7 +8,7 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.falcon import FalconBlock, falcon_slots
-from models.layers import LayerNorm, RMSNorm
+from models.layers import LayerNorm, Linear, RMSNorm, linear
 from models.llama import LlamaBlock, llama_slots
 from models.rope import RotaryEmbedding
 from models.weights import Slot
@@ -25,8 +25,8 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(block(config) for _ in range(config.num_layers))
         self.norm = (LayerNorm if falcon else RMSNorm)(config.hidden_size, config.norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                         bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
+                                                                      bias=False)
         self.rope = None
         self.head_weight: torch.Tensor | None = None  # a separate copy of a tied head, if any
         if self.embed.weight.device.type != "meta":  # the loader builds on meta, then calls init_buffers
@@ -72,4 +72,4 @@ class CausalLM(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(hidden)
         weight = self.embed.weight if self.head_weight is None else self.head_weight
-        return torch.nn.functional.linear(hidden, weight)
+        return linear(hidden, weight)
