@@ -16,10 +16,11 @@ from models.config import ModelConfig
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias`, by the product that is fastest for the weight's layout on CPU.
 
-    A column-major weight (see CausalLM.use_column_major_weights) makes the one-row products of decoding
-    stream fastest through `F.linear`; for several rows (prefill) `(W @ x.T).T` is the faster one.
+    A column-major weight (see CausalLM.use_column_major_weights) makes the products of small decode
+    batches stream fastest through `F.linear`; from 16 rows on (prefill, large batches) MKL is faster at
+    `(W @ x.T).T`, and far slower at it for 2-8 rows (benchmarks/RESULTS.md).
     """
-    if x.dim() == 2 and x.shape[0] > 1 and weight.stride(0) == 1 and weight.stride(1) != 1:
+    if x.dim() == 2 and x.shape[0] >= 16 and weight.stride(0) == 1 and weight.stride(1) != 1:
         y = (weight @ x.t()).t().contiguous()
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
