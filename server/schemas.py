@@ -38,6 +38,7 @@ class CompletionV1Request(_Body):
     guided_choice: Any = None
     guided_grammar: Any = None
     skip_special_tokens: bool | None = True
+    ignore_eos: bool | None = False  # our extension (as vLLM's): benchmarks generate exactly max_new_tokens
 
 
 class StreamOptions(_Body):
@@ -120,7 +121,7 @@ def sampling_params_v1(req: CompletionV1Request) -> SamplingParams:
         frequency_penalty=req.frequency_penalty or 0.0, stop_sequences=list(req.stop_sequences or []),
         include_stop_str_in_output=bool(req.include_stop_str_in_output),
         skip_special_tokens=req.skip_special_tokens is not False,
-        return_token_log_probs=bool(req.return_token_log_probs))
+        return_token_log_probs=bool(req.return_token_log_probs), ignore_eos=bool(req.ignore_eos))
 
 
 def openai_prompt(req: OpenAICompletionRequest) -> str | list[int]:
