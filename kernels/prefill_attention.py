@@ -55,12 +55,42 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
     return out.flatten(0, 1).transpose(0, 1)
 
 
+def single_token_attention_ref(q, k, v, k_cache, v_cache, block_tables, ctx_lens, scale, alibi_slopes=None):
+    """Sequences with one new token each, all at once: the cached prefix gathered from every block of the
+    tables, the new token's own K/V appended as the last key. q `[S, H, d]`, k/v `[S, Hkv, d]`."""
+    num_seqs, num_heads, head_dim = q.shape
+    keys = torch.cat([k_cache[block_tables].flatten(1, 2), k[:, None].to(k_cache.dtype)], dim=1).to(q.dtype)
+    values = torch.cat([v_cache[block_tables].flatten(1, 2), v[:, None].to(v_cache.dtype)], dim=1).to(q.dtype)
+    width = keys.shape[1] - 1
+    k_pos = torch.arange(width + 1, device=q.device)
+    rel = torch.where(k_pos == width, 0, k_pos - ctx_lens[:, None])  # [S, width + 1]; the query sits at ctx_len
+    mask = ((k_pos < ctx_lens[:, None]) | (k_pos == width))[:, None, None, :]
+    if alibi_slopes is not None:
+        bias = alibi_slopes.to(q.dtype)[None, :, None, None] * rel[:, None, None, :].to(q.dtype)
+        mask = bias.masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask, scale=scale, enable_gqa=num_heads != keys.shape[2])
+    return out.view(num_seqs, num_heads, head_dim)
+
+
 def prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, scale,
                           alibi_slopes=None) -> torch.Tensor:
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     lengths = seq_lens.tolist()
+    # The decode tokens of a mixed step (one new token after a cached prefix) go together in one product.
+    single = [i for i, total in enumerate(lengths)
+              if bounds[i + 1] - bounds[i] == 1 and total > 1 and k_cache is not None]
+    if len(single) > 1:
+        rows = torch.tensor([bounds[i] for i in single], device=q.device)
+        ctx = torch.tensor([lengths[i] - 1 for i in single], device=q.device)
+        out[rows] = single_token_attention_ref(q[rows], k[rows], v[rows], k_cache, v_cache,
+                                               block_tables[torch.tensor(single, device=q.device)], ctx, scale,
+                                               alibi_slopes)
+    done = set(single) if len(single) > 1 else set()
     for i, total in enumerate(lengths):
+        if i in done:
+            continue
         start, end = bounds[i], bounds[i + 1]
         ctx_len = total - (end - start)
         k_i, v_i = k[start:end], v[start:end]

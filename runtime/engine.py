@@ -156,11 +156,16 @@ class Engine:
         return None if seq is None else self._finish(seq, reason, error)
 
     def warm_up(self) -> None:
-        """Run decode steps for one and for two sequences, so that compiling happens now, not in a request."""
+        """Run decode steps for one and for two sequences, so that compiling happens now, not in a request.
+
+        The prompts span more than one cache block: torch.compile specialises sizes 0 and 1, so a warm-up
+        whose block tables were one block wide would leave the general graph to compile mid-request.
+        """
         params = SamplingParams(max_new_tokens=3, ignore_eos=True)
         for batch in (1, 2):
             for i in range(batch):
-                self.add_request([0] * (4 + i), params, request_id=f"warm-up-{batch}-{i}")
+                prompt = [0] * (2 * self.block_manager.block_size + i)
+                self.add_request(prompt, params, request_id=f"warm-up-{batch}-{i}")
             while self.has_unfinished():
                 self.step()
 
