@@ -20,7 +20,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     batches stream fastest through `F.linear`; from 16 rows on (prefill, large batches) MKL is faster at
     `(W @ x.T).T`, and far slower at it for 2-8 rows (benchmarks/RESULTS.md).
     """
-    if x.dim() == 2 and x.shape[0] >= 16 and weight.stride(0) == 1 and weight.stride(1) != 1:
+    # (not while compiling: a size test here would split the compiled graph in two)
+    if (not torch.compiler.is_compiling() and x.dim() == 2 and x.shape[0] >= 16 and weight.stride(0) == 1
+            and weight.stride(1) != 1):
         y = (weight @ x.t()).t().contiguous()
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)

@@ -74,7 +74,15 @@ class ModelRunner:
     def execute(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Run the step; fp32 logits `[num_sampling_seqs, vocab]` in batch order."""
         input_ids, positions, meta, sample_index = self.prepare(batch)
-        forward = self.decode_forward if meta.is_decode else self.model.forward
+        forward = self.model.forward
+        if meta.is_decode:
+            forward = self.decode_forward
+            # One compiled graph for every block-table width, and one for every batch size above 1.
+            torch._dynamo.maybe_mark_dynamic(meta.block_tables, 1)
+            if len(batch) > 1:
+                for t in (input_ids, positions, meta.seq_lens, meta.slot_mapping, meta.cu_seqlens_q):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(meta.block_tables, 0)
         hidden = forward(input_ids, positions, meta, self.kv_caches)
         if not sample_index:
             return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
