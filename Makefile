@@ -41,8 +41,10 @@ test: $(MODEL)
 
 # Decode speed against transformers in the same run, then 1 vs 16 concurrent streams through the server.
 bench: $(MODEL)
-	$(PY) -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --check-text
-	$(PY) -m benchmarks.serving --launch --concurrency 1 16 --max-new-tokens 128
+	$(PY) -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --compile \
+		--check-text
+	$(PY) -m benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \
+		--input-len 32
 
 gpu-check: $(SETUP)
 	$(PY) -m benchmarks.gpu_check
