@@ -27,20 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import (
-    OUT_DIR,
-    PeakMemory,
-    append_results,
-    copy_bandwidth,
-    fmt,
-    machine_info,
-    markdown_table,
-    rss_bytes,
-    spread,
-    synchronize,
-    write_outputs,
-)
+from benchmarks.common import OUT_DIR, PeakMemory, copy_bandwidth, machine_info, rss_bytes, spread, synchronize
 from benchmarks.random_model import checkpoint_dir, make_random_checkpoint, parse_overrides, random_config
+from benchmarks.report import decode_markdown, decode_plot, publish
 
 DEFAULT_PROMPT = "1, 2, 3, 4, 5, 6,"
 
@@ -247,14 +236,7 @@ def run(args: argparse.Namespace) -> int:
               "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "warmup": args.warmup,
               "repeats": args.repeats, "copy_bandwidth_gb_s": copy_bw / 1e9, "weight_bytes": weight_bytes,
               "memory": PeakMemory(device).kind, "rows": rows, "text_check": checks}
-    markdown = render_markdown(report, show_text=args.check_text)
-    out_dir = Path(args.out_dir)
-    paths = write_outputs(out_dir, args.name, report, markdown)
-    paths["png"] = plot(report, out_dir / f"{args.name}.png")
-    print(markdown)
-    if args.append_results:
-        print(f"appended to {append_results(f'decode: {args.model}', markdown, info)}")
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    publish(report, decode_markdown(report, show_text=args.check_text), decode_plot, args, f"decode: {args.model}")
     return 0
 
 
@@ -272,74 +254,6 @@ def compare_outputs(dtype, ours, theirs, stop, tokenizer) -> list[dict]:
                 check["transformers_text"] = tokenizer.decode(h, skip_special_tokens=False)
             checks.append(check)
     return checks
-
-
-def render_markdown(report: dict, show_text: bool = False) -> str:
-    weights = "random weights, " if report["random_weights"] else ""
-    lines = [f"Decode: {report['model']} ({weights}{report['num_layers']} layers) on {report['device']}, "
-             f"{report['max_new_tokens']} new tokens{', ignore eos' if report['ignore_eos'] else ''}, "
-             f"median (min-max) of {report['repeats']} after {report['warmup']} warm-up; copy bandwidth "
-             f"{report['copy_bandwidth_gb_s']:.1f} GB/s; memory: {report['memory']}.", ""]
-    header = ["impl", "dtype", "batch", "prompt", "TTFT ms", "TPOT ms", "decode tok/s", "total tok/s", "peak MiB",
-              "weights GB/s (% copy)", "vs transformers"]
-    hf = {(r["dtype"], r["batch_size"]): r for r in report["rows"] if r["impl"] == "transformers"}
-    table = []
-    for r in report["rows"]:
-        base = hf.get((r["dtype"], r["batch_size"]))
-        ratio = f"{r['decode_tok_s']['median'] / base['decode_tok_s']['median']:.2f}x" if base else "-"
-        d = r["decode_tok_s"]
-        table.append([r["impl"], r["dtype"], r["batch_size"], r["prompt_tokens"], fmt(r["ttft_ms"]["median"]),
-                      fmt(r["tpot_ms"]["median"], 2), f"{fmt(d['median'])} ({fmt(d['min'])}-{fmt(d['max'])})",
-                      fmt(r["total_tok_s"]["median"]), fmt(r["peak_mem_mib"], 0),
-                      f"{fmt(r['weight_gb_s']['median'], 2)} ({fmt(r['weight_bw_pct_of_copy'], 0)}%)", ratio])
-    lines.append(markdown_table(header, table))
-    checks = report["text_check"]
-    if checks:
-        bad = [c for c in checks if not c["match"]]
-        lines.append(f"Greedy tokens, ours vs transformers: {len(checks) - len(bad)}/{len(checks)} sequences equal"
-                     + ("." if not bad else "; mismatches: " + ", ".join(
-                         f"{c['dtype']} batch {c['batch_size']} row {c['row']} at token {c['first_mismatch']}"
-                         for c in bad[:8]) + "."))
-        if show_text:
-            for c in checks:
-                if "ours_text" in c and c["batch_size"] == min(x["batch_size"] for x in checks):
-                    lines.append(f"\n- {c['dtype']} ours: {c['ours_text']!r}\n- {c['dtype']} transformers: "
-                                 f"{c['transformers_text']!r}")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_tok, ax_tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series: dict[tuple[str, str], list[dict]] = {}
-    for r in report["rows"]:
-        series.setdefault((r["impl"], r["dtype"]), []).append(r)
-    for (impl, dtype), rs in series.items():
-        xs = [r["batch_size"] for r in rs]
-        for ax, key in ((ax_tok, "decode_tok_s"), (ax_tpot, "tpot_ms")):
-            med = [r[key]["median"] for r in rs]
-            err = [[m - r[key]["min"] for m, r in zip(med, rs)], [r[key]["max"] - m for m, r in zip(med, rs)]]
-            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=f"{impl} {dtype}",
-                        linestyle="-" if impl == "ours" else "--")
-    batch_sizes = sorted({r["batch_size"] for r in report["rows"]})
-    for ax, label in ((ax_tok, "decode tok/s"), (ax_tpot, "time per output token (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"decode: {report['model']} on {report['device']}, {report['max_new_tokens']} tokens", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

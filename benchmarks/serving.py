@@ -29,16 +29,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from benchmarks.common import (
-    OUT_DIR,
-    append_results,
-    distribution,
-    fmt,
-    machine_info,
-    markdown_table,
-    parse_range,
-    write_outputs,
-)
+from benchmarks.common import OUT_DIR, distribution, parse_range
+from benchmarks.report import publish, serving_markdown, serving_plot, serving_report
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which or this are be had it not "
          "they one all were but we there been have when their who will more no if out so said what up its about "
@@ -265,73 +257,9 @@ def benchmark(args: argparse.Namespace, out_dir: Path) -> int:
         results, duration = asyncio.run(run_load(args, requests, spec["concurrency"], spec["request_rate"], bar))
         spec.update(compute_metrics(results, duration))
     bar.close()
-    single = runs[0] if runs[0]["concurrency"] == 1 else None
-    for spec in runs:
-        spec["vs_single_stream"] = spec["output_throughput"] / single["output_throughput"] \
-            if single and single["output_throughput"] else None
-    info = machine_info()
-    report = {"benchmark": "serving", "machine": info, "base_url": args.base_url, "api": args.api,
-              "model": args.model, "input_len": args.input_len, "max_new_tokens": args.max_new_tokens,
-              "ignore_eos_sent": args.ignore_eos, "target_ratio": args.target_ratio, "runs": runs}
-    markdown = render_markdown(report)
-    paths = write_outputs(out_dir, args.name, report, markdown)
-    paths["png"] = plot(report, out_dir / f"{args.name}.png")
-    print(markdown)
-    if args.append_results:
-        print(f"appended to {append_results(f'serving: {args.model}', markdown, info)}")
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    report = serving_report(args, runs)
+    publish(report, serving_markdown(report), serving_plot, args, f"serving: {args.model}")
     return 0 if all(s["failed"] == 0 for s in runs) else 1
-
-
-def render_markdown(report: dict) -> str:
-    lines = [f"Serving: {report['model']} at {report['base_url']} ({report['api']} API), "
-             f"prompts ~{report['input_len']} words, max_new_tokens {report['max_new_tokens']}; "
-             "latencies in ms as p50 / p90 / p99.", ""]
-    header = ["concurrency", "rate req/s", "ok/failed", "out tokens/req", "req/s", "output tok/s", "vs 1 stream",
-              "TTFT", "TPOT", "ITL", "E2E"]
-    pct = lambda d: f"{fmt(d['p50'])} / {fmt(d['p90'])} / {fmt(d['p99'])}"
-    rows = [[s["concurrency"] or "-", s["request_rate"] or "inf",
-             f"{s['completed']}/{s['failed']}", fmt(s["mean_output_tokens"]), fmt(s["request_throughput"], 2),
-             fmt(s["output_throughput"]), f"{s['vs_single_stream']:.2f}x" if s["vs_single_stream"] else "-",
-             pct(s["ttft_ms"]), pct(s["tpot_ms"]), pct(s["itl_ms"]), pct(s["e2e_ms"])] for s in report["runs"]]
-    lines.append(markdown_table(header, rows))
-    best = max(report["runs"], key=lambda s: s["vs_single_stream"] or 0)
-    if best["vs_single_stream"]:
-        met = "met" if best["vs_single_stream"] >= report["target_ratio"] else "NOT met"
-        lines.append(f"Aggregate output tok/s at concurrency {best['concurrency']}: {best['vs_single_stream']:.2f}x a "
-                     f"single stream (target >= {report['target_ratio']:g}x: {met}).\n")
-    for s in report["runs"]:
-        if s["errors"]:
-            lines.append(f"Errors at concurrency {s['concurrency']}: {'; '.join(s['errors'])}\n")
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = report["runs"]
-    labels = [f"c={s['concurrency']}" if s["request_rate"] is None else f"{s['request_rate']:g}/s"
-              for s in runs]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    axes[0].bar(labels, [s["output_throughput"] for s in runs], color="tab:blue")
-    axes[0].set_ylabel("output tok/s (all requests)")
-    for ax, key, title in ((axes[1], "ttft_ms", "TTFT (ms)"), (axes[2], "tpot_ms", "TPOT (ms)")):
-        width = 0.8 / 3
-        for j, p in enumerate(("p50", "p90", "p99")):
-            ax.bar([i + (j - 1) * width for i in range(len(runs))], [s[key][p] for s in runs], width, label=p)
-        ax.set_xticks(range(len(runs)), labels)
-        ax.set_ylabel(title)
-        ax.legend(fontsize=8)
-    for ax in axes:
-        ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"serving: {report['model']}, max_new_tokens {report['max_new_tokens']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

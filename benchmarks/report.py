@@ -1,0 +1,167 @@
+"""Report formatting and writing for the benchmarks: the Markdown tables and PNG plots of each report kind, and
+the output files (JSON, Markdown, PNG) with the optional RESULTS.md section."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import append_results, fmt, machine_info, markdown_table, write_outputs
+
+
+def publish(report: dict[str, Any], markdown: str, plot: Callable[[dict[str, Any], Path], Path],
+            args: argparse.Namespace, title: str) -> dict[str, Path]:
+    """Write `args.name`.json/.md/.png under `args.out_dir`, print the table, append it to benchmarks/RESULTS.md
+    under `title` with --append-results, and print the paths written."""
+    out_dir = Path(args.out_dir)
+    paths = write_outputs(out_dir, args.name, report, markdown)
+    paths["png"] = plot(report, out_dir / f"{args.name}.png")
+    print(markdown)
+    if args.append_results:
+        print(f"appended to {append_results(title, markdown, report['machine'])}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+# -- decode -------------------------------------------------------------------------------------------
+def decode_markdown(report: dict[str, Any], show_text: bool = False) -> str:
+    """The decode report's Markdown: a header line, one table row per run, the greedy-token check."""
+    weights = "random weights, " if report["random_weights"] else ""
+    lines = [f"Decode: {report['model']} ({weights}{report['num_layers']} layers) on {report['device']}, "
+             f"{report['max_new_tokens']} new tokens{', ignore eos' if report['ignore_eos'] else ''}, "
+             f"median (min-max) of {report['repeats']} after {report['warmup']} warm-up; copy bandwidth "
+             f"{report['copy_bandwidth_gb_s']:.1f} GB/s; memory: {report['memory']}.", ""]
+    header = ["impl", "dtype", "batch", "prompt", "TTFT ms", "TPOT ms", "decode tok/s", "total tok/s", "peak MiB",
+              "weights GB/s (% copy)", "vs transformers"]
+    hf = {(r["dtype"], r["batch_size"]): r for r in report["rows"] if r["impl"] == "transformers"}
+    table = []
+    for r in report["rows"]:
+        base = hf.get((r["dtype"], r["batch_size"]))
+        ratio = f"{r['decode_tok_s']['median'] / base['decode_tok_s']['median']:.2f}x" if base else "-"
+        d = r["decode_tok_s"]
+        table.append([r["impl"], r["dtype"], r["batch_size"], r["prompt_tokens"], fmt(r["ttft_ms"]["median"]),
+                      fmt(r["tpot_ms"]["median"], 2), f"{fmt(d['median'])} ({fmt(d['min'])}-{fmt(d['max'])})",
+                      fmt(r["total_tok_s"]["median"]), fmt(r["peak_mem_mib"], 0),
+                      f"{fmt(r['weight_gb_s']['median'], 2)} ({fmt(r['weight_bw_pct_of_copy'], 0)}%)", ratio])
+    lines.append(markdown_table(header, table))
+    checks = report["text_check"]
+    if checks:
+        bad = [c for c in checks if not c["match"]]
+        lines.append(f"Greedy tokens, ours vs transformers: {len(checks) - len(bad)}/{len(checks)} sequences equal"
+                     + ("." if not bad else "; mismatches: " + ", ".join(
+                         f"{c['dtype']} batch {c['batch_size']} row {c['row']} at token {c['first_mismatch']}"
+                         for c in bad[:8]) + "."))
+        if show_text:
+            for c in checks:
+                if "ours_text" in c and c["batch_size"] == min(x["batch_size"] for x in checks):
+                    lines.append(f"\n- {c['dtype']} ours: {c['ours_text']!r}\n- {c['dtype']} transformers: "
+                                 f"{c['transformers_text']!r}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+
+
+def decode_plot(report: dict[str, Any], path: Path) -> Path:
+    """decode tok/s and TPOT against batch size, one line per implementation and dtype, saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tok, ax_tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in report["rows"]:
+        series.setdefault((r["impl"], r["dtype"]), []).append(r)
+    for (impl, dtype), rs in series.items():
+        xs = [r["batch_size"] for r in rs]
+        for ax, key in ((ax_tok, "decode_tok_s"), (ax_tpot, "tpot_ms")):
+            med = [r[key]["median"] for r in rs]
+            err = [[m - r[key]["min"] for m, r in zip(med, rs)], [r[key]["max"] - m for m, r in zip(med, rs)]]
+            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=f"{impl} {dtype}",
+                        linestyle="-" if impl == "ours" else "--")
+    batch_sizes = sorted({r["batch_size"] for r in report["rows"]})
+    for ax, label in ((ax_tok, "decode tok/s"), (ax_tpot, "time per output token (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"decode: {report['model']} on {report['device']}, {report['max_new_tokens']} tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- serving ------------------------------------------------------------------------------------------
+def serving_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The serving report: the run settings, the machine, and the runs, each given its output tok/s as a multiple
+    of the first run's when that one is a single stream."""
+    single = runs[0] if runs[0]["concurrency"] == 1 else None
+    for spec in runs:
+        spec["vs_single_stream"] = spec["output_throughput"] / single["output_throughput"] \
+            if single and single["output_throughput"] else None
+    info = machine_info()
+    return {"benchmark": "serving", "machine": info, "base_url": args.base_url, "api": args.api,
+            "model": args.model, "input_len": args.input_len, "max_new_tokens": args.max_new_tokens,
+            "ignore_eos_sent": args.ignore_eos, "target_ratio": args.target_ratio, "runs": runs}
+
+
+def serving_markdown(report: dict[str, Any]) -> str:
+    """The serving report's Markdown: a header line, one table row per run, the target check, the errors."""
+    lines = [f"Serving: {report['model']} at {report['base_url']} ({report['api']} API), "
+             f"prompts ~{report['input_len']} words, max_new_tokens {report['max_new_tokens']}; "
+             "latencies in ms as p50 / p90 / p99.", ""]
+    header = ["concurrency", "rate req/s", "ok/failed", "out tokens/req", "req/s", "output tok/s", "vs 1 stream",
+              "TTFT", "TPOT", "ITL", "E2E"]
+    pct = lambda d: f"{fmt(d['p50'])} / {fmt(d['p90'])} / {fmt(d['p99'])}"
+    rows = [[s["concurrency"] or "-", s["request_rate"] or "inf",
+             f"{s['completed']}/{s['failed']}", fmt(s["mean_output_tokens"]), fmt(s["request_throughput"], 2),
+             fmt(s["output_throughput"]), f"{s['vs_single_stream']:.2f}x" if s["vs_single_stream"] else "-",
+             pct(s["ttft_ms"]), pct(s["tpot_ms"]), pct(s["itl_ms"]), pct(s["e2e_ms"])] for s in report["runs"]]
+    lines.append(markdown_table(header, rows))
+    best = max(report["runs"], key=lambda s: s["vs_single_stream"] or 0)
+    if best["vs_single_stream"]:
+        met = "met" if best["vs_single_stream"] >= report["target_ratio"] else "NOT met"
+        lines.append(f"Aggregate output tok/s at concurrency {best['concurrency']}: {best['vs_single_stream']:.2f}x a "
+                     f"single stream (target >= {report['target_ratio']:g}x: {met}).\n")
+    for s in report["runs"]:
+        if s["errors"]:
+            lines.append(f"Errors at concurrency {s['concurrency']}: {'; '.join(s['errors'])}\n")
+    return "\n".join(lines)
+
+
+
+
+def serving_plot(report: dict[str, Any], path: Path) -> Path:
+    """Output tok/s and TTFT/TPOT percentiles per run, as bars, saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    labels = [f"c={s['concurrency']}" if s["request_rate"] is None else f"{s['request_rate']:g}/s"
+              for s in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    axes[0].bar(labels, [s["output_throughput"] for s in runs], color="tab:blue")
+    axes[0].set_ylabel("output tok/s (all requests)")
+    for ax, key, title in ((axes[1], "ttft_ms", "TTFT (ms)"), (axes[2], "tpot_ms", "TPOT (ms)")):
+        width = 0.8 / 3
+        for j, p in enumerate(("p50", "p90", "p99")):
+            ax.bar([i + (j - 1) * width for i in range(len(runs))], [s[key][p] for s in runs], width, label=p)
+        ax.set_xticks(range(len(runs)), labels)
+        ax.set_ylabel(title)
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"serving: {report['model']}, max_new_tokens {report['max_new_tokens']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
