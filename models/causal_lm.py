@@ -10,6 +10,7 @@ from models.config import ModelConfig
 from models.falcon import FalconBlock, falcon_slots
 from models.layers import LayerNorm, Linear, RMSNorm, linear
 from models.llama import LlamaBlock, llama_slots
+from models.packed_linear import pack, pack_linear, packed_linear
 from models.rope import RotaryEmbedding
 from models.weights import Slot
 
@@ -29,6 +30,7 @@ class CausalLM(nn.Module):
                                                                       bias=False)
         self.rope = None
         self.head_weight: torch.Tensor | None = None  # a separate copy of a tied head, if any
+        self.head_packed_index: int | None = None  # the same, packed for oneDNN
         if self.embed.weight.device.type != "meta":  # the loader builds on meta, then calls init_buffers
             self.init_buffers(self.embed.weight.device)
 
@@ -49,6 +51,14 @@ class CausalLM(nn.Module):
                 module.weight.data = module.weight.data.t().contiguous().t()
         if self.lm_head is None:
             self.head_weight = self.embed.weight.detach().t().contiguous().t()
+
+    def use_packed_bf16_weights(self) -> None:
+        """Move every bf16 projection matrix, and a copy of a tied head, to oneDNN's packed layout (CPU)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                pack_linear(module)
+        if self.lm_head is None:
+            self.head_packed_index = pack(self.embed.weight.data)
 
     def weight_slots(self) -> dict[str, Slot]:
         return (falcon_slots if self.config.arch == "falcon" else llama_slots)(self, self.config)
@@ -71,5 +81,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden)
+        if self.head_packed_index is not None:
+            return packed_linear(hidden, self.head_packed_index, self.config.vocab_size)
         weight = self.embed.weight if self.head_weight is None else self.head_weight
         return linear(hidden, weight)

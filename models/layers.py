@@ -11,6 +11,7 @@ from torch import nn
 from kernels import layer_norm, rms_norm, rotary
 from models.attention import AttentionMetadata, KVCache, paged_attention
 from models.config import ModelConfig
+from models.packed_linear import packed_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,7 +30,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
+    packed_index: int | None = None  # set when the weight was moved to models.packed_linear (bf16 on CPU)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_index is not None:
+            y = packed_linear(x, self.packed_index, self.out_features)
+            return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
 
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from models.causal_lm import CausalLM
 from models.config import ModelConfig, load_config
+from models.packed_linear import can_pack
 
 # Tensors some checkpoints carry that hold nothing we need.
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias)$")
@@ -98,6 +99,8 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     model.init_buffers(device)  # computed tables were made on meta too
     with torch.no_grad():
         load_weights(model, model_dir, progress)
-    if torch.device(device).type == "cpu" and torch_dtype == torch.float32:  # bf16 GEMV is not faster so
+    if torch.device(device).type == "cpu" and torch_dtype == torch.float32:
         model.use_column_major_weights()
+    elif torch.device(device).type == "cpu" and can_pack(torch_dtype):
+        model.use_packed_bf16_weights()
     return model.eval()
