@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
+from kernels.prefill_attention import load_kv_tile
 
 
 def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes=None):
@@ -81,12 +82,8 @@ def decode_attention_split_kernel(
     for k_start in range(start, end, BLOCK_N):
         k_pos = k_start + offs_n
         n_mask = k_pos < end
-        block = tl.load(block_tables_ptr + seq * stride_bt_seq + k_pos // block_size, mask=n_mask, other=0)
-        slot = block.to(tl.int64) * stride_c_block + (k_pos % block_size) * stride_c_slot \
-            + kv_head * stride_c_head
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, k_pos, n_mask, kv_head, offs_d, d_mask,
+                            stride_bt_seq, stride_c_block, stride_c_slot, stride_c_head, block_size, q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_ALIBI:
             s += slopes[:, None] * (k_pos - (seq_len - 1)).to(tl.float32)[None, :]

@@ -102,6 +102,19 @@ def prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables,
 
 
 @triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, k_pos, n_mask, kv_head, offs_d, d_mask,
+                 stride_bt_seq, stride_c_block, stride_c_slot, stride_c_head, block_size, dtype):
+    """K and V `[N, D]` of the cached positions k_pos of one sequence and KV head, through its block table
+    (masked rows and columns read 0), cast to `dtype`."""
+    block = tl.load(block_tables_ptr + seq * stride_bt_seq + k_pos // block_size, mask=n_mask, other=0)
+    slot = block.to(tl.int64) * stride_c_block + (k_pos % block_size) * stride_c_slot + kv_head * stride_c_head
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(dtype)
+    v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(dtype)
+    return k, v
+
+
+@triton.jit
 def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     """Fold one tile of log2-domain scores s `[M, N]` (masked entries -inf) and values v `[N, D]` into
     the running max m_i, denominator l_i and unnormalised output acc (all fp32)."""
@@ -168,13 +181,9 @@ def prefill_attention_kernel(
         for start in range(0, ctx_len, BLOCK_N):
             k_pos = start + offs_n
             n_mask = k_pos < ctx_len
-            block = tl.load(block_tables_ptr + seq * stride_bt_seq + k_pos // block_size, mask=n_mask,
-                            other=0)
-            slot = block.to(tl.int64) * stride_c_block + (k_pos % block_size) * stride_c_slot \
-                + kv_head * stride_c_head
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, k_pos, n_mask, kv_head, offs_d,
+                                d_mask, stride_bt_seq, stride_c_block, stride_c_slot, stride_c_head, block_size,
+                                q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if HAS_ALIBI:
                 s += slope * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)

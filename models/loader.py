@@ -53,7 +53,6 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> None:
     """Copy every checkpoint tensor into its slot; every slot must be filled exactly once."""
     slots = model.weight_slots()
-    seen: set[str] = set()
     files = safetensors_files(model_dir)
     names = {}
     for path in files:
@@ -82,7 +81,6 @@ def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> Non
                     raise WeightsError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
                                        f"expected {tuple(target.shape)} from config.json")
                 target.copy_(tensor)
-                seen.add(name)
                 bar.update(1)
     bar.close()
 
