@@ -1,4 +1,4 @@
-"""`llmengine bench decode ...` and `llmengine bench serving ...`.
+"""`llmengine bench decode ...`, `llmengine bench serving ...` and `llmengine bench products ...`.
 
 server/cli.py wires it in:
 
@@ -12,20 +12,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import decode, serving
+from benchmarks import decode, products, serving
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{decode,serving}")
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{decode,serving,products}")
     for name, module, summary in (("decode", decode, "offline decode speed, ours vs transformers generate"),
-                                  ("serving", serving, "latency and throughput of a running server")):
+                                  ("serving", serving, "latency and throughput of a running server"),
+                                  ("products", products, "the projection products by weight layout and rows")):
         p = sub.add_parser(name, help=summary, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_args(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    return {"decode": decode.run, "serving": serving.run}[args.bench_command](args)
+    return {"decode": decode.run, "serving": serving.run, "products": products.run}[args.bench_command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.falcon import FalconBlock, falcon_slots
-from models.layers import LayerNorm, Linear, RMSNorm, linear
+from models.layers import LayerNorm, Linear, RMSNorm
 from models.llama import LlamaBlock, llama_slots
 from models.packed_linear import pack, pack_linear, packed_linear
 from models.rope import RotaryEmbedding
@@ -29,8 +30,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                       bias=False)
         self.rope = None
-        self.head_weight: torch.Tensor | None = None  # a separate copy of a tied head, if any
-        self.head_packed_index: int | None = None  # the same, packed for oneDNN
+        self.head_packed_index: int | None = None  # a tied head's copy, packed for oneDNN
         if self.embed.weight.device.type != "meta":  # the loader builds on meta, then calls init_buffers
             self.init_buffers(self.embed.weight.device)
 
@@ -40,25 +40,13 @@ class CausalLM(nn.Module):
         for block in self.layers:
             block.attn.init_alibi(device)
 
-    def use_column_major_weights(self) -> None:
-        """Store every projection matrix column-major (W.t() contiguous) and give a tied head its own copy.
-
-        On CPU, MKL's matrix-vector product streams `x @ W.t()` with W column-major ~30% faster than the
-        row-major checkpoint layout (DESIGN.md 6); the math and every result are the same.
-        """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.data = module.weight.data.t().contiguous().t()
-        if self.lm_head is None:
-            self.head_weight = self.embed.weight.detach().t().contiguous().t()
-
-    def use_packed_bf16_weights(self) -> None:
-        """Move every bf16 projection matrix, and a copy of a tied head, to oneDNN's packed layout (CPU)."""
+    def use_packed_weights(self) -> None:
+        """Move every projection matrix, and the head, to oneDNN's packed layout (CPU, fp32 or bf16)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 pack_linear(module)
         if self.lm_head is None:
-            self.head_packed_index = pack(self.embed.weight.data)
+            self.head_packed_index = pack(self.embed.weight.data, self)
 
     def weight_slots(self) -> dict[str, Slot]:
         return (falcon_slots if self.config.arch == "falcon" else llama_slots)(self, self.config)
@@ -83,5 +71,4 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)
         if self.head_packed_index is not None:
             return packed_linear(hidden, self.head_packed_index, self.config.vocab_size)
-        weight = self.embed.weight if self.head_weight is None else self.head_weight
-        return linear(hidden, weight)
+        return F.linear(hidden, self.embed.weight)

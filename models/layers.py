@@ -14,29 +14,14 @@ from models.config import ModelConfig
 from models.packed_linear import packed_linear
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias`, by the product that is fastest for the weight's layout on CPU.
-
-    A column-major weight (see CausalLM.use_column_major_weights) makes the products of small decode
-    batches stream fastest through `F.linear`; from 16 rows on (prefill, large batches) MKL is faster at
-    `(W @ x.T).T`, and far slower at it for 2-8 rows (benchmarks/RESULTS.md).
-    """
-    # (not while compiling: a size test here would split the compiled graph in two)
-    if (not torch.compiler.is_compiling() and x.dim() == 2 and x.shape[0] >= 16 and weight.stride(0) == 1
-            and weight.stride(1) != 1):
-        y = (weight @ x.t()).t().contiguous()
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
-
-
 class Linear(nn.Linear):
-    packed_index: int | None = None  # set when the weight was moved to models.packed_linear (bf16 on CPU)
+    packed_index: int | None = None  # set when the weight was moved to models.packed_linear (CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_index is not None:
             y = packed_linear(x, self.packed_index, self.out_features)
             return y if self.bias is None else y + self.bias
-        return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -86,8 +86,12 @@ def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> Non
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               progress: bool = True, config: ModelConfig | None = None) -> CausalLM:
-    """Build the model that `model_dir/config.json` describes and fill it from its safetensors."""
+               progress: bool = True, config: ModelConfig | None = None, pack: bool | None = None) -> CausalLM:
+    """Build the model that `model_dir/config.json` describes and fill it from its safetensors.
+
+    `pack`: move the projection weights to oneDNN's packed layout (models/packed_linear.py); by default
+    wherever that is possible (CPU, fp32 or bf16). A packed model's Linear weights are on the meta device.
+    """
     model_dir = Path(model_dir)
     config = config or load_config(model_dir)
     torch_dtype = parse_dtype(dtype)
@@ -97,8 +101,8 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     model.init_buffers(device)  # computed tables were made on meta too
     with torch.no_grad():
         load_weights(model, model_dir, progress)
-    if torch.device(device).type == "cpu" and torch_dtype == torch.float32:
-        model.use_column_major_weights()
-    elif torch.device(device).type == "cpu" and can_pack(torch_dtype):
-        model.use_packed_bf16_weights()
+    if pack is None:
+        pack = torch.device(device).type == "cpu" and can_pack(torch_dtype)
+    if pack:
+        model.use_packed_weights()
     return model.eval()
