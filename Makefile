@@ -39,12 +39,14 @@ run: $(MODEL)
 test: $(MODEL)
 	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q tests
 
-# Decode speed against transformers in the same run, then 1 vs 16 concurrent streams through the server.
+# Decode speed against transformers in the same run, then 1 vs 16 concurrent streams through the server,
+# then the projection products by weight layout.
 bench: $(MODEL)
 	$(PY) -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --compile \
 		--check-text
 	$(PY) -m benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \
 		--input-len 32
+	$(PY) -m benchmarks.products
 
 gpu-check: $(SETUP)
 	$(PY) -m benchmarks.gpu_check
