@@ -33,26 +33,22 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
     """q `[q_len, H, d]` at positions q_start.. over k, v `[k_len, Hkv, d]` at positions 0..; causal."""
     q_len, num_heads, _ = q.shape
     k_len, num_kv_heads, _ = k.shape
-    group = num_heads // num_kv_heads
+    # 4-D `[1, heads, len, d]` inputs: on CPU only those reach SDPA's flash kernel (3-D and 5-D ones take the
+    # math path, 4x slower for a 1k-token prompt and quadratic in memory).
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))
+    gqa = num_heads != num_kv_heads
     if q_start == 0 and alibi_slopes is None:  # a whole prompt: plain causal attention, no mask to build
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=True, scale=scale, enable_gqa=group > 1)
-        return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out[0].transpose(0, 1)
     q_pos = torch.arange(q_start, q_start + q_len, device=q.device)
     k_pos = torch.arange(k_len, device=q.device)
     rel = (k_pos[None, :] - q_pos[:, None]).to(q.dtype if q.is_floating_point() else torch.float32)
     mask = torch.zeros(q_len, k_len, dtype=q.dtype, device=q.device)
     mask.masked_fill_(rel > 0, float("-inf"))
     if alibi_slopes is not None:
-        mask = mask[None] + alibi_slopes.to(q.dtype)[:, None, None] * rel[None]
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unflatten(0, (num_kv_heads, group)),
-        k.transpose(0, 1)[:, None],
-        v.transpose(0, 1)[:, None],
-        attn_mask=mask if alibi_slopes is None else mask.unflatten(0, (num_kv_heads, group)),
-        scale=scale,
-    )
-    return out.flatten(0, 1).transpose(0, 1)
+        mask = (mask[None] + alibi_slopes.to(q.dtype)[:, None, None] * rel[None])[None]  # [1, H, q_len, k_len]
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
 
 
 def single_token_attention_ref(q, k, v, k_cache, v_cache, block_tables, ctx_lens, scale, alibi_slopes=None):

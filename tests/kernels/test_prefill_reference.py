@@ -28,3 +28,20 @@ def test_mixed_step_batched_equals_per_sequence(alibi):
         alone = prefill_attention_ref(q[s:e], k[s:e], v[s:e], torch.tensor([0, e - s], dtype=torch.int32),
                                       k_cache, v_cache, tables[i:i + 1], seq_lens[i:i + 1], 0.25, slopes)
         assert torch.allclose(batched[s:e], alone, atol=1e-12), i
+
+
+@pytest.mark.parametrize("ctx_len, alibi", [(0, False), (5, False), (0, True)])
+def test_cpu_reference_prompts_take_the_flash_kernel(ctx_len, alibi):
+    """3-D or 5-D inputs send CPU SDPA down its math path: 4x slower at 1k tokens, and quadratic in memory.
+    The reference must feed 4-D ones (benchmarks/RESULTS.md, long prompts)."""
+    from torch.profiler import profile
+
+    from kernels.prefill_attention import attention_ref
+
+    q, k, v = torch.randn(40, 6, 16), torch.randn(40 + ctx_len, 2, 16), torch.randn(40 + ctx_len, 2, 16)
+    slopes = torch.rand(6) if alibi else None
+    with profile() as prof:
+        attention_ref(q, k, v, ctx_len, 0.25, slopes)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
