@@ -14,24 +14,25 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
-from kernels.prefill_attention import load_kv_tile
+from kernels.prefill_attention import load_kv_tile, reference_dtype
 
 
 def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes=None):
     num_seqs, num_heads, head_dim = q.shape
+    compute = reference_dtype(q)
     # Every block the tables name (the runner sizes them to the longest sequence), gathered in one go;
     # positions past a sequence's length are masked.
-    keys = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [num_seqs, num_kv_heads, width, head_dim]
-    values = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    keys = k_cache[block_tables].flatten(1, 2).transpose(1, 2).to(compute)  # [num_seqs, num_kv_heads, width, d]
+    values = v_cache[block_tables].flatten(1, 2).transpose(1, 2).to(compute)
     k_pos = torch.arange(keys.shape[2], device=q.device)
     rel = k_pos - (seq_lens[:, None].long() - 1)  # [num_seqs, width]: key position - query position
     mask = (rel <= 0)[:, None, None, :]
     if alibi_slopes is not None:
-        bias = alibi_slopes.to(q.dtype)[None, :, None, None] * rel[:, None, None, :].to(q.dtype)
+        bias = alibi_slopes.to(compute)[None, :, None, None] * rel[:, None, None, :].to(compute)
         mask = bias.masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                         scale=scale, enable_gqa=num_heads != keys.shape[1])
-    return out.view(num_seqs, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2).to(compute), keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=num_heads != keys.shape[1])
+    return out.view(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 @triton.jit

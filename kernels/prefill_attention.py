@@ -51,22 +51,30 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
     return out[0].transpose(0, 1)
 
 
+def reference_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the reference attends one-token queries in: fp32 for bf16/fp16 on CPU, whose bf16 SDPA kernel
+    is ~4x slower than its fp32 one for a single query (benchmarks/RESULTS.md); q's dtype otherwise."""
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if low and q.device.type == "cpu" else q.dtype
+
+
 def single_token_attention_ref(q, k, v, k_cache, v_cache, block_tables, ctx_lens, scale, alibi_slopes=None):
     """Sequences with one new token each, all at once: the cached prefix gathered from every block of the
     tables, the new token's own K/V appended as the last key. q `[S, H, d]`, k/v `[S, Hkv, d]`."""
     num_seqs, num_heads, head_dim = q.shape
-    keys = torch.cat([k_cache[block_tables].flatten(1, 2), k[:, None].to(k_cache.dtype)], dim=1).to(q.dtype)
-    values = torch.cat([v_cache[block_tables].flatten(1, 2), v[:, None].to(v_cache.dtype)], dim=1).to(q.dtype)
+    compute = reference_dtype(q)
+    keys = torch.cat([k_cache[block_tables].flatten(1, 2), k[:, None].to(k_cache.dtype)], dim=1).to(compute)
+    values = torch.cat([v_cache[block_tables].flatten(1, 2), v[:, None].to(v_cache.dtype)], dim=1).to(compute)
     width = keys.shape[1] - 1
     k_pos = torch.arange(width + 1, device=q.device)
     rel = torch.where(k_pos == width, 0, k_pos - ctx_lens[:, None])  # [S, width + 1]; the query sits at ctx_len
     mask = ((k_pos < ctx_lens[:, None]) | (k_pos == width))[:, None, None, :]
     if alibi_slopes is not None:
-        bias = alibi_slopes.to(q.dtype)[None, :, None, None] * rel[:, None, None, :].to(q.dtype)
+        bias = alibi_slopes.to(compute)[None, :, None, None] * rel[:, None, None, :].to(compute)
         mask = bias.masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+    out = F.scaled_dot_product_attention(q.unsqueeze(2).to(compute), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask, scale=scale, enable_gqa=num_heads != keys.shape[2])
-    return out.view(num_seqs, num_heads, head_dim)
+    return out.view(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 def prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, scale,

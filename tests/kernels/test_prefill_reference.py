@@ -45,3 +45,35 @@ def test_cpu_reference_prompts_take_the_flash_kernel(ctx_len, alibi):
     ops = {e.key for e in prof.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
+def test_cpu_reference_decode_attends_bf16_in_fp32():
+    """CPU's bf16 SDPA kernel is ~4x slower than its fp32 one for one query: the references upcast, and still
+    equal the float64 result to bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels.decode_attention import decode_attention_ref
+    from kernels.prefill_attention import single_token_attention_ref
+
+    class SdpaDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.name():
+                self.seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(2, 12, 4, 2, 16, dtype=torch.float64)
+    tables = torch.tensor([[3, 0, 7], [5, 1, 2]], dtype=torch.int32)
+    q = torch.randn(2, 6, 16, dtype=torch.float64)
+    seq_lens = torch.tensor([11, 6], dtype=torch.int32)
+    expected = decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.25)
+    with SdpaDtypes() as mode:
+        got = decode_attention_ref(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), tables, seq_lens, 0.25)
+        single_token_attention_ref(q.bfloat16(), q[:, :2].bfloat16(), q[:, :2].bfloat16(), k_cache.bfloat16(),
+                                   v_cache.bfloat16(), tables, seq_lens - 1, 0.25)
+    assert mode.seen == [torch.float32, torch.float32]
+    assert got.dtype == torch.bfloat16 and (got.double() - expected).abs().max() < 0.03
