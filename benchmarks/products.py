@@ -21,16 +21,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.common import OUT_DIR, fmt, machine_info, markdown_table
-from benchmarks.report import publish
+from benchmarks.common import OUT_DIR, machine_info
+from benchmarks.report import products_markdown, products_plot, publish
 from models.loader import parse_dtype
+from models.packed_linear import can_pack, packed_product, reorder
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,12 +52,12 @@ def methods(weights: list[torch.Tensor]) -> dict[str, list[Product]]:
         return lambda x: F.linear(x, w)
 
     def packed(w: torch.Tensor, rows: int) -> Product:
-        p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+        p = reorder(w, rows)
+        return lambda x: packed_product(x, p)
 
     found = {"F.linear row-major": [dense(w) for w in weights],
              "F.linear column-major": [dense(w.t().contiguous().t()) for w in weights]}
-    if torch.backends.mkldnn.is_available():
+    if can_pack(weights[0].dtype):
         found["oneDNN packed for 1 row"] = [packed(w, 1) for w in weights]
         found["oneDNN packed for 16 rows"] = [packed(w, 16) for w in weights]
     return found
@@ -117,41 +116,6 @@ def run(args: argparse.Namespace) -> int:
               "threads": torch.get_num_threads(), "max_rel_error_vs_float64": errors, "rows": rows}
     publish(report, products_markdown(report), products_plot, args, f"products: {args.model} {args.dtype}")
     return 0
-
-
-def products_markdown(report: dict[str, Any]) -> str:
-    names = list(report["max_rel_error_vs_float64"])
-    counts = sorted({r["rows"] for r in report["rows"]})
-    ms = {(r["method"], r["rows"]): r for r in report["rows"]}
-    lines = [f"Products: {report['matrices']} projection matrices of {report['model']} "
-             f"({report['weight_bytes'] / 1e6:.0f} MB, {report['dtype']}), {report['threads']} threads, median ms "
-             f"of {report['repeats']} (weight GB/s).", ""]
-    table = [[n] + [f"{fmt(ms[(name, n)]['ms'])} ({fmt(ms[(name, n)]['weight_gb_s'])})" for name in names]
-             for n in counts]
-    lines.append(markdown_table(["rows", *names], table))
-    return "\n".join(lines)
-
-
-def products_plot(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in report["max_rel_error_vs_float64"]:
-        rs = [r for r in report["rows"] if r["method"] == name]
-        ax.plot([r["rows"] for r in rs], [r["ms"] for r in rs], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rows (tokens in the step)")
-    ax.set_ylabel("ms for all products")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"projection products: {report['model']}, {report['dtype']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,36 @@ def publish(report: dict[str, Any], markdown: str, plot: Callable[[dict[str, Any
     return paths
 
 
+def new_figure(ncols: int, size: tuple[float, float]):
+    """A headless matplotlib figure with `ncols` axes side by side: (plt, fig, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=size)
+    return plt, fig, axes
+
+
+def log2_axes(ax, xs: list[int], xlabel: str, ylabel: str) -> None:
+    """A log-2 x axis ticked at `xs`, labels, grid and legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save_figure(plt, fig, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # -- decode -------------------------------------------------------------------------------------------
 def decode_markdown(report: dict[str, Any], show_text: bool = False) -> str:
     """The decode report's Markdown: a header line, one table row per run, the greedy-token check."""
@@ -66,12 +96,7 @@ def decode_markdown(report: dict[str, Any], show_text: bool = False) -> str:
 
 def decode_plot(report: dict[str, Any], path: Path) -> Path:
     """decode tok/s and TPOT against batch size, one line per implementation and dtype, saved to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_tok, ax_tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
+    plt, fig, (ax_tok, ax_tpot) = new_figure(2, (11, 4.2))
     series: dict[tuple[str, str], list[dict]] = {}
     for r in report["rows"]:
         series.setdefault((r["impl"], r["dtype"]), []).append(r)
@@ -84,18 +109,9 @@ def decode_plot(report: dict[str, Any], path: Path) -> Path:
                         linestyle="-" if impl == "ours" else "--")
     batch_sizes = sorted({r["batch_size"] for r in report["rows"]})
     for ax, label in ((ax_tok, "decode tok/s"), (ax_tpot, "time per output token (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"decode: {report['model']} on {report['device']}, {report['max_new_tokens']} tokens", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        log2_axes(ax, batch_sizes, "batch size", label)
+    return save_figure(plt, fig, f"decode: {report['model']} on {report['device']}, {report['max_new_tokens']} tokens",
+                       path)
 
 
 # -- serving ------------------------------------------------------------------------------------------
@@ -140,15 +156,10 @@ def serving_markdown(report: dict[str, Any]) -> str:
 
 def serving_plot(report: dict[str, Any], path: Path) -> Path:
     """Output tok/s and TTFT/TPOT percentiles per run, as bars, saved to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = report["runs"]
     labels = [f"c={s['concurrency']}" if s["request_rate"] is None else f"{s['request_rate']:g}/s"
               for s in runs]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    plt, fig, axes = new_figure(3, (13, 4))
     axes[0].bar(labels, [s["output_throughput"] for s in runs], color="tab:blue")
     axes[0].set_ylabel("output tok/s (all requests)")
     for ax, key, title in ((axes[1], "ttft_ms", "TTFT (ms)"), (axes[2], "tpot_ms", "TPOT (ms)")):
@@ -160,8 +171,29 @@ def serving_plot(report: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=8)
     for ax in axes:
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"serving: {report['model']}, max_new_tokens {report['max_new_tokens']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, f"serving: {report['model']}, max_new_tokens {report['max_new_tokens']}", path)
+
+
+# -- products -----------------------------------------------------------------------------------------
+def products_markdown(report: dict[str, Any]) -> str:
+    """A header line and one row per row count: each method's median ms (weight GB/s)."""
+    names = list(report["max_rel_error_vs_float64"])
+    counts = sorted({r["rows"] for r in report["rows"]})
+    by_case = {(r["method"], r["rows"]): r for r in report["rows"]}
+    lines = [f"Products: {report['matrices']} projection matrices of {report['model']} "
+             f"({report['weight_bytes'] / 1e6:.0f} MB, {report['dtype']}), {report['threads']} threads, median ms "
+             f"of {report['repeats']} (weight GB/s).", ""]
+    table = [[n] + [f"{fmt(by_case[(name, n)]['ms'])} ({fmt(by_case[(name, n)]['weight_gb_s'])})" for name in names]
+             for n in counts]
+    lines.append(markdown_table(["rows", *names], table))
+    return "\n".join(lines)
+
+
+def products_plot(report: dict[str, Any], path: Path) -> Path:
+    """ms for all products against the row count, one line per method, saved to `path`."""
+    plt, fig, ax = new_figure(1, (7, 4.2))
+    for name in report["max_rel_error_vs_float64"]:
+        rs = [r for r in report["rows"] if r["method"] == name]
+        ax.plot([r["rows"] for r in rs], [r["ms"] for r in rs], marker="o", label=name)
+    log2_axes(ax, sorted({r["rows"] for r in report["rows"]}), "rows (tokens in the step)", "ms for all products")
+    return save_figure(plt, fig, f"projection products: {report['model']}, {report['dtype']}", path)

@@ -28,7 +28,7 @@ PACK_FOR_ROWS = 16
 @torch.library.custom_op("llmengine::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
     """`x @ W.T` for the weight packed at PACKED[index]."""
-    return torch.ops.mkldnn._linear_pointwise(x, PACKED[index], None, "none", [], "")
+    return packed_product(x, PACKED[index])
 
 
 @packed_linear.register_fake
@@ -41,10 +41,20 @@ def can_pack(dtype: torch.dtype) -> bool:
         hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def reorder(weight: torch.Tensor, rows: int = PACK_FOR_ROWS) -> torch.Tensor:
+    """A `[out, in]` CPU weight in oneDNN's blocked layout for products with `rows` rows (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+
+
+def packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """`x @ W.T` for a weight that `reorder` packed."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def pack(weight: torch.Tensor, owner: object) -> int:
     """Pack a `[out, in]` CPU weight for as long as `owner` lives; returns its index."""
     index = next(_indices)
-    PACKED[index] = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_FOR_ROWS)
+    PACKED[index] = reorder(weight)
     weakref.finalize(owner, PACKED.pop, index, None)
     return index
 
