@@ -46,9 +46,11 @@ def num_blocks_for_budget(config: ModelConfig, dtype: torch.dtype, block_size: i
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, cache_salt: str = ""):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.cache_salt = cache_salt
         self.ref_counts = [0] * num_blocks
         self.free_ids: deque[int] = deque(range(num_blocks))
 
@@ -86,6 +88,12 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_ids.append(block)
         seq.block_table.clear()
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the hashes of `seq`'s full, computed blocks (prefix caching; not built yet)."""
+
+    def stats(self) -> dict[str, int]:
+        return {"prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     def check(self, live: list[Sequence] | None = None) -> None:
         """Assert exact accounting; with `live` (every sequence holding blocks), that the reference

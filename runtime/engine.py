@@ -68,7 +68,7 @@ class Engine:
     def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto",
                  kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 progress: bool = False, compile: bool = False):
+                 progress: bool = False, compile: bool = False, enable_prefix_caching: bool = True):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -92,7 +92,8 @@ class Engine:
             + max_num_seqs * config.vocab_size * 4 * 4
         num_blocks = num_blocks_for_budget(config, self.dtype, block_size, self.device, kv_cache_gib,
                                            gpu_memory_utilization, reserve)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching,
+                                          cache_salt=f"{model_dir.resolve()}:{self.dtype}")
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, block_size, compile_decode=compile)
         self.sampler = Sampler()
@@ -192,6 +193,7 @@ class Engine:
         for seq, n in batch:
             seq.num_computed_tokens += n
             self.counters["tokens_computed"] += n
+            self.block_manager.cache_full_blocks(seq)
         for seq, token, log_prob in zip(sampling, tokens, log_probs):
             try:
                 outputs.append(self._append_token(seq, token, log_prob))
@@ -242,4 +244,4 @@ class Engine:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "blocks_total": bm.num_blocks, "blocks_used": bm.num_used, "blocks_free": bm.num_free,
                 "block_size": bm.block_size, "num_preemptions": self.scheduler.num_preemptions,
-                **self.counters}
+                **bm.stats(), **self.counters}
