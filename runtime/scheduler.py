@@ -7,6 +7,9 @@ When the cache has no block for a running sequence, the newest running sequence 
 blocks are freed and it goes back to the front of the waiting queue, to be recomputed from its prompt
 and generated tokens. The oldest running sequence is never starved (a request is only accepted if it
 fits the whole cache alone), so the engine always makes progress.
+
+With prefix caching, a sequence being admitted first takes the cached blocks of its longest cached
+prefix (a preempted one often finds its own); only the tokens after them are computed and budgeted.
 """
 
 from __future__ import annotations
@@ -53,14 +56,19 @@ class Scheduler:
                 batch.append((seq, n))
                 budget -= n
                 i += 1
-        # Admit waiting sequences, oldest first, unless blocks just ran out.
+        # Admit waiting sequences, oldest first, unless blocks just ran out. A sequence starts from the
+        # longest prefix the cache holds; only the rest costs budget and new blocks.
+        bm = self.block_manager
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+            prefix = bm.cached_prefix(seq)
+            start = len(prefix) * bm.block_size  # a waiting sequence holds no block and computed nothing
+            n = min(seq.num_tokens - start, budget)
+            if not bm.can_allocate(seq, start + n, prefix):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            bm.reuse(seq, prefix)
+            bm.allocate(seq, start + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, n))

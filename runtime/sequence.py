@@ -22,7 +22,8 @@ class Sequence:
     """Token ids are `prompt_token_ids + output_token_ids`; the first `num_computed_tokens` of them have
     their K/V in the cache (in the blocks of `block_table`). Each step computes some of the rest; once
     all are computed the step samples the next token. Preemption frees the blocks and sets
-    `num_computed_tokens` to 0, so the sequence is recomputed from prompt + output later."""
+    `num_computed_tokens` to 0, so the sequence is recomputed from prompt + output later (starting from
+    whatever prefix the cache still holds)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -34,6 +35,7 @@ class Sequence:
     output_log_probs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_hashed_blocks: int = 0  # leading blocks of block_table the prefix cache has seen (BlockManager)
     status: Status = Status.WAITING
     finish_reason: str | None = None
 
