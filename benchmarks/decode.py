@@ -1,6 +1,6 @@
 """Offline decode benchmark: our runtime against transformers `generate` on the same workload, in one run.
 
-    python -m benchmarks.decode                  # the issue's workload: default model, batch 1, 128 tokens, fp32 + bf16
+    python -m benchmarks.decode                  # default model, batch 1, 128 tokens, fp32 + bf16
     python -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --check-text
     python -m benchmarks.decode --model llama-2-7b --num-layers 2 --dtype bfloat16   # random weights, real shapes
 
@@ -168,18 +168,18 @@ def resolve_folder(args) -> tuple[Path, bool]:
 
 def run(args: argparse.Namespace) -> int:
     from models.config import load_config
-    from models.loader import parse_dtype
-    from models.tokenizer import TOKENIZER_FILES, Tokenizer
+    from models.loader import parse_dtype, resolve_device
+    from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
     from runtime import LLM, SamplingParams
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, random_weights = resolve_folder(args)
     config = load_config(folder)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
-    stop = set(config.eos_token_id) | (tokenizer.stop_token_ids if tokenizer else set())
+    stop = stop_token_ids(config, tokenizer)
     prompts = {b: make_prompts(args, tokenizer, config.vocab_size, b) for b in args.batch_sizes}
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
     info = machine_info()

@@ -6,19 +6,28 @@ and times it with `triton.testing.do_bench` (median; L2 flushed before each run)
 least number of bytes the kernel must move divided by its time, shown next to a device-to-device copy
 measured in the same run (bytes read + written). Prefill attention is also timed against torch's
 `scaled_dot_product_attention`. The table is printed and appended to benchmarks/RESULTS.md with the
-card's name. Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA device.
+GPU's name. Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA device.
 """
 
 from __future__ import annotations
 
-import datetime
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+from benchmarks.common import (
+    OUT_DIR,
+    RESULTS_MD,
+    append_results,
+    copy_bandwidth,
+    machine_info,
+    markdown_table,
+    write_outputs,
+)
+from kernels.testing import make_paged_cache
+from models.layers import alibi_slopes
+
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 2e-4}  # atol = rtol vs an fp32 reference
 DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -54,33 +63,6 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def copy_gbps(device: torch.device) -> float:
-    """Device-to-device copy of 1 GiB: (read + written bytes) / time."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() / ms / 1e6
-
-
-def paged_cache(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int, dtype, device):
-    """Random K/V caches with each sequence's blocks at shuffled physical ids; int32 block tables."""
-    blocks = [(n + block_size - 1) // block_size for n in seq_lens]
-    physical = torch.randperm(sum(blocks), device=device).to(torch.int32)
-    block_tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=device)
-    used = 0
-    for i, nb in enumerate(blocks):
-        block_tables[i, :nb] = physical[used:used + nb]
-        used += nb
-    shape = (sum(blocks), block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, dtype=dtype, device=device)
-    v_cache = torch.randn(shape, dtype=dtype, device=device)
-    return k_cache, v_cache, block_tables
-
-
-def alibi_slopes(num_heads: int, device) -> torch.Tensor:
-    return torch.tensor([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)], device=device)
-
-
 # -- the checks ---------------------------------------------------------------------------------------
 def check_store_kv(device, dtype, num_tokens=8192, num_kv_heads=32, head_dim=128, block_size=16) -> Row:
     from kernels import store_kv
@@ -88,7 +70,7 @@ def check_store_kv(device, dtype, num_tokens=8192, num_kv_heads=32, head_dim=128
 
     k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
     v = torch.randn_like(k)
-    k_cache, v_cache, block_tables = paged_cache([num_tokens], num_kv_heads, head_dim, block_size, dtype, device)
+    k_cache, v_cache, block_tables = make_paged_cache([num_tokens], num_kv_heads, head_dim, block_size, dtype, device)
     pos = torch.arange(num_tokens, device=device)
     slot_mapping = block_tables[0, pos // block_size].long() * block_size + pos % block_size
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -161,9 +143,9 @@ def check_decode(device, dtype, name, num_seqs, seq_lens, num_heads, num_kv_head
     from kernels.decode_attention import decode_attention_ref
 
     q = torch.randn(num_seqs, num_heads, head_dim, dtype=dtype, device=device)
-    k_cache, v_cache, block_tables = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
+    k_cache, v_cache, block_tables = make_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    slopes = alibi_slopes(num_heads, device) if alibi else None
+    slopes = alibi_slopes(num_heads).to(device) if alibi else None
     scale = head_dim ** -0.5
     out = decode_attention(q, k_cache, v_cache, block_tables, lens, scale, slopes)
     # the reference (which gathers whole caches) on the first few sequences only
@@ -214,11 +196,11 @@ def check_prefill_with_prefix(device, dtype, name, num_seqs, cached, new, num_he
     num_tokens = num_seqs * new
     q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device=device)
     k, v = (torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
-    k_cache, v_cache, block_tables = paged_cache([cached + new] * num_seqs, num_kv_heads, head_dim, block_size,
+    k_cache, v_cache, block_tables = make_paged_cache([cached + new] * num_seqs, num_kv_heads, head_dim, block_size,
                                                  dtype, device)
     cu = torch.arange(0, num_tokens + 1, new, dtype=torch.int32, device=device)
     lens = torch.full((num_seqs,), cached + new, dtype=torch.int32, device=device)
-    slopes = alibi_slopes(num_heads, device) if alibi else None
+    slopes = alibi_slopes(num_heads).to(device) if alibi else None
     scale = head_dim ** -0.5
     args = (q, k, v, cu, k_cache if cached else None, v_cache if cached else None,
             block_tables if cached else None, lens, scale, slopes)
@@ -261,15 +243,15 @@ def run_checks(device) -> list[Row]:
 
 
 def table(rows: list[Row], copy: float) -> str:
-    lines = ["| kernel | shape | dtype | max abs err | ok | median time | GB/s | % of copy | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    body = []
     for r in rows:
         gbps = r.bytes_moved / r.ms / 1e6 if r.bytes_moved is not None else None
-        bw = f"{gbps:.0f} | {100 * gbps / copy:.0f}%" if gbps is not None else "- | -"
         time = f"{r.ms * 1e3:.1f} us" if r.ms < 1 else f"{r.ms:.3f} ms"
-        lines.append(f"| {r.kernel} | {r.shape} | {DTYPE_NAME[r.dtype]} | {r.max_err:.2e} | "
-                     f"{'yes' if r.ok else 'FAIL'} | {time} | {bw} | {r.note} |")
-    return "\n".join(lines)
+        body.append([r.kernel, r.shape, DTYPE_NAME[r.dtype], f"{r.max_err:.2e}", "yes" if r.ok else "FAIL", time,
+                     "-" if gbps is None else f"{gbps:.0f}", "-" if gbps is None else f"{100 * gbps / copy:.0f}%",
+                     r.note])
+    return markdown_table(["kernel", "shape", "dtype", "max abs err", "ok", "median time", "GB/s", "% of copy",
+                           "note"], body)
 
 
 def main() -> int:
@@ -283,24 +265,23 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references in full precision
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name(device)
-    copy = copy_gbps(device)
+    copy = copy_bandwidth(device, mib=1024) / 1e9
     rows = run_checks(device)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    report = (f"## gpu_check: {name}, {stamp}\n\n"
-              f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}. "
-              f"Device-to-device copy: {copy:.0f} GB/s (bytes read + written). Times: median of "
-              f"triton.testing.do_bench, L2 flushed. GB/s: least bytes the kernel must move / time. "
-              f"Errors: max |triton - reference| (reference in fp32; SDPA for the no-prefix prefill).\n\n"
-              f"{table(rows, copy)}\n")
-    print(report)
-    with RESULTS_MD.open("a") as f:
-        f.write("\n" + report)
+    info = machine_info()
+    markdown = (f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}. "
+                f"Device-to-device copy: {copy:.0f} GB/s (bytes read + written). Times: median of "
+                f"triton.testing.do_bench, L2 flushed. GB/s: least bytes the kernel must move / time. "
+                f"Errors: max |triton - reference| (reference in fp32; SDPA for the no-prefix prefill).\n\n"
+                f"{table(rows, copy)}")
+    print(markdown)
+    write_outputs(OUT_DIR, "gpu_check", {"machine": info, "copy_gbps": copy, "rows": [vars(r) | {
+        "dtype": DTYPE_NAME[r.dtype]} for r in rows]}, markdown)
+    append_results(f"gpu_check: {info.get('gpu')}", markdown, info)
     failed = [r.kernel for r in rows if not r.ok]
     if failed:
         print(f"gpu_check: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
-    print(f"gpu_check: all {len(rows)} checks passed; results appended to {RESULTS_MD}")
+    print(f"gpu_check: all {len(rows)} checks passed; results in {OUT_DIR} and appended to {RESULTS_MD}")
     return 0
 
 

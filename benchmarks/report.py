@@ -27,7 +27,10 @@ def publish(report: dict[str, Any], markdown: str, plot: Callable[[dict[str, Any
 
 def new_figure(ncols: int, size: tuple[float, float]):
     """A headless matplotlib figure with `ncols` axes side by side: (plt, fig, axes)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the benchmark plots need matplotlib: pip install '.[bench]' (make bench does)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -40,7 +40,7 @@ WORDS = ("the of and to in is was for on that with as by at from his her an whic
          "see men work long here get both between life being under never day same another know while last").split()
 
 
-SERVER_COMMAND = [sys.executable, "-m", "server.cli", "serve"]  # what --launch runs
+SERVER_COMMAND = [sys.executable, "-m", "llmengine_cli", "serve"]  # what --launch runs
 
 
 @dataclass
@@ -285,7 +285,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     parser.add_argument("--target-ratio", type=float, default=6.0, help="aggregate vs single-stream tok/s goal")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--launch", action="store_true", help="start `python -m server.cli serve` and stop it after")
+    parser.add_argument("--launch", action="store_true", help="start `python -m llmengine_cli serve` and stop it after")
     parser.add_argument("--port", type=int, default=None, help="with --launch (default: a free port)")
     parser.add_argument("--server-args", default="", help="extra arguments for the launched server, one string")
     parser.add_argument("--launch-timeout", type=float, default=600.0)

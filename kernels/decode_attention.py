@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
-from kernels.prefill_attention import load_kv_tile, reference_dtype
+from kernels.prefill_attention import load_kv_tile, online_softmax_step, reference_dtype
 
 
 def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes=None):
@@ -89,12 +89,7 @@ def decode_attention_split_kernel(
         if HAS_ALIBI:
             s += slopes[:, None] * (k_pos - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]

@@ -7,8 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from kernels import decode_attention, prefill_attention, store_kv
+from models.config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, d]
+
+
+def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device | str) -> list[KVCache]:
+    """One zeroed (k_cache, v_cache) pair per layer, `[num_blocks, block_size, num_kv_heads, head_dim]` each."""
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_layers)]
 
 
 @dataclass

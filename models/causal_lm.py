@@ -8,12 +8,12 @@ from torch import nn
 
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
-from models.falcon import FalconBlock, falcon_slots
+from models.falcon import FalconBlock, falcon_targets
 from models.layers import LayerNorm, Linear, RMSNorm
-from models.llama import LlamaBlock, llama_slots
+from models.llama import LlamaBlock, llama_targets
 from models.packed_linear import pack, pack_linear, packed_linear
 from models.rope import RotaryEmbedding
-from models.weights import Slot
+from models.weights import ParamTarget
 
 
 class CausalLM(nn.Module):
@@ -48,8 +48,8 @@ class CausalLM(nn.Module):
         if self.lm_head is None:
             self.head_packed_index = pack(self.embed.weight.data, self)
 
-    def weight_slots(self) -> dict[str, Slot]:
-        return (falcon_slots if self.config.arch == "falcon" else llama_slots)(self, self.config)
+    def checkpoint_targets(self) -> dict[str, ParamTarget]:
+        return (falcon_targets if self.config.arch == "falcon" else llama_targets)(self, self.config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache] | None = None) -> torch.Tensor:

@@ -35,7 +35,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # llama q/k/v/o biases
     mlp_bias: bool = False  # llama gate/up/down biases
-    # Falcon graph flags (DESIGN.md 5)
+    # Falcon graph flags (docs/architecture.md, "Model variants")
     parallel_attn: bool = False
     new_decoder_architecture: bool = False
     num_ln_in_parallel_attn: int = 2

@@ -1,4 +1,4 @@
-"""Falcon decoder block in its three variants (DESIGN.md 5) and its checkpoint names.
+"""Falcon decoder block in its three variants (docs/architecture.md, "Model variants") and its checkpoint names.
 
 - falcon-7b: multi-query, parallel attention + MLP, one `input_layernorm`, RoPE, no biases.
 - falcon-40b/180B (`new_decoder_architecture`): grouped KV, parallel, `ln_attn` + `ln_mlp`
@@ -16,7 +16,7 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.layers import Attention, GeluMLP, LayerNorm
-from models.weights import Slot
+from models.weights import ParamTarget
 
 
 class FalconBlock(nn.Module):
@@ -63,26 +63,27 @@ def qkv_rows_to_blocks(w: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return torch.cat([q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)])
 
 
-def falcon_slots(model: nn.Module, config: ModelConfig) -> dict[str, Slot]:
+def falcon_targets(model: nn.Module, config: ModelConfig) -> dict[str, ParamTarget]:
     """HF checkpoint name -> where it lands."""
     kinds = ["weight", "bias"] if config.bias else ["weight"]
-    slots = {"transformer.word_embeddings.weight": Slot(model.embed.weight),
-             "transformer.ln_f.weight": Slot(model.norm.weight), "transformer.ln_f.bias": Slot(model.norm.bias)}
+    targets = {"transformer.word_embeddings.weight": ParamTarget(model.embed.weight),
+               "transformer.ln_f.weight": ParamTarget(model.norm.weight),
+               "transformer.ln_f.bias": ParamTarget(model.norm.bias)}
     if not config.tie_word_embeddings:
-        slots["lm_head.weight"] = Slot(model.lm_head.weight)
+        targets["lm_head.weight"] = ParamTarget(model.lm_head.weight)
     reorder = partial(qkv_rows_to_blocks, config=config)
     for i, block in enumerate(model.layers):
         pre = f"transformer.h.{i}."
         for kind in kinds:
-            slots[f"{pre}self_attention.query_key_value.{kind}"] = Slot(
+            targets[f"{pre}self_attention.query_key_value.{kind}"] = ParamTarget(
                 getattr(block.attn.qkv_proj, kind), transform=reorder)
-            slots[f"{pre}self_attention.dense.{kind}"] = Slot(getattr(block.attn.o_proj, kind))
-            slots[f"{pre}mlp.dense_h_to_4h.{kind}"] = Slot(getattr(block.mlp.up_proj, kind))
-            slots[f"{pre}mlp.dense_4h_to_h.{kind}"] = Slot(getattr(block.mlp.down_proj, kind))
+            targets[f"{pre}self_attention.dense.{kind}"] = ParamTarget(getattr(block.attn.o_proj, kind))
+            targets[f"{pre}mlp.dense_h_to_4h.{kind}"] = ParamTarget(getattr(block.mlp.up_proj, kind))
+            targets[f"{pre}mlp.dense_4h_to_h.{kind}"] = ParamTarget(getattr(block.mlp.down_proj, kind))
         norms = ["ln_attn", "ln_mlp"] if block.two_norms else ["input_layernorm"]
         if not block.two_norms and not block.parallel:
             norms.append("post_attention_layernorm")
         for name in norms:
             for kind in ("weight", "bias"):
-                slots[f"{pre}{name}.{kind}"] = Slot(getattr(getattr(block, name), kind))
-    return slots
+                targets[f"{pre}{name}.{kind}"] = ParamTarget(getattr(getattr(block, name), kind))
+    return targets

@@ -8,7 +8,7 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.layers import Attention, GatedMLP, RMSNorm
-from models.weights import Slot
+from models.weights import ParamTarget
 
 
 class LlamaBlock(nn.Module):
@@ -31,27 +31,28 @@ class LlamaBlock(nn.Module):
         return self.mlp(x), residual
 
 
-def llama_slots(model: nn.Module, config: ModelConfig) -> dict[str, Slot]:
+def llama_targets(model: nn.Module, config: ModelConfig) -> dict[str, ParamTarget]:
     """HF checkpoint name -> where it lands; q/k/v and gate/up go into row ranges of fused matrices."""
     q, kv, inter = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.intermediate_size
-    slots = {"model.embed_tokens.weight": Slot(model.embed.weight), "model.norm.weight": Slot(model.norm.weight)}
+    targets = {"model.embed_tokens.weight": ParamTarget(model.embed.weight),
+               "model.norm.weight": ParamTarget(model.norm.weight)}
     if not config.tie_word_embeddings:
-        slots["lm_head.weight"] = Slot(model.lm_head.weight)
+        targets["lm_head.weight"] = ParamTarget(model.lm_head.weight)
     for i, block in enumerate(model.layers):
         pre = f"model.layers.{i}."
         attn, mlp = block.attn, block.mlp
         kinds = ["weight", "bias"] if config.attention_bias else ["weight"]
         for kind in kinds:
             fused = getattr(attn.qkv_proj, kind)
-            slots[f"{pre}self_attn.q_proj.{kind}"] = Slot(fused, 0, q)
-            slots[f"{pre}self_attn.k_proj.{kind}"] = Slot(fused, q, kv)
-            slots[f"{pre}self_attn.v_proj.{kind}"] = Slot(fused, q + kv, kv)
-            slots[f"{pre}self_attn.o_proj.{kind}"] = Slot(getattr(attn.o_proj, kind))
+            targets[f"{pre}self_attn.q_proj.{kind}"] = ParamTarget(fused, 0, q)
+            targets[f"{pre}self_attn.k_proj.{kind}"] = ParamTarget(fused, q, kv)
+            targets[f"{pre}self_attn.v_proj.{kind}"] = ParamTarget(fused, q + kv, kv)
+            targets[f"{pre}self_attn.o_proj.{kind}"] = ParamTarget(getattr(attn.o_proj, kind))
         for kind in ["weight", "bias"] if config.mlp_bias else ["weight"]:
             fused = getattr(mlp.gate_up_proj, kind)
-            slots[f"{pre}mlp.gate_proj.{kind}"] = Slot(fused, 0, inter)
-            slots[f"{pre}mlp.up_proj.{kind}"] = Slot(fused, inter, inter)
-            slots[f"{pre}mlp.down_proj.{kind}"] = Slot(getattr(mlp.down_proj, kind))
-        slots[f"{pre}input_layernorm.weight"] = Slot(block.input_layernorm.weight)
-        slots[f"{pre}post_attention_layernorm.weight"] = Slot(block.post_attention_layernorm.weight)
-    return slots
+            targets[f"{pre}mlp.gate_proj.{kind}"] = ParamTarget(fused, 0, inter)
+            targets[f"{pre}mlp.up_proj.{kind}"] = ParamTarget(fused, inter, inter)
+            targets[f"{pre}mlp.down_proj.{kind}"] = ParamTarget(getattr(mlp.down_proj, kind))
+        targets[f"{pre}input_layernorm.weight"] = ParamTarget(block.input_layernorm.weight)
+        targets[f"{pre}post_attention_layernorm.weight"] = ParamTarget(block.post_attention_layernorm.weight)
+    return targets

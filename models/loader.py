@@ -32,6 +32,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"`: the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The shards listed by model.safetensors.index.json, else every *.safetensors file in the folder."""
     index = model_dir / "model.safetensors.index.json"
@@ -51,36 +58,36 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> None:
-    """Copy every checkpoint tensor into its slot; every slot must be filled exactly once."""
-    slots = model.weight_slots()
+    """Copy every checkpoint tensor into its target; every target must be filled exactly once."""
+    targets = model.checkpoint_targets()
     files = safetensors_files(model_dir)
     names = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             names.update({name: path for name in f.keys()})
-    unexpected = sorted(n for n in names if n not in slots and not IGNORED.search(n)
+    unexpected = sorted(n for n in names if n not in targets and not IGNORED.search(n)
                         and not (n == "lm_head.weight" and model.config.tie_word_embeddings))
     if unexpected:
         raise WeightsError(f"unexpected tensors in {model_dir}: {unexpected[:5]}"
                            f"{' ...' if len(unexpected) > 5 else ''} (does config.json match the weights?)")
-    missing = sorted(set(slots) - set(names))
+    missing = sorted(set(targets) - set(names))
     if missing:
         raise WeightsError(f"missing tensors in {model_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    bar = tqdm(total=len(slots), desc=f"loading {model_dir.name}", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(targets), desc=f"loading {model_dir.name}", unit="tensor", disable=not progress)
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                slot = slots.get(name)
-                if slot is None:
+                target = targets.get(name)
+                if target is None:
                     continue
                 tensor = f.get_tensor(name)
-                if slot.transform is not None:
-                    tensor = slot.transform(tensor)
-                target = slot.target()
-                if tuple(tensor.shape) != tuple(target.shape):
+                if target.transform is not None:
+                    tensor = target.transform(tensor)
+                dest = target.view()
+                if tuple(tensor.shape) != tuple(dest.shape):
                     raise WeightsError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
-                                       f"expected {tuple(target.shape)} from config.json")
-                target.copy_(tensor)
+                                       f"expected {tuple(dest.shape)} from config.json")
+                dest.copy_(tensor)
                 bar.update(1)
     bar.close()
 

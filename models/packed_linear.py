@@ -12,6 +12,7 @@ the tensor. Each entry is tied to the module that owns it and leaves the table w
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 
@@ -36,9 +37,18 @@ def _(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+@functools.cache
 def can_pack(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available() and \
-        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether oneDNN packs `dtype` weights on this CPU: fp32 wherever oneDNN is built in; bf16 only with
+    the instructions its bf16 path needs (AVX-512 BW/VL/DQ or AVX-NE-CONVERT), so it is tried once."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available() \
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        packed_product(torch.ones(1, 16, dtype=dtype), reorder(torch.ones(16, 16, dtype=dtype)))
+    except RuntimeError:  # "bf16 path needs the cpu support ..."
+        return False
+    return True
 
 
 def reorder(weight: torch.Tensor, rows: int = PACK_FOR_ROWS) -> torch.Tensor:

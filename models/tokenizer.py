@@ -20,6 +20,8 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from models.config import ModelConfig
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -178,3 +180,8 @@ def _compile_template(template: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
+
+
+def stop_token_ids(config: ModelConfig, tokenizer: Tokenizer | None) -> set[int]:
+    """The tokens that end a generation: config.json's eos ids, plus the tokenizer's when there is one."""
+    return set(config.eos_token_id) | (tokenizer.stop_token_ids if tokenizer is not None else set())

@@ -83,10 +83,18 @@ def models_dir() -> Path:
     return cache / "llmengine" / "models"
 
 
+def parse_model_arg(text: str) -> tuple[str, dict[str, Path]]:
+    """`NAME=PATH` -> (NAME, {NAME: PATH}); a plain zoo name or folder -> (it, {})."""
+    if "=" not in text:
+        return text, {}
+    name, path = (part.strip() for part in text.split("=", 1))
+    return name, {name: Path(path).expanduser()}
+
+
 def parse_mapping(text: str | None) -> dict[str, Path]:
     """`"a=/x,b=/y"` -> {"a": Path("/x"), "b": Path("/y")}."""
-    pairs = [item.split("=", 1) for item in (text or "").split(",") if "=" in item]
-    return {name.strip(): Path(path.strip()).expanduser() for name, path in pairs}
+    return {name: path for item in (text or "").split(",") if "=" in item
+            for name, path in parse_model_arg(item)[1].items()}
 
 
 def hf_cache_dirs() -> list[Path]:

@@ -27,14 +27,10 @@ logger = logging.getLogger("runtime")
 
 
 class AsyncEngine:
-    def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto",
-                 kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 name: str | None = None, compile: bool = False):
-        self.engine = Engine(model, dtype=dtype, device=device, kv_cache_gib=kv_cache_gib,
-                             gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
-                             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len, compile=compile)
+    def __init__(self, model: str | Path, *, name: str | None = None, **engine_kwargs):
+        """`engine_kwargs` are `Engine`'s keyword arguments; `name` is the served name (default: the
+        folder's or the zoo name)."""
+        self.engine = Engine(model, **engine_kwargs)
         self.name = name or (Path(model).name if Path(model).is_dir() else str(model))
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer

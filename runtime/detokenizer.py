@@ -2,7 +2,8 @@
 
 `IncrementalDetokenizer` decodes only a short window of ids per token (from `prefix_offset`), and holds
 text back while it ends in U+FFFD: a byte-level BPE token can carry half a UTF-8 character, which decodes
-to U+FFFD until the rest arrives (decoding one token at a time is what produced the seed's `â€™`).
+to U+FFFD until the rest arrives (decoding one token at a time gives the mojibake `â€™` that older LLM
+Engine docs show).
 The window starts a few prompt tokens back so that decoders which drop a leading space at the start of a
 slice (sentencepiece) still see the context.
 

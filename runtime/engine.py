@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from models.config import load_config
-from models.loader import DTYPES, load_model, parse_dtype
-from models.tokenizer import TOKENIZER_FILES, Tokenizer
+from models.loader import DTYPES, load_model, parse_dtype, resolve_device
+from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
 from runtime.detokenizer import TextStream
 from runtime.model_runner import ModelRunner
@@ -58,12 +58,6 @@ def resolve_model_dir(model: str | Path) -> Path:
     return Path(resolve_model(model))
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class Engine:
     def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto",
                  kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
@@ -84,7 +78,7 @@ class Engine:
         self.model = load_model(model_dir, self.dtype, self.device, progress=progress, config=config)
         has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
         self.tokenizer = Tokenizer.from_folder(model_dir) if has_tokenizer else None
-        self.stop_token_ids = set(config.eos_token_id) | (self.tokenizer.stop_token_ids if self.tokenizer else set())
+        self.stop_token_ids = stop_token_ids(config, self.tokenizer)
 
         # Room for one step's activations and logits, kept out of the GPU budget.
         element = self.model.embed.weight.element_size()
@@ -183,8 +177,7 @@ class Engine:
             return outputs
         self.counters["steps"] += 1
         try:
-            logits = self.runner.execute(batch)
-            sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == seq.num_tokens]
+            sampling, logits = self.runner.execute(batch)
             tokens, log_probs = self.sampler(logits, sampling) if sampling else ([], [])
         except Exception as e:  # the whole step failed: fail its requests, keep serving the others
             logger.exception("engine step failed; failing its %d requests", len(batch))

@@ -17,7 +17,9 @@ from runtime.params import SamplingParams
 
 
 @dataclass
-class Completion:
+class GenerationResult:
+    """One prompt's whole generation, as `LLM.generate` returns it."""
+
     request_id: str
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -35,7 +37,7 @@ class LLM:
         self.config = self.engine.config
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = True) -> list[Completion]:
+                 progress: bool = True) -> list[GenerationResult]:
         """One completion per prompt, in order. All requests are validated before any runs."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, list):
@@ -46,7 +48,7 @@ class LLM:
         base = engine.counters["requests_added"]
         seqs = [engine.make_sequence(prompt, p, f"offline-{base + i}")
                 for i, (prompt, p) in enumerate(zip(prompts, params))]
-        results = {seq.request_id: Completion(seq.request_id, log_probs=[] if seq.params.return_token_log_probs
+        results = {seq.request_id: GenerationResult(seq.request_id, log_probs=[] if seq.params.return_token_log_probs
                                               else None) for seq in seqs}
         for seq in seqs:
             engine.add(seq)

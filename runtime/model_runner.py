@@ -2,16 +2,16 @@
 
 For each scheduled (sequence, n) the step feeds the sequence's next n uncomputed tokens: their ids and
 positions packed one sequence after another, each token's cache slot, the sequence's block table and its
-length after the step (the AttentionMetadata contract of models/attention.py). It returns the fp32
-logits of the last fed token of each sequence that has then computed all its tokens (the ones that
-sample); a sequence still mid-prefill gives none.
+length after the step (the AttentionMetadata contract of models/attention.py). It returns the
+sequences that have then computed all their tokens (the ones that sample) and the fp32 logits of their
+last fed token; a sequence still mid-prefill gives none.
 """
 
 from __future__ import annotations
 
 import torch
 
-from models.attention import AttentionMetadata, KVCache
+from models.attention import AttentionMetadata, KVCache, allocate_kv_caches
 from models.causal_lm import CausalLM
 from runtime.sequence import Sequence
 
@@ -27,32 +27,31 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
-        c = model.config
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        self.kv_caches: list[KVCache] = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+        self.kv_caches: list[KVCache] = allocate_kv_caches(model.config, num_blocks, block_size, self.dtype,
+                                                           self.device)
 
-    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                   AttentionMetadata, list[int]]:
-        """input_ids, positions, metadata, and the indices (into the packed tokens) of the tokens that
-        sample."""
-        bs = self.block_size
+    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                                   list[Sequence], list[int]]:
+        """input_ids, positions, metadata, the sequences that sample and the indices (into the packed
+        tokens) of their last tokens."""
+        block_size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
         cu_seqlens = [0]
+        sampling: list[Sequence] = []
         sample_index: list[int] = []
         for seq, n in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids += seq.token_ids(start, end)
             positions += range(start, end)
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
             seq_lens.append(end)
             cu_seqlens.append(cu_seqlens[-1] + n)
             if end == seq.num_tokens:
+                sampling.append(seq)
                 sample_index.append(cu_seqlens[-1] - 1)
         width = max(len(seq.block_table) for seq, _ in batch)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
@@ -68,12 +67,12 @@ class ModelRunner:
             max_seqlen_q=max(n for _, n in batch),
             is_decode=all(n == 1 for _, n in batch),
         )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_index
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sampling, sample_index
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Run the step; fp32 logits `[num_sampling_seqs, vocab]` in batch order."""
-        input_ids, positions, meta, sample_index = self.prepare(batch)
+    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Run the step: the sequences that sample, in batch order, and their fp32 logits `[len, vocab]`."""
+        input_ids, positions, meta, sampling, sample_index = self.prepare(batch)
         forward = self.model.forward
         if meta.is_decode:
             forward = self.decode_forward
@@ -85,6 +84,6 @@ class ModelRunner:
                 torch._dynamo.maybe_mark_dynamic(meta.block_tables, 0)
         hidden = forward(input_ids, positions, meta, self.kv_caches)
         if not sample_index:
-            return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
+            return sampling, torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
         last = torch.tensor(sample_index, dtype=torch.int64).to(self.device)
-        return self.model.compute_logits(hidden[last]).float()
+        return sampling, self.model.compute_logits(hidden[last]).float()

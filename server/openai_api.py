@@ -6,7 +6,6 @@ log prob is returned (`top_logprobs` is null)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,14 +16,11 @@ from fastapi.responses import JSONResponse, Response
 from server.errors import ApiError, ClientGone, GenerationError
 from server.generation import Job, token_entries
 from server.schemas import OpenAICompletionRequest, openai_prompt, parse_body, sampling_params_openai
-from server.state import ServerState, open_stream
+from server.sse import CLIENT_CLOSED, open_stream, sse
+from server.state import ServedEngine, ServerState
 
 PATHS = ("/v1/completions", "/v1/models")
 DONE = b"data: [DONE]\n\n"
-
-
-def _frame(payload: dict) -> bytes:
-    return f"data: {json.dumps(payload)}\n\n".encode()
 
 
 class _LogProbs:
@@ -75,14 +71,14 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             frames = _stream(job, head, want_log_probs, include_usage)
-            return await open_stream(job, state, frames) or Response(status_code=499)
+            return await open_stream(job, state, frames) or Response(status_code=CLIENT_CLOSED)
         log_probs, text = _LogProbs(), []
         try:
             async for out in job.outputs():
                 text.append(out.text)
                 log_probs.add(out)
         except ClientGone:
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_CLOSED)
         except GenerationError as e:
             raise ApiError(e.status, e.message) from None
         finally:
@@ -92,7 +88,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse({**head, "choices": [choice], "usage": _usage(job), "system_fingerprint": None})
 
 
-def _model(name: str, engine: Any) -> dict:
+def _model(name: str, engine: ServedEngine) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "llmengine",
             "max_model_len": engine.max_model_len}
 
@@ -107,14 +103,14 @@ async def _stream(job: Job, head: dict, want_log_probs: bool, include_usage: boo
                 continue
             choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
                       "logprobs": log_probs.since(start) if want_log_probs else None}
-            yield _frame({**head, "choices": [choice]})
+            yield sse({**head, "choices": [choice]})
             sent = True
         if include_usage:
-            yield _frame({**head, "choices": [], "usage": _usage(job)})
+            yield sse({**head, "choices": [], "usage": _usage(job)})
     except ClientGone:
         return
     except GenerationError as e:
         if not sent:
             raise
-        yield _frame({"error": {"message": e.message, "type": "server_error", "code": e.status}})
+        yield sse({"error": {"message": e.message, "type": "server_error", "code": e.status}})
     yield DONE

@@ -1,8 +1,9 @@
 """Request bodies of the two APIs, their parsing, and their translation into the runtime's SamplingParams.
 
-Policy for bad bodies (DESIGN.md 4): malformed JSON, a body that is not an object, a missing field or a
-field of the wrong type are all 400 with a one-line `detail` naming the field (never FastAPI's 422: the
-official client maps 400 to BadRequestError, but 422 only to UnknownError). Unknown fields are ignored.
+Policy for bad bodies (docs/architecture.md, "Wire protocol"): malformed JSON, a body that is not an
+object, a missing field or a field of the wrong type are all 400 with a one-line `detail` naming the field
+(never FastAPI's 422: the official client maps 400 to BadRequestError, but 422 only to UnknownError). Unknown
+fields are ignored.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class OpenAICompletionRequest(_Body):
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    ignore_eos: bool | None = False  # vLLM's extension, as on the LLM Engine route
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
@@ -99,8 +101,9 @@ def _runtime_params(**kwargs: Any) -> SamplingParams:
 
 
 def sampling_params_v1(req: CompletionV1Request) -> SamplingParams:
-    """The LLM Engine rules (DESIGN.md 4), stricter than the runtime's: temperature and penalties as the
-    official client bounds them, no guided decoding yet, and no top_k/top_p alongside greedy decoding."""
+    """The LLM Engine rules (docs/architecture.md, "Wire protocol"), stricter than the runtime's: temperature
+    and penalties as the official client bounds them, no guided decoding yet, and no top_k/top_p alongside
+    greedy decoding."""
     for field in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
         if getattr(req, field) is not None:
             raise bad_request(f"{field} is not supported yet: guided decoding is not implemented")
@@ -153,4 +156,4 @@ def sampling_params_openai(req: OpenAICompletionRequest) -> SamplingParams:
         max_new_tokens=max_tokens, temperature=t,
         top_p=1.0 if req.top_p is None or t == 0 else req.top_p,  # greedy ignores top_p, as OpenAI does
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-        seed=req.seed, stop_sequences=stop, return_token_log_probs=lp is not None)
+        seed=req.seed, stop_sequences=stop, return_token_log_probs=lp is not None, ignore_eos=bool(req.ignore_eos))

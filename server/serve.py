@@ -19,9 +19,9 @@ from typing import Any
 
 import uvicorn
 
+from models.zoo import DEFAULT_MODEL, parse_model_arg
 from server.app import create_app
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 GRACE_SECONDS = 10.0
 
 
@@ -61,9 +61,9 @@ def model_specs(args: list[str]) -> list[tuple[str, str, dict[str, Path]]]:
     """`--model` values -> (served name, what to resolve, NAME=PATH mapping)."""
     specs = []
     for text in args or [DEFAULT_MODEL]:
-        if "=" in text:
-            name, path = text.split("=", 1)
-            specs.append((name, name, {name: Path(path).expanduser()}))
+        name, mapping = parse_model_arg(text)
+        if mapping:
+            specs.append((name, name, mapping))
         else:
             served = Path(text).name if Path(text).expanduser().is_dir() else text
             specs.append((served, text, {}))

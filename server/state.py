@@ -1,5 +1,5 @@
 """What the app holds between requests: the engines, readiness, admission (the queue limit) and the
-jobs in flight, which shutdown drains."""
+jobs in flight, which shutdown drains; and `ServedEngine`, what the server needs from an engine."""
 
 from __future__ import annotations
 
@@ -7,24 +7,47 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Request
-from starlette.responses import StreamingResponse
 
-from server.errors import ApiError, GenerationError
+from runtime import RequestOutput, SamplingParams
+from server.errors import ApiError
 from server.generation import SHUTDOWN_ERROR, Job
 from server.metrics import Metrics
 
 log = logging.getLogger("llmengine.server")
 
-EngineSource = dict[str, Any] | Callable[[], dict[str, Any]]
+
+class ServedEngine(Protocol):
+    """What the server needs from an engine: runtime.AsyncEngine, or the tests' fake engine."""
+
+    name: str
+    max_model_len: int
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate now (ValueError naming what is wrong; RuntimeError once shut down), then stream deltas."""
+        ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for /metrics: blocks_used, blocks_free, num_waiting, num_running, ..."""
+        ...
+
+
+EngineSource = dict[str, ServedEngine] | Callable[[], dict[str, ServedEngine]]
 
 
 class ServerState:
     def __init__(self, source: EngineSource, *, max_queue: int) -> None:
         self.source = source
-        self.engines: dict[str, Any] = {}
+        self.engines: dict[str, ServedEngine] = {}
         self.ready = False
         self.load_error: str | None = None
         self.draining = False
@@ -54,7 +77,7 @@ class ServerState:
             raise ApiError(503, "the models are still loading" if not self.load_error
                            else f"the models failed to load: {self.load_error}")
 
-    def engine(self, name: str | None) -> Any:
+    def engine(self, name: str | None) -> ServedEngine:
         """The engine serving `name`, or ApiError (503 still loading, 400 no name, 404 unknown)."""
         self.require_ready()
         if not name:
@@ -64,7 +87,7 @@ class ServerState:
         return self.engines[name]
 
     # ---- admission and jobs --------------------------------------------------------------------------------
-    def start_job(self, request: Request, model: str, prompt: str | list[int], params: Any) -> Job:
+    def start_job(self, request: Request, model: str, prompt: str | list[int], params: SamplingParams) -> Job:
         """Admit a request (or 429/503 at once) and hand it to the engine; the caller must `finish_job`."""
         engine = self.engines[model]
         if self.draining:
@@ -101,51 +124,3 @@ class ServerState:
         deadline = time.monotonic() + 2.0
         while self.jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events from an async iterator of ready-made `data: ...\\n\\n` frames. Unlike Starlette's,
-    it never reads `receive` (the job's watcher does) and always runs `on_close`, however the stream ends."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, frames: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(frames, headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        try:
-            await self.stream_response(send)
-        except OSError:
-            pass  # the client went away mid-send: the job is closed below
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                self.on_close()
-
-
-async def open_stream(job: Job, state: ServerState, frames: AsyncIterator[bytes]) -> EventStream | None:
-    """Wait for the first frame before sending headers, so a request that fails before producing anything
-    gets a real status code (raised as ApiError); None when the client left first."""
-    try:
-        first = await frames.__anext__()
-    except GenerationError as e:
-        state.finish_job(job)
-        raise ApiError(e.status, e.message) from None
-    except StopAsyncIteration:  # the client left before the first frame
-        state.finish_job(job)
-        return None
-    except BaseException:
-        state.finish_job(job)
-        raise
-
-    async def all_frames() -> AsyncIterator[bytes]:
-        try:
-            yield first
-            async for frame in frames:
-                yield frame
-        finally:
-            await frames.aclose()
-
-    return EventStream(all_frames(), lambda: state.finish_job(job))

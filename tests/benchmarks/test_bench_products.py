@@ -10,6 +10,7 @@ import torch
 from benchmarks import cli, products
 
 
+@pytest.mark.slow
 def test_products_benchmark_end_to_end(tmp_path, capsys):
     rc = cli.main(["products", "--model", "smollm2-135m-instruct", "--num-layers", "2", "--rows", "1", "3",
                    "--repeats", "2",

@@ -45,6 +45,7 @@ def test_make_requests_lengths_and_determinism():
 
 
 @pytest.mark.parametrize("api", ["llm", "openai"])
+@pytest.mark.slow
 def test_serving_benchmark_end_to_end(tmp_path, api):
     with FakeServer() as fake:
         rc = serving.main(["--base-url", fake.url, "--model", "fake", "--api", api, "--concurrency", "1", "4",
@@ -93,6 +94,7 @@ def test_serving_benchmark_poisson_rate(tmp_path):
     assert all(r["vs_single_stream"] is None for r in runs)
 
 
+@pytest.mark.slow
 def test_serving_benchmark_launches_and_stops_the_server(tmp_path, monkeypatch):
     monkeypatch.setattr(serving, "SERVER_COMMAND", [sys.executable, str(Path(__file__).parent / "fake_sse_server.py")])
     launched = []

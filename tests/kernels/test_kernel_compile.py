@@ -12,6 +12,8 @@ import sys
 import pytest
 from kernel_aot import DOT_KERNELS, cases
 
+pytestmark = pytest.mark.slow  # ahead-of-time compiles for sm_80/sm_90
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_aot.py")
 CASES = cases()

@@ -3,9 +3,10 @@
 
 import pytest
 import torch
-from kernel_testing import ATTN_TOL, DTYPES, alibi_slopes, assert_close, make_paged_cache, randn
+from kernel_testing import ATTN_TOL, DTYPES, alibi_slopes, assert_close, randn
 
 from kernels.decode_attention import decode_attention_ref, decode_attention_triton
+from kernels.testing import make_paged_cache
 
 CASES = {
     # name: dtype, num_heads, num_kv_heads, head_dim, block_size, seq_lens, num_splits, alibi

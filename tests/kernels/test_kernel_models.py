@@ -11,7 +11,7 @@ import torch
 from models.attention import AttentionMetadata
 from models.causal_lm import CausalLM
 from models.config import parse_config
-from models.generate import generate
+from tests.reference_generate import generate
 
 CONFIGS = {
     "llama-gqa": dict(architectures=["LlamaForCausalLM"], vocab_size=96, hidden_size=256, intermediate_size=128,

@@ -4,9 +4,10 @@ tile and cache-block boundaries."""
 
 import pytest
 import torch
-from kernel_testing import ATTN_TOL, DTYPES, alibi_slopes, assert_close, make_paged_cache, randn
+from kernel_testing import ATTN_TOL, DTYPES, alibi_slopes, assert_close, randn
 
 from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+from kernels.testing import make_paged_cache
 
 CASES = {
     # name: dtype, num_heads, num_kv_heads, head_dim, block_size, q_lens, cached_lens (None: no cache), alibi

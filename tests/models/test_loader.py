@@ -115,8 +115,10 @@ def test_packed_cpu_weights_give_the_same_logits(tiny_dir, dtype, tolerance):
     import gc
 
     from models.attention import AttentionMetadata
-    from models.packed_linear import PACKED
+    from models.packed_linear import PACKED, can_pack
 
+    if not can_pack(dtype):  # oneDNN's bf16 path needs AVX-512 (or AVX-NE-CONVERT); dense weights are used then
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
     before = len(PACKED)
     packed = load_model(tiny_dir, dtype=dtype, progress=False)
     assert packed.layers[0].attn.qkv_proj.packed_index is not None and packed.head_packed_index is not None

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from models.attention import AttentionMetadata
-from models.generate import generate
 from models.loader import load_model
 from tests.models.tiny import VARIANTS, make_hf_model
+from tests.reference_generate import generate
 
 PROMPT_LENGTHS = [5, 9, 1, 13, 16, 17]
 

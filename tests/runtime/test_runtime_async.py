@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from models.generate import generate
 from runtime import AsyncEngine, RequestOutput, SamplingParams
+from tests.reference_generate import generate
 
 
 async def collect(stream) -> list[RequestOutput]:

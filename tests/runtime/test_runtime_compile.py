@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from runtime import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow  # torch.compile
 
 
 def test_compiled_decode_equals_eager(tiny_dir, tmp_path, monkeypatch):

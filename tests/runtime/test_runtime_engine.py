@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from models.generate import generate
 from runtime import LLM, SamplingParams
+from tests.reference_generate import generate
 
 PROMPTS = [
     "Hi", "Suggest a name for an icecream shop", "The capital of France is", "1, 2, 3, 4,",
@@ -22,7 +22,7 @@ PROMPTS = [
 def test_default_model_known_greedy_answer(default_llm):
     out = default_llm.generate(["Suggest a name for an icecream shop"], SamplingParams(max_new_tokens=16),
                                progress=False)[0]
-    # transformers' greedy fp32 continuation (DESIGN.md 5), then eos
+    # transformers' greedy fp32 continuation (docs/architecture.md), then eos
     assert out.text == " that's both unique and accessible to a wide range of customers."
     assert out.finish_reason == "stop" and out.token_ids[-1] == 2 and out.num_completion_tokens == 14
 
@@ -116,7 +116,7 @@ def test_tiny_models_batch_of_16_equals_solo_and_reference(tiny_dir, variant):
     batch = llm.generate(prompts, params, progress=False)
     for prompt, out in zip(prompts, batch):
         solo = llm.generate([prompt], params, progress=False)[0]
-        reference = generate(llm.engine.model, [prompt], 12)[0]  # models/generate.py's plain loop
+        reference = generate(llm.engine.model, [prompt], 12)[0]  # the reference loop of tests/reference_generate.py
         assert out.token_ids == solo.token_ids == reference
         assert out.text == "" and out.finish_reason == "length"
     assert llm.engine.block_manager.num_used == 0

@@ -1,6 +1,6 @@
 """A FAKE LLM Engine server, for testing the SDK only: canned outputs, no model.
 
-It speaks the wire protocol of DESIGN.md section 4 (routes, bodies, SSE chunks, error shapes) and
+It speaks the wire protocol of docs/architecture.md (routes, bodies, SSE chunks, error shapes) and
 records every request it sees. The model name picks the behaviour:
 
 - ``echo``: a deterministic completion made of ``PIECES`` (at most ``max_new_tokens`` of them);

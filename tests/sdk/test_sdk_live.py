@@ -1,6 +1,7 @@
-"""The seed document's examples, run against the live server with only the model name changed.
+"""The examples of the LLM Engine Completion docs (an older edition), run against the live server with only
+the model name changed.
 
-../shared/seeds/000_3b5a19cc1b8ceb84.txt: basic sync call, several temperatures, the response format,
+Those examples: basic sync call, several temperatures, the response format,
 sync streaming, async, async streaming. Plus: greedy streamed text equals sync text, and errors from the
 real server map to the SDK's typed exceptions.
 """

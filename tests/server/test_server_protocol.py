@@ -1,4 +1,4 @@
-"""The wire protocol of DESIGN.md 4 against the real runtime serving the default model, and every bad input
+"""The wire protocol of docs/architecture.md against the real runtime serving the default model, and every bad input
 getting its status while the server keeps serving."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_sync_stream_and_log_probs(llm_server):
     assert uuid.UUID(sync["request_id"]).version == 4
     out = sync["output"]
     assert set(out) == {"text", "num_prompt_tokens", "num_completion_tokens", "tokens"}
-    assert out["text"].startswith(" that's both")  # DESIGN.md 5: what transformers continues, greedy
+    assert out["text"].startswith(" that's both")  # what transformers continues, greedy
     assert out["num_completion_tokens"] == 6 and out["num_prompt_tokens"] > 0
     assert len(out["tokens"]) == 6 and "".join(t["token"] for t in out["tokens"]) == out["text"]
     assert all(isinstance(t["log_prob"], float) and t["log_prob"] <= 0 for t in out["tokens"])

@@ -64,6 +64,7 @@ def start_serve(args: list[str], env: dict) -> tuple[subprocess.Popen, list[str]
     return proc, lines
 
 
+@pytest.mark.slow
 def test_serve_two_models_with_key_from_env(tmp_path):
     folder = write_tiny_llama(tmp_path / "tiny")
     port, key = free_port(), "env-key-1"
@@ -93,6 +94,7 @@ def test_serve_two_models_with_key_from_env(tmp_path):
     assert code == 0, "".join(lines)
 
 
+@pytest.mark.slow
 def test_serve_exits_with_an_error_for_a_missing_model(tmp_path):
     env = {**os.environ, "LLMENGINE_MODELS_DIR": str(tmp_path)}
     proc, lines = start_serve(["--model", f"ghost={tmp_path / 'nothing-here'}", "--port", str(free_port())], env)

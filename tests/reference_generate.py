@@ -1,4 +1,5 @@
-"""A plain generate loop over the paged-KV forward pass: the runtime's scheduler does this properly.
+"""The tests' reference generate loop over the paged-KV forward pass, with no scheduler: the runtime's
+engine does this properly (and `llmengine generate` runs through it).
 
 Each sequence owns a fixed run of cache blocks; step one prefills all prompts packed together, then every
 step decodes one token per unfinished sequence.
@@ -8,16 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from models.attention import AttentionMetadata, KVCache
+from models.attention import AttentionMetadata, allocate_kv_caches
 from models.causal_lm import CausalLM
-
-
-def allocate_kv_caches(model: CausalLM, num_blocks: int, block_size: int) -> list[KVCache]:
-    c = model.config
-    dtype, device = model.embed.weight.dtype, model.embed.weight.device
-    shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(c.num_layers)]
 
 
 def _slots(block_tables: torch.Tensor, seq: int, positions: range, block_size: int) -> list[int]:
@@ -32,7 +25,8 @@ def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, tem
     device = model.embed.weight.device
     stop = stop_token_ids or set()
     blocks_per_seq = -(-(max(map(len, prompts)) + max_new_tokens) // block_size)
-    kv_caches = allocate_kv_caches(model, blocks_per_seq * len(prompts), block_size)
+    kv_caches = allocate_kv_caches(model.config, blocks_per_seq * len(prompts), block_size, model.embed.weight.dtype,
+                                   device)
     block_tables = torch.arange(blocks_per_seq * len(prompts), dtype=torch.int32).view(len(prompts), -1)
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))

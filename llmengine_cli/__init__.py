@@ -1,4 +1,8 @@
-"""The `llmengine` command: serve, generate, models, convert, bench."""
+"""The `llmengine` command: serve, generate, models, convert, bench.
+
+The one module that may import every layer: the server (serve), the runtime (generate), the models
+(models, convert) and the benchmarks (bench). See docs/architecture.md.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +10,32 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def split_model_arg(text: str) -> tuple[str, dict[str, Path]]:
-    """`NAME=PATH` -> (NAME, {NAME: PATH}); a plain name or path -> (it, {})."""
-    if "=" in text:
-        name, path = text.split("=", 1)
-        return name, {name: Path(path).expanduser()}
-    return text, {}
+from benchmarks.cli import add_bench_args, run_bench
+from server.serve import add_serve_args, run_serve
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from models.zoo import parse_model_arg, resolve_model
+    from runtime import LLM, SamplingParams
 
-    from models.generate import generate
-    from models.loader import load_model
-    from models.tokenizer import Tokenizer
-    from models.zoo import resolve_model
-
-    name, mapping = split_model_arg(args.model)
-    folder = resolve_model(name, mapping)
-    tokenizer = Tokenizer.from_folder(folder)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(folder, dtype="float32" if args.dtype == "auto" else args.dtype, device=device)
-    prompt = args.prompt
+    name, mapping = parse_model_arg(args.model)
+    llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, progress=True)
+    prompt: str | list[int] = args.prompt
     if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=not args.chat)
-    generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
-    stop = set(tokenizer.stop_token_ids) | set(model.config.eos_token_id)
-    [out] = generate(model, [prompt_ids], args.max_new_tokens, args.temperature, stop, generator=generator)
-    if out and out[-1] in stop:
-        out = out[:-1]
-    print(tokenizer.decode(out, skip_special_tokens=True))
+        text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompt = llm.tokenizer.encode(text, add_special_tokens=False)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    [result] = llm.generate([prompt], params, progress=False)
+    if result.error:
+        raise RuntimeError(result.error)
+    print(result.text)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from models.zoo import list_models
+    from models.zoo import list_models, parse_model_arg
 
-    mapping = dict(item for m in args.model for item in split_model_arg(m)[1].items())
+    mapping = dict(item for m in args.model for item in parse_model_arg(m)[1].items())
     for name, folder in list_models(mapping):
         print(f"{name:28s} {'available' if folder else 'absent':10s} {folder or ''}")
     return 0
@@ -68,13 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from server.serve import add_serve_args, run_serve
-
     serve = sub.add_parser("serve", help="serve models over HTTP (LLM Engine and OpenAI-compatible APIs)")
     add_serve_args(serve)
     serve.set_defaults(func=run_serve)
-
-    from benchmarks.cli import add_bench_args, run_bench
 
     bench = sub.add_parser("bench", help="decode-speed and serving benchmarks (JSON, Markdown, PNG)")
     add_bench_args(bench)
@@ -107,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (LookupError, ValueError, FileNotFoundError) as exc:
+    except (LookupError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"llmengine {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
