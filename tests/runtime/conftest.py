@@ -26,9 +26,10 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def default_llm(default_model_dir: Path) -> LLM:
-    """The default model in fp32 on CPU with a small cache; tests share it (it holds no state between
-    generate calls)."""
-    return LLM(default_model_dir, device="cpu", kv_cache_gib=0.25, max_num_batched_tokens=512)
+    """The default model in fp32 on CPU with a small cache; tests share it. Prefix caching is off, so it
+    holds no state between generate calls (and chunked-prefill tests compute what they mean to)."""
+    return LLM(default_model_dir, device="cpu", kv_cache_gib=0.25, max_num_batched_tokens=512,
+               enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="session")
