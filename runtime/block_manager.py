@@ -191,6 +191,9 @@ class BlockManager:
                 self._release(block)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
+    def reset_stats(self) -> None:
+        self.num_queried_tokens = self.num_hit_tokens = 0
+
     def stats(self) -> dict[str, int]:
         return {"prefix_cache_queries": self.num_queried_tokens, "prefix_cache_hits": self.num_hit_tokens,
                 "blocks_cached": len(self.evictable)}

@@ -99,6 +99,7 @@ class Engine:
         if compile:
             self.warm_up()
             self.counters = Counter({key: 0 for key in COUNTERS})
+            self.block_manager.reset_stats()
 
     # -- requests -------------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,

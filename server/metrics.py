@@ -6,13 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0, 10.0, 30.0)
 
 
 class _EngineCollector:
-    """Reads each engine's stats() at scrape time: KV blocks used and free, requests waiting and running."""
+    """Reads each engine's stats() at scrape time: KV blocks used, free and cached, requests waiting and
+    running, and the prefix cache's queried and hit tokens with their ratio."""
 
     def __init__(self, engines: Callable[[], dict[str, Any]]) -> None:
         self._engines = engines
@@ -25,13 +26,25 @@ class _EngineCollector:
                                              labels=["model"]),
             "num_running": GaugeMetricFamily("llmengine_running_requests", "requests in the running batch",
                                              labels=["model"]),
+            "blocks_cached": GaugeMetricFamily("llmengine_kv_blocks_cached",
+                                               "free KV-cache blocks still holding a cached prefix", labels=["model"]),
+            "prefix_cache_queries": CounterMetricFamily("llmengine_prefix_cache_queried_tokens",
+                                                        "prompt tokens looked up in the prefix cache",
+                                                        labels=["model"]),
+            "prefix_cache_hits": CounterMetricFamily("llmengine_prefix_cache_hit_tokens",
+                                                     "prompt tokens reused from the prefix cache", labels=["model"]),
         }
+        hit_rate = GaugeMetricFamily("llmengine_prefix_cache_hit_rate",
+                                     "prefix-cache hit tokens / queried tokens since start", labels=["model"])
         for name, engine in self._engines().items():
             stats = engine.stats()
             for key, family in families.items():
                 if key in stats:
                     family.add_metric([name], float(stats[key]))
+            if stats.get("prefix_cache_queries"):
+                hit_rate.add_metric([name], stats["prefix_cache_hits"] / stats["prefix_cache_queries"])
         yield from families.values()
+        yield hit_rate
 
 
 class Metrics:

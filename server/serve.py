@@ -53,6 +53,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="require this key on every route but health (default: $LLMENGINE_API_KEY; none = open)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests in flight (waiting + running) beyond which new ones get 429")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="recompute every prompt (default: reuse the KV of prompt prefixes seen before)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster decoding on CPU; ~1 min to start the first time)")
 
@@ -107,7 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
             folder = resolve_model(ref, mapping)
             sys.stderr.write(f"llmengine: loading {name} from {folder}\n")  # one write: log lines interleave
             engines[name] = AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name,
-                                        compile=args.compile)
+                                        compile=args.compile, enable_prefix_caching=args.prefix_caching)
         return engines
 
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
