@@ -12,6 +12,9 @@ import os
 from urllib.parse import urljoin
 
 DEFAULT_BASE_PATH = "http://127.0.0.1:5005/"
+# Seconds, as the current official client waits: 300 for a completion (a long generation on a busy server
+# takes minutes), 10 for everything else (listing and describing model endpoints).
+COMPLETION_TIMEOUT: float = 300
 DEFAULT_TIMEOUT: float = 10
 
 _base_path: str | None = None

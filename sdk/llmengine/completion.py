@@ -8,7 +8,7 @@ from typing import Any
 import pydantic
 
 from . import http_client
-from .api_engine import DEFAULT_TIMEOUT
+from .api_engine import COMPLETION_TIMEOUT
 from .data_types import CompletionStreamV1Response, CompletionSyncV1Response
 from .errors import ResponseFormatError
 from .params import check_timeout, completion_body, resolve_model
@@ -53,7 +53,8 @@ class Completion:
         presence_penalty, frequency_penalty: in [0, 2].
         top_k: >= 1, or -1 for all tokens.  top_p: in (0, 1].
         include_stop_str_in_output: keep the matched stop sequence in the text.
-        timeout: seconds to wait for the server (for a stream, between chunks); None waits forever.
+        timeout: seconds to wait for the server (for a stream, between chunks); default 300, as the
+            current official client; None waits forever.
         stream: stream the completion as it is generated.
         request_headers: extra HTTP headers for this request.
     """
@@ -73,7 +74,7 @@ class Completion:
         top_p: float | None = None,
         include_stop_str_in_output: bool | None = None,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        timeout: float | None = COMPLETION_TIMEOUT,
         stream: bool = False,
         request_headers: dict[str, str] | None = None,
         model_name: str | None = None,
@@ -105,7 +106,7 @@ class Completion:
         top_p: float | None = None,
         include_stop_str_in_output: bool | None = None,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        timeout: float | None = COMPLETION_TIMEOUT,
         stream: bool = False,
         request_headers: dict[str, str] | None = None,
         model_name: str | None = None,

@@ -176,3 +176,20 @@ def test_error_hierarchy():
         assert issubclass(cls, APIError) and issubclass(cls, LLMEngineError)
     for cls in (APIConnectionError, APITimeoutError, ValidationError):
         assert issubclass(cls, LLMEngineError)
+
+
+def test_default_timeouts_are_the_official_clients(fake, monkeypatch):
+    """Completions wait 300 s by default (a long generation on a busy server takes minutes), as the current
+    official client does; listing and describing endpoints wait 10 s."""
+    from llmengine import http_client
+
+    seen: list[float | None] = []
+    options = http_client._client_options
+    monkeypatch.setattr(http_client, "_client_options", lambda timeout: seen.append(timeout) or options(timeout))
+
+    Completion.create(model="echo", prompt="p")
+    list(Completion.create(model="echo", prompt="p", stream=True))
+    asyncio.run(Completion.acreate(model="echo", prompt="p"))
+    Model.list()
+    assert seen == [300, 300, 300, 10]
+    assert api_engine.COMPLETION_TIMEOUT == 300 and api_engine.DEFAULT_TIMEOUT == 10
