@@ -283,7 +283,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="send ignore_eos (servers that do not know it ignore it; actual tokens are reported)")
     parser.add_argument("--warmup", type=int, default=1, help="short requests sent before the runs")
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
-    parser.add_argument("--target-ratio", type=float, default=6.0, help="aggregate vs single-stream tok/s goal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--launch", action="store_true", help="start `python -m llmengine_cli serve` and stop it after")
     parser.add_argument("--port", type=int, default=None, help="with --launch (default: a free port)")

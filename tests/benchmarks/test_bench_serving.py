@@ -66,6 +66,8 @@ def test_serving_benchmark_end_to_end(tmp_path, api):
     assert four["vs_single_stream"] > 1.5  # the fake serves streams in parallel
     md = (tmp_path / "serving.md").read_text()
     assert "| concurrency |" in md and "single stream" in md
+    assert "target" not in md.lower() and "met" not in md.split()  # figures only: targets live in RESULTS.md
+    assert "target_ratio" not in report
     assert (tmp_path / "serving.png").stat().st_size > 1000
 
 
