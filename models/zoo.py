@@ -107,8 +107,36 @@ def hf_cache_dirs() -> list[Path]:
     return dirs
 
 
+# Pickled checkpoints (torch.save): running them can run any code, so they are recognised by name, never opened.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
 def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def folder_problem(path: Path) -> str:
+    """Why `path` (an existing folder or file) is not a model folder, and what to do about it; one sentence."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return (f"{path} is a GGUF file, not a model folder: import it first with "
+                    f"`llmengine convert {path} OUT_DIR`, then serve OUT_DIR")
+        return f"{path} is a file, not a model folder (config.json + *.safetensors + tokenizer files)"
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if not any(path.glob("*.safetensors")) and pickles:
+        return (f"{path} holds pickle weights ({', '.join(pickles[:4])}{', ...' if len(pickles) > 4 else ''}), "
+                "which are never opened here (unpickling can run arbitrary code): weights load only from "
+                "safetensors or GGUF. Convert them to safetensors elsewhere with transformers "
+                "(AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)), "
+                "or import a GGUF with `llmengine convert MODEL.gguf OUT_DIR`")
+    if not any(path.glob("*.safetensors")) and ggufs:
+        return (f"{path} holds a GGUF file ({ggufs[0]}) but no safetensors: import it with "
+                f"`llmengine convert {path / ggufs[0]} OUT_DIR`, then serve OUT_DIR")
+    missing = [what for what, ok in (("config.json", (path / "config.json").is_file()),
+                                     ("*.safetensors weights", any(path.glob("*.safetensors")))) if not ok]
+    return f"{path} is not a model folder: it has no {' and no '.join(missing)} (it needs config.json, " \
+           "*.safetensors and the tokenizer files)"
 
 
 def _hf_snapshot(hub: Path, repo: str) -> Path | None:
@@ -117,7 +145,8 @@ def _hf_snapshot(hub: Path, repo: str) -> Path | None:
     if ref.is_file() and is_model_dir(root / "snapshots" / ref.read_text().strip()):
         return root / "snapshots" / ref.read_text().strip()
     snapshots = sorted((root / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((s for s in snapshots if is_model_dir(s)), None)
+    # none usable: still the newest, so that resolve_model can say what is wrong with it (pickle weights, ...)
+    return next((s for s in snapshots if is_model_dir(s)), snapshots[0] if snapshots else None)
 
 
 def candidate_dirs(name: str, mapping: dict[str, Path] | None = None) -> list[Path]:
@@ -149,15 +178,21 @@ def resolve_model(name_or_path: str | Path, mapping: dict[str, Path] | None = No
     path = Path(name_or_path).expanduser()
     if str(name_or_path) not in ZOO and str(name_or_path) not in (mapping or {}) and path.exists():
         if not is_model_dir(path):
-            raise ModelNotFoundError(f"{path} is not a model folder: it needs config.json and *.safetensors")
+            raise ModelNotFoundError(folder_problem(path))
         return path
     name = str(name_or_path)
     looked = candidate_dirs(name, mapping)
     for folder in looked:
         if is_model_dir(folder):
             return folder
+    explicit = {**parse_mapping(os.environ.get("LLMENGINE_MODEL_PATHS")), **(mapping or {})}
+    if name in explicit and explicit[name].exists():  # NAME=PATH given, and PATH is there but unusable
+        raise ModelNotFoundError(f"model {name!r}: {folder_problem(explicit[name])}")
     if name == DEFAULT_MODEL:
         return import_default_model()
+    for folder in looked:  # a model folder found, but not one we can load (pickle weights, a GGUF, ...)
+        if (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"model {name!r}: {folder_problem(folder)}")
     known = "a zoo name" if name in ZOO else f"not a zoo name ({', '.join(sorted(ZOO))}) nor a folder"
     raise ModelNotFoundError(
         f"model {name!r} ({known}) has no weights on this machine; looked in: "
