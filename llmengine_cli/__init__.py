@@ -18,6 +18,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from models.zoo import parse_model_arg, resolve_model
     from runtime import LLM, SamplingParams
 
+    if not args.prompt:  # before loading anything; whatever the model would make of it, it is a mistake
+        raise ValueError("--prompt is empty: give the text to complete")
     name, mapping = parse_model_arg(args.model)
     llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, progress=True)
     prompt: str | list[int] = args.prompt
