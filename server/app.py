@@ -14,20 +14,25 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from server import llm_engine_api, openai_api
+from server import batch_api, llm_engine_api, model_endpoints, openai_api, unsupported_api
 from server.errors import ApiError
 from server.middleware import Gatekeeper
 from server.state import EngineSource, ServerState
 
 
 def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: int = 256,
-               max_body_bytes: int = 1_000_000) -> FastAPI:
+               max_body_bytes: int = 1_000_000, batch_dir: Path | None = None, models_dir: Path | None = None,
+               engine_factory: model_endpoints.EngineFactory | None = None) -> FastAPI:
+    """`batch_dir`: where batch jobs read and write (default ~/.cache/llmengine/batch); `models_dir`: where
+    `POST /v1/llm/model-endpoints` may load checkpoints from (default the local models folder);
+    `engine_factory(name, folder, max_model_len)` builds those engines (default a runtime.AsyncEngine)."""
     state = ServerState(engines, max_queue=max_queue)
 
     @asynccontextmanager
@@ -40,6 +45,7 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
                 raise RuntimeError(state.load_error)
         yield
         state.draining = True
+        app.state.batch.cancel_all()  # jobs live in memory: a restart loses them
         await asyncio.to_thread(state.shutdown_engines)
 
     app = FastAPI(title="llmengine", lifespan=lifespan)
@@ -80,4 +86,7 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
 
     llm_engine_api.add_routes(app, state)
     openai_api.add_routes(app, state)
+    model_endpoints.add_routes(app, state, models_dir, engine_factory)
+    batch_api.add_routes(app, state, batch_dir)
+    unsupported_api.add_routes(app)
     return app

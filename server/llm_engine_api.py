@@ -1,6 +1,6 @@
 """The LLM Engine Completion API (docs/architecture.md, "Wire protocol"): `POST /v1/llm/completions-sync`
-and `/v1/llm/completions-stream?model_endpoint_name=NAME`, and the model-endpoint listing the official
-client reads.
+and `/v1/llm/completions-stream?model_endpoint_name=NAME`. The model endpoints are in model_endpoints.py,
+batch completions in batch_api.py.
 
 The stream sends one event per generated token and ends by closing the connection, without OpenAI's
 `data: [DONE]` (the official client fails on it). An error after the first event is sent as an error chunk.
@@ -19,24 +19,13 @@ from server.errors import ApiError, ClientGone, GenerationError
 from server.generation import Job, token_entries
 from server.schemas import CompletionV1Request, parse_body, sampling_params_v1
 from server.sse import CLIENT_CLOSED, open_stream, sse
-from server.state import ServedEngine, ServerState
+from server.state import ServerState
 
 
 def error_payload(request_id: str, e: GenerationError) -> dict:
     timestamp = datetime.now(timezone.utc).isoformat()
     return {"request_id": request_id, "output": None,
             "error": {"status_code": e.status, "content": {"error": e.message, "timestamp": timestamp}}}
-
-
-def endpoint_info(name: str, engine: ServedEngine) -> dict:
-    return {
-        "id": f"end_{name}", "name": name, "model_name": name, "source": "hugging_face", "status": "READY",
-        # the official client accepts only deepspeed, text_generation_inference, vllm, lightllm or
-        # tensorrt_llm here; ours is a vLLM-style engine (paged KV, continuous batching)
-        "inference_framework": "vllm", "inference_framework_tag": "llmengine-runtime",
-        "num_shards": 1, "quantize": None, "spec": None, "chat_template_override": None,
-        "max_model_len": engine.max_model_len,
-    }
 
 
 async def stream_frames(job: Job, want_log_probs: bool) -> AsyncIterator[bytes]:
@@ -95,12 +84,3 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         job, params = await admit(request)
         stream = await open_stream(job, state, stream_frames(job, params.return_token_log_probs))
         return stream or Response(status_code=CLIENT_CLOSED)
-
-    @app.get("/v1/llm/model-endpoints")
-    async def list_endpoints() -> dict:
-        state.require_ready()
-        return {"model_endpoints": [endpoint_info(n, e) for n, e in state.engines.items()]}
-
-    @app.get("/v1/llm/model-endpoints/{name}")
-    async def get_endpoint(name: str) -> dict:
-        return endpoint_info(name, state.engine(name))

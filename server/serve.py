@@ -57,6 +57,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="recompute every prompt (default: reuse the KV of prompt prefixes seen before)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster decoding on CPU; ~1 min to start the first time)")
+    parser.add_argument("--batch-dir", type=Path, default=None,
+                        help="the only directory batch jobs read and write; relative paths are taken under it "
+                             "(default: ~/.cache/llmengine/batch, created on start)")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="the only directory POST /v1/llm/model-endpoints may load checkpoints from "
+                             "(default: the local models folder, ~/.cache/llmengine/models)")
 
 
 def model_specs(args: list[str]) -> list[tuple[str, str, dict[str, Path]]]:
@@ -115,7 +121,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         sys.stderr.write(f"llmengine serve: warning: no API key, and {args.host} is reachable from other "
                          "machines; anyone who can reach it can use it (set --api-key or LLMENGINE_API_KEY)\n")
-    app = create_app(load_engines, api_key=api_key, max_queue=args.max_queue)
+    def load_at_run_time(name: str, folder: Path, max_model_len: int | None) -> Any:  # Model.create
+        sys.stderr.write(f"llmengine: loading {name} from {folder}\n")
+        return AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name, compile=args.compile,
+                           enable_prefix_caching=args.prefix_caching, max_model_len=max_model_len)
+
+    app = create_app(load_engines, api_key=api_key, max_queue=args.max_queue, batch_dir=args.batch_dir,
+                     models_dir=args.models_dir, engine_factory=load_at_run_time)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=3, timeout_keep_alive=30)
     server = GracefulServer(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -54,6 +55,7 @@ class ServerState:
         self.max_queue = max_queue
         self.jobs: set[Job] = set()
         self.metrics = Metrics(lambda: self.engines)
+        self._engines_lock = threading.Lock()  # add_engine/remove_engine replace the dict, never mutate it
 
     # ---- loading -------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -72,6 +74,25 @@ class ServerState:
         for engine in self.engines.values():
             engine.shutdown(timeout)
 
+    def add_engine(self, name: str, engine: ServedEngine) -> None:
+        """Serve a started engine under `name` from now on (a model loaded at run time); ValueError if the
+        name is taken or the server is shutting down. Copy-on-write: a reader iterating `engines` keeps its
+        snapshot."""
+        with self._engines_lock:
+            if self.draining:
+                raise ValueError("the server is shutting down")
+            if name in self.engines:
+                raise ValueError(f"model {name!r} is already served")
+            self.engines = {**self.engines, name: engine}
+
+    def remove_engine(self, name: str) -> ServedEngine | None:
+        """Stop routing requests to `name`; returns its engine (the caller shuts it down), or None."""
+        with self._engines_lock:
+            engines = dict(self.engines)
+            engine = engines.pop(name, None)
+            self.engines = engines
+        return engine
+
     def require_ready(self) -> None:
         if not self.ready:
             raise ApiError(503, "the models are still loading" if not self.load_error
@@ -82,14 +103,15 @@ class ServerState:
         self.require_ready()
         if not name:
             raise ApiError(400, "model_endpoint_name query parameter is required")
-        if name not in self.engines:
-            raise ApiError(404, f"model {name!r} is not served here; served models: {', '.join(self.engines)}")
-        return self.engines[name]
+        engines = self.engines  # one snapshot: models are added and removed at run time
+        if name not in engines:
+            raise ApiError(404, f"model {name!r} is not served here; served models: {', '.join(engines)}")
+        return engines[name]
 
     # ---- admission and jobs --------------------------------------------------------------------------------
     def start_job(self, request: Request, model: str, prompt: str | list[int], params: SamplingParams) -> Job:
         """Admit a request (or 429/503 at once) and hand it to the engine; the caller must `finish_job`."""
-        engine = self.engines[model]
+        engine = self.engine(model)  # 404 if it was unloaded meanwhile
         if self.draining:
             raise ApiError(503, "the server is shutting down")
         if len(self.jobs) >= self.max_queue:
