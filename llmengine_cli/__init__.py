@@ -1,4 +1,4 @@
-"""The `llmengine` command: serve, generate, models, convert, bench.
+"""The `llmengine` command: serve, generate, batch, models, convert, bench.
 
 The one module that may import every layer: the server (serve), the runtime (generate), the models
 (models, convert) and the benchmarks (bench). See docs/architecture.md.
@@ -31,6 +31,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if result.error:
         raise RuntimeError(result.error)
     print(result.text)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Offline batch completions: the server's batch-job file formats, run through runtime.LLM."""
+    from models.zoo import parse_model_arg, resolve_model
+    from runtime import LLM
+    from server.batch_io import offline_outputs, read_content, sampling_params, write_json_atomic
+
+    content = read_content(Path(args.input))
+    params = sampling_params(content)
+    name, mapping = parse_model_arg(args.model)
+    llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib)
+    write_json_atomic(Path(args.output), offline_outputs(llm, content.prompts, params))
+    print(f"llmengine batch: {len(content.prompts)} completions written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -79,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(func=cmd_generate)
+
+    batch = sub.add_parser("batch", help="complete a JSON file of prompts offline into a JSON file of outputs",
+                           description="INPUT: {\"prompts\": [...], \"max_new_tokens\": N, \"temperature\": T, "
+                                       "...} (as Completion.batch_create's content); OUTPUT: a JSON list of "
+                                       "{text, num_prompt_tokens, num_completion_tokens, tokens}, in prompt order, "
+                                       "written atomically")
+    batch.add_argument("input", help="the prompts and sampling parameters (JSON)")
+    batch.add_argument("output", help="where to write the completions (JSON)")
+    batch.add_argument("--model", default="smollm2-135m-instruct", help="zoo name, folder, or NAME=PATH")
+    batch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    batch.add_argument("--device", default="auto")
+    batch.add_argument("--kv-cache-gib", type=float, default=None, help="KV-cache size (default: sized by the engine)")
+    batch.set_defaults(func=cmd_batch)
 
     models = sub.add_parser("models", help="list the model zoo and which weights are on this machine")
     models.add_argument("--model", action="append", default=[], help="extra NAME=PATH mappings")

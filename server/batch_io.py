@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from runtime import SamplingParams
+from runtime import LLM, SamplingParams
+from runtime.detokenizer import IncrementalDetokenizer
 from server.errors import ApiError
 from server.schemas import CompletionV1Request, _Body, sampling_params_v1
 
@@ -93,6 +94,25 @@ def output_record(text: str, num_prompt_tokens: int, num_completion_tokens: int,
     """One prompt's entry of the output list (the official client's CompletionOutput)."""
     return {"text": text, "num_prompt_tokens": num_prompt_tokens, "num_completion_tokens": num_completion_tokens,
             "tokens": None if tokens is None else [{"token": t, "log_prob": lp} for t, lp in tokens]}
+
+
+def offline_outputs(llm: LLM, prompts: list[str], params: SamplingParams) -> list[dict[str, Any]]:
+    """`llmengine batch`: complete every prompt with `runtime.LLM` (progress bar on stderr) -> output list.
+    Token texts come from the incremental detokenizer, as the server's deltas do (UTF-8 safe)."""
+    records = []
+    for i, (prompt, result) in enumerate(zip(prompts, llm.generate(list(prompts), params))):
+        if result.finish_reason in ("abort", "timeout", "error"):
+            raise RuntimeError(f"prompt {i}: generation ended with {result.finish_reason}: {result.error}")
+        tokens = None
+        if params.return_token_log_probs:
+            prompt_ids = llm.tokenizer.encode(prompt, add_special_tokens=True)  # string prompts: it has one
+            detok = IncrementalDetokenizer(llm.tokenizer, prompt_ids, params.skip_special_tokens)
+            texts = [detok.add(t) for t in result.token_ids]
+            if texts:
+                texts[-1] += detok.flush()
+            tokens = list(zip(texts, result.log_probs or []))
+        records.append(output_record(result.text, result.num_prompt_tokens, result.num_completion_tokens, tokens))
+    return records
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
