@@ -46,6 +46,7 @@ test-fast: $(MODEL)
 # Decode speed against transformers in the same run, then 1 vs 16 concurrent streams through the server,
 # then the projection products by weight layout.
 bench: $(MODEL)
+	$(PIP) install -e ".[bench,llamacpp]"
 	$(PY) -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --compile \
 		--check-text
 	$(PY) -m benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \
