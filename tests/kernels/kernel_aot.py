@@ -15,11 +15,12 @@ import traceback
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
 TORCH_DTYPE = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-DOT_KERNELS = {"prefill_attention_kernel", "decode_attention_split_kernel"}
+DOT_KERNELS = {"prefill_attention_kernel", "decode_attention_split_kernel", "w4a16_dot_kernel", "w8a16_dot_kernel"}
 INT32_PTRS = {"cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"}
 INT64_PTRS = {"slot_mapping_ptr", "positions_ptr"}
 FP32_PTRS = {"alibi_slopes_ptr", "mid_out_ptr", "mid_lse_ptr", "cos_sin_ptr"}
 FP32_SCALARS = {"scale", "eps"}
+QUANT_PTRS = {"w_int4_ptr": "*u8", "w_int8_ptr": "*i8", "scale_ptr": "*fp16", "min_ptr": "*fp16"}  # quant_matmul
 
 
 def cases() -> dict:
@@ -30,6 +31,7 @@ def cases() -> dict:
     from kernels.decode_attention import decode_launch_config
     from kernels.norms import norm_launch_config
     from kernels.prefill_attention import prefill_launch_config
+    from kernels.quant_matmul import quant_launch_config
 
     def split(config):
         options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
@@ -72,6 +74,17 @@ def cases() -> dict:
     consts, opts = split(decode_launch_config(torch.bfloat16, 71))  # falcon-7b: 71 heads, 1 KV head
     add("decode-bf16-d64-group71", "decode_attention", "decode_attention_split_kernel", "bf16",
         dict(HAS_ALIBI=False, DOT_PRECISION="tf32", BLOCK_D=64, **consts), opts)
+    # weight-only quantized products, both program shapes, each dtype once: int4 groups 32 and 64, int8 per
+    # channel (group = K = 576) and per 32 (GGUF Q8_0); the rows pick BLOCK_T (GEMV) or BLOCK_M (tl.dot)
+    for bits, program, variants in ((4, "gemv", (("fp16", 32, 1), ("bf16", 64, 4), ("fp32", 32, 2))),
+                                     (4, "dot", (("fp16", 64, 64), ("bf16", 32, 16), ("fp32", 64, 32))),
+                                     (8, "gemv", (("fp16", 576, 1), ("bf16", 32, 4), ("fp32", 576, 2))),
+                                     (8, "dot", (("fp16", 32, 64), ("bf16", 576, 16), ("fp32", 32, 32)))):
+        for dt, group, rows in variants:
+            config = quant_launch_config(program == "gemv", rows, group, 576, getattr(torch, TORCH_DTYPE[dt]))
+            consts, opts = split(config)
+            add(f"w{bits}a16-{program}-{dt}-g{group}-rows{rows}", "quant_matmul", f"w{bits}a16_{program}_kernel",
+                dt, consts, opts)
     return {f"{name}-sm{arch}": (*case, arch) for arch in ARCHS for name, case in specs.items()}
 
 
@@ -85,8 +98,8 @@ def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = ("*i32" if name in INT32_PTRS else "*i64" if name in INT64_PTRS
-                         else "*fp32" if name in FP32_PTRS else f"*{dtype}")
+            sig[name] = QUANT_PTRS.get(name) or ("*i32" if name in INT32_PTRS else "*i64" if name in INT64_PTRS
+                                                 else "*fp32" if name in FP32_PTRS else f"*{dtype}")
             attrs[(i,)] = CUDABackend.parse_attr("D")
         elif name in FP32_SCALARS:
             sig[name] = "fp32"

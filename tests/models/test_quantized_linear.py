@@ -1,0 +1,225 @@
+"""QuantizedLinear: forward against its own dequantized weight, quantization error bounds, the Triton layout,
+and quantize_model on tiny Llama and Falcon models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.attention import AttentionMetadata
+from models.layers import Linear
+from models.loader import load_model
+from models.quantized_linear import QuantizedLinear, default_group_size, quantize_model
+from tests.models.tiny import save_tiny
+
+try:
+    from tests.reference_generate import generate
+except ImportError:  # before the layout refactor
+    from models.generate import generate
+
+BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
+# (mode, group_size): int8 per channel, int4 g32 and g64, int8 per group of 32 (GGUF Q8_0: two int4 planes)
+MODES = [("int8", None), ("int4", 32), ("int4", 64), ("int8", 32)]
+MODE_IDS = [f"{m}-g{g}" for m, g in MODES]
+
+
+def random_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    """Rows of different magnitudes and groups off centre, so scales and zeros both matter."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 0.1 \
+        + 0.02 * torch.randn(n, k // 32, generator=gen).repeat_interleave(32, 1)
+
+
+def forward_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The CPU kernels round x to bf16 (2^-8 relative) and the product y to bf16 (2^-8 |y|, |y| <= sum |x||w|),
+    accumulating in fp32 in between: |y - x @ W^T| <= 2^-7 sum_k |x_k| |w_k| (+ fp32 slack)."""
+    return 2 * BF16_U * (x.double().abs() @ w.double().abs().t()) + 1e-6
+
+
+@pytest.mark.parametrize("mode, group", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("rows", [1, 3, 4, 17])
+def test_forward_matches_dequantized_weight(mode, group, rows):
+    n, k = 50, 192  # n: not a multiple of 16 (int4 pads the rows)
+    weight = random_weight(n, k, seed=rows)
+    bias = torch.randn(n)
+    layer = QuantizedLinear.quantize(weight, bias, mode, group)
+    assert layer.backend == "cpu"
+    w = layer.dequantize()
+    assert w.shape == (n, k) and w.dtype == torch.float32
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(10 + rows))
+    y = layer(x)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    err = (y.double() - (x.double() @ w.double().t() + bias.double())).abs()
+    assert (err <= forward_bound(x, w)).all(), f"max error {err.max():.3g}"
+
+
+def test_forward_bf16_and_leading_dims():
+    weight = random_weight(40, 64, seed=1)
+    layer = QuantizedLinear.quantize(weight, None, "int4", 32)
+    x = torch.randn(2, 3, 64).bfloat16()
+    y = layer(x)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+    w = layer.dequantize()
+    err = (y.double() - x.double() @ w.double().t()).abs()
+    assert (err <= forward_bound(x, w)).all()  # x is already bf16: only y's rounding, well inside
+    assert layer(torch.empty(0, 64)).shape == (0, 40)
+
+
+def test_int8_error_bound():
+    """scale = max|w_row| / 127 stored in bf16; q = round(w / stored scale): |w - dequant| <= stored scale / 2
+    (the stored scale is within 2^-8 of the exact one, so |w| / stored scale <= 127.5 and q is never clamped)."""
+    weight = random_weight(48, 128, seed=2)
+    weight[5] = 0  # an all-zero row: scale 0, q 0
+    layer = QuantizedLinear.quantize(weight, None, "int8")
+    stored_scale = (weight.abs().amax(1) / 127).bfloat16().float()
+    err = (weight - layer.dequantize()).abs()
+    assert (err <= stored_scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert err[5].max() == 0 and (err.amax(1)[stored_scale > 0] > stored_scale[stored_scale > 0] / 4).all()
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_error_bound(group):
+    """scale = (max - min) / 15, zero = min + 8 scale, both stored in bf16 (u = 2^-8), q against the stored pair:
+    |w - dequant| <= stored scale / 2 + u (8 scale + |zero|), the second term the drift of the range's ends."""
+    weight = random_weight(48, 128, seed=3)
+    weight[7, :group] = 0.37  # a constant group: scale 0, exact up to bf16
+    layer = QuantizedLinear.quantize(weight, None, "int4", group)
+    wg = weight.view(48, -1, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = (hi - lo) / 15
+    zero = lo + 8 * scale
+    bound = scale.bfloat16().float() / 2 + BF16_U * (8 * scale + zero.abs())
+    err = (wg - layer.dequantize().view(48, -1, group)).abs()
+    assert (err <= bound[..., None] * (1 + 1e-6)).all()
+    # q = 0 and q = 15 land on each group's min and max, up to the rounding of the stored pair
+    ends = torch.stack([err.gather(-1, wg.argmin(-1, keepdim=True)), err.gather(-1, wg.argmax(-1, keepdim=True))])
+    assert (ends <= (BF16_U * (8 * scale + zero.abs()))[..., None] * (1 + 1e-6) + 1e-7).all()
+    assert err[7, 0].max() <= BF16_U * 0.37
+    assert (err.amax(-1) > scale / 4)[scale > 0].float().mean() > 0.9  # the bound is not loose
+
+
+def test_from_int4_and_from_int8_are_exact():
+    """Pre-quantized weights whose scales bf16 holds exactly: dequantize gives them back exactly, through the
+    CPU kernels' own packing (int4 read back through the kernel) and the Q8_0 planes."""
+    gen = torch.Generator().manual_seed(4)
+    n, k = 36, 128
+    scale = torch.randint(1, 64, (n, k // 32), generator=gen) / 1024.0
+    zero = torch.randint(-64, 64, (n, k // 32), generator=gen) / 512.0
+    q4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    w4 = (q4.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+    assert torch.equal(QuantizedLinear.from_int4(q4, scale, zero, 32).dequantize(), w4)
+    q8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    w8 = q8.float() * scale.repeat_interleave(32, 1)
+    assert torch.equal(QuantizedLinear.from_int8(q8, scale, 32).dequantize(), w8)
+    assert torch.equal(QuantizedLinear.from_int8(q8, scale[:, 0]).dequantize(), q8.float() * scale[:, :1])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="group_size"):
+        QuantizedLinear.quantize(torch.randn(16, 96), None, "int4", 48)
+    with pytest.raises(ValueError, match="0..15"):
+        QuantizedLinear.from_int4(torch.full((16, 32), 16), torch.ones(16, 1), torch.zeros(16, 1), 32)
+    with pytest.raises(ValueError, match="mode"):
+        QuantizedLinear.quantize(torch.randn(16, 32), None, "int2")
+
+
+@pytest.mark.parametrize("mode, group", [("int4", 32), ("int8", None), ("int8", 32)])
+def test_triton_backend(monkeypatch, mode, group):
+    """Under LLMENGINE_FORCE_TRITON the layer keeps the CUDA layout and runs the (interpreted) Triton kernels."""
+    monkeypatch.setenv("LLMENGINE_FORCE_TRITON", "1")
+    weight = random_weight(24, 64, seed=5)
+    layer = QuantizedLinear.quantize(weight, torch.randn(24), mode, group)
+    assert layer.backend == "triton"
+    w = layer.dequantize()
+    # the CUDA form keeps fp16 scales (u = 2^-11); int4 keeps (scale, min), so the range's ends drift by
+    # at most u (|min| + 15 scale)
+    wg = weight.view(24, -1, group or 64)
+    if mode == "int4":
+        lo, scale = wg.amin(-1), (wg.amax(-1) - wg.amin(-1)) / 15
+        bound = scale * (1 + 2.0 ** -11) / 2 + 2.0 ** -11 * (lo.abs() + 15 * scale)
+    else:
+        bound = wg.abs().amax(-1) / 127 * (1 + 2.0 ** -11) / 2
+    err = (wg - w.view(wg.shape)).abs()
+    assert (err <= bound[..., None] * (1 + 1e-6)).all()
+    if mode == "int4":  # q = 0 and 15 land on the group's min and max
+        ends = torch.stack([err.gather(-1, wg.argmin(-1, keepdim=True)), err.gather(-1, wg.argmax(-1, keepdim=True))])
+        assert (ends <= 2.0 ** -11 * (lo.abs() + 15 * scale)[..., None] * (1 + 1e-6) + 1e-7).all()
+    for rows in (2, 17):  # GEMV and tl.dot programs
+        x = torch.randn(rows, 64)
+        y = layer(x)
+        expected = x.double() @ w.double().t() + layer.bias.double()
+        torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_default_group_size():
+    assert default_group_size({"a": 576, "b": 1536}) == 64
+    assert default_group_size({"a": 64, "b": 96}) == 32
+    with pytest.raises(ValueError, match=r"mlp\.down_proj has K=100"):
+        default_group_size({"a": 64, "mlp.down_proj": 100})
+
+
+# --- whole models ---------------------------------------------------------------------------------------------
+
+VARIANTS = ["llama-gqa-tied-bias", "llama-mha", "falcon-rw-like", "falcon-7b-like"]
+PROMPTS = [[5, 17, 99, 3, 64, 8, 21], [7, 100, 2, 45]]
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def tiny_dir(request, tmp_path_factory):
+    return request.param, save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def hidden_and_logits(model, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([t for p in PROMPTS for t in p])
+    positions = torch.tensor([i for p in PROMPTS for i in range(len(p))])
+    with torch.no_grad():
+        hidden = model(ids, positions, AttentionMetadata.for_prompts([len(p) for p in PROMPTS]))
+        return hidden, (model.compute_logits(hidden) if head is None else head(hidden))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_model_matches_dequantized_model(tiny_dir, mode):
+    """The quantized model against the same model with each dequantized weight put back in fp32 (the head too):
+    they differ only by the bf16 rounding of each projection's input and output (2^-8 relative each, errors
+    of random sign). Measured: 0.33-0.42% of the logits' scale on these models; 1.5% is the bound (int4 against
+    the unquantized model is 8-12% off, so the comparison can tell the weights apart)."""
+    variant, path = tiny_dir
+    quantized = load_model(path, progress=False, pack=False)
+    reference = load_model(path, progress=False, pack=False)
+    tied = quantized.lm_head is None
+    quantize_model(quantized, mode)
+    assert not any(isinstance(m, Linear) for m in quantized.modules())
+    assert isinstance(quantized.lm_head, QuantizedLinear)
+    layers = dict(quantized.named_modules())
+    for name, m in reference.named_modules():
+        if isinstance(m, Linear):
+            m.weight.data = layers[name].dequantize()
+    head_weight = quantized.lm_head.dequantize()
+    if tied:  # the quantized head is a copy of the embedding; the lookups still use the float table
+        assert torch.equal(quantized.embed.weight, reference.embed.weight)
+    _, got = hidden_and_logits(quantized)
+    _, expected = hidden_and_logits(reference, lambda h: h @ head_weight.t())
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 0.015 * scale, f"{variant}: {(got - expected).abs().max() / scale:.3g}"
+
+
+def test_int8_greedy_tokens_match_fp32(tiny_dir):
+    variant, path = tiny_dir
+    fp32 = load_model(path, progress=False, pack=False)
+    int8 = load_model(path, progress=False, pack=False)
+    quantize_model(int8, "int8")
+    assert generate(int8, PROMPTS, 16) == generate(fp32, PROMPTS, 16)
+
+
+def test_quantize_model_refuses_packed_weights(tiny_dir):
+    _, path = tiny_dir
+    with pytest.raises(ValueError, match="packed"):
+        quantize_model(load_model(path, progress=False, pack=True), "int8")
+
+
+def test_quantize_model_names_the_layer_no_group_divides():
+    model = torch.nn.Sequential(Linear(64, 32), Linear(100, 16))
+    with pytest.raises(ValueError, match="1 has K=100"):
+        quantize_model(model, "int4")
+    quantize_model(model, "int8", include_head=False)
+    assert all(isinstance(m, QuantizedLinear) for m in model)
