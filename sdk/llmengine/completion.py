@@ -7,7 +7,7 @@ from typing import Any
 
 import pydantic
 
-from . import http_client
+from . import batch, http_client
 from .api_engine import COMPLETION_TIMEOUT
 from .data_types import CompletionStreamV1Response, CompletionSyncV1Response
 from .errors import ResponseFormatError
@@ -41,7 +41,8 @@ class Completion:
     (:class:`~llmengine.errors.ValidationError`); a stream sends its request when first iterated,
     so HTTP errors surface there. If the server fails after a stream has started, the last chunk
     carries ``error`` (and ``output=None``) instead of an exception being raised, as in the
-    official client; check ``chunk.error``.
+    official client; check ``chunk.error``. ``batch_create``, ``get_batch_completion`` and
+    ``cancel_batch_completion`` run batch jobs in the server (:mod:`llmengine.batch`).
 
     Args:
         model: name of the model endpoint (``model_name=`` is the same, the older docs' spelling).
@@ -122,6 +123,11 @@ class Completion:
         payload = await http_client.arequest_json("POST", SYNC_ROUTE, body=body, params=params,
                                                   timeout=timeout, headers=request_headers)
         return _parse_sync(payload)
+
+    # Batch jobs (llmengine/batch.py), under the official client's names.
+    batch_create = staticmethod(batch.batch_create)
+    get_batch_completion = staticmethod(batch.get_batch_completion)
+    cancel_batch_completion = staticmethod(batch.cancel_batch_completion)
 
     @staticmethod
     def _stream(params: dict[str, str], body: dict[str, Any], timeout: float | None,

@@ -1,4 +1,4 @@
-"""Response models (pydantic v2) for completions and model endpoints.
+"""Response models (pydantic v2) for completions, model endpoints and batch jobs; request models for batch jobs.
 
 ``.dict()`` and ``.json()`` give the shapes the LLM Engine docs print, e.g. a sync response
 ``{"request_id": ..., "outputs": [{"text": ..., "num_prompt_tokens": ..., "num_completion_tokens": ...}],
@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JSONDict = dict[str, Any]
 
@@ -173,3 +173,79 @@ class ListLLMEndpointsResponse(_Response):
 # The current official client's names for the same shapes.
 CompletionSyncResponse = CompletionSyncV1Response
 CompletionStreamResponse = CompletionStreamV1Response
+
+
+# ---- batch jobs and run-time models (the official client's names) ----------------------------------------
+# Request models check their bounds when built (pydantic.ValidationError), as the official client's do. A
+# job's ``model_config`` is a pydantic reserved name: read it as ``job.dict()["model_config"]``.
+
+class CreateBatchCompletionsModelConfig(BaseModel):
+    """``model_config`` of a batch job: the served model to run it on (``model``). Other vLLM settings
+    are accepted and sent as given."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str
+    checkpoint_path: str | None = None
+    labels: dict[str, str] = {}
+    num_shards: int | None = Field(default=1, ge=1)
+    max_context_length: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+
+
+class CreateBatchCompletionsRequestContent(BaseModel):
+    """The prompts of a batch job and their sampling parameters (also the shape of an input file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str]
+    max_new_tokens: int
+    temperature: float = Field(ge=0.0, le=1.0)
+    stop_sequences: list[str] | None = None
+    return_token_log_probs: bool | None = False
+    presence_penalty: float | None = Field(default=None, ge=0.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    skip_special_tokens: bool | None = True
+
+
+class CreateBatchCompletionsV1Response(_Response):
+    job_id: str
+
+
+class BatchCompletionProgress(_Response):
+    completed: int
+    total: int
+
+
+class BatchCompletionsJob(_Response):
+    """A batch job (``use_v2=True``): status is queued, running, completed, failed or cancelled."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    job_id: str
+    input_data_path: str | None = None
+    output_data_path: str
+    status: str
+    created_at: str
+    expires_at: str
+    completed_at: str | None = None
+    priority: str | None = None
+    metadata: dict[str, str] | None = None
+    progress: BatchCompletionProgress | None = None
+    error: str | None = None
+
+
+class CreateLLMEndpointResponse(_Response):
+    endpoint_creation_task_id: str
+
+
+class DeleteLLMEndpointResponse(_Response):
+    deleted: bool
+
+
+CreateBatchCompletionsV1RequestContent = CreateBatchCompletionsRequestContent
+CreateBatchCompletionsV1ModelConfig = CreateBatchCompletionsModelConfig
+CreateBatchCompletionsResponse = CreateBatchCompletionsV1Response
+CreateBatchCompletionsV2Response = BatchCompletionsJob
