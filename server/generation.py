@@ -27,12 +27,18 @@ SHUTDOWN_ERROR = GenerationError(503, "the server is shutting down")
 
 class Job:
     def __init__(self, engine: Any, request_id: str, outputs: AsyncIterator, receive: Callable,
-                 on_token: Callable[[bool, int, float], None] | None = None) -> None:
+                 on_token: Callable[[bool, int, float], None] | None = None, model: str = "") -> None:
         self.engine, self.request_id = engine, request_id
+        self.model = model or getattr(engine, "name", "")
         self.finished = False
         self.num_prompt_tokens = 0
         self.num_completion_tokens = 0
+        # for the log's summary line (server/logs.py): perf_counter times, and how it ended
         self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None  # what ended it early: ClientGone, GenerationError
         self._on_token = on_token  # (first?, new tokens, seconds since the previous delta or the arrival)
         self._last = self.started
         self._first = True
@@ -61,8 +67,11 @@ class Job:
         while not self.finished:
             item = await self._queue.get()
             if isinstance(item, Exception):
+                self.error = self.error or item
                 raise item
             now = time.perf_counter()
+            if item.token_ids and self.first_token_at is None:
+                self.first_token_at = now
             self.num_prompt_tokens = item.num_prompt_tokens
             self.num_completion_tokens = item.num_completion_tokens
             if item.token_ids and self._on_token:
@@ -70,6 +79,7 @@ class Job:
                 self._last, self._first = now, False
             if item.finished:
                 self.finished = True
+                self.ended_at, self.finish_reason = now, item.finish_reason
                 if item.finish_reason in FAILED:
                     status, message = FAILED[item.finish_reason]
                     raise GenerationError(status, f"{message}: {item.error}" if item.error else message)
@@ -79,6 +89,10 @@ class Job:
         self._watch_task.cancel()
         if not self.finished:
             self.finished = True
+            self.ended_at = time.perf_counter()
+            self.finish_reason = ("client disconnected" if isinstance(self.error, ClientGone) else
+                                  f"error {self.error.status}" if isinstance(self.error, GenerationError) else
+                                  "aborted")
             self.engine.abort(self.request_id)
         self._pump_task.cancel()
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from starlette.routing import Match
 
+from server.logs import RefusalLog
+
 OPEN_PATHS = {"/healthcheck", "/healthz", "/readyz"}
 
 
@@ -75,8 +77,10 @@ class Gatekeeper:
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
         status = [500]
+        refusal = RefusalLog(scope, request_id)  # logs why a 4xx was given, whoever gave it
 
         async def send_with_id(message: dict) -> None:
+            refusal.see(message)
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), id_header]}

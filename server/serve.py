@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from models.zoo import DEFAULT_MODEL, parse_model_arg
+from server import logs
 from server.app import create_app
 
 GRACE_SECONDS = 10.0
@@ -113,9 +114,12 @@ def run_serve(args: argparse.Namespace) -> int:
         engines = {}
         for name, ref, mapping in specs:
             folder = resolve_model(ref, mapping)
-            sys.stderr.write(f"llmengine: loading {name} from {folder}\n")  # one write: log lines interleave
+            logs.log.info("loading %s from %s", name, folder)
+            started = time.perf_counter()
             engines[name] = AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name,
-                                        compile=args.compile, enable_prefix_caching=args.prefix_caching)
+                                        compile=args.compile, enable_prefix_caching=args.prefix_caching,
+                                        progress=True)  # a tqdm bar over the weights on stderr
+            logs.model_loaded(name, engines[name], time.perf_counter() - started, warmed_up=args.compile)
         return engines
 
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -130,6 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
                      models_dir=args.models_dir, engine_factory=load_at_run_time)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=3, timeout_keep_alive=30)
+    logs.configure("info")  # our lines (server/logs.py) in uvicorn's format, beside its own
     server = GracefulServer(config)
     state = app.state.server
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from fastapi import Request
 
 from runtime import RequestOutput, SamplingParams
+from server import logs
 from server.errors import ApiError
 from server.generation import SHUTDOWN_ERROR, Job
 from server.metrics import Metrics
@@ -60,12 +61,17 @@ class ServerState:
     # ---- loading -------------------------------------------------------------------------------------------
     def load(self) -> None:
         """Build (if given a factory) and start the engines; blocking, run in a thread."""
+        started = time.perf_counter()
         try:
             engines = self.source() if callable(self.source) else dict(self.source)
             for engine in engines.values():
                 engine.start()
             self.engines = engines
             self.ready = True
+            logs.models_ready(list(engines), time.perf_counter() - started)
+        except (LookupError, ValueError, OSError) as e:  # a missing or unusable model: the message says it all
+            log.error("loading the models failed: %s", e)
+            self.load_error = f"{type(e).__name__}: {e}"
         except Exception as e:
             log.exception("loading the models failed")
             self.load_error = f"{type(e).__name__}: {e}"
@@ -124,13 +130,15 @@ class ServerState:
             raise ApiError(400, str(e)) from None
         except RuntimeError as e:  # the engine is shutting down
             raise ApiError(503, str(e)) from None
-        job = Job(engine, request_id, outputs, request.receive, self.metrics.token_observer(model))
+        job = Job(engine, request_id, outputs, request.receive, self.metrics.token_observer(model), model=model)
         self.jobs.add(job)
         self.metrics.in_flight.set(len(self.jobs))
         return job
 
     def finish_job(self, job: Job) -> None:
         job.close()
+        if job in self.jobs:  # once per engine request (a choice group closes its jobs through here too)
+            logs.request_finished(job)
         self.jobs.discard(job)
         self.metrics.in_flight.set(len(self.jobs))
 
