@@ -43,7 +43,8 @@ log = logging.getLogger("llmengine.server")
 
 LOADING, READY, FAILED = "UPDATE_IN_PROGRESS", "READY", "UPDATE_FAILED"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-UNLOAD_GRACE = 5.0  # seconds requests in flight get to finish when their model is unloaded
+UNLOAD_GRACE = 3.0  # seconds requests in flight get to finish when their model is unloaded (the official
+# client gives Model.delete 10 s in all)
 
 EngineFactory = Callable[[str, Path, "int | None"], ServedEngine]  # (name, folder, max_model_len) -> engine
 
@@ -190,7 +191,7 @@ class ModelEndpoints:
             await asyncio.sleep(0.05)
         for job in jobs():
             job.interrupt(GenerationError(503, f"model {name!r} was unloaded (Model.delete) while this request ran"))
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 1.0
         while jobs() and time.monotonic() < deadline:  # let the routes answer and let go of the engine
             await asyncio.sleep(0.02)
         await asyncio.to_thread(engine.shutdown)
