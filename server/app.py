@@ -1,6 +1,7 @@
 """The FastAPI app over engines given by injection: the middleware (auth, body limit, request ids), error
 handlers, health, readiness and Prometheus metrics. The routes live beside it: the LLM Engine API in
-llm_engine_api.py, the OpenAI-compatible one in openai_api.py (docs/architecture.md, "Wire protocol").
+llm_engine_api.py, the OpenAI-compatible one in openai_api.py and chat_api.py (docs/architecture.md, "Wire
+protocol").
 
     app = create_app({"smollm2-135m-instruct": AsyncEngine(path)}, api_key=None)
 
@@ -12,16 +13,19 @@ shuts them down at its end.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
-from server import batch_api, llm_engine_api, model_endpoints, openai_api, unsupported_api
+from server import batch_api, chat_api, llm_engine_api, model_endpoints, openai_api, playground, unsupported_api
 from server.errors import ApiError
 from server.middleware import Gatekeeper
 from server.state import EngineSource, ServerState
@@ -53,18 +57,28 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
     app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes, metrics=state.metrics,
                        routes=lambda: app.router.routes)
 
+    def error(request: Request, status: int, detail: Any, headers: dict | None = None) -> JSONResponse:
+        body: dict[str, Any] = {"detail": detail, "request_id": request.state.request_id}
+        if openai_api.is_openai_path(request.url.path):  # the openai client reads error.message
+            message = detail if isinstance(detail, str) else json.dumps(detail)
+            body["error"] = openai_api.error_object(status, message)
+        return JSONResponse(body, status_code=status, headers=headers)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        body: dict[str, Any] = {"detail": e.detail, "request_id": request.state.request_id}
-        if request.url.path.startswith(openai_api.PATHS):  # the openai client reads error.message
-            kind = "invalid_request_error" if e.status < 500 else "server_error"
-            body["error"] = {"message": e.detail, "type": kind, "code": e.status}
-        return JSONResponse(body, status_code=e.status)
+        return error(request, e.status, e.detail)
+
+    @app.exception_handler(HTTPException)  # Starlette's: no such route (404), wrong method (405)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        detail = e.detail
+        if e.status_code in (404, 405) and detail == HTTPStatus(e.status_code).phrase:  # the router's own
+            detail = f"{detail}: no route {request.method} {request.url.path}"
+        return error(request, e.status_code, detail, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        return JSONResponse({"detail": problems}, status_code=400)
+        return error(request, 400, problems)
 
     # ---- health and metrics -------------------------------------------------------------------------------
     @app.get("/healthcheck")
@@ -86,7 +100,9 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
 
     llm_engine_api.add_routes(app, state)
     openai_api.add_routes(app, state)
+    chat_api.add_routes(app, state)
     model_endpoints.add_routes(app, state, models_dir, engine_factory)
     batch_api.add_routes(app, state, batch_dir)
     unsupported_api.add_routes(app)
+    playground.add_routes(app, state)  # GET /: the playground page
     return app

@@ -17,8 +17,9 @@ from typing import Any
 from starlette.routing import Match
 
 from server.logs import RefusalLog
+from server.openai_api import error_object, is_openai_path
 
-OPEN_PATHS = {"/healthcheck", "/healthz", "/readyz"}
+OPEN_PATHS = {"/healthcheck", "/healthz", "/readyz", "/"}  # "/": the playground page (its API calls need the key)
 
 
 def presented_keys(headers: dict[bytes, bytes]) -> list[bytes]:
@@ -46,7 +47,10 @@ def key_matches(keys: list[bytes], api_key: bytes) -> bool:
     return ok
 
 
-async def send_json(send: Callable, status: int, body: dict, headers: list | None = None) -> None:
+async def send_json(send: Callable, status: int, body: dict, headers: list | None = None,
+                    path: str = "") -> None:
+    if is_openai_path(path):  # the openai client reads error.message
+        body = {**body, "error": error_object(status, body["detail"])}
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
@@ -97,14 +101,14 @@ class Gatekeeper:
                 and not key_matches(presented_keys(headers), self.api_key):
             detail = "missing or invalid API key (HTTP Basic user name, Bearer token or x-api-key)"
             await send_json(send, 401, {"detail": detail, "request_id": request_id},
-                            [(b"www-authenticate", b'Basic realm="llmengine"')])
+                            [(b"www-authenticate", b'Basic realm="llmengine"')], scope["path"])
             return
         too_big = {"detail": f"request body too large: the limit is {self.max_body_bytes} bytes",
                    "request_id": request_id}
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             await send_json(send, 413 if length.isdigit() else 400,
-                            too_big if length.isdigit() else {"detail": "bad Content-Length"})
+                            too_big if length.isdigit() else {"detail": "bad Content-Length"}, path=scope["path"])
             return
         # read the body here, counting, so a chunked upload cannot exceed the limit either
         chunks, size, more = [], 0, True
@@ -116,7 +120,7 @@ class Gatekeeper:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
-                await send_json(send, 413, too_big)
+                await send_json(send, 413, too_big, path=scope["path"])
                 return
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 

@@ -1,8 +1,12 @@
-"""OpenAI-compatible `POST /v1/completions` (plain and streamed) and `GET /v1/models`, enough for the `openai`
-Python client: `OpenAI(base_url="http://127.0.0.1:5005/v1", api_key=KEY).completions.create(...)`.
+"""OpenAI-compatible `POST /v1/completions` (plain and streamed, `n` choices) and `GET /v1/models`, enough for
+the `openai` Python client: `OpenAI(base_url="http://127.0.0.1:5005/v1", api_key=KEY).completions.create(...)`;
+LLM Engine's `POST /v2/completions` is the same route. Chat completions live in chat_api.py.
 
-Unlike the LLM Engine stream, this one ends with `data: [DONE]`, as OpenAI's does. Only the chosen token's
-log prob is returned (`top_logprobs` is null)."""
+Unlike the LLM Engine stream, these streams end with `data: [DONE]`, as OpenAI's do, and every error under
+these paths carries OpenAI's `{"error": {"message", "type", "code"}}` object beside `detail`
+(`is_openai_path`). Only the chosen token's log prob is returned (`top_logprobs` is null). `n` choices are
+n engine requests (choices.py); `best_of` may only equal `n`; `suffix` and `echo` are refused.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,52 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.choices import ChoiceGroup, start_choices
 from server.errors import ApiError, ClientGone, GenerationError
-from server.generation import Job, token_entries
-from server.schemas import OpenAICompletionRequest, openai_prompt, parse_body, sampling_params_openai
+from server.generation import token_entries
+from server.schemas import (
+    OpenAICompletionRequest,
+    completion_choices,
+    openai_prompt,
+    parse_body,
+    sampling_params_openai,
+)
 from server.sse import CLIENT_CLOSED, open_stream, sse
 from server.state import ServedEngine, ServerState
 
-PATHS = ("/v1/completions", "/v1/models")
 DONE = b"data: [DONE]\n\n"
+
+
+def is_openai_path(path: str) -> bool:
+    """Paths whose errors carry OpenAI's error object: all of /v1/ (the openai client's base URL, so an
+    unknown route there too) except LLM Engine's /v1/llm/, and LLM Engine's OpenAI-style /v2/."""
+    return path.startswith(("/v1/", "/v2/")) and not path.startswith("/v1/llm/")
+
+
+def error_object(status: int, message: str) -> dict:
+    """OpenAI's error object, which the `openai` client reads its exception message from."""
+    return {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": None, "code": status}
+
+
+async def openai_frames(payloads: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """SSE frames of an OpenAI-style stream, then `data: [DONE]`. A client that left gets nothing more; an
+    engine failure before the first frame propagates (open_stream answers it with its status), after it
+    becomes an error event, which the openai client raises."""
+    sent = False
+    try:
+        async for payload in payloads:
+            yield sse(payload)
+            sent = True
+    except ClientGone:
+        return
+    except GenerationError as e:
+        if not sent:
+            raise
+        yield sse({"error": error_object(e.status, e.message)})
+    finally:
+        await payloads.aclose()
+    yield DONE
 
 
 class _LogProbs:
@@ -44,11 +86,6 @@ class _LogProbs:
                 "top_logprobs": None, "text_offset": self.text_offset[start:]}
 
 
-def _usage(job: Job) -> dict:
-    return {"prompt_tokens": job.num_prompt_tokens, "completion_tokens": job.num_completion_tokens,
-            "total_tokens": job.num_prompt_tokens + job.num_completion_tokens}
-
-
 def add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -60,32 +97,35 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         return _model(name, state.engine(name))
 
     @app.post("/v1/completions")
+    @app.post("/v2/completions")
     async def completions(request: Request) -> Response:
         req = parse_body(await request.body(), OpenAICompletionRequest)
         state.engine(req.model)
-        prompt, params = openai_prompt(req), sampling_params_openai(req)
-        job = state.start_job(request, req.model, prompt, params)
-        head = {"id": f"cmpl-{job.request_id.replace('-', '')}", "object": "text_completion",
+        prompt, params, n = openai_prompt(req), sampling_params_openai(req), completion_choices(req)
+        group = start_choices(state, request, req.model, prompt, params, n)
+        head = {"id": f"cmpl-{request.state.request_id.replace('-', '')}", "object": "text_completion",
                 "created": int(time.time()), "model": req.model}
         want_log_probs = params.return_token_log_probs
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            frames = _stream(job, head, want_log_probs, include_usage)
-            return await open_stream(job, state, frames) or Response(status_code=CLIENT_CLOSED)
-        log_probs, text = _LogProbs(), []
+            frames = openai_frames(_stream(group, head, want_log_probs, include_usage, n))
+            return await open_stream(group, state, frames) or Response(status_code=CLIENT_CLOSED)
+        log_probs, text = [_LogProbs() for _ in range(n)], [[] for _ in range(n)]
+        finish_reason: list[str | None] = [None] * n
         try:
-            async for out in job.outputs():
-                text.append(out.text)
-                log_probs.add(out)
+            async for i, out in group.outputs():
+                text[i].append(out.text)
+                log_probs[i].add(out)
+                finish_reason[i] = out.finish_reason
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         except GenerationError as e:
             raise ApiError(e.status, e.message) from None
         finally:
-            state.finish_job(job)
-        choice = {"index": 0, "text": "".join(text), "finish_reason": out.finish_reason,
-                  "logprobs": log_probs.since(0) if want_log_probs else None}
-        return JSONResponse({**head, "choices": [choice], "usage": _usage(job), "system_fingerprint": None})
+            group.close()
+        choices = [{"index": i, "text": "".join(text[i]), "finish_reason": finish_reason[i],
+                    "logprobs": log_probs[i].since(0) if want_log_probs else None} for i in range(n)]
+        return JSONResponse({**head, "choices": choices, "usage": group.usage(), "system_fingerprint": None})
 
 
 def _model(name: str, engine: ServedEngine) -> dict:
@@ -93,24 +133,16 @@ def _model(name: str, engine: ServedEngine) -> dict:
             "max_model_len": engine.max_model_len}
 
 
-async def _stream(job: Job, head: dict, want_log_probs: bool, include_usage: bool) -> AsyncIterator[bytes]:
-    log_probs, sent = _LogProbs(), False
-    try:
-        async for out in job.outputs():
-            start = len(log_probs.tokens)
-            log_probs.add(out)
-            if not out.text and not out.finished and not (want_log_probs and out.token_ids):
-                continue
-            choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
-                      "logprobs": log_probs.since(start) if want_log_probs else None}
-            yield sse({**head, "choices": [choice]})
-            sent = True
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": _usage(job)})
-    except ClientGone:
-        return
-    except GenerationError as e:
-        if not sent:
-            raise
-        yield sse({"error": {"message": e.message, "type": "server_error", "code": e.status}})
-    yield DONE
+async def _stream(group: ChoiceGroup, head: dict, want_log_probs: bool, include_usage: bool,
+                  n: int) -> AsyncIterator[dict]:
+    log_probs = [_LogProbs() for _ in range(n)]
+    async for i, out in group.outputs():
+        start = len(log_probs[i].tokens)
+        log_probs[i].add(out)
+        if not out.text and not out.finished and not (want_log_probs and out.token_ids):
+            continue
+        choice = {"index": i, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
+                  "logprobs": log_probs[i].since(start) if want_log_probs else None}
+        yield {**head, "choices": [choice]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": group.usage()}

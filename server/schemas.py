@@ -139,21 +139,45 @@ def openai_prompt(req: OpenAICompletionRequest) -> str | list[int]:
     return prompt
 
 
-def sampling_params_openai(req: OpenAICompletionRequest) -> SamplingParams:
-    unsupported = {"n": req.n not in (None, 1), "best_of": req.best_of not in (None, 1),
-                   "echo": bool(req.echo), "suffix": req.suffix is not None, "logit_bias": bool(req.logit_bias)}
-    for name, used in unsupported.items():
-        if used:
-            raise bad_request(f"{name} is not supported")
-    t = 1.0 if req.temperature is None else req.temperature
+def check_seed(seed: int | None) -> None:
+    _check_range("seed", seed, seed is None or -2 ** 63 <= seed < 2 ** 64, "a 64-bit integer")
+
+
+def openai_sampling(*, max_tokens: int, max_tokens_name: str = "max_tokens", temperature: float | None,
+                    top_p: float | None, stop: str | list[str] | None, presence_penalty: float | None,
+                    frequency_penalty: float | None, seed: int | None, log_probs: bool,
+                    ignore_eos: bool) -> SamplingParams:
+    """The sampling fields completions and chat completions share, with OpenAI's ranges and defaults."""
+    t = 1.0 if temperature is None else temperature
     _check_range("temperature", t, 0 <= t <= 2, "[0, 2]")
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    _check_range("max_tokens", max_tokens, max_tokens >= 1, "an integer >= 1")
-    lp = req.logprobs
-    _check_range("logprobs", lp, lp is not None and 0 <= lp <= 5, "0 to 5")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    _check_range(max_tokens_name, max_tokens, max_tokens >= 1, "an integer >= 1")
+    check_seed(seed)
+    stop_list = [stop] if isinstance(stop, str) else list(stop or [])
     return _runtime_params(
         max_new_tokens=max_tokens, temperature=t,
-        top_p=1.0 if req.top_p is None or t == 0 else req.top_p,  # greedy ignores top_p, as OpenAI does
-        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-        seed=req.seed, stop_sequences=stop, return_token_log_probs=lp is not None, ignore_eos=bool(req.ignore_eos))
+        top_p=1.0 if top_p is None or t == 0 else top_p,  # greedy ignores top_p, as OpenAI does
+        presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
+        seed=seed, stop_sequences=stop_list, return_token_log_probs=log_probs, ignore_eos=ignore_eos)
+
+
+def completion_choices(req: OpenAICompletionRequest) -> int:
+    """`n` of a completions request; `best_of` may only repeat it (we do not rank candidates)."""
+    n = 1 if req.n is None else req.n
+    if req.best_of is not None and req.best_of != n:
+        raise bad_request(f"best_of={req.best_of} is not supported: only best_of equal to n ({n}), since "
+                          "candidates are not ranked")
+    return n
+
+
+def sampling_params_openai(req: OpenAICompletionRequest) -> SamplingParams:
+    if req.suffix is not None:
+        raise bad_request("suffix is not supported: the models served here do not fill in the middle")
+    for name, used in {"echo": bool(req.echo), "logit_bias": bool(req.logit_bias)}.items():
+        if used:
+            raise bad_request(f"{name} is not supported")
+    lp = req.logprobs
+    _check_range("logprobs", lp, lp is not None and 0 <= lp <= 5, "0 to 5")
+    return openai_sampling(max_tokens=16 if req.max_tokens is None else req.max_tokens, temperature=req.temperature,
+                           top_p=req.top_p, stop=req.stop, presence_penalty=req.presence_penalty,
+                           frequency_penalty=req.frequency_penalty, seed=req.seed, log_probs=lp is not None,
+                           ignore_eos=bool(req.ignore_eos))

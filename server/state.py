@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from fastapi import Request
 
+from models.tokenizer import Tokenizer
 from runtime import RequestOutput, SamplingParams
 from server import logs
 from server.errors import ApiError
@@ -26,6 +27,7 @@ class ServedEngine(Protocol):
 
     name: str
     max_model_len: int
+    tokenizer: Tokenizer | None  # None: the model folder has no tokenizer (prompts must be token ids)
 
     def start(self) -> None: ...
 
@@ -115,22 +117,26 @@ class ServerState:
         return engines[name]
 
     # ---- admission and jobs --------------------------------------------------------------------------------
-    def start_job(self, request: Request, model: str, prompt: str | list[int], params: SamplingParams) -> Job:
-        """Admit a request (or 429/503 at once) and hand it to the engine; the caller must `finish_job`."""
+    def start_job(self, request: Request, model: str, prompt: str | list[int], params: SamplingParams, *,
+                  request_id: str | None = None, receive: Callable | None = None) -> Job:
+        """Admit a request (or 429/503 at once) and hand it to the engine; the caller must `finish_job`.
+        `request_id` and `receive` default to the HTTP request's (several engine requests for one HTTP
+        request, as OpenAI's `n`, give their own)."""
         engine = self.engine(model)  # 404 if it was unloaded meanwhile
         if self.draining:
             raise ApiError(503, "the server is shutting down")
         if len(self.jobs) >= self.max_queue:
             raise ApiError(429, f"too many requests in flight ({len(self.jobs)}, the limit is {self.max_queue}); "
                                 "retry later")
-        request_id = request.state.request_id
+        request_id = request_id or request.state.request_id
         try:
             outputs = engine.add_request(prompt, params, request_id=request_id)
         except ValueError as e:  # too long for the context, empty prompt, ...
             raise ApiError(400, str(e)) from None
         except RuntimeError as e:  # the engine is shutting down
             raise ApiError(503, str(e)) from None
-        job = Job(engine, request_id, outputs, request.receive, self.metrics.token_observer(model), model=model)
+        job = Job(engine, request_id, outputs, receive or request.receive, self.metrics.token_observer(model),
+                  model=model)
         self.jobs.add(job)
         self.metrics.in_flight.set(len(self.jobs))
         return job

@@ -5,8 +5,13 @@ Output for a prompt of N words: tokens " w0", " w1", ... (one per `delay` second
 Prompts that steer it:
 - "fail-after K ...": K tokens, then finished with finish_reason "error" (error "boom");
 - "raise-after K ...": K tokens, then the iterator raises RuntimeError;
+- "fail-others-after K ...": as fail-after, but a request whose id ends in "-0" (choice 0 of n) runs on;
 - "quiet ...": every other delta has a token but no text (the detokenizer holding bytes back).
-Each request holds 1 block, plus 1 per 4 tokens, until it finishes or is aborted.
+Each request holds 1 block, plus 1 per 4 tokens, until it finishes or is aborted. A prompt of token ids
+steers it as the words they encode (FakeTokenizer: one id per distinct word).
+
+`FakeEngine(chat_template="fake")` has a chat template: each message renders as "CONTENT <|ROLE|>", then
+"<|assistant|>"; without one, apply_chat_template raises as the real tokenizer does.
 """
 
 from __future__ import annotations
@@ -19,20 +24,43 @@ from types import SimpleNamespace
 from runtime import RequestOutput, SamplingParams
 
 
+class FakeTokenizer:
+    def __init__(self, chat_template: str | None = None) -> None:
+        self.chat_template = chat_template
+        self.eos_token_id = 0
+        self._ids: dict[str, int] = {}
+        self.special_tokens_added: list[bool] = []  # add_special_tokens of every encode() call
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.special_tokens_added.append(add_special_tokens)
+        return [self._ids.setdefault(word, len(self._ids) + 1) for word in text.split()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        words = {i: w for w, i in self._ids.items()}
+        return " ".join(words[i] for i in ids if i in words)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this fake tokenizer has no chat_template")
+        text = " ".join(f"{m['content']} <|{m['role']}|>" for m in messages)
+        return text + " <|assistant|>" if add_generation_prompt else text
+
+
 class FakeEngine:
-    def __init__(self, name: str = "fake", delay: float = 0.01, max_model_len: int = 64, blocks_total: int = 100):
+    def __init__(self, name: str = "fake", delay: float = 0.01, max_model_len: int = 64, blocks_total: int = 100,
+                 chat_template: str | None = None):
         self.name = name
         self.delay = delay
         self.max_model_len = max_model_len
         self.config = SimpleNamespace(max_position_embeddings=max_model_len, arch="fake")
-        self.tokenizer = SimpleNamespace(encode=lambda s, **_: list(range(len(s.split()))),
-                                         decode=lambda ids, **_: "".join(f" w{i}" for i in ids), eos_token_id=0)
+        self.tokenizer = FakeTokenizer(chat_template)
         self.blocks_total = blocks_total
         self._lock = threading.Lock()
         self._blocks: dict[str, int] = {}  # request id -> blocks held
         self._aborted: set[str] = set()
         self.aborts: list[str] = []  # every abort() call, in order
         self.requests: list[tuple[str | list[int], SamplingParams]] = []
+        self.request_ids: list[str] = []
         self.started = False
         self.shut_down = False
 
@@ -70,11 +98,15 @@ class FakeEngine:
         with self._lock:
             self._blocks[request_id] = 1
         self.requests.append((prompt, params))
-        return self._generate(request_id, prompt if isinstance(prompt, str) else "", n_prompt, params)
+        self.request_ids.append(request_id)
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+        return self._generate(request_id, text, n_prompt, params)
 
     async def _generate(self, rid: str, prompt: str, n_prompt: int, params: SamplingParams):
         words = prompt.split()
-        fail_at = int(words[1]) if words and words[0] in ("fail-after", "raise-after") else None
+        steered = len(words) > 1 and (words[0] in ("fail-after", "raise-after")
+                                      or words[0] == "fail-others-after" and not rid.endswith("-0"))
+        fail_at = int(words[1]) if steered else None
         n = 0
         try:
             while True:

@@ -106,8 +106,8 @@ def test_openai_client_completions(llm_server):
         client.completions.create(model="nope", prompt="a", max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL, prompt="a", max_tokens=1, temperature=2.5)
-    with pytest.raises(openai.BadRequestError, match="n is not supported"):
-        client.completions.create(model=MODEL, prompt="a", max_tokens=1, n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of=3 is not supported"):
+        client.completions.create(model=MODEL, prompt="a", max_tokens=1, n=2, best_of=3)
 
 
 def test_openai_raw_stream_ends_with_done(llm_server):
