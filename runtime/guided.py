@@ -1,0 +1,333 @@
+"""Guided (structured) decoding over llguidance: a request's JSON schema, regex, choice list or grammar
+becomes a matcher whose token mask is applied to the logits before sampling.
+
+    info = tokenizer_info(tokenizer, config.vocab_size, stop_ids)  # once per model (~1.5 s), then cached
+    constraint = compile_constraint("json", schema, info)          # ValueError if invalid; cached by spec
+    matcher = constraint.matcher()                                 # one per request (a copy: microseconds)
+    apply_token_masks(logits, [matcher or None per row])           # each step, on the raw logits
+    matcher.advance(token)                                         # after sampling; is_finished(): "stop"
+
+Kinds: "json" (a JSON schema; `{"type": "object"}` is OpenAI's json_object), "regex" (Rust `regex` syntax,
+matched in full), "choice" (exactly one of a list of strings) and "grammar" (llguidance's Lark dialect,
+vLLM's `?start: ...` grammars included, or GBNF with `root ::= ...`). JSON allows whitespace between tokens,
+but at most one newline and 32 spaces or tabs in a row, so a small model cannot pad forever; a schema's own
+"x-guidance" settings replace that. The masks allow the stop tokens only where the constraint is complete;
+once it can take nothing else, `is_finished()` is true and the request ends with finish reason "stop".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from copy import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import llguidance
+import llguidance.torch as llg_torch
+import torch
+import torch.nn.functional as F
+
+from models.tokenizer import Tokenizer
+
+GUIDED_KINDS = ("json", "regex", "choice", "grammar")
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+JSON_WHITESPACE = r"[ \t]{1,32}|\r?\n[ \t]{0,32}"  # one run of blanks, or a newline and an indent
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False)  # errors name the problem, not the parser state
+_GBNF = re.compile(r"^\s*[A-Za-z_][\w-]*\s*::=", re.MULTILINE)
+_CACHE_SIZE = 256
+assert sys.byteorder == "little", "the bitmask is read as bytes, lowest token first"
+
+
+class GuidedDecodingError(RuntimeError):
+    """A token the constraint does not allow was fed to a matcher (after masking this is an engine bug)."""
+
+
+@dataclass(eq=False)
+class TokenizerInfo:
+    """llguidance's view of one model's tokenizer; masks have `vocab_size` columns (the logits' width)."""
+
+    ll_tokenizer: llguidance.LLTokenizer
+    vocab_size: int
+    stop_token_ids: tuple[int, ...]
+    _constraints: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def bitmask_words(self) -> int:
+        return (self.vocab_size + 31) // 32
+
+
+_INFOS: dict[tuple, TokenizerInfo] = {}
+_INFOS_LOCK = threading.Lock()
+
+
+def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> TokenizerInfo:
+    """Build (once per folder, vocab size and stop tokens; later calls return the cached one) what
+    llguidance needs. `vocab_size`: the model's logits width (config.vocab_size); columns past the
+    tokenizer's vocabulary are never allowed. Works for tokenizer.json and sentencepiece folders."""
+    stops = tuple(sorted({int(t) for t in stop_token_ids}))
+    key = (str(tokenizer.folder.resolve()), vocab_size, stops)
+    with _INFOS_LOCK:  # one build at a time: it takes a second or two
+        if key not in _INFOS:
+            n_vocab = max(vocab_size, tokenizer.vocab_size)
+            if tokenizer._hf is not None:
+                hf = copy(tokenizer._hf)  # llguidance reads the JSON; padding or truncation would change it
+                hf.no_padding()
+                hf.no_truncation()
+                source: Any = hf.to_str()
+            else:
+                source = llguidance.TokenizerWrapper(_SentencePieceTokens(tokenizer, n_vocab))
+            ll = llguidance.LLTokenizer(source, n_vocab=n_vocab, eos_token=list(stops) or None)
+            _INFOS[key] = TokenizerInfo(ll, n_vocab, stops)
+        return _INFOS[key]
+
+
+class _SentencePieceTokens:
+    """The fields llguidance.TokenizerWrapper reads: each id's bytes, the special ids, and an encoder."""
+
+    def __init__(self, tokenizer: Tokenizer, n_vocab: int):
+        sp = tokenizer._sp
+        self._sp = sp
+        self.tokens = [_piece_bytes(sp, i) for i in range(sp.get_piece_size())]
+        self.tokens += [b""] * (n_vocab - len(self.tokens))  # ids the model has and the tokenizer lacks
+        self.eos_token_id = tokenizer.eos_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.special_token_ids = sorted(tokenizer.special_token_ids)
+        self._prefix = sp.encode("\x02")
+
+    def __call__(self, text: str) -> list[int]:
+        """`text`'s tokens mid-sequence (llguidance forces these): sentencepiece would put a "▁" in front of
+        the text, so encode it after a control character and drop that character's tokens."""
+        ids = self._sp.encode("\x02" + text)
+        n = len(self._prefix)
+        return ids[n:] if ids[:n] == self._prefix else self._sp.encode(text)
+
+
+def _piece_bytes(sp, i: int) -> bytes:
+    piece = sp.id_to_piece(i)
+    if sp.is_byte(i):  # byte fallback: "<0x0A>"
+        return bytes([int(piece[3:5], 16)])
+    if sp.is_control(i) or sp.is_unknown(i):
+        return piece.encode()
+    return piece.replace("\u2581", " ").encode()
+
+
+@dataclass(frozen=True, eq=False)
+class Constraint:
+    """A compiled constraint: make one matcher per request from it (any thread)."""
+
+    kind: str
+    info: TokenizerInfo
+    _prototype: llguidance.LLMatcher = field(repr=False)
+
+    def matcher(self) -> GuidedMatcher:
+        return GuidedMatcher(self._prototype.deep_copy(), self.info)
+
+
+def compile_constraint(kind: str, spec: Any, info: TokenizerInfo) -> Constraint:
+    """Validate and compile one constraint; ValueError naming the problem if it is not valid. Cached by
+    (kind, spec) per tokenizer: a repeated schema costs a dict look-up."""
+    if kind not in GUIDED_KINDS:
+        raise ValueError(f"unknown guided decoding kind {kind!r}: accepted {', '.join(GUIDED_KINDS)}")
+    grammar_text = _grammar(kind, spec)
+    key = (kind, grammar_text)
+    with info._lock:
+        if key in info._constraints:
+            info._constraints.move_to_end(key)
+            return info._constraints[key]
+    prototype = llguidance.LLMatcher(info.ll_tokenizer, grammar_text, log_level=0, limits=_LIMITS)
+    if prototype.is_error():
+        what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}[kind]
+        raise ValueError(f"invalid {what}: {prototype.get_error().strip()}")
+    constraint = Constraint(kind, info, prototype)
+    with info._lock:
+        info._constraints[key] = constraint
+        if len(info._constraints) > _CACHE_SIZE:
+            info._constraints.popitem(last=False)
+    return constraint
+
+
+def _grammar(kind: str, spec: Any) -> str:
+    """llguidance's grammar text for a spec (cheap: compiling happens in the matcher)."""
+    if kind == "json":
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"invalid JSON schema: not JSON ({e})") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"invalid JSON schema: expected an object, got {type(spec).__name__}")
+        defaults = None if "x-guidance" in spec else {"whitespace_pattern": JSON_WHITESPACE}
+        return llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=defaults)
+    if kind == "regex":
+        if not isinstance(spec, str):
+            raise ValueError(f"invalid regex: expected a string, got {type(spec).__name__}")
+        return llguidance.LLMatcher.grammar_from_regex(spec)
+    if kind == "choice":
+        if not isinstance(spec, (list, tuple)) or not spec:
+            raise ValueError("invalid choice: expected a non-empty list of strings")
+        bad = [c for c in spec if not isinstance(c, str) or not c]
+        if bad:
+            raise ValueError(f"invalid choice: every choice must be a non-empty string, got {bad[0]!r}")
+        return llguidance.grammar_from("choice", json.dumps(list(dict.fromkeys(spec))))  # quoted Lark literals
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("invalid grammar: expected a non-empty Lark or GBNF grammar string")
+    if _GBNF.search(spec):
+        try:
+            return llguidance.grammar_from("gbnf", spec)
+        except ValueError as e:
+            raise ValueError(f"invalid grammar: {e}") from None
+    return llguidance.LLMatcher.grammar_from_lark(spec)
+
+
+class GuidedMatcher:
+    """One request's position in its constraint. Not thread-safe: the engine's thread drives it."""
+
+    __slots__ = ("_matcher", "info")
+
+    def __init__(self, matcher: llguidance.LLMatcher, info: TokenizerInfo):
+        self._matcher = matcher
+        self.info = info
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
+        """Write the allowed next tokens into row `row` of an int32 CPU bitmask `[rows, bitmask_words]`
+        (bit t % 32 of word t // 32 set = token t allowed)."""
+        llg_torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+
+    def allowed_token_ids(self) -> list[int]:
+        """The allowed next tokens, as a list (for tests and debugging; the engine uses the bitmask)."""
+        bitmask = torch.empty(1, self.info.bitmask_words, dtype=torch.int32)
+        self.fill_bitmask(bitmask)
+        return _unpack(bitmask)[0, :self.info.vocab_size].nonzero().flatten().tolist()
+
+    def advance(self, token_id: int) -> None:
+        """Consume one sampled token; GuidedDecodingError if the constraint does not allow it."""
+        if not self._matcher.consume_token(int(token_id)):
+            raise GuidedDecodingError(f"token {int(token_id)} breaks the constraint: {self._matcher.get_error()}")
+
+    def advance_many(self, token_ids: Sequence[int]) -> int:
+        """Consume the longest allowed prefix of `token_ids`; returns its length (the rest is left)."""
+        return self._matcher.try_consume_tokens([int(t) for t in token_ids])
+
+    def valid_prefix_len(self, token_ids: Sequence[int]) -> int:
+        """How many leading `token_ids` the constraint would accept from here (no state change): trims
+        speculative proposals before they cost a forward pass."""
+        return self._matcher.validate_tokens([int(t) for t in token_ids])
+
+    def rollback(self, num_tokens: int) -> None:
+        if not self._matcher.rollback(num_tokens):
+            raise GuidedDecodingError(f"cannot roll back {num_tokens} tokens: {self._matcher.get_error()}")
+
+    def is_accepting(self) -> bool:
+        """The text so far is complete (a stop token is allowed now), though it may go on."""
+        return self._matcher.is_accepting()
+
+    def is_finished(self) -> bool:
+        """The constraint is complete and allows nothing more: end the request with "stop"."""
+        return self._matcher.is_stopped() and not self._matcher.is_error()
+
+
+# -- masks for a batch ------------------------------------------------------------------------------------
+_EXECUTOR: llguidance.LLExecutor | None = None
+_BIAS_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def apply_token_masks(logits: torch.Tensor, matchers: Sequence[GuidedMatcher | None],
+                      draft_tokens: Sequence[Sequence[int]] | None = None) -> None:
+    """Set to -inf, in place, the logits each row's constraint forbids; rows of `None` are not touched.
+
+    logits `[rows, V]` (CPU or CUDA, any float dtype). Without `draft_tokens`, row i belongs to matchers[i].
+    With them (speculative verification), request i owns 1 + len(draft_tokens[i]) consecutive rows, and its
+    row j is masked as after draft_tokens[i][:j]; rows past its first disallowed draft are left open (the
+    verifier rejects that draft, so they are never used). The masks are computed on the CPU (in parallel
+    for several rows), copied once, and added as a 0/-inf bias to the guided rows in one operation.
+    """
+    counts = [1] * len(matchers) if draft_tokens is None else [1 + len(d) for d in draft_tokens]
+    rows: list[int] = []
+    jobs = []
+    start = 0
+    for i, (matcher, n) in enumerate(zip(matchers, counts)):
+        if matcher is not None:
+            jobs.append((matcher._matcher, len(rows), list(draft_tokens[i]) if draft_tokens else []))
+            rows.extend(range(start, start + n))
+        start += n
+    if not jobs:
+        return
+    if start != logits.shape[0]:
+        raise ValueError(f"{start} rows of logits expected, got {logits.shape[0]}")
+    info = matchers[next(i for i, m in enumerate(matchers) if m is not None)].info
+    cuda = logits.device.type == "cuda"
+    bitmask = torch.full((len(rows), info.bitmask_words), -1, dtype=torch.int32, pin_memory=cuda)
+    plain = [job[:2] for job in jobs if not job[2]]
+    drafted = [job for job in jobs if job[2]]  # llguidance's draft version takes no empty draft list
+    if len(plain) == 1 and not drafted:
+        llg_torch.fill_next_token_bitmask(plain[0][0], bitmask, 0)
+    elif plain:
+        llg_torch.fill_next_token_bitmask_par(_executor(), plain, bitmask)
+    if drafted:
+        llg_torch.fill_next_token_bitmask_par_with_draft_tokens(_executor(), drafted, bitmask)
+    apply_bitmask(logits, bitmask, rows)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """Add -inf to logits[rows[k], t] where bit t of bitmask[k] is clear; other rows stay bit-identical."""
+    vocab = logits.shape[1]
+    key = (logits.device, logits.dtype)
+    if key not in _BIAS_TABLES:  # byte value -> its 8 tokens' bias (0 allowed, -inf forbidden)
+        _BIAS_TABLES[key] = torch.zeros(256, 8, dtype=logits.dtype).masked_fill_(
+            _unpack(torch.arange(256, dtype=torch.uint8)[:, None]).logical_not(), float("-inf")).to(logits.device)
+    as_bytes = bitmask.to(logits.device, non_blocking=True).view(torch.uint8).long()
+    bias = F.embedding(as_bytes, _BIAS_TABLES[key]).view(len(rows), -1)
+    if bias.shape[1] < vocab:
+        raise ValueError(f"the bitmask covers {bias.shape[1]} tokens, the logits have {vocab}")
+    bias = bias[:, :vocab]
+    if len(rows) == logits.shape[0]:  # every row guided (rows are ascending and distinct)
+        logits.add_(bias)
+    else:
+        logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
+
+
+def _unpack(bitmask: torch.Tensor) -> torch.Tensor:
+    """bool `[rows, 32 * words]` (or 8 per byte for uint8) from a packed bitmask, lowest bit first."""
+    bits = 8 * bitmask.element_size()
+    shifts = torch.arange(bits, dtype=bitmask.dtype if bits == 32 else torch.int32)
+    return ((bitmask.to(shifts.dtype).unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1).bool()
+
+
+def _executor() -> llguidance.LLExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = llguidance.LLExecutor()
+    return _EXECUTOR
+
+
+# -- request fields -------------------------------------------------------------------------------------------
+def guided_spec(response_format: dict | None = None, **fields: Any) -> tuple[str, Any] | None:
+    """(kind, spec) from a request's fields, or None: the v1 / vLLM `guided_json`, `guided_regex`,
+    `guided_choice`, `guided_grammar` (None = absent) and OpenAI's `response_format`. ValueError for
+    more than one, an unknown field, or a response_format that is not text, json_object or json_schema."""
+    unknown = set(fields) - set(GUIDED_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown guided decoding field {sorted(unknown)[0]!r}: accepted {', '.join(GUIDED_FIELDS)}")
+    given = [(name, GUIDED_FIELDS[name], spec) for name, spec in fields.items() if spec is not None]
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_object":
+            given.append(("response_format", "json", {"type": "object"}))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if schema is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            given.append(("response_format", "json", schema))
+        elif kind != "text":
+            raise ValueError(f"response_format type {kind!r} is not supported: accepted text, json_object, "
+                             "json_schema")
+    if len(given) > 1:
+        raise ValueError(f"at most one guided decoding field per request, got {', '.join(g[0] for g in given)}")
+    return given[0][1:] if given else None
