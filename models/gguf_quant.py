@@ -84,15 +84,20 @@ def rotary_heads_for(name: str, config: dict) -> int | None:
     return None
 
 
-def quantized_linear_from_gguf(tensor, config: dict | None = None, bias: torch.Tensor | None = None,
-                               device: str | torch.device = "cpu") -> QuantizedLinear:
-    """A QuantizedLinear holding a Q4_0/Q4_1/Q8_0 GGUF tensor, built on `device`. `config` (models/gguf.py's
-    llama_config) is needed for attn_q / attn_k, whose rows get un-permuted."""
-    heads = rotary_heads_for(tensor.name, config) if config is not None else None
-    if heads is None and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
-        raise ValueError(f"{tensor.name}: pass the model config to undo llama.cpp's rotary row order")
-    weights = gguf_int_weights(tensor, heads)
+def concat_rows(parts: list[GGUFIntWeights]) -> GGUFIntWeights:
+    """Stack tensors of one kind along N, for fused projections (q; k; v -> qkv_proj, gate; up -> gate_up_proj).
+    Parts of different kinds (say Q4_1 q with a Q8_0 v) cannot share one layer: dequantize those instead."""
+    first = parts[0]
+    if any(p.mode != first.mode or p.group_size != first.group_size for p in parts):
+        raise ValueError(f"cannot fuse {[p.mode for p in parts]} rows into one quantized layer")
+    zero = None if first.zero is None else np.concatenate([p.zero for p in parts])
+    return GGUFIntWeights(first.mode, np.concatenate([p.q for p in parts]), np.concatenate([p.scale for p in parts]),
+                          zero, first.group_size)
 
+
+def quantized_linear(weights: GGUFIntWeights, bias: torch.Tensor | None = None,
+                     device: str | torch.device = "cpu") -> QuantizedLinear:
+    """The QuantizedLinear of an integer form, built on `device` (its kernels are chosen by the device)."""
     def to_torch(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
@@ -100,3 +105,13 @@ def quantized_linear_from_gguf(tensor, config: dict | None = None, bias: torch.T
         return QuantizedLinear.from_int8(to_torch(weights.q), to_torch(weights.scale), weights.group_size, bias)
     return QuantizedLinear.from_int4(to_torch(weights.q), to_torch(weights.scale), to_torch(weights.zero),
                                      weights.group_size, bias)
+
+
+def quantized_linear_from_gguf(tensor, config: dict | None = None, bias: torch.Tensor | None = None,
+                               device: str | torch.device = "cpu") -> QuantizedLinear:
+    """A QuantizedLinear holding one Q4_0/Q4_1/Q8_0 GGUF tensor. `config` (models/gguf.py's llama_config) is
+    needed for attn_q / attn_k, whose rows get un-permuted."""
+    heads = rotary_heads_for(tensor.name, config) if config is not None else None
+    if heads is None and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
+        raise ValueError(f"{tensor.name}: pass the model config to undo llama.cpp's rotary row order")
+    return quantized_linear(gguf_int_weights(tensor, heads), bias, device)

@@ -119,7 +119,7 @@ class QuantizedLinear(nn.Module):
         group_size = group_size or k
         if k % group_size:
             raise ValueError(f"group_size {group_size} does not divide K={k}")
-        wg = w.view(n, k // group_size, group_size)
+        wg = w.reshape(n, k // group_size, group_size)
         if mode == "int8":
             scale = wg.abs().amax(-1) / 127
             scale = _stored(scale, _scale_dtype(backend, scale))

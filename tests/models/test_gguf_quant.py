@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 from models.gguf import to_hf_tensor
-from models.gguf_quant import gguf_int_weights, quantized_linear_from_gguf
+from models.gguf_quant import concat_rows, gguf_int_weights, quantized_linear, quantized_linear_from_gguf
 
 TYPES = [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0]
 CONFIG = {"num_attention_heads": 4, "num_key_value_heads": 2}
@@ -101,6 +101,19 @@ def test_rotary_rows_match_the_float_import(gguf_file, name):
     np.testing.assert_array_less(np.abs(layer.dequantize().numpy() - expected), (BF16_U + FP32_ULPS) * terms + 1e-30)
     with pytest.raises(ValueError, match="config"):
         quantized_linear_from_gguf(tensor)
+
+
+def test_fused_rows(gguf_file):
+    """A Q4_1 q projection (rows un-permuted) and another Q4_1 tensor stacked along N, as for qkv_proj."""
+    q_proj, other = gguf_file["blk.0.attn_q.weight"], gguf_file["blk.0.Q4_1.weight"]
+    parts = [gguf_int_weights(q_proj, CONFIG["num_attention_heads"]), gguf_int_weights(other)]
+    fused = concat_rows(parts)
+    layer = quantized_linear(fused)
+    expected = np.concatenate([to_hf_tensor(q_proj, CONFIG), reference(other)])
+    terms = np.concatenate([int_form(p)[1] for p in parts])
+    np.testing.assert_array_less(np.abs(layer.dequantize().numpy() - expected), (BF16_U + FP32_ULPS) * terms + 1e-30)
+    with pytest.raises(ValueError, match="fuse"):
+        concat_rows([parts[0], gguf_int_weights(gguf_file["blk.0.Q8_0.weight"])])
 
 
 def test_other_types_are_refused(tmp_path):
