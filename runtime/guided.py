@@ -9,7 +9,7 @@ becomes a matcher whose token mask is applied to the logits before sampling.
 
 Kinds: "json" (a JSON schema; `{"type": "object"}` is OpenAI's json_object), "regex" (Rust `regex` syntax,
 matched in full), "choice" (exactly one of a list of strings) and "grammar" (llguidance's Lark dialect,
-vLLM's `?start: ...` grammars included, or GBNF with `root ::= ...`). JSON allows whitespace between tokens,
+vLLM's `?start: ...` grammars included, or GBNF with `root ::= ...`). JSON may have whitespace between values,
 but at most one newline and 32 spaces or tabs in a row, so a small model cannot pad forever; a schema's own
 "x-guidance" settings replace that. The masks allow the stop tokens only where the constraint is complete;
 once it can take nothing else, `is_finished()` is true and the request ends with finish reason "stop".
@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from copy import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +36,7 @@ from models.tokenizer import Tokenizer
 
 GUIDED_KINDS = ("json", "regex", "choice", "grammar")
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-JSON_WHITESPACE = r"[ \t]{1,32}|\r?\n[ \t]{0,32}"  # one run of blanks, or a newline and an indent
+JSON_WHITESPACE = r"(?:[ \t]{1,32}|\r?\n[ \t]{0,32})"  # one run of blanks, or a newline and an indent
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)  # errors name the problem, not the parser state
 _GBNF = re.compile(r"^\s*[A-Za-z_][\w-]*\s*::=", re.MULTILINE)
 _CACHE_SIZE = 256
@@ -66,7 +66,7 @@ _INFOS: dict[tuple, TokenizerInfo] = {}
 _INFOS_LOCK = threading.Lock()
 
 
-def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> TokenizerInfo:
+def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Iterable[int]) -> TokenizerInfo:
     """Build (once per folder, vocab size and stop tokens; later calls return the cached one) what
     llguidance needs. `vocab_size`: the model's logits width (config.vocab_size); columns past the
     tokenizer's vocabulary are never allowed. Works for tokenizer.json and sentencepiece folders."""
@@ -134,7 +134,11 @@ def compile_constraint(kind: str, spec: Any, info: TokenizerInfo) -> Constraint:
     (kind, spec) per tokenizer: a repeated schema costs a dict look-up."""
     if kind not in GUIDED_KINDS:
         raise ValueError(f"unknown guided decoding kind {kind!r}: accepted {', '.join(GUIDED_KINDS)}")
-    grammar_text = _grammar(kind, spec)
+    what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}[kind]
+    try:
+        grammar_text = _grammar(kind, spec)
+    except ValueError as e:
+        raise ValueError(f"invalid {what}: {e}") from None
     key = (kind, grammar_text)
     with info._lock:
         if key in info._constraints:
@@ -142,7 +146,6 @@ def compile_constraint(kind: str, spec: Any, info: TokenizerInfo) -> Constraint:
             return info._constraints[key]
     prototype = llguidance.LLMatcher(info.ll_tokenizer, grammar_text, log_level=0, limits=_LIMITS)
     if prototype.is_error():
-        what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}[kind]
         raise ValueError(f"invalid {what}: {prototype.get_error().strip()}")
     constraint = Constraint(kind, info, prototype)
     with info._lock:
@@ -153,35 +156,33 @@ def compile_constraint(kind: str, spec: Any, info: TokenizerInfo) -> Constraint:
 
 
 def _grammar(kind: str, spec: Any) -> str:
-    """llguidance's grammar text for a spec (cheap: compiling happens in the matcher)."""
+    """llguidance's grammar text for a spec (cheap: compiling happens in the matcher); ValueError if the
+    spec is not of the right type."""
     if kind == "json":
         if isinstance(spec, str):
             try:
                 spec = json.loads(spec)
             except json.JSONDecodeError as e:
-                raise ValueError(f"invalid JSON schema: not JSON ({e})") from None
+                raise ValueError(f"not JSON ({e})") from None
         if not isinstance(spec, dict):
-            raise ValueError(f"invalid JSON schema: expected an object, got {type(spec).__name__}")
+            raise ValueError(f"expected an object, got {type(spec).__name__}")
         defaults = None if "x-guidance" in spec else {"whitespace_pattern": JSON_WHITESPACE}
         return llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=defaults)
     if kind == "regex":
         if not isinstance(spec, str):
-            raise ValueError(f"invalid regex: expected a string, got {type(spec).__name__}")
+            raise ValueError(f"expected a string, got {type(spec).__name__}")
         return llguidance.LLMatcher.grammar_from_regex(spec)
     if kind == "choice":
         if not isinstance(spec, (list, tuple)) or not spec:
-            raise ValueError("invalid choice: expected a non-empty list of strings")
+            raise ValueError("expected a non-empty list of strings")
         bad = [c for c in spec if not isinstance(c, str) or not c]
         if bad:
-            raise ValueError(f"invalid choice: every choice must be a non-empty string, got {bad[0]!r}")
+            raise ValueError(f"every choice must be a non-empty string, got {bad[0]!r}")
         return llguidance.grammar_from("choice", json.dumps(list(dict.fromkeys(spec))))  # quoted Lark literals
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("invalid grammar: expected a non-empty Lark or GBNF grammar string")
-    if _GBNF.search(spec):
-        try:
-            return llguidance.grammar_from("gbnf", spec)
-        except ValueError as e:
-            raise ValueError(f"invalid grammar: {e}") from None
+        raise ValueError("expected a non-empty Lark or GBNF grammar string")
+    if _GBNF.search(spec):  # llguidance's converter (its own check looks for `start:`, not `?start:`)
+        return llguidance.grammar_from("gbnf", spec)
     return llguidance.LLMatcher.grammar_from_lark(spec)
 
 

@@ -41,8 +41,8 @@ def closer_bias(tokenizer, info) -> torch.Tensor:
     """The test model's only preference: tokens that close a string, group, object or array, and the stop tokens,
     so that random walks through unbounded strings end within a few hundred tokens."""
     bias = torch.zeros(info.vocab_size)
-    for i in range(tokenizer.vocab_size):
-        if any(c in tokenizer.decode([i]) for c in '"})]'):
+    for i in range(tokenizer.vocab_size):  # byte-level pieces spell these four characters as themselves
+        if any(c in tokenizer.id_to_token(i) for c in '"})]'):
             bias[i] = 6.0
     bias[list(info.stop_token_ids)] = 6.0
     return bias
