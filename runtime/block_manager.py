@@ -122,6 +122,14 @@ class BlockManager:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back `seq`'s blocks that lie entirely past its first `num_tokens` tokens, last first (speculative
+        decoding's rollback of rejected proposals). Those blocks hold no computed token, so none is registered."""
+        keep = -(-num_tokens // self.block_size)
+        assert keep >= seq.num_hashed_blocks, "truncating into blocks the prefix cache has seen"
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s reference to each of its blocks, last first; a block nobody references becomes
         evictable if registered, free otherwise."""

@@ -1,8 +1,14 @@
 """The synchronous engine: requests in, one step at a time, token deltas out.
 
 `Engine.step()` expires requests past their deadline, asks the scheduler for a batch, runs it, samples,
-and turns each new token into a `RequestOutput` delta (stop tokens, stop strings, max_new_tokens). The
+and turns each step's new tokens into a `RequestOutput` delta (stop tokens, stop strings, max_new_tokens). The
 async engine runs it on a background thread; `LLM` runs it in a plain loop.
+
+With `speculative` ("ngram" or a draft model), sequences in decode propose up to k tokens and the target
+checks them in the same forward pass (runtime/spec_step.py): a step may then emit several tokens per request,
+appended one by one, the first that ends the request dropping the rest. The rejected proposals' K/V lies past
+the new length: the blocks entirely past it go back to the pool at once, and the slots in the last kept block
+are overwritten by the next tokens; blocks are registered in the prefix cache only after that rollback.
 
 A model folder without tokenizer files (the tiny test checkpoints) still serves token-id prompts: the
 deltas then carry token ids and empty text, and string prompts or stop strings are rejected.
@@ -29,11 +35,13 @@ from runtime.params import SamplingParams
 from runtime.sampler import Sampler
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence
+from runtime.spec_step import make_speculator
 
 logger = logging.getLogger("runtime")
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 COUNTERS = ("requests_added", "steps", "failed_steps", "tokens_computed", "tokens_generated",
-            *(f"finished_{reason}" for reason in FINISH_REASONS))
+            *(f"finished_{reason}" for reason in FINISH_REASONS),
+            "spec_proposed_tokens", "spec_accepted_tokens", "spec_steps")  # spec_steps: sequence-steps that proposed
 
 
 @dataclass
@@ -62,7 +70,11 @@ class Engine:
     def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto",
                  kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 progress: bool = False, compile: bool = False, enable_prefix_caching: bool = True):
+                 progress: bool = False, compile: bool = False, enable_prefix_caching: bool = True,
+                 speculative: str | Path | None = None, num_speculative_tokens: int = 4, prompt_lookup_min: int = 1,
+                 prompt_lookup_max: int = 4):
+        """`speculative`: None, "ngram" (prompt lookup, `prompt_lookup_min..max`-token patterns) or a draft
+        model's zoo name or folder; up to `num_speculative_tokens` proposals per sequence and step."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -88,11 +100,15 @@ class Engine:
                                            gpu_memory_utilization, reserve)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching,
                                           cache_salt=f"{model_dir.resolve()}:{self.dtype}")
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, block_size, compile_decode=compile)
         self.sampler = Sampler()
         self.cache_tokens = num_blocks * block_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_tokens)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.speculator = make_speculator(speculative, num_speculative_tokens, prompt_lookup_min, prompt_lookup_max,
+                                          self)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   self.speculator.lookahead if self.speculator else None)
         self.requests: dict[str, Sequence] = {}
         # Every key exists from the start, so stats() has a fixed shape and no key appears mid-read.
         self.counters: Counter[str] = Counter({key: 0 for key in COUNTERS})
@@ -157,7 +173,7 @@ class Engine:
         The prompts span more than one cache block: torch.compile specialises sizes 0 and 1, so a warm-up
         whose block tables were one block wide would leave the general graph to compile mid-request.
         """
-        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True, speculate=False)  # plain decode steps
         for batch in (1, 2):
             for i in range(batch):
                 prompt = [0] * (2 * self.block_manager.block_size + i)
@@ -178,45 +194,77 @@ class Engine:
             return outputs
         self.counters["steps"] += 1
         try:
-            sampling, logits = self.runner.execute(batch)
-            tokens, log_probs = self.sampler(logits, sampling) if sampling else ([], [])
+            draft_probs = None
+            if self.speculator is not None:
+                batch, draft_probs = self.speculator.propose(batch)
+            sampling, logits, num_rows = self.runner.execute(batch)
+            if self.speculator is not None:
+                tokens, log_probs = self.speculator.verify(sampling, logits, num_rows, draft_probs)
+            else:
+                flat_tokens, flat_log_probs = self.sampler(logits, sampling) if sampling else ([], [])
+                tokens, log_probs = [[t] for t in flat_tokens], [[lp] for lp in flat_log_probs]
         except Exception as e:  # the whole step failed: fail its requests, keep serving the others
             logger.exception("engine step failed; failing its %d requests", len(batch))
             self.counters["failed_steps"] += 1
+            for seq, _ in batch:
+                seq.draft_token_ids = []
             return outputs + [self._finish(seq, "error", f"{type(e).__name__}: {e}") for seq, _ in batch]
+        emitted = {seq: (t, lp) for seq, t, lp in zip(sampling, tokens, log_probs)}
         for seq, n in batch:
             seq.num_computed_tokens += n
             self.counters["tokens_computed"] += n
-            self.block_manager.cache_full_blocks(seq)
-        for seq, token, log_prob in zip(sampling, tokens, log_probs):
+            if seq not in emitted:  # mid-prefill
+                self.block_manager.cache_full_blocks(seq)
+                continue
+            seq_tokens, seq_log_probs = emitted[seq]
+            if seq.draft_token_ids:  # the last token and the accepted proposals have valid K/V; not the rest
+                num_accepted = len(seq_tokens) - 1
+                seq.num_computed_tokens -= len(seq.draft_token_ids) - num_accepted
+                self.counters["spec_proposed_tokens"] += len(seq.draft_token_ids)
+                self.counters["spec_accepted_tokens"] += num_accepted
+                self.counters["spec_steps"] += 1
+                seq.draft_token_ids = []
             try:
-                outputs.append(self._append_token(seq, token, log_prob))
+                outputs.append(self._append_tokens(seq, seq_tokens, seq_log_probs))
             except Exception as e:  # one request's bookkeeping failed: only that request fails
                 logger.exception("request %s failed", seq.request_id)
                 outputs.append(self._finish(seq, "error", f"{type(e).__name__}: {e}"))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, log_prob: float) -> RequestOutput:
+    def _append_tokens(self, seq: Sequence, tokens: list[int], log_probs: list[float]) -> RequestOutput:
+        """Append a step's emitted tokens one by one: the first that ends the request (stop token, stop
+        string, max_new_tokens) drops the rest. Then give back the blocks past the K/V still valid, register
+        the full ones in the prefix cache, and free them all if the request ended."""
         p = seq.params
-        seq.output_token_ids.append(token)
-        self.counters["tokens_generated"] += 1
-        reason = None
-        if token in self.stop_token_ids and not p.ignore_eos:
-            # The stop token's own text only with include_stop_str_in_output (and specials not skipped).
-            text = seq.text.add(token)[0] if p.include_stop_str_in_output else ""
-            text += seq.text.flush()
-            reason = "stop"
-        else:
-            text, stopped = seq.text.add(token)
-            if stopped:
-                reason = "stop"
-            elif len(seq.output_token_ids) >= p.max_new_tokens:
+        text, reason, kept = "", None, 0
+        for token in tokens:
+            seq.output_token_ids.append(token)
+            self.counters["tokens_generated"] += 1
+            kept += 1
+            if token in self.stop_token_ids and not p.ignore_eos:
+                # The stop token's own text only with include_stop_str_in_output (and specials not skipped).
+                text += seq.text.add(token)[0] if p.include_stop_str_in_output else ""
                 text += seq.text.flush()
-                reason = "length"
+                reason = "stop"
+            else:
+                delta, stopped = seq.text.add(token)
+                text += delta
+                if stopped:
+                    reason = "stop"
+                elif len(seq.output_token_ids) >= p.max_new_tokens:
+                    text += seq.text.flush()
+                    reason = "length"
+            if reason is not None:
+                break
+        # Accepted proposals after a stop were computed but are not tokens of the sequence.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+        self.block_manager.truncate(seq, seq.num_computed_tokens)
+        self.block_manager.cache_full_blocks(seq)
         if reason is not None:
             self._release(seq, reason)
-        return RequestOutput(seq.request_id, text, [token], [log_prob] if p.return_token_log_probs else None,
-                             reason is not None, reason, seq.num_prompt_tokens, len(seq.output_token_ids))
+        return RequestOutput(seq.request_id, text, tokens[:kept],
+                             log_probs[:kept] if p.return_token_log_probs else None, reason is not None, reason,
+                             seq.num_prompt_tokens, len(seq.output_token_ids))
 
     def _release(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

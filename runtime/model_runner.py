@@ -1,13 +1,20 @@
 """One forward step of a mixed batch over the paged KV cache, which the runner owns.
 
-For each scheduled (sequence, n) the step feeds the sequence's next n uncomputed tokens: their ids and
-positions packed one sequence after another, each token's cache slot, the sequence's block table and its
-length after the step (the AttentionMetadata contract of models/attention.py). It returns the
-sequences that have then computed all their tokens (the ones that sample) and the fp32 logits of their
-last fed token; a sequence still mid-prefill gives none.
+A step feeds chunks: each is some consecutive tokens of one sequence, their positions, the sequence's block
+table (each token's K/V goes to its slot) and its length after the step (the AttentionMetadata contract of
+models/attention.py), packed one sequence after another. `run(chunks)` returns fp32 logits for the last
+`num_logits` positions of each chunk.
+
+`execute(batch)` is the engine's step: for each scheduled (sequence, n) it feeds the sequence's next n
+tokens, its uncomputed tokens followed by its proposals (`seq.draft_token_ids`) when it speculates. It
+returns the sequences that sample (those whose chunk reaches their last token) and their logits: one row for
+the last token (plain decode, last prefill chunk), plus one per proposal (row j scores the token after
+proposal j - 1), so 1 + k rows for a speculating sequence. A sequence mid-prefill gives none.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -16,12 +23,35 @@ from models.causal_lm import CausalLM
 from runtime.sequence import Sequence
 
 
+@dataclass
+class Chunk:
+    """`token_ids` of one sequence at positions `start`.., stored through `block_table`; the logits of its last
+    `num_logits` positions are wanted."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    num_logits: int
+
+
+def chunk_of(seq: Sequence, n: int) -> Chunk:
+    """The chunk of a scheduled (seq, n): its next n tokens, proposals after its own; logits from its last
+    token on."""
+    start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+    num_drafts = end - seq.num_tokens
+    if num_drafts > len(seq.draft_token_ids):
+        raise ValueError(f"{seq.request_id}: {n} tokens scheduled, but it has {seq.num_uncomputed_tokens} "
+                         f"uncomputed and {len(seq.draft_token_ids)} proposed")
+    token_ids = seq.token_ids(start, min(end, seq.num_tokens)) + seq.draft_token_ids[:max(0, num_drafts)]
+    return Chunk(token_ids, start, seq.block_table, max(0, num_drafts + 1))
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, compile_decode: bool = False):
         self.model = model
         # Decode steps have one shape family (one token per sequence): torch.compile fuses their many small
         # ops (norms, rotary, cache writes, masks) into a few kernels, which on CPU is most of the time
-        # outside the matrix products. Prefill chunks stay eager.
+        # outside the matrix products. Prefill chunks (and speculating sequences) stay eager.
         self.decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -30,31 +60,27 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = allocate_kv_caches(model.config, num_blocks, block_size, self.dtype,
                                                            self.device)
 
-    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                                   list[Sequence], list[int]]:
-        """input_ids, positions, metadata, the sequences that sample and the indices (into the packed
-        tokens) of their last tokens."""
+    def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """input_ids, positions, metadata, and the indices (into the packed tokens) whose logits are wanted."""
         block_size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
         cu_seqlens = [0]
-        sampling: list[Sequence] = []
-        sample_index: list[int] = []
-        for seq, n in batch:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids(start, end)
+        logit_index: list[int] = []
+        for chunk in chunks:
+            n = len(chunk.token_ids)
+            start, end = chunk.start, chunk.start + n
+            input_ids += chunk.token_ids
             positions += range(start, end)
-            table = seq.block_table
+            table = chunk.block_table
             slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
             seq_lens.append(end)
             cu_seqlens.append(cu_seqlens[-1] + n)
-            if end == seq.num_tokens:
-                sampling.append(seq)
-                sample_index.append(cu_seqlens[-1] - 1)
-        width = max(len(seq.block_table) for seq, _ in batch)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+            logit_index += range(cu_seqlens[-1] - chunk.num_logits, cu_seqlens[-1])
+        width = max(len(chunk.block_table) for chunk in chunks)
+        tables = [chunk.block_table + [0] * (width - len(chunk.block_table)) for chunk in chunks]
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -64,26 +90,34 @@ class ModelRunner:
             seq_lens=tensor(seq_lens, torch.int32),
             slot_mapping=tensor(slots, torch.int64),
             block_tables=tensor(tables, torch.int32),
-            max_seqlen_q=max(n for _, n in batch),
-            is_decode=all(n == 1 for _, n in batch),
+            max_seqlen_q=max(len(chunk.token_ids) for chunk in chunks),
+            is_decode=all(len(chunk.token_ids) == 1 for chunk in chunks),
         )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sampling, sample_index
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, logit_index
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Run the step: the sequences that sample, in batch order, and their fp32 logits `[len, vocab]`."""
-        input_ids, positions, meta, sampling, sample_index = self.prepare(batch)
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Feed the chunks; fp32 logits `[sum(num_logits), vocab]`, chunk after chunk."""
+        input_ids, positions, meta, logit_index = self.prepare(chunks)
         forward = self.model.forward
         if meta.is_decode:
             forward = self.decode_forward
             # One compiled graph for every block-table width, and one for every batch size above 1.
             torch._dynamo.maybe_mark_dynamic(meta.block_tables, 1)
-            if len(batch) > 1:
+            if len(chunks) > 1:
                 for t in (input_ids, positions, meta.seq_lens, meta.slot_mapping, meta.cu_seqlens_q):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(meta.block_tables, 0)
         hidden = forward(input_ids, positions, meta, self.kv_caches)
-        if not sample_index:
-            return sampling, torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
-        last = torch.tensor(sample_index, dtype=torch.int64).to(self.device)
-        return sampling, self.model.compute_logits(hidden[last]).float()
+        if not logit_index:
+            return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
+        index = torch.tensor(logit_index, dtype=torch.int64).to(self.device)
+        return self.model.compute_logits(hidden[index]).float()
+
+    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor, list[int]]:
+        """Run the engine's step: the sequences that sample, in batch order, their fp32 logits
+        `[sum(num_rows), vocab]` packed in that order, and `num_rows` (1 + proposals) for each."""
+        chunks = [chunk_of(seq, n) for seq, n in batch]
+        sampling = [seq for (seq, _), chunk in zip(batch, chunks) if chunk.num_logits]
+        num_rows = [chunk.num_logits for chunk in chunks if chunk.num_logits]
+        return sampling, self.run(chunks), num_rows

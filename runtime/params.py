@@ -19,6 +19,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     return_token_log_probs: bool = False
     ignore_eos: bool = False
+    speculate: bool = True  # with an engine that speculates (Engine(speculative=...)): False opts this request out
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the first field out of its accepted range; returns self."""
@@ -37,6 +38,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "[-2, 2]")
+        if not isinstance(self.speculate, bool):
+            raise bad("speculate", "True or False")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "an integer or None")
         if isinstance(self.stop_sequences, str):

@@ -9,9 +9,12 @@ with which its token was drawn; for greedy requests it is the penalised logits a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from runtime.sequence import Sequence
+from runtime.params import SamplingParams
+from runtime.sequence import Sequence as RuntimeSequence
 
 
 def apply_penalties(logits: torch.Tensor, output_ids: list[list[int]], presence: torch.Tensor,
@@ -48,30 +51,35 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def final_logits(logits: torch.Tensor, params: list[SamplingParams], output_ids: Sequence[list[int]]) -> torch.Tensor:
+    """The logits each row's token is drawn from: penalties over `output_ids[i]` (read only when some row has a
+    penalty), then, for sampled rows, temperature, top-k and top-p. fp32 `[B, V]`; row i follows params[i]."""
+    device, vocab = logits.device, logits.shape[-1]
+    logits = logits.float()
+
+    def column(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype).to(device)
+
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        logits = apply_penalties(logits, list(output_ids), column([p.presence_penalty for p in params]),
+                                 column([p.frequency_penalty for p in params]))
+    if not all(p.greedy for p in params):
+        temperature = column([1.0 if p.greedy else p.temperature for p in params])
+        logits = logits / temperature[:, None]
+        if any(p.top_k != -1 or p.top_p < 1 for p in params):
+            top_k = column([vocab if p.greedy or p.top_k == -1 else p.top_k for p in params], torch.int64)
+            top_p = column([1.0 if p.greedy else p.top_p for p in params])
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+    return logits
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[RuntimeSequence]) -> tuple[list[int], list[float]]:
         """One next token and its log-prob per row of logits `[B, V]` (row i belongs to seqs[i])."""
-        device, vocab = logits.device, logits.shape[-1]
-        logits = logits.float()
         params = [seq.params for seq in seqs]
-
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype).to(device)
-
-        if any(p.presence_penalty or p.frequency_penalty for p in params):
-            logits = apply_penalties(logits, [seq.output_token_ids for seq in seqs],
-                                     column([p.presence_penalty for p in params]),
-                                     column([p.frequency_penalty for p in params]))
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled:
-            temperature = column([1.0 if p.greedy else p.temperature for p in params])
-            logits = logits / temperature[:, None]
-            if any(p.top_k != -1 or p.top_p < 1 for p in params):
-                top_k = column([vocab if p.greedy or p.top_k == -1 else p.top_k for p in params], torch.int64)
-                top_p = column([1.0 if p.greedy else p.top_p for p in params])
-                logits = apply_top_k_top_p(logits, top_k, top_p)
-        log_probs = torch.log_softmax(logits, dim=-1)
+        log_probs = torch.log_softmax(final_logits(logits, params, [seq.output_token_ids for seq in seqs]), dim=-1)
         tokens = log_probs.argmax(dim=-1)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             probs = log_probs[sampled].exp()
             draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]

@@ -10,19 +10,28 @@ fits the whole cache alone), so the engine always makes progress.
 
 With prefix caching, a sequence being admitted first takes the cached blocks of its longest cached
 prefix (a preempted one often finds its own); only the tokens after them are computed and budgeted.
+
+With speculative decoding (`lookahead`), a sequence in decode (all its tokens computed but the last) may get
+room for up to `lookahead(seq)` proposals after its last token: slots and budget, taken last, from what the
+step's own tokens and the admissions left. Speculation never preempts and never delays an admission; with no
+room the sequence decodes plainly. Its entry is then (seq, 1 + room); the engine trims it to 1 + the
+proposals actually made, and after verification gives back the blocks past the accepted tokens.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from runtime.block_manager import BlockManager
 from runtime.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 lookahead: Callable[[Sequence], int] | None = None):
         self.block_manager = block_manager
+        self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -73,11 +82,30 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
+        if self.lookahead is not None:
+            self.grant_lookahead(batch, budget)
         return batch
+
+    def grant_lookahead(self, batch: list[tuple[Sequence, int]], budget: int) -> None:
+        """Room for proposals after each sequence in decode, from the budget and blocks left, in batch order:
+        (seq, 1) becomes (seq, 1 + room). Less room than asked when that is all there is; none, plain decoding."""
+        bm = self.block_manager
+        for i, (seq, n) in enumerate(batch):
+            if budget <= 0:
+                break
+            if n != 1 or seq.num_uncomputed_tokens != 1:
+                continue
+            capacity = (len(seq.block_table) + bm.num_free) * bm.block_size  # slots it could have
+            room = min(self.lookahead(seq), budget, capacity - seq.num_tokens)
+            if room > 0:
+                bm.allocate(seq, seq.num_tokens + room)
+                batch[i] = (seq, 1 + room)
+                budget -= room
 
     def preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.proposer_state = None
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

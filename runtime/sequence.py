@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,7 +24,10 @@ class Sequence:
     their K/V in the cache (in the blocks of `block_table`). Each step computes some of the rest; once
     all are computed the step samples the next token. Preemption frees the blocks and sets
     `num_computed_tokens` to 0, so the sequence is recomputed from prompt + output later (starting from
-    whatever prefix the cache still holds)."""
+    whatever prefix the cache still holds).
+
+    A speculating step feeds the last token and then `draft_token_ids`; afterwards `num_computed_tokens`
+    counts the last token and the accepted proposals (which are then outputs), never a rejected one."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -36,6 +40,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_hashed_blocks: int = 0  # leading blocks of block_table the prefix cache has seen (BlockManager)
+    # Speculative decoding (runtime/spec_step.py): this step's proposals, fed after the last token, and the
+    # proposer's own per-sequence state (a TokenHistory, the draft model's KV length); preemption drops it.
+    draft_token_ids: list[int] = field(default_factory=list)
+    proposer_state: Any = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
 
