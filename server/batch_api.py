@@ -97,7 +97,7 @@ def add_routes(app: FastAPI, state: ServerState, batch_dir: Path | None = None) 
             raise bad_request(str(e)) from None
         described = {"input_data_path": req.input_data_path, "output_data_path": req.output_data_path,
                      "model_config": (await request.json())["model_config"], "priority": req.priority}
-        return runner.submit(BatchJob(req.model_cfg.model, content.prompts, params, output, runtime, described))
+        return runner.submit(BatchJob(req.model_cfg.model, content.prompts, params, output, root, runtime, described))
 
     @app.post("/v1/llm/batch-completions")
     async def create_v1(request: Request) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime import SamplingParams
+from server import paths
 from server.batch_io import output_record, write_json_atomic
 from server.errors import ApiError
 from server.generation import FAILED, token_entries
@@ -48,7 +49,8 @@ class BatchJob:
     model: str
     prompts: list[str]
     params: SamplingParams
-    output_path: Path
+    output_path: Path  # resolved, inside `root`
+    root: Path  # the batch directory: the output path is checked against it again just before writing
     max_runtime_sec: float
     described: dict[str, Any]  # input_data_path, output_data_path, model_config, priority, labels as given
     job_id: str = field(default_factory=lambda: f"batch-{uuid.uuid4().hex}")
@@ -144,7 +146,7 @@ class BatchRunner:
                     raise JobFailed(f"model {job.model!r} is no longer served")
                 results = await self._generate(job, job.engine)
                 job.engine, job.writing = None, True
-                await asyncio.to_thread(write_json_atomic, job.output_path, results)
+                await asyncio.to_thread(self._write, job, results)
                 job.status = "completed"
         except asyncio.CancelledError:
             job.status = "cancelled"  # cancel() or the server shutting down; the task ends here
@@ -156,6 +158,14 @@ class BatchRunner:
         finally:
             job.completed_at = time.time()
             job.engine, job.prompts = None, []  # drop the engine reference (a model can be unloaded) and the data
+
+    @staticmethod
+    def _write(job: BatchJob, results: list[dict[str, Any]]) -> None:
+        try:  # a folder on the way may have been swapped for a symlink since the job was accepted
+            output = paths.output_file(str(job.output_path), job.root)
+        except ApiError as e:
+            raise JobFailed(e.detail) from None
+        write_json_atomic(output, results)
 
     async def _generate(self, job: BatchJob, engine: ServedEngine) -> list[dict[str, Any]]:
         results: list[dict[str, Any] | None] = [None] * job.total

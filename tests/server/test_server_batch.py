@@ -134,6 +134,20 @@ def test_the_output_appears_whole_or_not_at_all(live):
     assert len(json.loads(final)) == 30
 
 
+def test_a_folder_swapped_for_a_symlink_while_the_job_runs_is_refused_at_write_time(live, tmp_path):
+    live.engine.delay = 0.02
+    (live.dir / "sub").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    job_id = httpx.post(live.url + "/v1/llm/batch-completions",
+                        json=batch_body("sub/out.json", ["a"] * 12)).json()["job_id"]
+    (live.dir / "sub").rmdir()
+    os.symlink(outside, live.dir / "sub")
+    job = wait_done(live, job_id)
+    assert job["status"] == "failed" and "outside the allowed directory" in job["error"]
+    assert list(outside.iterdir()) == []
+
+
 def test_a_job_survives_its_client(live):
     with httpx.Client() as client:
         job_id = client.post(live.url + "/v1/llm/batch-completions", json=batch_body("o.json", ["a"] * 8)).json()

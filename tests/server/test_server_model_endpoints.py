@@ -141,6 +141,23 @@ def test_requests_in_flight_end_with_a_clear_error_when_their_model_is_unloaded(
     assert live.factory.built[0]() is None
 
 
+def test_a_batch_job_on_an_unloaded_model_fails_and_lets_go_of_it(live):
+    assert httpx.post(live.url + ROUTE, json=create_body("two", "second")).status_code == 200
+    assert wait_for(lambda: status(live, "two") == "READY")
+    live.state.engines["two"].delay = 0.05
+    body = {"output_data_path": "o.json", "model_config": {"model": "two"},
+            "content": {"prompts": ["a"] * 20, "max_new_tokens": 10, "temperature": 0.0}}
+    job_id = httpx.post(live.url + "/v1/llm/batch-completions", json=body).json()["job_id"]
+    assert wait_for(lambda: live.factory.built[0]().stats()["blocks_used"] > 0)
+    assert httpx.delete(f"{live.url}{ROUTE}/two", timeout=30).json() == {"deleted": True}
+    def job() -> dict:
+        return httpx.get(f"{live.url}/v2/batch-completions/{job_id}").json()["job"]
+
+    assert wait_for(lambda: job()["status"] == "failed")
+    assert "'two' was unloaded" in job()["error"]
+    assert wait_for(lambda: gc.collect() is not None and live.factory.built[0]() is None)
+
+
 @pytest.mark.parametrize("body, detail", [
     (create_body("fake", "second"), "'fake' already exists"),
     (create_body("bad name!", "second"), "name 'bad name!' is not accepted"),
