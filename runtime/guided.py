@@ -1,4 +1,4 @@
-"""Guided (structured) decoding over llguidance: a request's JSON schema, regex, choice list or grammar
+r"""Guided (structured) decoding over llguidance: a request's JSON schema, regex, choice list or grammar
 becomes a matcher whose token mask is applied to the logits before sampling.
 
     info = tokenizer_info(tokenizer, config.vocab_size, stop_ids)  # once per model (~1.5 s), then cached
@@ -8,11 +8,12 @@ becomes a matcher whose token mask is applied to the logits before sampling.
     matcher.advance(token)                                         # after sampling; is_finished(): "stop"
 
 Kinds: "json" (a JSON schema; `{"type": "object"}` is OpenAI's json_object), "regex" (Rust `regex` syntax,
-matched in full), "choice" (exactly one of a list of strings) and "grammar" (llguidance's Lark dialect,
-vLLM's `?start: ...` grammars included, or GBNF with `root ::= ...`). JSON may have whitespace between values,
-but at most one newline and 32 spaces or tabs in a row, so a small model cannot pad forever; a schema's own
-"x-guidance" settings replace that. The masks allow the stop tokens only where the constraint is complete;
-once it can take nothing else, `is_finished()` is true and the request ends with finish reason "stop".
+matched in full, `\d` and `\w` ASCII-only as in JSON schema), "choice" (exactly one of a list of strings)
+and "grammar" (llguidance's Lark dialect, vLLM's `?start: ...` grammars included, or GBNF with
+`root ::= ...`). JSON may have whitespace between values, but at most one newline and 32 spaces or tabs in
+a row, so a small model cannot pad forever; a schema's own "x-guidance" settings replace that. The masks
+allow the stop tokens only where the constraint is complete; once it can take nothing else,
+`is_finished()` is true and the request ends with finish reason "stop".
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
-import llguidance.torch as llg_torch
 import torch
 import torch.nn.functional as F
 
@@ -171,7 +171,8 @@ def _grammar(kind: str, spec: Any) -> str:
     if kind == "regex":
         if not isinstance(spec, str):
             raise ValueError(f"expected a string, got {type(spec).__name__}")
-        return llguidance.LLMatcher.grammar_from_regex(spec)
+        # \d and \w as [0-9] and [0-9a-zA-Z_] (JSON schema's and JavaScript's meaning; Rust's are Unicode)
+        return llguidance.LLMatcher.grammar_from_lark(f"start: /{llguidance.regex_to_lark(spec, 'dw')}/")
     if kind == "choice":
         if not isinstance(spec, (list, tuple)) or not spec:
             raise ValueError("expected a non-empty list of strings")
@@ -198,7 +199,10 @@ class GuidedMatcher:
     def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
         """Write the allowed next tokens into row `row` of an int32 CPU bitmask `[rows, bitmask_words]`
         (bit t % 32 of word t // 32 set = token t allowed)."""
-        llg_torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+        if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not bitmask[row].is_contiguous():
+            raise ValueError("the bitmask must be a contiguous int32 CPU tensor")
+        target = bitmask[row]
+        self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * 4)
 
     def allowed_token_ids(self) -> list[int]:
         """The allowed next tokens, as a list (for tests and debugging; the engine uses the bitmask)."""
@@ -264,14 +268,16 @@ def apply_token_masks(logits: torch.Tensor, matchers: Sequence[GuidedMatcher | N
     info = matchers[next(i for i, m in enumerate(matchers) if m is not None)].info
     cuda = logits.device.type == "cuda"
     bitmask = torch.full((len(rows), info.bitmask_words), -1, dtype=torch.int32, pin_memory=cuda)
+    # llguidance.torch wraps these same calls, but importing it sets up torch.compile (seconds)
     plain = [job[:2] for job in jobs if not job[2]]
-    drafted = [job for job in jobs if job[2]]  # llguidance's draft version takes no empty draft list
+    drafted = [job for job in jobs if job[2]]  # the draft version takes no empty draft list
+    pointer, row_bytes = bitmask.data_ptr(), info.bitmask_words * 4
     if len(plain) == 1 and not drafted:
-        llg_torch.fill_next_token_bitmask(plain[0][0], bitmask, 0)
+        plain[0][0].unsafe_compute_mask_ptr(pointer, row_bytes)
     elif plain:
-        llg_torch.fill_next_token_bitmask_par(_executor(), plain, bitmask)
+        _executor().unsafe_compute_mask_ptr(plain, pointer, row_bytes, len(rows))
     if drafted:
-        llg_torch.fill_next_token_bitmask_par_with_draft_tokens(_executor(), drafted, bitmask)
+        _executor().unsafe_compute_mask_ptr_with_draft_token(drafted, pointer, row_bytes, len(rows))
     apply_bitmask(logits, bitmask, rows)
 
 
@@ -287,10 +293,11 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
     if bias.shape[1] < vocab:
         raise ValueError(f"the bitmask covers {bias.shape[1]} tokens, the logits have {vocab}")
     bias = bias[:, :vocab]
-    if len(rows) == logits.shape[0]:  # every row guided (rows are ascending and distinct)
-        logits.add_(bias)
-    else:
-        logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
+    with torch.inference_mode(logits.is_inference()):  # the runner's logits may be inference tensors
+        if len(rows) == logits.shape[0]:  # every row guided (rows are ascending and distinct)
+            logits.add_(bias)
+        else:
+            logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
 
 
 def _unpack(bitmask: torch.Tensor) -> torch.Tensor:

@@ -232,6 +232,15 @@ def test_stop_tokens_only_where_complete(info, tokenizer):
     assert matcher.is_finished()
 
 
+def test_regex_digits_and_words_are_ascii(info, tokenizer):
+    """`\\d` is [0-9] and `\\w` [0-9a-zA-Z_], as in JSON schema (Rust's regex alone would allow "٣" or "🯸")."""
+    word = "_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    for pattern, chars in ((r"\d+", set("0123456789")), (r"\w+", set(word))):
+        allowed = compile_constraint("regex", pattern, info).matcher().allowed_token_ids()
+        texts = {tokenizer.decode([i]) for i in allowed}
+        assert texts and all(text and set(text) <= chars for text in texts), sorted(texts)[:20]
+
+
 def test_disallowed_tokens_are_refused(info, tokenizer):
     matcher = compile_constraint("regex", "abc[0-9]+", info).matcher()
     ids = [tokenizer.token_to_id(c) for c in "abz"]
