@@ -252,6 +252,8 @@ def apply_token_masks(logits: torch.Tensor, matchers: Sequence[GuidedMatcher | N
     verifier rejects that draft, so they are never used). The masks are computed on the CPU (in parallel
     for several rows), copied once, and added as a 0/-inf bias to the guided rows in one operation.
     """
+    if draft_tokens is not None and len(draft_tokens) != len(matchers):
+        raise ValueError(f"{len(matchers)} matchers but {len(draft_tokens)} draft lists")
     counts = [1] * len(matchers) if draft_tokens is None else [1 + len(d) for d in draft_tokens]
     rows: list[int] = []
     jobs = []
@@ -300,11 +302,10 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
             logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
 
 
-def _unpack(bitmask: torch.Tensor) -> torch.Tensor:
-    """bool `[rows, 32 * words]` (or 8 per byte for uint8) from a packed bitmask, lowest bit first."""
-    bits = 8 * bitmask.element_size()
-    shifts = torch.arange(bits, dtype=bitmask.dtype if bits == 32 else torch.int32)
-    return ((bitmask.to(shifts.dtype).unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1).bool()
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """bool `[rows, bits * columns]` from packed int32 or uint8 `[rows, columns]`, lowest bit first."""
+    shifts = torch.arange(8 * packed.element_size(), dtype=torch.int32)
+    return ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).view(packed.shape[0], -1).bool()
 
 
 def _executor() -> llguidance.LLExecutor:
