@@ -171,6 +171,8 @@ def _grammar(kind: str, spec: Any) -> str:
     if kind == "regex":
         if not isinstance(spec, str):
             raise ValueError(f"expected a string, got {type(spec).__name__}")
+        if (len(spec) - len(spec.rstrip("\\"))) % 2:  # it would escape the closing "/" below
+            raise ValueError("the regex ends with a lone backslash")
         # \d and \w as [0-9] and [0-9a-zA-Z_] (JSON schema's and JavaScript's meaning; Rust's are Unicode)
         return llguidance.LLMatcher.grammar_from_lark(f"start: /{llguidance.regex_to_lark(spec, 'dw')}/")
     if kind == "choice":

@@ -196,6 +196,7 @@ def test_every_choice_is_reachable(choice, info, tokenizer):
     ("regex", "a(b|c", "invalid regex: "),
     ("regex", "(?<=a)b", "look-around"),
     ("regex", 5, "invalid regex: expected a string"),
+    ("regex", "a\\", "invalid regex: the regex ends with a lone backslash"),
     ("grammar", "start: foo", 'unknown name: "foo"'),
     ("grammar", 'start "a"', "invalid grammar: "),
     ("grammar", 'start: "a"\n%import common.NOPE', "Unknown common regex"),
