@@ -12,12 +12,14 @@ official client accepts only its ModelEndpointStatus values (READY, UPDATE_PENDI
 UPDATE_FAILED, DELETE_IN_PROGRESS), so those stand for "initializing" and "failed".
 
 Unloading: new requests get 404 at once; requests in flight get `UNLOAD_GRACE` seconds to finish, then end
-with an error saying the model was unloaded; the engine shuts down and every reference to it is dropped.
+with an error saying the model was unloaded; the engine shuts down, every reference to it is dropped, and the
+freed memory is handed back to the OS (`release_memory`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import hashlib
 import logging
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 
 from models.gguf import convert_gguf
@@ -53,6 +56,19 @@ def default_engine_factory(name: str, folder: Path, max_model_len: int | None) -
     from runtime import AsyncEngine
 
     return AsyncEngine(folder, name=name, max_model_len=max_model_len)
+
+
+def release_memory() -> None:
+    """Collect the unloaded engine, then give the freed memory back: glibc keeps freed heap pages (a model's
+    per-layer weights are heap allocations, below its mmap threshold) until malloc_trim, and PyTorch's CUDA
+    allocator keeps freed blocks until empty_cache."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class CreateEndpointRequest(_Body):
@@ -180,7 +196,7 @@ class ModelEndpoints:
         if engine is not None:
             await self._unload(name, engine)
             del engine
-            gc.collect()
+            await asyncio.to_thread(release_memory)
 
     async def _unload(self, name: str, engine: ServedEngine) -> None:
         def jobs() -> list:
