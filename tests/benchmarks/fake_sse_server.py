@@ -26,6 +26,19 @@ def _event(payload: dict) -> bytes:
 def create_app() -> FastAPI:
     app = FastAPI()
     app.state.bodies = []
+    app.state.streaming = 0  # streams being sent now, and the most at once
+    app.state.max_streaming = 0
+
+    async def paced(n: int, event):
+        """`event(i)` for i = 1..n, TOKEN_SECONDS apart, counted as one stream in flight."""
+        app.state.streaming += 1
+        app.state.max_streaming = max(app.state.max_streaming, app.state.streaming)
+        try:
+            for i in range(1, n + 1):
+                await asyncio.sleep(TOKEN_SECONDS)
+                yield event(i)
+        finally:
+            app.state.streaming -= 1
 
     @app.get("/readyz")
     async def readyz() -> dict:
@@ -38,15 +51,11 @@ def create_app() -> FastAPI:
         if request.query_params.get("model_endpoint_name") != "fake":
             return JSONResponse({"detail": "no such model"}, status_code=404)
 
-        async def events():
-            n = body["max_new_tokens"]
-            for i in range(1, n + 1):
-                await asyncio.sleep(TOKEN_SECONDS)
-                yield _event({"request_id": "r", "output": {"text": f" w{i}", "finished": i == n,
-                              "num_prompt_tokens": PROMPT_TOKENS, "num_completion_tokens": i, "token": None},
-                              "error": None})
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        n = body["max_new_tokens"]
+        events = paced(n, lambda i: _event({"request_id": "r", "output": {
+            "text": f" w{i}", "finished": i == n, "num_prompt_tokens": PROMPT_TOKENS, "num_completion_tokens": i,
+            "token": None}, "error": None}))
+        return StreamingResponse(events, media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def openai_stream(request: Request):
@@ -55,9 +64,9 @@ def create_app() -> FastAPI:
 
         async def events():
             n = body["max_tokens"]
-            for i in range(1, n + 1):
-                await asyncio.sleep(TOKEN_SECONDS)
-                yield _event({"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": f" w{i}"}]})
+            async for chunk in paced(n, lambda i: _event({"id": "c", "object": "text_completion",
+                                                          "choices": [{"index": 0, "text": f" w{i}"}]})):
+                yield chunk
             yield _event({"id": "c", "choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n}})
             yield b"data: [DONE]\n\n"
 

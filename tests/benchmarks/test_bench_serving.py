@@ -52,6 +52,7 @@ def test_serving_benchmark_end_to_end(tmp_path, api):
                            "--max-new-tokens", "5", "--input-len", "4:8", "--out-dir", str(tmp_path),
                            "--no-progress"])
         bodies = fake.app.state.bodies
+        max_streaming = fake.app.state.max_streaming
     assert rc == 0
     assert len(bodies) == 1 + 4 + 8  # warm-up, then 2 x concurrency per run
     report = json.loads((tmp_path / "serving.json").read_text())
@@ -63,7 +64,8 @@ def test_serving_benchmark_end_to_end(tmp_path, api):
         assert 0 < run["ttft_ms"]["p50"] <= run["e2e_ms"]["p50"]
         assert run["tpot_ms"]["p50"] > 0 and run["itl_ms"]["p99"] >= run["itl_ms"]["p50"]
     assert one["vs_single_stream"] == pytest.approx(1.0)
-    assert four["vs_single_stream"] > 1.5  # the fake serves streams in parallel
+    assert max_streaming > 1  # concurrency 4 really overlaps its requests (a speed-up would be a timing test)
+    assert four["vs_single_stream"] > 0
     md = (tmp_path / "serving.md").read_text()
     assert "| concurrency |" in md and "single stream" in md
     assert "target" not in md.lower() and "met" not in md.split()  # figures only: targets live in RESULTS.md
