@@ -3,6 +3,7 @@
     python -m benchmarks.decode                  # default model, batch 1, 128 tokens, fp32 + bf16
     python -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --check-text
     python -m benchmarks.decode --model llama-2-7b --num-layers 2 --dtype bfloat16   # random weights, real shapes
+    python -m benchmarks.decode --speculative ngram --dtype float32   # with vs without speculation (speculative.py)
 
 Per implementation, dtype and batch size, median and min/max over the repeats:
 - TTFT: submit -> first token (mean over the batch's sequences); it includes the prefill.
@@ -167,6 +168,11 @@ def resolve_folder(args) -> tuple[Path, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.speculative:
+        from benchmarks import speculative
+
+        return speculative.run(args)
+    args.batch_sizes = args.batch_sizes or [1]
     from models.config import load_config
     from models.loader import parse_dtype, resolve_device
     from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
@@ -271,7 +277,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile our decode step (the warm-up run pays the compile)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="default: 1 (with --speculative: 1 and 4)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt, every row (default: %(default)r)")
     parser.add_argument("--prompt-len", type=int, default=None,
                         help="random token-id prompts of this length instead (no tokenizer: default 16)")
@@ -288,6 +295,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="decode", help="output file stem (default: %(default)s)")
     parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--speculative", default=None, metavar="ngram|MODEL",
+                        help="instead: our engine with vs without speculative decoding (n-gram or a draft model), "
+                             "on input-grounded and free-generation prompts (benchmarks/speculative.py)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="k: proposals per step (default: 4)")
+    parser.add_argument("--prompt-lookup-min", type=int, default=1, help="n-gram: shortest pattern (default: 1)")
+    parser.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest pattern (default: 4)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,3 +200,59 @@ def products_plot(report: dict[str, Any], path: Path) -> Path:
         ax.plot([r["rows"] for r in rs], [r["ms"] for r in rs], marker="o", label=name)
     log2_axes(ax, sorted({r["rows"] for r in report["rows"]}), "rows (tokens in the step)", "ms for all products")
     return save_figure(plt, fig, f"projection products: {report['model']}, {report['dtype']}", path)
+
+
+# -- speculative decoding -----------------------------------------------------------------------------
+def speculative_markdown(report: dict[str, Any]) -> str:
+    """One row per dtype, workload and batch size: tok/s plain and speculative, their ratio, acceptance; then the
+    greedy check (tokens identical with and without speculation, per prompt)."""
+    lo, hi = report["prompt_lookup"]
+    lookup = f", prompt lookup {lo}-{hi} tokens" if report["speculative"] == "ngram" else ""
+    lines = [f"Speculative decoding ({report['speculative']}{lookup}): {report['model']} on {report['device']}, "
+             f"greedy, up to {report['max_new_tokens']} new tokens (eos stops), median (min-max) of "
+             f"{report['repeats']} after {report['warmup']} warm-up; tok/s = output tokens / generate time, prefill "
+             "included; speedup = speculative / plain tok/s of each repeat; mean accepted length = accepted "
+             "proposals per speculating sequence-step.", ""]
+    header = ["workload", "dtype", "batch", "k", "tokens", "plain tok/s", "speculative tok/s", "speedup",
+              "acceptance", "mean accepted length", "steps plain / spec"]
+    table = []
+    for r in report["rows"]:
+        p, s, x = r["plain_tok_s"], r["spec_tok_s"], r["speedup"]
+        table.append([r["workload"], r["dtype"], r["batch_size"], report["num_speculative_tokens"], r["output_tokens"],
+                      f"{fmt(p['median'])} ({fmt(p['min'])}-{fmt(p['max'])})",
+                      f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})",
+                      f"**{x['median']:.2f}x** ({x['min']:.2f}-{x['max']:.2f})",
+                      f"{100 * r['acceptance_rate']:.0f}% ({r['accepted']}/{r['proposed']})"
+                      if r["proposed"] else "-", fmt(r["mean_accepted_length"], 2),
+                      f"{r['steps']['plain']} / {r['steps']['speculative']}"])
+    lines.append(markdown_table(header, table))
+    checks = report["greedy_check"]
+    bad = [c for c in checks if not c["match"]]
+    lines.append(f"Greedy tokens with vs without speculation: {len(checks) - len(bad)}/{len(checks)} sequences "
+                 "identical" + ("." if not bad else "; differing: " + ", ".join(
+                     f"{c['workload']} batch {c['batch_size']} row {c['row']} from token {c['first_mismatch']}"
+                     for c in bad[:8]) + "."))
+    return "\n".join(lines) + "\n"
+
+
+def speculative_plot(report: dict[str, Any], path: Path) -> Path:
+    """tok/s plain vs speculative per workload and batch size (bars with min-max), and the acceptance rate."""
+    plt, fig, (ax_tok, ax_acc) = new_figure(2, (11, 4.2))
+    rows = report["rows"]
+    labels = [f"{r['workload']}\n{r['dtype']}, batch {r['batch_size']}" for r in rows]
+    xs = list(range(len(rows)))
+    for offset, key, name in ((-0.2, "plain_tok_s", "plain"), (0.2, "spec_tok_s", "speculative")):
+        med = [r[key]["median"] for r in rows]
+        err = [[m - r[key]["min"] for m, r in zip(med, rows)], [r[key]["max"] - m for m, r in zip(med, rows)]]
+        ax_tok.bar([x + offset for x in xs], med, width=0.4, yerr=err, capsize=3, label=name)
+    ax_tok.set_xticks(xs, labels, fontsize=7)
+    ax_tok.set_ylabel("tok/s")
+    ax_tok.legend(fontsize=8)
+    ax_tok.grid(True, axis="y", alpha=0.3)
+    ax_acc.bar(xs, [100 * r["acceptance_rate"] if r["proposed"] else 0 for r in rows])
+    ax_acc.set_xticks(xs, labels, fontsize=7)
+    ax_acc.set_ylabel("proposals accepted (%)")
+    ax_acc.grid(True, axis="y", alpha=0.3)
+    k = report["num_speculative_tokens"]
+    return save_figure(plt, fig, f"speculative decoding ({report['speculative']}, k={k}): {report['model']} on "
+                       f"{report['device']}", path)

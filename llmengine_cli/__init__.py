@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.cli import add_bench_args, run_bench
-from server.serve import add_serve_args, run_serve
+from server.serve import add_serve_args, add_speculative_args, run_serve, speculative_kwargs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -21,7 +21,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt:  # before loading anything; whatever the model would make of it, it is a mistake
         raise ValueError("--prompt is empty: give the text to complete")
     name, mapping = parse_model_arg(args.model)
-    llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, progress=True)
+    llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, progress=True,
+              **speculative_kwargs(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
         text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="auto")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_speculative_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     batch = sub.add_parser("batch", help="complete a JSON file of prompts offline into a JSON file of outputs",

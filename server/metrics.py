@@ -13,7 +13,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0,
 
 class _EngineCollector:
     """Reads each engine's stats() at scrape time: KV blocks used, free and cached, requests waiting and
-    running, and the prefix cache's queried and hit tokens with their ratio."""
+    running, the prefix cache's queried and hit tokens with their ratio, and speculative decoding's proposed and
+    accepted tokens, acceptance rate and mean accepted length per speculating sequence-step."""
 
     def __init__(self, engines: Callable[[], dict[str, Any]]) -> None:
         self._engines = engines
@@ -33,7 +34,17 @@ class _EngineCollector:
                                                         labels=["model"]),
             "prefix_cache_hits": CounterMetricFamily("llmengine_prefix_cache_hit_tokens",
                                                      "prompt tokens reused from the prefix cache", labels=["model"]),
+            "spec_proposed_tokens": CounterMetricFamily("llmengine_spec_proposed_tokens",
+                                                        "speculative decoding: tokens proposed", labels=["model"]),
+            "spec_accepted_tokens": CounterMetricFamily("llmengine_spec_accepted_tokens",
+                                                        "speculative decoding: proposed tokens the model accepted",
+                                                        labels=["model"]),
         }
+        acceptance = GaugeMetricFamily("llmengine_spec_acceptance_rate",
+                                       "speculative decoding: accepted / proposed tokens since start", labels=["model"])
+        accepted_length = GaugeMetricFamily("llmengine_spec_mean_accepted_length",
+                                            "speculative decoding: accepted tokens per sequence-step that proposed",
+                                            labels=["model"])
         hit_rate = GaugeMetricFamily("llmengine_prefix_cache_hit_rate",
                                      "prefix-cache hit tokens / queried tokens since start", labels=["model"])
         for name, engine in self._engines().items():
@@ -43,8 +54,14 @@ class _EngineCollector:
                     family.add_metric([name], float(stats[key]))
             if stats.get("prefix_cache_queries"):
                 hit_rate.add_metric([name], stats["prefix_cache_hits"] / stats["prefix_cache_queries"])
+            if stats.get("spec_proposed_tokens"):
+                acceptance.add_metric([name], stats["spec_accepted_tokens"] / stats["spec_proposed_tokens"])
+            if stats.get("spec_steps"):
+                accepted_length.add_metric([name], stats["spec_accepted_tokens"] / stats["spec_steps"])
         yield from families.values()
         yield hit_rate
+        yield acceptance
+        yield accepted_length
 
 
 class Metrics:

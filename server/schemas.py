@@ -40,6 +40,7 @@ class CompletionV1Request(_Body):
     guided_grammar: Any = None
     skip_special_tokens: bool | None = True
     ignore_eos: bool | None = False  # our extension (as vLLM's): benchmarks generate exactly max_new_tokens
+    speculative: bool | None = None  # our extension: false opts out of speculative decoding where it is on
 
 
 class StreamOptions(_Body):
@@ -68,6 +69,7 @@ class OpenAICompletionRequest(_Body):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool | None = False  # vLLM's extension, as on the LLM Engine route
+    speculative: bool | None = None  # our extension, as on the LLM Engine route
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
@@ -124,7 +126,8 @@ def sampling_params_v1(req: CompletionV1Request) -> SamplingParams:
         frequency_penalty=req.frequency_penalty or 0.0, stop_sequences=list(req.stop_sequences or []),
         include_stop_str_in_output=bool(req.include_stop_str_in_output),
         skip_special_tokens=req.skip_special_tokens is not False,
-        return_token_log_probs=bool(req.return_token_log_probs), ignore_eos=bool(req.ignore_eos))
+        return_token_log_probs=bool(req.return_token_log_probs), ignore_eos=bool(req.ignore_eos),
+        speculate=req.speculative is not False)
 
 
 def openai_prompt(req: OpenAICompletionRequest) -> str | list[int]:
@@ -177,7 +180,9 @@ def sampling_params_openai(req: OpenAICompletionRequest) -> SamplingParams:
             raise bad_request(f"{name} is not supported")
     lp = req.logprobs
     _check_range("logprobs", lp, lp is not None and 0 <= lp <= 5, "0 to 5")
-    return openai_sampling(max_tokens=16 if req.max_tokens is None else req.max_tokens, temperature=req.temperature,
-                           top_p=req.top_p, stop=req.stop, presence_penalty=req.presence_penalty,
-                           frequency_penalty=req.frequency_penalty, seed=req.seed, log_probs=lp is not None,
-                           ignore_eos=bool(req.ignore_eos))
+    params = openai_sampling(max_tokens=16 if req.max_tokens is None else req.max_tokens, temperature=req.temperature,
+                             top_p=req.top_p, stop=req.stop, presence_penalty=req.presence_penalty,
+                             frequency_penalty=req.frequency_penalty, seed=req.seed, log_probs=lp is not None,
+                             ignore_eos=bool(req.ignore_eos))
+    params.speculate = req.speculative is not False
+    return params

@@ -64,6 +64,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="the only directory POST /v1/llm/model-endpoints may load checkpoints from "
                              "(default: the local models folder, ~/.cache/llmengine/models)")
+    add_speculative_args(parser)
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding's options (`llmengine serve` and `llmengine generate`)."""
+    parser.add_argument("--speculative", default=None, metavar="ngram|MODEL",
+                        help="speculative decoding: n-gram proposals from the sequence's own tokens, or a draft model "
+                             "(zoo name or folder) sharing the tokenizer; greedy output is unchanged (default: off)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                        help="proposals per sequence and step (default: 4)")
+    parser.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N",
+                        help="n-gram: the shortest pattern matched (default: 1)")
+    parser.add_argument("--prompt-lookup-max", type=int, default=4, metavar="N",
+                        help="n-gram: the longest pattern matched (default: 4)")
+
+
+def speculative_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Engine keyword arguments of `add_speculative_args`'s options."""
+    return dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max)
 
 
 def model_specs(args: list[str]) -> list[tuple[str, str, dict[str, Path]]]:
@@ -118,7 +138,8 @@ def run_serve(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             engines[name] = AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name,
                                         compile=args.compile, enable_prefix_caching=args.prefix_caching,
-                                        progress=True)  # a tqdm bar over the weights on stderr
+                                        progress=True,  # a tqdm bar over the weights on stderr
+                                        **speculative_kwargs(args))
             logs.model_loaded(name, engines[name], time.perf_counter() - started, warmed_up=args.compile)
         return engines
 
