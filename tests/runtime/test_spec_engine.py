@@ -4,6 +4,8 @@ stop tokens in the middle of an accepted run, max_new_tokens, penalties, opt-out
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from runtime import SamplingParams
@@ -173,3 +175,27 @@ def test_seeded_sampling_with_speculation_is_reproducible(folder, cache_gib):
     first = run(make_engine(folder, cache_gib, speculative="ngram"), PATTERN_PROMPTS[:1], params)
     again = run(make_engine(folder, cache_gib, speculative="ngram"), PATTERN_PROMPTS[:1], params)
     assert first[0].token_ids == again[0].token_ids and len(first[0].token_ids) == 24
+
+
+def test_the_async_engine_streams_several_tokens_per_delta(folder, cache_gib):
+    import asyncio
+
+    from runtime import AsyncEngine
+
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True, return_token_log_probs=True)
+    [want] = run(make_engine(folder, cache_gib), [PATTERN_PROMPTS[0]], params)
+    engine = AsyncEngine(folder, device="cpu", block_size=4, kv_cache_gib=cache_gib(folder, 64, 4),
+                         speculative=str(folder))
+
+    async def main():
+        return [out async for out in engine.add_request(PATTERN_PROMPTS[0], params)]
+
+    try:
+        deltas = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert [t for d in deltas for t in d.token_ids] == want.token_ids
+    assert [lp for d in deltas for lp in d.log_probs] == pytest.approx(want.log_probs, abs=1e-4)
+    assert max(len(d.token_ids) for d in deltas) == 5 and len(deltas) < 20  # the prefill's token, then runs of 5
+    assert [d.num_completion_tokens for d in deltas] == list(itertools.accumulate(len(d.token_ids) for d in deltas))
+    assert deltas[-1].finished and engine.stats()["spec_accepted_tokens"] > 0
