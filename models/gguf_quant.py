@@ -9,7 +9,7 @@ exact; what the kernels then do with the scales is QuantizedLinear's business: C
 (relative error <= 2^-8 per scale, so `|w - w_gguf| <= 2^-8 * (|(q - 8) d| + |zero|)`), CUDA in fp16 (exact).
 
 Q8_0 keeps its per-block scales rather than one scale per row: on CPU that runs as two int4 planes (exact up
-to the bf16 scale; about 1.4x the time of torch's per-channel int8 kernel on this CPU). Requantizing to one
+to the bf16 scale; 1.4-1.5x the time of torch's per-channel int8 kernel on this CPU). Requantizing to one
 scale per row would be faster but, on SmolLM2's embedding (its tied head), adds an rms error of 1.2% of the
 rms weight, 1.7x Q8_0's own; a caller who prefers that can `QuantizedLinear.quantize(dequantized, mode="int8")`.
 
