@@ -213,12 +213,13 @@ def bad_path_cases(root: Path, outside: Path) -> list[tuple[dict, str]]:
 def test_paths_outside_the_batch_dir_are_refused(live, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    for overrides, detail in bad_path_cases(live.dir, outside):
-        body = {**batch_body("x"), **overrides}
-        for route in ("/v1/llm/batch-completions", "/v2/batch-completions"):
-            r = httpx.post(live.url + route, json=body)
-            assert r.status_code == 400, (overrides, r.text)
-            assert detail in r.json()["detail"] and str(live.dir) in r.json()["detail"], (overrides, r.text)
+    with httpx.Client(base_url=live.url) as client:
+        for overrides, detail in bad_path_cases(live.dir, outside):
+            body = {**batch_body("x"), **overrides}
+            for route in ("/v1/llm/batch-completions", "/v2/batch-completions"):
+                r = client.post(route, json=body)
+                assert r.status_code == 400, (overrides, r.text)
+                assert detail in r.json()["detail"] and str(live.dir) in r.json()["detail"], (overrides, r.text)
     assert not (tmp_path / "escape.json").exists() and [p.name for p in outside.iterdir()] == ["secret.json"]
     assert live.engine.requests == []
 
@@ -247,9 +248,10 @@ def test_bad_bodies_and_input_files(live, monkeypatch):
         (batch_body("o.json", ["a"], max_runtime_sec=0), 400, "max_runtime_sec"),
         ({"output_data_path": "o.json"}, 400, "model_config"),
     ]
-    for body, status, detail in cases:
-        r = httpx.post(live.url + "/v1/llm/batch-completions", json=body)
-        assert r.status_code == status and detail in r.json()["detail"], (body, r.text)
+    with httpx.Client(base_url=live.url) as client:
+        for body, status, detail in cases:
+            r = client.post("/v1/llm/batch-completions", json=body)
+            assert r.status_code == status and detail in r.json()["detail"], (body, r.text)
     assert live.engine.requests == [] and not (live.dir / "o.json").exists()
 
 
