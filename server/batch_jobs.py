@@ -151,7 +151,8 @@ class BatchRunner:
         except asyncio.CancelledError:
             job.status = "cancelled"  # cancel() or the server shutting down; the task ends here
         except JobFailed as e:
-            job.status, job.error = "failed", str(e)
+            if job.status != "cancelled":  # a prompt aborted by cancel() is no failure
+                job.status, job.error = "failed", str(e)
         except Exception as e:  # a bug, or the output could not be written: the job fails, the server goes on
             log.exception("batch job %s failed", job.job_id)
             job.status, job.error = "failed", f"{type(e).__name__}: {e}"
