@@ -146,8 +146,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         sys.stderr.write(f"llmengine serve: warning: no API key, and {args.host} is reachable from other "
                          "machines; anyone who can reach it can use it (set --api-key or LLMENGINE_API_KEY)\n")
+
     def load_at_run_time(name: str, folder: Path, max_model_len: int | None) -> Any:  # Model.create
-        sys.stderr.write(f"llmengine: loading {name} from {folder}\n")
+        logs.log.info("loading %s from %s (Model.create)", name, folder)
         return AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name, compile=args.compile,
                            enable_prefix_caching=args.prefix_caching, max_model_len=max_model_len)
 
