@@ -30,6 +30,7 @@ from models.loader import DTYPES, load_model, parse_dtype, resolve_device
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
 from runtime.detokenizer import TextStream
+from runtime.guided import GuidedMatcher, apply_token_masks, compile_constraint, tokenizer_info
 from runtime.model_runner import ModelRunner
 from runtime.params import SamplingParams
 from runtime.sampler import Sampler
@@ -147,7 +148,21 @@ class Engine:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         text = TextStream(self.tokenizer, prompt_ids, params.stop_sequences, params.include_stop_str_in_output,
                           params.skip_special_tokens)
-        return Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, text, deadline, generator)
+        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, text, deadline, generator)
+        seq.matcher = self.guided_matcher(params.guided)
+        return seq
+
+    def guided_matcher(self, guided: tuple[str, object] | None) -> GuidedMatcher | None:
+        """A fresh matcher for a request's guided-decoding constraint (None: unconstrained); ValueError naming
+        the problem for an invalid one, or a model without a tokenizer. The tokenizer's llguidance view is
+        built on the first guided request (~1.5 s) and cached; compiled constraints are cached too."""
+        if guided is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError(f"guided decoding needs a tokenizer; {self.model_dir} has none "
+                             f"({' or '.join(TOKENIZER_FILES)})")
+        info = tokenizer_info(self.tokenizer, self.config.vocab_size, self.stop_token_ids)
+        return compile_constraint(guided[0], guided[1], info).matcher()
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -198,6 +213,11 @@ class Engine:
             if self.speculator is not None:
                 batch, draft_probs = self.speculator.propose(batch)
             sampling, logits, num_rows = self.runner.execute(batch)
+            if any(seq.matcher is not None for seq in sampling):  # on the raw logits, before penalties & co
+                # Speculating rows are masked as after the earlier proposals; the verifier then never accepts a
+                # proposal the constraint forbids (its probability is 0), so every emitted token is allowed.
+                drafts = [seq.draft_token_ids for seq in sampling] if any(n > 1 for n in num_rows) else None
+                apply_token_masks(logits, [seq.matcher for seq in sampling], drafts)
             if self.speculator is not None:
                 tokens, log_probs = self.speculator.verify(sampling, logits, num_rows, draft_probs)
             else:
@@ -241,6 +261,8 @@ class Engine:
             seq.output_token_ids.append(token)
             self.counters["tokens_generated"] += 1
             kept += 1
+            if seq.matcher is not None:
+                seq.matcher.advance(token)
             if token in self.stop_token_ids and not p.ignore_eos:
                 # The stop token's own text only with include_stop_str_in_output (and specials not skipped).
                 text += seq.text.add(token)[0] if p.include_stop_str_in_output else ""
@@ -250,6 +272,9 @@ class Engine:
                 delta, stopped = seq.text.add(token)
                 text += delta
                 if stopped:
+                    reason = "stop"
+                elif seq.matcher is not None and seq.matcher.is_finished():  # the constraint allows nothing more
+                    text += seq.text.flush()
                     reason = "stop"
                 elif len(seq.output_token_ids) >= p.max_new_tokens:
                     text += seq.text.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -20,6 +21,9 @@ class SamplingParams:
     return_token_log_probs: bool = False
     ignore_eos: bool = False
     speculate: bool = True  # with an engine that speculates (Engine(speculative=...)): False opts this request out
+    # Guided decoding: (kind, spec), kind "json" | "regex" | "choice" | "grammar" (runtime/guided.py); the engine
+    # compiles it in make_sequence (ValueError naming the problem).
+    guided: tuple[str, Any] | None = None
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the first field out of its accepted range; returns self."""
@@ -40,6 +44,9 @@ class SamplingParams:
                 raise bad(name, "[-2, 2]")
         if not isinstance(self.speculate, bool):
             raise bad("speculate", "True or False")
+        if self.guided is not None and (not isinstance(self.guided, tuple) or len(self.guided) != 2
+                                        or self.guided[0] not in ("json", "regex", "choice", "grammar")):
+            raise bad("guided", "None or (kind, spec) with kind json, regex, choice or grammar")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "an integer or None")
         if isinstance(self.stop_sequences, str):
