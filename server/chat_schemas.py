@@ -2,8 +2,9 @@
 we refuse, the messages as the chat template wants them, and the runtime's SamplingParams.
 
 Unknown fields are ignored, as elsewhere; but a known OpenAI field that would change the answer and that we
-cannot honour (tools, images, audio, logit_bias, response_format, ...) is a 400 naming it, never silently
-dropped. Nulls count as absent.
+cannot honour (tools, images, audio, logit_bias, ...) is a 400 naming it, never silently dropped. Nulls count as
+absent. `response_format` text, json_object and json_schema, and vLLM's guided_* extra fields, constrain the
+answer (guided decoding; server/schemas.py `guided`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from runtime import SamplingParams
 from server.errors import bad_request
-from server.schemas import StreamOptions, _Body, check_seed, openai_sampling
+from server.schemas import StreamOptions, _Body, check_seed, guided, openai_sampling
 
 ROLES = {"system", "user", "assistant", "developer"}  # developer: OpenAI's newer name for system
 MAX_TOP_LOGPROBS = 20
@@ -27,11 +28,10 @@ UNSUPPORTED = {
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "logit_bias": "logit_bias is not supported",
-    "response_format": "structured output (response_format) is not supported yet",
     "prediction": "predicted outputs are not supported",
     "web_search_options": "web search is not supported",
 }
-HARMLESS = {"modalities": [["text"]], "logit_bias": [{}], "response_format": [{"type": "text"}]}
+HARMLESS = {"modalities": [["text"]], "logit_bias": [{}]}
 
 
 class ChatCompletionRequest(_Body):
@@ -52,6 +52,11 @@ class ChatCompletionRequest(_Body):
     top_logprobs: int | None = None
     user: str | None = None
     ignore_eos: bool | None = False  # vLLM's extension, as on the other routes
+    response_format: Any = None  # text, json_object or json_schema (guided decoding)
+    guided_json: Any = None  # vLLM's guided decoding extra fields
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
     # refused unless null (see UNSUPPORTED)
     tools: Any = None
     tool_choice: Any = None
@@ -61,7 +66,6 @@ class ChatCompletionRequest(_Body):
     audio: Any = None
     modalities: Any = None
     logit_bias: Any = None
-    response_format: Any = None
     prediction: Any = None
     web_search_options: Any = None
 
@@ -138,4 +142,5 @@ def chat_sampling_params(req: ChatCompletionRequest, prompt_tokens: int, max_mod
     return openai_sampling(max_tokens=max_tokens, max_tokens_name=name, temperature=req.temperature,
                            top_p=req.top_p, stop=req.stop, presence_penalty=req.presence_penalty,
                            frequency_penalty=req.frequency_penalty, seed=req.seed,
-                           log_probs=bool(req.logprobs), ignore_eos=bool(req.ignore_eos))
+                           log_probs=bool(req.logprobs), ignore_eos=bool(req.ignore_eos),
+                           guided=guided(req, req.response_format))

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from runtime import SamplingParams
+from runtime.guided import guided_spec
 from server.errors import bad_request
 
 
@@ -70,6 +71,12 @@ class OpenAICompletionRequest(_Body):
     user: str | None = None
     ignore_eos: bool | None = False  # vLLM's extension, as on the LLM Engine route
     speculative: bool | None = None  # our extension, as on the LLM Engine route
+    # guided decoding: vLLM's extra fields and OpenAI's response_format (as vLLM accepts it here too)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    response_format: Any = None
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
@@ -102,13 +109,22 @@ def _runtime_params(**kwargs: Any) -> SamplingParams:
         raise bad_request(str(e)) from None
 
 
+def guided(req: Any, response_format: Any = None) -> tuple[str, Any] | None:
+    """The request's guided-decoding constraint (kind, spec) from its guided_* fields and response_format, or
+    None; 400 for more than one or a response_format we do not serve. The engine compiles it when the request
+    is added: an invalid schema, regex or grammar is a 400 from there, before anything is queued."""
+    try:
+        return guided_spec(response_format, guided_json=req.guided_json, guided_regex=req.guided_regex,
+                           guided_choice=req.guided_choice, guided_grammar=req.guided_grammar)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+
+
 def sampling_params_v1(req: CompletionV1Request) -> SamplingParams:
     """The LLM Engine rules (docs/architecture.md, "Wire protocol"), stricter than the runtime's: temperature
-    and penalties as the official client bounds them, no guided decoding yet, and no top_k/top_p alongside
+    and penalties as the official client bounds them, at most one guided_* field, and no top_k/top_p alongside
     greedy decoding."""
-    for field in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        if getattr(req, field) is not None:
-            raise bad_request(f"{field} is not supported yet: guided decoding is not implemented")
+    constraint = guided(req)
     t = req.temperature
     _check_range("temperature", t, 0 <= t <= 1, "[0, 1] (0 = greedy)")
     _check_range("max_new_tokens", req.max_new_tokens, req.max_new_tokens >= 1, "an integer >= 1")
@@ -127,7 +143,7 @@ def sampling_params_v1(req: CompletionV1Request) -> SamplingParams:
         include_stop_str_in_output=bool(req.include_stop_str_in_output),
         skip_special_tokens=req.skip_special_tokens is not False,
         return_token_log_probs=bool(req.return_token_log_probs), ignore_eos=bool(req.ignore_eos),
-        speculate=req.speculative is not False)
+        speculate=req.speculative is not False, guided=constraint)
 
 
 def openai_prompt(req: OpenAICompletionRequest) -> str | list[int]:
@@ -149,7 +165,7 @@ def check_seed(seed: int | None) -> None:
 def openai_sampling(*, max_tokens: int, max_tokens_name: str = "max_tokens", temperature: float | None,
                     top_p: float | None, stop: str | list[str] | None, presence_penalty: float | None,
                     frequency_penalty: float | None, seed: int | None, log_probs: bool,
-                    ignore_eos: bool) -> SamplingParams:
+                    ignore_eos: bool, guided: tuple[str, Any] | None = None) -> SamplingParams:
     """The sampling fields completions and chat completions share, with OpenAI's ranges and defaults."""
     t = 1.0 if temperature is None else temperature
     _check_range("temperature", t, 0 <= t <= 2, "[0, 2]")
@@ -160,7 +176,7 @@ def openai_sampling(*, max_tokens: int, max_tokens_name: str = "max_tokens", tem
         max_new_tokens=max_tokens, temperature=t,
         top_p=1.0 if top_p is None or t == 0 else top_p,  # greedy ignores top_p, as OpenAI does
         presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
-        seed=seed, stop_sequences=stop_list, return_token_log_probs=log_probs, ignore_eos=ignore_eos)
+        seed=seed, stop_sequences=stop_list, return_token_log_probs=log_probs, ignore_eos=ignore_eos, guided=guided)
 
 
 def completion_choices(req: OpenAICompletionRequest) -> int:
@@ -183,6 +199,6 @@ def sampling_params_openai(req: OpenAICompletionRequest) -> SamplingParams:
     params = openai_sampling(max_tokens=16 if req.max_tokens is None else req.max_tokens, temperature=req.temperature,
                              top_p=req.top_p, stop=req.stop, presence_penalty=req.presence_penalty,
                              frequency_penalty=req.frequency_penalty, seed=req.seed, log_probs=lp is not None,
-                             ignore_eos=bool(req.ignore_eos))
+                             ignore_eos=bool(req.ignore_eos), guided=guided(req, req.response_format))
     params.speculate = req.speculative is not False
     return params

@@ -53,7 +53,7 @@ def main() -> None:
     result["top_k_0"] = error_name(lambda: Completion.create(model=model, prompt="a", max_new_tokens=1,
                                                              temperature=0.5, top_k=0))
     result["guided"] = error_name(lambda: Completion.create(model=model, prompt="a", max_new_tokens=1,
-                                                            temperature=0.5, guided_regex="a+"))
+                                                            temperature=0.5, guided_regex="a("))
     print(json.dumps(result))
 
 

@@ -1,0 +1,157 @@
+"""Guided decoding through the server, fast: a tiny random Llama with the default model's tokenizer (so
+constraints compile for real) and one without a tokenizer. Bad constraints are a 400 naming the problem before
+anything is queued; response_format json_schema and vLLM's guided_* fields constrain the answer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+import torch
+from live_server import llm_body, serve
+from safetensors.torch import save_file
+
+from runtime import AsyncEngine
+from server.app import create_app
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
+          "required": ["ok", "size"], "additionalProperties": False,
+          "x-guidance": {"whitespace_flexible": False}}  # compact: a random model cannot pad with blanks
+
+
+def write_tiny(folder: Path, vocab_size: int) -> Path:
+    """A random one-layer Llama, written directly (importing transformers would take seconds)."""
+    hidden, inter, head_dim, heads, kv_heads = 16, 32, 8, 2, 1
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
+              "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+    shapes = {"model.embed_tokens.weight": (vocab_size, hidden), "model.norm.weight": (hidden,),
+              "model.layers.0.input_layernorm.weight": (hidden,),
+              "model.layers.0.post_attention_layernorm.weight": (hidden,),
+              "model.layers.0.self_attn.q_proj.weight": (heads * head_dim, hidden),
+              "model.layers.0.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+              "model.layers.0.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+              "model.layers.0.self_attn.o_proj.weight": (hidden, heads * head_dim),
+              "model.layers.0.mlp.gate_proj.weight": (inter, hidden),
+              "model.layers.0.mlp.up_proj.weight": (inter, hidden),
+              "model.layers.0.mlp.down_proj.weight": (hidden, inter)}
+    generator = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({name: torch.randn(shape, generator=generator) * 0.5 for name, shape in shapes.items()},
+              str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def guided_server(tmp_path_factory, default_model_dir: Path):
+    folder = write_tiny(tmp_path_factory.mktemp("tiny-tok"), 49152)  # the default tokenizer's vocabulary
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, folder / name)
+    engines = {"tok": AsyncEngine(folder, name="tok", kv_cache_gib=0.01, device="cpu"),
+               "notok": AsyncEngine(write_tiny(tmp_path_factory.mktemp("tiny-notok"), 128), name="notok",
+                                    kv_cache_gib=0.01, device="cpu")}
+    with serve(create_app(engines)) as live:
+        live.engines = engines
+        yield live
+    for engine in engines.values():
+        engine.shutdown()
+
+
+def v1(live, **fields) -> httpx.Response:
+    return httpx.post(live.url + "/v1/llm/completions-sync?model_endpoint_name=tok", timeout=60,
+                      json=llm_body(prompt="Answer:", max_new_tokens=40, **fields))
+
+
+BAD = [  # (case id, body fields, words the 400's detail must contain)
+    ("json schema", {"guided_json": {"type": "nope"}}, ["invalid JSON schema", "nope"]),
+    ("json not an object", {"guided_json": [1, 2]}, ["invalid JSON schema", "object"]),
+    ("regex", {"guided_regex": "(cat|dog"}, ["invalid regex", "unclosed group"]),
+    ("choice empty", {"guided_choice": []}, ["invalid choice", "non-empty"]),
+    ("choice not strings", {"guided_choice": ["a", 3]}, ["invalid choice", "3"]),
+    ("grammar", {"guided_grammar": "start: ???"}, ["invalid grammar"]),
+    ("gbnf undefined rule", {"guided_grammar": "root ::= foo"}, ["invalid grammar", "foo"]),
+    ("two fields", {"guided_regex": "a+", "guided_choice": ["a"]}, ["at most one", "guided_regex", "guided_choice"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_constraints_are_400_naming_the_problem(guided_server, case):
+    _, fields, words = case
+    r = v1(guided_server, **fields)
+    assert r.status_code == 400, r.text
+    assert all(w in r.json()["detail"] for w in words), r.json()["detail"]
+    stats = guided_server.engines["tok"].stats()
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["blocks_used"] == 0
+
+
+def test_openai_routes_refuse_bad_constraints(guided_server):
+    url = guided_server.url
+    cases = [("/v1/completions", {"prompt": "a", "guided_regex": "a("}, "invalid regex"),
+             ("/v1/completions", {"prompt": "a", "guided_choice": ["a"], "response_format": {"type": "json_object"}},
+              "at most one"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                       "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+              "json_schema.schema"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                       "response_format": {"type": "xml"}}, "response_format type 'xml'"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                       "guided_json": {"type": "object", "properties": 5}}, "invalid JSON schema")]
+    for path, body, words in cases:
+        r = httpx.post(url + path, json={"model": "tok", "max_tokens": 4, **body}, timeout=60)
+        assert r.status_code == 400, (path, body, r.text)
+        assert words in r.json()["error"]["message"], r.json()
+
+
+def test_guided_on_a_model_without_a_tokenizer_is_400(guided_server):
+    r = httpx.post(guided_server.url + "/v1/completions", timeout=60,
+                   json={"model": "notok", "prompt": [1, 2, 3], "max_tokens": 4, "guided_regex": "a+"})
+    assert r.status_code == 400, r.text
+    assert "guided decoding needs a tokenizer" in r.json()["error"]["message"]
+    r = httpx.post(guided_server.url + "/v1/completions", timeout=60,  # the same without a constraint serves
+                   json={"model": "notok", "prompt": [1, 2, 3], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+
+
+def test_chat_response_format_json_schema_is_followed(guided_server):
+    r = httpx.post(guided_server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tok", "messages": [{"role": "user", "content": "a shirt"}], "max_tokens": 60, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "shirt", "schema": SCHEMA}}})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+    assert choice["finish_reason"] == "stop"
+
+
+def test_text_response_format_and_guided_fields_on_completions(guided_server):
+    url = guided_server.url
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": "tok", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "response_format": {"type": "text"}})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+    r = httpx.post(url + "/v1/completions", timeout=60, json={
+        "model": "tok", "prompt": "Pick:", "max_tokens": 10, "temperature": 0.8, "seed": 3, "n": 3,
+        "guided_choice": ["alpha", "beta gamma"]})
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] and \
+        all(c["text"] in ("alpha", "beta gamma") and c["finish_reason"] == "stop" for c in r.json()["choices"])
+
+
+def test_llm_engine_route_follows_each_kind(guided_server):
+    checks = [({"guided_regex": "(yes|no), [0-9]{2}"}, lambda t: t in {f"{w}, {n:02d}" for w in ("yes", "no")
+                                                                       for n in range(100)}),
+              ({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
+              ({"guided_json": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+              ({"guided_grammar": '?start: "SELECT " COL " FROM t"\nCOL: "a" | "b"'},
+               lambda t: t in ("SELECT a FROM t", "SELECT b FROM t"))]
+    for fields, valid in checks:
+        r = v1(guided_server, **fields)
+        assert r.status_code == 200, r.text
+        text = r.json()["output"]["text"]
+        assert valid(text), (fields, text)
+    assert guided_server.engines["tok"].stats()["blocks_used"] == 0
