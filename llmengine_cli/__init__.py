@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 from benchmarks.cli import add_bench_args, run_bench
-from server.serve import add_serve_args, add_speculative_args, run_serve, speculative_kwargs
+from server.serve import (
+    add_quantize_args,
+    add_serve_args,
+    add_speculative_args,
+    quantize_kwargs,
+    run_serve,
+    speculative_kwargs,
+)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -22,7 +29,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is empty: give the text to complete")
     name, mapping = parse_model_arg(args.model)
     llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, progress=True,
-              **speculative_kwargs(args))
+              **speculative_kwargs(args), **quantize_kwargs(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
         text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -86,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=run_bench)
 
     gen = sub.add_parser("generate", help="complete one prompt offline and print the completion")
-    gen.add_argument("--model", default="smollm2-135m-instruct", help="zoo name, folder, or NAME=PATH")
+    gen.add_argument("--model", default="smollm2-135m-instruct", help="zoo name, folder, .gguf file, or NAME=PATH")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_speculative_args(gen)
+    add_quantize_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     batch = sub.add_parser("batch", help="complete a JSON file of prompts offline into a JSON file of outputs",

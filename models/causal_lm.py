@@ -31,6 +31,10 @@ class CausalLM(nn.Module):
                                                                       bias=False)
         self.rope = None
         self.head_packed_index: int | None = None  # a tied head's copy, packed for oneDNN
+        # A tied head's quantized copy (models/quantized_linear.py), used before the above: the embedding table
+        # stays a float table for the lookups, and `lm_head is None` still means "tied".
+        self.quantized_head: nn.Module | None = None
+        self.quantization: str | None = None  # what the loader did, e.g. "int4 g64" (None: float weights)
         if self.embed.weight.device.type != "meta":  # the loader builds on meta, then calls init_buffers
             self.init_buffers(self.embed.weight.device)
 
@@ -45,7 +49,7 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 pack_linear(module)
-        if self.lm_head is None:
+        if self.lm_head is None and self.quantized_head is None:
             self.head_packed_index = pack(self.embed.weight.data, self)
 
     def checkpoint_targets(self) -> dict[str, ParamTarget]:
@@ -67,6 +71,8 @@ class CausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quantized_head is not None:
+            return self.quantized_head(hidden)
         if self.lm_head is not None:
             return self.lm_head(hidden)
         if self.head_packed_index is not None:

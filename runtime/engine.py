@@ -73,9 +73,12 @@ class Engine:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  progress: bool = False, compile: bool = False, enable_prefix_caching: bool = True,
                  speculative: str | Path | None = None, num_speculative_tokens: int = 4, prompt_lookup_min: int = 1,
-                 prompt_lookup_max: int = 4):
+                 prompt_lookup_max: int = 4, quantize: str | None = None, quant_group_size: int | None = None):
         """`speculative`: None, "ngram" (prompt lookup, `prompt_lookup_min..max`-token patterns) or a draft
-        model's zoo name or folder; up to `num_speculative_tokens` proposals per sequence and step."""
+        model's zoo name or folder; up to `num_speculative_tokens` proposals per sequence and step.
+        `quantize`: weight-only quantization, models.loader.load_model's (None/"none", "int8", "int4" in groups
+        of `quant_group_size`, "gguf", "auto": a GGUF's own integers on CPU); "auto" with an explicit dtype
+        means float weights of that dtype. Activations and the KV cache keep `dtype`."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -84,11 +87,14 @@ class Engine:
         self.model_dir = model_dir
         self.config = config = load_config(model_dir)
         self.device = resolve_device(device)
+        if quantize == "auto" and dtype != "auto":
+            quantize = None
         if dtype == "auto":  # fp32 on CPU (exact, and fast there); the checkpoint's dtype on a GPU
             dtype = "float32" if self.device.type != "cuda" else \
                 config.torch_dtype if config.torch_dtype in DTYPES else "bfloat16"
         self.dtype = parse_dtype(dtype)
-        self.model = load_model(model_dir, self.dtype, self.device, progress=progress, config=config)
+        self.model = load_model(model_dir, self.dtype, self.device, progress=progress, config=config,
+                                quantize=quantize, group_size=quant_group_size)
         has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
         self.tokenizer = Tokenizer.from_folder(model_dir) if has_tokenizer else None
         self.stop_token_ids = stop_token_ids(config, self.tokenizer)

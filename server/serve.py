@@ -2,6 +2,7 @@
 
     llmengine serve                                  # the default model on 127.0.0.1:5005
     llmengine serve --model smollm2-135m-instruct --model mine=/path/to/folder --api-key KEY
+    llmengine serve --model tiny=/path/to/model.Q4_0.gguf --quantize auto   # a GGUF as it is, int4 kept
 
 The port opens at once; /readyz answers 503 until every model is loaded, then the server prints how to
 call it. On Ctrl-C (SIGINT) or SIGTERM, requests in flight get `GRACE_SECONDS` to finish, then an error.
@@ -43,8 +44,8 @@ class GracefulServer(uvicorn.Server):
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=[], metavar="NAME[=PATH]",
-                        help=f"a model to serve: a zoo name, a folder, or NAME=PATH to serve a folder under a "
-                             f"name; repeat to serve several (default: {DEFAULT_MODEL})")
+                        help=f"a model to serve: a zoo name, a folder, a llama .gguf file, or NAME=PATH to serve a "
+                             f"folder or GGUF under a name; repeat to serve several (default: {DEFAULT_MODEL})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=5005)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -65,6 +66,25 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="the only directory POST /v1/llm/model-endpoints may load checkpoints from "
                              "(default: the local models folder, ~/.cache/llmengine/models)")
     add_speculative_args(parser)
+    add_quantize_args(parser)
+
+
+def add_quantize_args(parser: argparse.ArgumentParser) -> None:
+    """Weight quantization's options (`llmengine serve` and `llmengine generate`)."""
+    parser.add_argument("--quantize", default="auto", choices=["none", "int8", "int4", "auto"],
+                        help="weight-only quantization; activations and the KV cache keep --dtype. auto (the "
+                             "default): on CPU, a model that came from a GGUF (the default model; a .gguf file) "
+                             "keeps the GGUF's own int4/int8 weights, any other model its own dtype; with an "
+                             "explicit --dtype, auto means none. none: float weights. int8 (per output channel) "
+                             "or int4 (groups of --quant-group-size): quantize the float weights at load")
+    parser.add_argument("--quant-group-size", type=int, default=None, metavar="N",
+                        help="int4 group size, 32, 64, 128 or 256 (default: 64, or 32 where 64 does not divide "
+                             "a layer's inputs); with int8, per group instead of per channel")
+
+
+def quantize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Engine keyword arguments of `add_quantize_args`'s options."""
+    return dict(quantize=args.quantize, quant_group_size=args.quant_group_size)
 
 
 def add_speculative_args(parser: argparse.ArgumentParser) -> None:
@@ -139,8 +159,9 @@ def run_serve(args: argparse.Namespace) -> int:
             engines[name] = AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name,
                                         compile=args.compile, enable_prefix_caching=args.prefix_caching,
                                         progress=True,  # a tqdm bar over the weights on stderr
-                                        **speculative_kwargs(args))
+                                        **speculative_kwargs(args), **quantize_kwargs(args))
             logs.model_loaded(name, engines[name], time.perf_counter() - started, warmed_up=args.compile)
+            logs.log.info("%s weights: %s", name, engines[name].engine.model.quantization or "float")
         return engines
 
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -150,7 +171,8 @@ def run_serve(args: argparse.Namespace) -> int:
     def load_at_run_time(name: str, folder: Path, max_model_len: int | None) -> Any:  # Model.create
         logs.log.info("loading %s from %s (Model.create)", name, folder)
         return AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name, compile=args.compile,
-                           enable_prefix_caching=args.prefix_caching, max_model_len=max_model_len)
+                           enable_prefix_caching=args.prefix_caching, max_model_len=max_model_len,
+                           **quantize_kwargs(args))
 
     app = create_app(load_engines, api_key=api_key, max_queue=args.max_queue, batch_dir=args.batch_dir,
                      models_dir=args.models_dir, engine_factory=load_at_run_time)

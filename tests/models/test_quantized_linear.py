@@ -10,6 +10,7 @@ from models.attention import AttentionMetadata
 from models.layers import Linear
 from models.loader import load_model
 from models.quantized_linear import QuantizedLinear, default_group_size, quantize_model
+from tests.models import tiny
 from tests.models.tiny import save_tiny
 
 try:
@@ -160,7 +161,7 @@ def test_default_group_size():
 
 # --- whole models ---------------------------------------------------------------------------------------------
 
-VARIANTS = ["llama-gqa-tied-bias", "llama-mha", "falcon-rw-like", "falcon-7b-like"]
+VARIANTS = list(tiny.VARIANTS)  # every Llama and Falcon variant
 PROMPTS = [[5, 17, 99, 3, 64, 8, 21], [7, 100, 2, 45]]
 
 
@@ -179,28 +180,53 @@ def hidden_and_logits(model, head=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantize_model_matches_dequantized_model(tiny_dir, mode):
-    """The quantized model against the same model with each dequantized weight put back in fp32 (the head too):
-    they differ only by the bf16 rounding of each projection's input and output (2^-8 relative each, errors
-    of random sign). Measured: 0.33-0.42% of the logits' scale on these models; 1.5% is the bound (int4 against
-    the unquantized model is 8-12% off, so the comparison can tell the weights apart)."""
+    """The quantized model (through the loader: `load_model(quantize=...)`) against the same model with each
+    dequantized weight put back in fp32 (the head too): they differ only by the bf16 rounding of each projection's
+    input and output (2^-8 relative each, errors of random sign). Measured: 0.33-0.42% of the logits' scale on
+    these models; 1.5% is the bound (int4 against the unquantized model is 8-12% off, so the comparison can tell
+    the weights apart)."""
     variant, path = tiny_dir
-    quantized = load_model(path, progress=False, pack=False)
+    quantized = load_model(path, progress=False, quantize=mode)  # packing (the default) finds nothing left to pack
     reference = load_model(path, progress=False, pack=False)
-    tied = quantized.lm_head is None
-    quantize_model(quantized, mode)
+    tied = reference.lm_head is None
     assert not any(isinstance(m, Linear) for m in quantized.modules())
-    assert isinstance(quantized.lm_head, QuantizedLinear)
+    assert quantized.quantization == "int8 per channel" if mode == "int8" else quantized.quantization in \
+        ("int4 g32", "int4 g64")  # 64 where every K divides by it
+    head = quantized.quantized_head if tied else quantized.lm_head  # a tied head stays "lm_head is None"
+    assert isinstance(head, QuantizedLinear) and (quantized.lm_head is None) == tied
     layers = dict(quantized.named_modules())
     for name, m in reference.named_modules():
         if isinstance(m, Linear):
             m.weight.data = layers[name].dequantize()
-    head_weight = quantized.lm_head.dequantize()
+    head_weight = head.dequantize()
     if tied:  # the quantized head is a copy of the embedding; the lookups still use the float table
         assert torch.equal(quantized.embed.weight, reference.embed.weight)
+        assert quantized.head_packed_index is None
     _, got = hidden_and_logits(quantized)
     _, expected = hidden_and_logits(reference, lambda h: h @ head_weight.t())
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 0.015 * scale, f"{variant}: {(got - expected).abs().max() / scale:.3g}"
+
+
+NEAR_TIE = 0.015  # of the logits' largest magnitude: the bound of test_quantize_model_matches_dequantized_model
+
+
+def assert_greedy_match(fp32, prompts, got, expected) -> None:
+    """Greedy tokens of a quantized model (`got`) equal fp32's (`expected`), except from a step where fp32's own
+    top two logits lie closer than the quantized logits' error bound (NEAR_TIE): there either pick is right, and
+    the runs may part. A parting at a clear margin fails. (Random tiny models have flat logits, so near ties are
+    common: seen at margins of 0.07% and 0.4% of the scale, where the CPU kernels' bf16 logits tie exactly.)"""
+    for prompt, a, b in zip(prompts, got, expected):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if n is None:
+            assert len(a) == len(b)
+            continue
+        seq = prompt + b[:n]
+        with torch.no_grad():
+            logits = fp32.compute_logits(fp32(torch.tensor(seq), torch.arange(len(seq)),
+                                              AttentionMetadata.for_prompts([len(seq)])))[-1]
+        margin = (logits[b[n]] - logits[a[n]]) / logits.abs().max()
+        assert margin <= NEAR_TIE, f"step {n}: fp32 prefers {b[n]} to {a[n]} by {margin:.3g} of its scale"
 
 
 def test_int8_greedy_tokens_match_fp32(tiny_dir):
@@ -208,7 +234,7 @@ def test_int8_greedy_tokens_match_fp32(tiny_dir):
     fp32 = load_model(path, progress=False, pack=False)
     int8 = load_model(path, progress=False, pack=False)
     quantize_model(int8, "int8")
-    assert generate(int8, PROMPTS, 16) == generate(fp32, PROMPTS, 16)
+    assert_greedy_match(fp32, PROMPTS, generate(int8, PROMPTS, 16), generate(fp32, PROMPTS, 16))
 
 
 def test_quantize_model_refuses_packed_weights(tiny_dir):

@@ -1,0 +1,198 @@
+"""A GGUF served as it is (models/gguf_model.py): its Q4_0/Q4_1/Q8_0 integers kept, the rest dequantized as
+`llmengine convert` does; the logits equal those of the fp32 model whose weights are the same integers dequantized
+(`gguf.quants.dequantize`, which is what the converted folder holds), within the error that the CPU kernels' bf16
+roundings make.
+
+The tolerance. The CPU kernels round each projection's input to bf16, its output to bf16 and the stored scales
+(and zeros) to bf16: three roundings of relative size 2^-8 per projection, errors of random sign that the later
+layers carry on. How far they move the logits depends on the model, so it is measured on the model itself:
+`bf16_emulation` runs the fp32 reference with exactly these three roundings put in (each projection computes
+`bf16(bf16(x) @ bf16-scaled W^T)` in fp32), and its distance E from the reference is what such roundings do. The
+quantized model must lie within 2 E (rms over the logits), and nearer the emulation than E: the kernels make the
+same roundings in their own summation order (measured: 1.12 E from the reference and 0.52 E from the emulation on
+the default model; on the tiny ones 1.00 E, Q4 bit-identical to the emulation, Q8_0 0.16 E from it). A wrong
+weight, a row left in llama.cpp's rotary order or a dropped bias moves the logits by far more (the tiny tests
+check that 2 E is well below the distance to the unquantized original weights).
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from models.attention import AttentionMetadata
+from models.gguf import SOURCE_RECORD, convert_gguf, gguf_source
+from models.gguf_model import quantized_projections
+from models.layers import Linear
+from models.loader import load_model
+from models.quantized_linear import QuantizedLinear
+from models.tokenizer import Tokenizer
+from models.zoo import resolve_model
+from tests.models.test_gguf import write_tiny_gguf
+
+Q = GGMLQuantizationType
+PROMPTS = [[5, 17, 99, 3, 64, 8, 21, 40, 41], [7, 100, 2, 45]]
+# (projection type, tied embedding, the o_proj's own type): Q4_1 with a Q8_0 projection (as the default model's
+# Q8_0 table), Q4_0 untied with a float (F16) projection, and Q8_0 throughout (int8 per 32: two int4 planes)
+FILES = [(Q.Q4_1, True, Q.Q8_0), (Q.Q4_0, False, Q.F16), (Q.Q8_0, True, None)]
+
+
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().float()
+
+
+class RoundedLinear(torch.nn.Module):
+    """`bf16(bf16(x) @ W^T) + bias` in fp32: what the CPU weight-only kernels do, with W as given."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = bf16(F.linear(bf16(x), self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+def bf16_emulation(reference, quantized) -> torch.nn.Module:
+    """The fp32 `reference` model (unpacked) with each projection that `quantized` keeps as integers replaced by a
+    RoundedLinear of the quantized layer's weight (its bf16 scales included); float projections stay as they are."""
+    layers = dict(quantized.named_modules())
+    for name, m in list(reference.named_modules()):
+        if isinstance(m, Linear) and isinstance(layers[name], QuantizedLinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(reference.get_submodule(parent), attr, RoundedLinear(layers[name].dequantize(), m.bias))
+    head = quantized.quantized_head
+    reference.compute_logits = (lambda h: RoundedLinear(head.dequantize(), None)(h)) if head is not None \
+        else reference.compute_logits
+    return reference
+
+
+def logits(model, prompts: list[list[int]]) -> torch.Tensor:
+    ids = torch.tensor([t for p in prompts for t in p])
+    positions = torch.tensor([i for p in prompts for i in range(len(p))])
+    with torch.no_grad():
+        return model.compute_logits(model(ids, positions, AttentionMetadata.for_prompts([len(p) for p in prompts])))
+
+
+def rms(t: torch.Tensor) -> float:
+    return t.double().pow(2).mean().sqrt().item()
+
+
+def assert_within_bf16_roundings(quantized, reference_dir, prompts) -> tuple[float, float]:
+    """rms(quantized - reference) <= 2 E and rms(quantized - emulation) <= E, E = rms(emulation - reference)
+    (module docstring); returns the error and the tolerance 2 E, relative to the logits' rms."""
+    reference = logits(load_model(reference_dir, progress=False, pack=False), prompts)
+    emulated = logits(bf16_emulation(load_model(reference_dir, progress=False, pack=False), quantized), prompts)
+    got = logits(quantized, prompts)
+    scale = rms(reference)
+    error, emulation_error = rms(got - reference) / scale, rms(emulated - reference) / scale
+    assert 0 < error <= 2 * emulation_error, f"rms error {error:.4g} of the logits' rms, E {emulation_error:.4g}"
+    assert rms(got - emulated) / scale <= emulation_error
+    return error, 2 * emulation_error
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMENGINE_MODELS_DIR", str(tmp_path / "models"))
+    return tmp_path / "models"
+
+
+@pytest.mark.parametrize("qtype, tied, odd", FILES, ids=["Q4_1-tied-Q8_0", "Q4_0-untied-F16", "Q8_0-tied"])
+def test_tiny_gguf_integers_match_their_dequantized_model(tmp_path, models_dir, qtype, tied, odd):
+    original = write_tiny_gguf(tmp_path / "tiny.gguf", qtype, tied=tied, odd_tensor=odd)
+    converted = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "converted", progress=False)
+    assert gguf_source(converted) == (tmp_path / "tiny.gguf").resolve()
+    served = resolve_model(tmp_path / "tiny.gguf")  # the GGUF itself: a weightless folder under the models dir
+    assert served.parent == models_dir / ".gguf" and not list(served.glob("*.safetensors"))
+    assert json.loads((served / "config.json").read_text()) == json.loads((converted / "config.json").read_text())
+    assert (served / "tokenizer.json").read_text() == (converted / "tokenizer.json").read_text()
+    assert resolve_model(tmp_path / "tiny.gguf") == served  # made once
+
+    model = load_model(served, quantize="auto", progress=False)
+    kept = {name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    expected = {f"layers.{i}.{p}" for i in range(2) for p in ("attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    expected |= {f"layers.{i}.attn.o_proj" for i in range(2)} if odd != Q.F16 else set()
+    expected |= {"quantized_head"} if tied else {"lm_head"}
+    assert kept == expected
+    assert model.lm_head is None if tied else isinstance(model.lm_head, QuantizedLinear)
+    if odd == Q.Q8_0:
+        assert model.layers[0].attn.o_proj.mode == "int8" and model.layers[0].attn.qkv_proj.mode == "int4"
+    assert model.quantization.startswith("GGUF ")
+    error, tolerance = assert_within_bf16_roundings(model, converted, PROMPTS)
+
+    # the same folder through the other modes: float from the GGUF equals the converted fp32 folder exactly
+    float_model = load_model(served, quantize=None, progress=False, pack=False)
+    assert float_model.quantization is None
+    assert torch.equal(logits(float_model, PROMPTS), logits(load_model(converted, progress=False, pack=False),
+                                                           PROMPTS))
+    # the tolerance can tell the file's weights from the original ones they were quantized from
+    assert tolerance < 0.5 * distance_to_original(tmp_path, original, converted)
+
+
+def distance_to_original(tmp_path, original, converted) -> float:
+    """rms distance (relative) from the converted model's logits to the model with the unquantized weights."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "original"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text((converted / name).read_text())
+    save_file(original, folder / "model.safetensors")
+    reference = logits(load_model(converted, progress=False, pack=False), PROMPTS)
+    return rms(logits(load_model(folder, progress=False, pack=False), PROMPTS) - reference) / rms(reference)
+
+
+def test_auto_means_float_without_a_gguf_source(tmp_path, models_dir):
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q4_1)
+    converted = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "converted", progress=False)
+    assert load_model(converted, quantize="auto", progress=False, device="cpu").quantization.startswith("GGUF")
+    (converted / SOURCE_RECORD).unlink()  # a plain safetensors folder: auto = its own float weights
+    plain = load_model(converted, quantize="auto", progress=False)
+    assert plain.quantization is None and not any(isinstance(m, QuantizedLinear) for m in plain.modules())
+    assert load_model(converted, quantize="int8", progress=False).quantization == "int8 per channel"
+    with pytest.raises(ValueError, match="quantize='int3'"):
+        load_model(converted, quantize="int3", progress=False)
+
+
+def test_moved_gguf_is_a_clear_error(tmp_path, models_dir):
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q4_0)
+    served = resolve_model(tmp_path / "tiny.gguf")
+    (tmp_path / "tiny.gguf").rename(tmp_path / "moved.gguf")
+    with pytest.raises(ValueError, match="GGUF that gguf_source.json names is missing"):
+        load_model(served, progress=False)
+
+
+def test_mixed_kinds_in_one_fused_projection_stay_float():
+    """q Q4_1 with k Q8_0 cannot share one integer layer: that qkv is dequantized; gate/up (both Q4_0) is kept."""
+    from models.causal_lm import CausalLM
+    from models.config import parse_config
+    from tests.models.tiny import LLAMA_BASE
+
+    with torch.device("meta"):
+        model = CausalLM(parse_config(dict(LLAMA_BASE, architectures=["LlamaForCausalLM"], model_type="llama",
+                                           num_hidden_layers=1)))
+    types = {"self_attn.q_proj": Q.Q4_1, "self_attn.k_proj": Q.Q8_0, "self_attn.v_proj": Q.Q4_1,
+             "self_attn.o_proj": Q.F16, "mlp.gate_proj": Q.Q4_0, "mlp.up_proj": Q.Q4_1, "mlp.down_proj": Q.Q8_0}
+    tensors = {f"model.layers.0.{name}.weight": SimpleNamespace(tensor_type=t) for name, t in types.items()}
+    tensors["lm_head.weight"] = SimpleNamespace(tensor_type=Q.F32)
+    assert quantized_projections(model, tensors) == {
+        "layers.0.mlp.gate_up_proj": ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"],
+        "layers.0.mlp.down_proj": ["model.layers.0.mlp.down_proj.weight"]}
+
+
+@pytest.mark.slow  # two loads of the default model and three forward passes over its 30 layers
+def test_default_model_gguf_integers_match_its_imported_fp32(default_model_dir):
+    """The shipped Q4_1 projections and Q8_0 head as integers, against the imported fp32 folder (the same integers
+    dequantized), on one prompt."""
+    assert gguf_source(default_model_dir) is not None  # the import records its GGUF
+    model = load_model(default_model_dir, quantize="auto", progress=False)
+    assert model.quantization == "GGUF Q4_1 x210, Q8_0 (tied head) x1"
+    assert isinstance(model.quantized_head, QuantizedLinear) and model.quantized_head.mode == "int8"
+    prompt = Tokenizer.from_folder(default_model_dir).encode("Suggest a name for an icecream shop. Here are some")
+    error, tolerance = assert_within_bf16_roundings(model, default_model_dir, [prompt])
+    assert tolerance < 0.05  # measured: error 1.55% of the logits' rms, tolerance 2.8%
