@@ -54,6 +54,9 @@ class Completion:
         presence_penalty, frequency_penalty: in [0, 2].
         top_k: >= 1, or -1 for all tokens.  top_p: in (0, 1].
         include_stop_str_in_output: keep the matched stop sequence in the text.
+        guided_json, guided_regex, guided_choice, guided_grammar: guided decoding, at most one: the output
+            follows a JSON schema (a dict), matches a regex in full, is exactly one of a list of strings, or
+            follows a Lark (or GBNF) grammar. The server answers 400 naming the problem in an invalid one.
         timeout: seconds to wait for the server (for a stream, between chunks); default 300, as the
             current official client; None waits forever.
         stream: stream the completion as it is generated.
@@ -74,6 +77,10 @@ class Completion:
         top_k: int | None = None,
         top_p: float | None = None,
         include_stop_str_in_output: bool | None = None,
+        guided_json: dict[str, Any] | None = None,
+        guided_regex: str | None = None,
+        guided_choice: list[str] | None = None,
+        guided_grammar: str | None = None,
         *,
         timeout: float | None = COMPLETION_TIMEOUT,
         stream: bool = False,
@@ -84,7 +91,8 @@ class Completion:
         name = resolve_model(model, model_name)
         check_timeout(timeout)
         body = completion_body(prompt, max_new_tokens, temperature, stop_sequences, return_token_log_probs,
-                               presence_penalty, frequency_penalty, top_k, top_p, include_stop_str_in_output)
+                               presence_penalty, frequency_penalty, top_k, top_p, include_stop_str_in_output,
+                               guided_json, guided_regex, guided_choice, guided_grammar)
         params = {"model_endpoint_name": name}
         if stream:
             return cls._stream(params, body, timeout, request_headers)
@@ -106,6 +114,10 @@ class Completion:
         top_k: int | None = None,
         top_p: float | None = None,
         include_stop_str_in_output: bool | None = None,
+        guided_json: dict[str, Any] | None = None,
+        guided_regex: str | None = None,
+        guided_choice: list[str] | None = None,
+        guided_grammar: str | None = None,
         *,
         timeout: float | None = COMPLETION_TIMEOUT,
         stream: bool = False,
@@ -116,7 +128,8 @@ class Completion:
         name = resolve_model(model, model_name)
         check_timeout(timeout)
         body = completion_body(prompt, max_new_tokens, temperature, stop_sequences, return_token_log_probs,
-                               presence_penalty, frequency_penalty, top_k, top_p, include_stop_str_in_output)
+                               presence_penalty, frequency_penalty, top_k, top_p, include_stop_str_in_output,
+                               guided_json, guided_regex, guided_choice, guided_grammar)
         params = {"model_endpoint_name": name}
         if stream:
             return cls._astream(params, body, timeout, request_headers)

@@ -51,8 +51,13 @@ def completion_body(
     top_k: Any,
     top_p: Any,
     include_stop_str_in_output: Any,
+    guided_json: Any = None,
+    guided_regex: Any = None,
+    guided_choice: Any = None,
+    guided_grammar: Any = None,
 ) -> dict[str, Any]:
     """Validate the parameters and return the JSON body: every field present, nulls included."""
+    _check_guided(guided_json, guided_regex, guided_choice, guided_grammar)
     if not isinstance(prompt, str):
         raise ValidationError("prompt", f"must be a string, got {type(prompt).__name__}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -92,9 +97,26 @@ def completion_body(
         "top_k": top_k,
         "top_p": top_p,
         "include_stop_str_in_output": include_stop_str_in_output,
-        "guided_json": None,
-        "guided_regex": None,
-        "guided_choice": None,
-        "guided_grammar": None,
+        "guided_json": guided_json,
+        "guided_regex": guided_regex,
+        "guided_choice": None if guided_choice is None else list(guided_choice),
+        "guided_grammar": guided_grammar,
         "skip_special_tokens": True,
     }
+
+
+def _check_guided(guided_json: Any, guided_regex: Any, guided_choice: Any, guided_grammar: Any) -> None:
+    """The guided decoding fields' types, and at most one of them (the server checks the constraint itself)."""
+    given = [name for name, value in (("guided_json", guided_json), ("guided_regex", guided_regex),
+                                      ("guided_choice", guided_choice), ("guided_grammar", guided_grammar))
+             if value is not None]
+    if len(given) > 1:
+        raise ValidationError(given[1], f"at most one guided decoding field per request, got {', '.join(given)}")
+    if guided_json is not None and not isinstance(guided_json, dict):
+        raise ValidationError("guided_json", f"must be a JSON schema as a dict, got {type(guided_json).__name__}")
+    for name, value in (("guided_regex", guided_regex), ("guided_grammar", guided_grammar)):
+        if value is not None and not isinstance(value, str):
+            raise ValidationError(name, f"must be a string, got {type(value).__name__}")
+    if guided_choice is not None and (not isinstance(guided_choice, (list, tuple))
+                                      or not all(isinstance(c, str) for c in guided_choice)):
+        raise ValidationError("guided_choice", f"must be a list of strings, got {guided_choice!r}")
