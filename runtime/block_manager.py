@@ -141,8 +141,9 @@ class BlockManager:
     # -- prefix cache ---------------------------------------------------------------------------------
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """The registered blocks that hold the longest cached prefix of a sequence not yet admitted (empty
-        block table, nothing computed), leaving at least its last token to compute. Takes nothing."""
-        if not self.enable_prefix_caching or seq.block_table or seq.num_computed_tokens:
+        block table, nothing computed), leaving at least its last token to compute. Takes nothing. A request
+        with prompt_log_probs reuses nothing: every prompt position must be computed to be scored."""
+        if not self.enable_prefix_caching or seq.block_table or seq.num_computed_tokens or seq.params.prompt_log_probs:
             return []
         bs = self.block_size
         blocks: list[int] = []

@@ -31,6 +31,7 @@ from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
 from runtime.detokenizer import TextStream
 from runtime.guided import GuidedMatcher, apply_token_masks, compile_constraint, tokenizer_info
+from runtime.log_probs import TopLogProbs, prompt_scores
 from runtime.model_runner import ModelRunner
 from runtime.params import SamplingParams
 from runtime.sampler import Sampler
@@ -58,6 +59,10 @@ class RequestOutput:
     num_prompt_tokens: int
     num_completion_tokens: int  # total so far
     error: str | None = None
+    top_log_probs: list[TopLogProbs] | None = None  # with params.top_log_probs: one list per token in token_ids
+    # With params.prompt_log_probs, in the first output only: one per prompt token (the first None)
+    prompt_log_probs: list[float | None] | None = None
+    prompt_top_log_probs: list[TopLogProbs | None] | None = None
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -225,24 +230,28 @@ class Engine:
                 drafts = [seq.draft_token_ids for seq in sampling] if any(n > 1 for n in num_rows) else None
                 apply_token_masks(logits, [seq.matcher for seq in sampling], drafts)
             if self.speculator is not None:
-                tokens, log_probs = self.speculator.verify(sampling, logits, num_rows, draft_probs)
+                tokens, log_probs, tops = self.speculator.verify(sampling, logits, num_rows, draft_probs)
             else:
-                flat_tokens, flat_log_probs = self.sampler(logits, sampling) if sampling else ([], [])
-                tokens, log_probs = [[t] for t in flat_tokens], [[lp] for lp in flat_log_probs]
+                flat_tokens, flat_log_probs, flat_tops = self.sampler.sample(logits, sampling) if sampling \
+                    else ([], [], [])
+                tokens, log_probs, tops = [[t] for t in flat_tokens], [[lp] for lp in flat_log_probs], \
+                    [[top] for top in flat_tops]
         except Exception as e:  # the whole step failed: fail its requests, keep serving the others
             logger.exception("engine step failed; failing its %d requests", len(batch))
             self.counters["failed_steps"] += 1
             for seq, _ in batch:
                 seq.draft_token_ids = []
             return outputs + [self._finish(seq, "error", f"{type(e).__name__}: {e}") for seq, _ in batch]
-        emitted = {seq: (t, lp) for seq, t, lp in zip(sampling, tokens, log_probs)}
+        emitted = {seq: (t, lp, top) for seq, t, lp, top in zip(sampling, tokens, log_probs, tops)}
         for seq, n in batch:
             seq.num_computed_tokens += n
             self.counters["tokens_computed"] += n
-            if seq not in emitted:  # mid-prefill
+            if seq not in emitted:  # mid-prefill, or a prompt scored without generating (max_new_tokens 0)
                 self.block_manager.cache_full_blocks(seq)
+                if seq.params.max_new_tokens == 0 and seq.num_computed_tokens >= seq.num_tokens:
+                    outputs.append(self._finish(seq, "length"))
                 continue
-            seq_tokens, seq_log_probs = emitted[seq]
+            seq_tokens, seq_log_probs, seq_tops = emitted[seq]
             if seq.draft_token_ids:  # the last token and the accepted proposals have valid K/V; not the rest
                 num_accepted = len(seq_tokens) - 1
                 seq.num_computed_tokens -= len(seq.draft_token_ids) - num_accepted
@@ -251,13 +260,14 @@ class Engine:
                 self.counters["spec_steps"] += 1
                 seq.draft_token_ids = []
             try:
-                outputs.append(self._append_tokens(seq, seq_tokens, seq_log_probs))
+                outputs.append(self._append_tokens(seq, seq_tokens, seq_log_probs, seq_tops))
             except Exception as e:  # one request's bookkeeping failed: only that request fails
                 logger.exception("request %s failed", seq.request_id)
                 outputs.append(self._finish(seq, "error", f"{type(e).__name__}: {e}"))
         return outputs
 
-    def _append_tokens(self, seq: Sequence, tokens: list[int], log_probs: list[float]) -> RequestOutput:
+    def _append_tokens(self, seq: Sequence, tokens: list[int], log_probs: list[float],
+                       tops: list[TopLogProbs]) -> RequestOutput:
         """Append a step's emitted tokens one by one: the first that ends the request (stop token, stop
         string, max_new_tokens) drops the rest. Then give back the blocks past the K/V still valid, register
         the full ones in the prefix cache, and free them all if the request ended."""
@@ -295,7 +305,8 @@ class Engine:
             self._release(seq, reason)
         return RequestOutput(seq.request_id, text, tokens[:kept],
                              log_probs[:kept] if p.return_token_log_probs else None, reason is not None, reason,
-                             seq.num_prompt_tokens, len(seq.output_token_ids))
+                             seq.num_prompt_tokens, len(seq.output_token_ids),
+                             top_log_probs=tops[:kept] if p.top_log_probs else None, **prompt_scores(seq))
 
     def _release(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -310,7 +321,8 @@ class Engine:
         except Exception:  # noqa: BLE001 - a broken detokenizer must not stop the finishing
             text = ""
         return RequestOutput(seq.request_id, text, [], [] if seq.params.return_token_log_probs else None, True,
-                             reason, seq.num_prompt_tokens, len(seq.output_token_ids), error)
+                             reason, seq.num_prompt_tokens, len(seq.output_token_ids), error,
+                             [] if seq.params.top_log_probs else None, **prompt_scores(seq))
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -9,17 +9,24 @@ models/attention.py), packed one sequence after another. `run(chunks)` returns f
 tokens, its uncomputed tokens followed by its proposals (`seq.draft_token_ids`) when it speculates. It
 returns the sequences that sample (those whose chunk reaches their last token) and their logits: one row for
 the last token (plain decode, last prefill chunk), plus one per proposal (row j scores the token after
-proposal j - 1), so 1 + k rows for a speculating sequence. A sequence mid-prefill gives none.
+proposal j - 1), so 1 + k rows for a speculating sequence. A sequence mid-prefill gives none, and so does a
+request that only scores its prompt (max_new_tokens 0).
+
+A request with `prompt_log_probs` also has each of its prompt positions scored as its chunks go through: the
+log-prob of the next prompt token (and its top-N) is appended to `seq.prompt_log_probs` (runtime/log_probs.py:
+only those numbers are kept, never the full rows), so chunked prefill accumulates them over several steps and a
+preempted sequence does not score a position twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from models.attention import AttentionMetadata, KVCache, allocate_kv_caches
 from models.causal_lm import CausalLM
+from runtime.log_probs import TopLogProbs, score_positions
 from runtime.sequence import Sequence
 
 
@@ -32,6 +39,9 @@ class Chunk:
     start: int
     block_table: list[int]
     num_logits: int
+    score_from: int = 0  # prompt scoring: positions start + score_from + j score score_targets[j] (the next token)
+    score_targets: list[int] = field(default_factory=list)
+    score_top: int = 0  # and keep the top-N of each of those distributions
 
 
 def chunk_of(seq: Sequence, n: int) -> Chunk:
@@ -43,7 +53,18 @@ def chunk_of(seq: Sequence, n: int) -> Chunk:
         raise ValueError(f"{seq.request_id}: {n} tokens scheduled, but it has {seq.num_uncomputed_tokens} "
                          f"uncomputed and {len(seq.draft_token_ids)} proposed")
     token_ids = seq.token_ids(start, min(end, seq.num_tokens)) + seq.draft_token_ids[:max(0, num_drafts)]
-    return Chunk(token_ids, start, seq.block_table, max(0, num_drafts + 1))
+    num_logits = max(0, num_drafts + 1)
+    if len(seq.output_token_ids) >= seq.params.max_new_tokens:  # max_new_tokens 0: score the prompt, sample nothing
+        num_logits = 0
+    chunk = Chunk(token_ids, start, seq.block_table, num_logits)
+    if seq.params.prompt_log_probs:
+        first = max(start, len(seq.prompt_log_probs))  # the positions not scored yet
+        last = min(end, seq.num_prompt_tokens - 1)  # the last prompt position predicts an output token
+        if last > first:
+            chunk.score_from = first - start
+            chunk.score_targets = seq.prompt_token_ids[first + 1:last + 1]
+            chunk.score_top = seq.params.top_log_probs
+    return chunk
 
 
 class ModelRunner:
@@ -95,9 +116,13 @@ class ModelRunner:
         )
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, logit_index
 
-    @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Feed the chunks; fp32 logits `[sum(num_logits), vocab]`, chunk after chunk."""
+        return self.run_scored(chunks)[0]
+
+    @torch.inference_mode()
+    def run_scored(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[tuple[list[float], list[TopLogProbs]]]]:
+        """As run, plus per chunk the log-probs (and top-N) of its `score_targets` ([] for none)."""
         input_ids, positions, meta, logit_index = self.prepare(chunks)
         forward = self.model.forward
         if meta.is_decode:
@@ -109,10 +134,33 @@ class ModelRunner:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(meta.block_tables, 0)
         hidden = forward(input_ids, positions, meta, self.kv_caches)
+        scores = self.score(chunks, hidden)
         if not logit_index:
-            return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
+            return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device), scores
         index = torch.tensor(logit_index, dtype=torch.int64).to(self.device)
-        return self.model.compute_logits(hidden[index]).float()
+        return self.model.compute_logits(hidden[index]).float(), scores
+
+    def score(self, chunks: list[Chunk], hidden: torch.Tensor) -> list[tuple[list[float], list[TopLogProbs]]]:
+        """The chunks' prompt scores from the packed hidden states, all chunks' positions in one pass."""
+        rows: list[int] = []
+        targets: list[int] = []
+        ns: list[int] = []
+        offset = 0
+        for chunk in chunks:
+            first = offset + chunk.score_from
+            rows += range(first, first + len(chunk.score_targets))
+            targets += chunk.score_targets
+            ns += [chunk.score_top] * len(chunk.score_targets)
+            offset += len(chunk.token_ids)
+        if not rows:
+            return [([], []) for _ in chunks]
+        log_probs, tops = score_positions(self.model, hidden[torch.tensor(rows).to(self.device)], targets, ns)
+        scores, at = [], 0
+        for chunk in chunks:
+            m = len(chunk.score_targets)
+            scores.append((log_probs[at:at + m], tops[at:at + m]))
+            at += m
+        return scores
 
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor, list[int]]:
         """Run the engine's step: the sequences that sample, in batch order, their fp32 logits
@@ -120,4 +168,8 @@ class ModelRunner:
         chunks = [chunk_of(seq, n) for seq, n in batch]
         sampling = [seq for (seq, _), chunk in zip(batch, chunks) if chunk.num_logits]
         num_rows = [chunk.num_logits for chunk in chunks if chunk.num_logits]
-        return sampling, self.run(chunks), num_rows
+        logits, scores = self.run_scored(chunks)
+        for (seq, _), (log_probs, tops) in zip(batch, scores):
+            seq.prompt_log_probs += log_probs
+            seq.prompt_top_log_probs += tops
+        return sampling, logits, num_rows

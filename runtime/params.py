@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_TOP_LOG_PROBS = 20
+
 
 @dataclass
 class SamplingParams:
@@ -21,6 +23,8 @@ class SamplingParams:
     return_token_log_probs: bool = False
     ignore_eos: bool = False
     speculate: bool = True  # with an engine that speculates (Engine(speculative=...)): False opts this request out
+    top_log_probs: int = 0  # 0..MAX_TOP_LOG_PROBS: also the top-N (token id, log-prob) of each token's distribution
+    prompt_log_probs: bool = False  # the log-prob of each prompt token given those before it (and its top-N)
     # Guided decoding: (kind, spec), kind "json" | "regex" | "choice" | "grammar" (runtime/guided.py); the engine
     # compiles it in make_sequence (ValueError naming the problem).
     guided: tuple[str, Any] | None = None
@@ -30,9 +34,14 @@ class SamplingParams:
         def bad(name: str, accepted: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} is out of range: accepted {accepted}")
 
+        if not isinstance(self.prompt_log_probs, bool):
+            raise bad("prompt_log_probs", "True or False")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "an integer >= 1")
+                or self.max_new_tokens < 0 or (self.max_new_tokens == 0 and not self.prompt_log_probs):
+            raise bad("max_new_tokens", "an integer >= 1, or 0 with prompt_log_probs=True (score the prompt only)")
+        if isinstance(self.top_log_probs, bool) or not isinstance(self.top_log_probs, int) \
+                or not 0 <= self.top_log_probs <= MAX_TOP_LOG_PROBS:
+            raise bad("top_log_probs", f"an integer from 0 to {MAX_TOP_LOG_PROBS}")
         if not self.temperature >= 0:
             raise bad("temperature", ">= 0 (0 = greedy)")
         if not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):

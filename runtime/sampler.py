@@ -4,7 +4,8 @@ Order: penalties (presence, frequency) -> temperature -> top-k -> top-p -> draw.
 (temperature 0) take the argmax of the penalised logits. Token log-probs are the log-softmax of the final
 distribution: for sampled requests that is the one actually drawn from (penalised, divided by the
 temperature, truncated by top-k/top-p and renormalised), so a log-prob is the log of the probability
-with which its token was drawn; for greedy requests it is the penalised logits at temperature 1.
+with which its token was drawn; for greedy requests it is the penalised logits at temperature 1. A request with
+`top_log_probs` N also gets the N most likely tokens of that same distribution (runtime/log_probs.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from runtime.log_probs import TopLogProbs, top_log_probs
 from runtime.params import SamplingParams
 from runtime.sequence import Sequence as RuntimeSequence
 
@@ -76,6 +78,12 @@ def final_logits(logits: torch.Tensor, params: list[SamplingParams], output_ids:
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[RuntimeSequence]) -> tuple[list[int], list[float]]:
         """One next token and its log-prob per row of logits `[B, V]` (row i belongs to seqs[i])."""
+        tokens, log_probs, _ = self.sample(logits, seqs)
+        return tokens, log_probs
+
+    def sample(self, logits: torch.Tensor,
+               seqs: list[RuntimeSequence]) -> tuple[list[int], list[float], list[TopLogProbs]]:
+        """As __call__, plus each row's top-N (token, log-prob) for N = its `top_log_probs` ([] for 0)."""
         params = [seq.params for seq in seqs]
         log_probs = torch.log_softmax(final_logits(logits, params, [seq.output_token_ids for seq in seqs]), dim=-1)
         tokens = log_probs.argmax(dim=-1)
@@ -85,4 +93,5 @@ class Sampler:
             draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]
             tokens[sampled] = torch.cat(draws)
         token_log_probs = log_probs.gather(1, tokens[:, None]).squeeze(1)
-        return tokens.tolist(), token_log_probs.tolist()
+        tops = top_log_probs(log_probs, [p.top_log_probs for p in params])
+        return tokens.tolist(), token_log_probs.tolist(), tops

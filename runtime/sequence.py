@@ -47,6 +47,11 @@ class Sequence:
     # Guided decoding: the request's runtime.guided.GuidedMatcher (None: unconstrained); it has consumed every
     # output token, so after preemption it is already where the recomputed sequence resumes.
     matcher: Any = None
+    # Prompt scoring (params.prompt_log_probs): entry i is prompt token i + 1's log-prob given those before it
+    # (and its top-N), accumulated chunk by chunk (model_runner.py); sent once, in the first output.
+    prompt_log_probs: list[float] = field(default_factory=list)
+    prompt_top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_log_probs_sent: bool = False
     status: Status = Status.WAITING
     finish_reason: str | None = None
 

@@ -14,6 +14,9 @@ The engine's step with a `Speculator`:
    where nothing was proposed is exactly a plain step (and a seeded request draws as it would without
    speculation whenever it proposes nothing).
 
+A request that asks for top-N log-probs or prompt log-probs never speculates (`lookahead` 0): its tokens come
+from the plain sampler, which gives their top-N.
+
 The engine then sets `num_computed_tokens` to the last token plus the accepted proposals, appends the emitted
 tokens one by one and gives back the blocks past the new length (engine.py).
 
@@ -29,6 +32,7 @@ from typing import Protocol
 
 import torch
 
+from runtime.log_probs import TopLogProbs
 from runtime.params import SamplingParams
 from runtime.sampler import Sampler, final_logits
 from runtime.sequence import Sequence
@@ -72,7 +76,7 @@ class Speculator:
     def lookahead(self, seq: Sequence) -> int:
         """How many proposals `seq` may get this step: k, leaving room for the target's own token within
         max_new_tokens and max_model_len; 0 if the request opted out."""
-        if not seq.params.speculate:
+        if not seq.params.speculate or seq.params.top_log_probs or seq.params.prompt_log_probs:
             return 0
         tokens_left = min(seq.params.max_new_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens)
         return max(0, min(self.num_speculative_tokens, tokens_left - 1))
@@ -94,11 +98,13 @@ class Speculator:
         return batch, (draft_probs if any(proposals) else None)
 
     def verify(self, seqs: list[Sequence], logits: torch.Tensor, num_rows: list[int],
-               draft_probs: torch.Tensor | None) -> tuple[list[list[int]], list[list[float]]]:
-        """Emitted tokens and their log-probs per sampling sequence, from its 1 + k_i rows of logits."""
+               draft_probs: torch.Tensor | None
+               ) -> tuple[list[list[int]], list[list[float]], list[list[TopLogProbs]]]:
+        """Emitted tokens, their log-probs and their top-N per sampling sequence, from its 1 + k_i rows of logits
+        (top-N only from the plain sampler's rows: a sequence that asks for them does not speculate)."""
         if all(n == 1 for n in num_rows):
-            tokens, log_probs = self.sampler(logits, seqs)
-            return [[t] for t in tokens], [[lp] for lp in log_probs]
+            tokens, log_probs, tops = self.sampler.sample(logits, seqs)
+            return [[t] for t in tokens], [[lp] for lp in log_probs], [[top] for top in tops]
         starts = [0]
         for n in num_rows:
             starts.append(starts[-1] + n)
@@ -106,10 +112,11 @@ class Speculator:
         plain = [i for i, n in enumerate(num_rows) if n == 1]
         emitted: list[list[int]] = [[] for _ in seqs]
         emitted_log_probs: list[list[float]] = [[] for _ in seqs]
+        emitted_tops: list[list[TopLogProbs]] = [[] for _ in seqs]
         if plain:
-            tokens, log_probs = self.sampler(logits[[starts[i] for i in plain]], [seqs[i] for i in plain])
-            for i, token, log_prob in zip(plain, tokens, log_probs):
-                emitted[i], emitted_log_probs[i] = [token], [log_prob]
+            tokens, log_probs, tops = self.sampler.sample(logits[[starts[i] for i in plain]], [seqs[i] for i in plain])
+            for i, token, log_prob, top in zip(plain, tokens, log_probs, tops):
+                emitted[i], emitted_log_probs[i], emitted_tops[i] = [token], [log_prob], [top]
         spec_seqs = [seqs[i] for i in spec]
         rows = [r for i in spec for r in range(starts[i], starts[i + 1])]
         drafts = [seq.draft_token_ids for seq in spec_seqs]
@@ -122,8 +129,8 @@ class Speculator:
                                              [seq.params.greedy for seq in spec_seqs],
                                              [seq.generator for seq in spec_seqs], draft_probs)
         for i, t, lp in zip(spec, tokens, log_probs):
-            emitted[i], emitted_log_probs[i] = t, lp
-        return emitted, emitted_log_probs
+            emitted[i], emitted_log_probs[i], emitted_tops[i] = t, lp, [[] for _ in t]
+        return emitted, emitted_log_probs, emitted_tops
 
 
 def make_speculator(speculative: str | Path | None, num_speculative_tokens: int, prompt_lookup_min: int,

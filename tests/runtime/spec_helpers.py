@@ -63,9 +63,9 @@ def record_verifications(engine: Engine, monkeypatch) -> list[dict[str, list[int
     verify = engine.speculator.verify
 
     def recording(seqs, logits, num_rows, draft_probs):
-        tokens, log_probs = verify(seqs, logits, num_rows, draft_probs)
+        tokens, log_probs, tops = verify(seqs, logits, num_rows, draft_probs)
         steps.append({seq.request_id: t for seq, t, n in zip(seqs, tokens, num_rows) if n > 1})
-        return tokens, log_probs
+        return tokens, log_probs, tops
 
     monkeypatch.setattr(engine.speculator, "verify", recording)
     return steps
