@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# Tests that use these are slow (the real model served over HTTP, or transformers on it): `make test-fast`
-# skips them. Other slow tests carry @pytest.mark.slow themselves.
-SLOW_FIXTURES = {"llm_server", "real_engine", "hf_model_and_tokenizer", "default_folder"}
+# Tests that use these are slow (the real model served over HTTP or in an engine, or transformers on it):
+# `make test-fast` skips them. Other slow tests carry @pytest.mark.slow themselves.
+SLOW_FIXTURES = {"llm_server", "real_engine", "hf_model_and_tokenizer", "default_folder", "default_llm"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

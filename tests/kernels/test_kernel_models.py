@@ -36,6 +36,7 @@ def prefill_logits(model: CausalLM, prompts: list[list[int]]) -> torch.Tensor:
         return model.compute_logits(model(ids, positions, AttentionMetadata.for_prompts([len(p) for p in prompts])))
 
 
+@pytest.mark.slow  # whole models through the Triton interpreter
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_model_through_triton_equals_reference(name, monkeypatch):
     torch.manual_seed(0)

@@ -43,6 +43,7 @@ def test_logits_match_transformers(pair):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_transformers(pair):
     variant, hf, ours = pair
     prompts = random_prompts([30] if variant == "llama-dynamic" else [5, 1, 16, 17])

@@ -229,6 +229,7 @@ def assert_greedy_match(fp32, prompts, got, expected) -> None:
         assert margin <= NEAR_TIE, f"step {n}: fp32 prefers {b[n]} to {a[n]} by {margin:.3g} of its scale"
 
 
+@pytest.mark.slow
 def test_int8_greedy_tokens_match_fp32(tiny_dir):
     variant, path = tiny_dir
     fp32 = load_model(path, progress=False, pack=False)

@@ -63,6 +63,7 @@ def sp_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_matches_transformers_gguf_tokenizer(smollm_folder, reference):
     tok = Tokenizer.from_folder(smollm_folder)
     assert (tok.bos_token_id, tok.eos_token_id, tok.stop_token_ids, tok.vocab_size) == (1, 2, {2}, 49152)
@@ -75,6 +76,7 @@ def test_matches_transformers_gguf_tokenizer(smollm_folder, reference):
         assert tok.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_chat_template_matches_transformers(smollm_folder, reference):
     tok = Tokenizer.from_folder(smollm_folder)
     assert tok.has_chat_template
@@ -99,6 +101,7 @@ TEMPLATE = """{{ bos_token }}
 {% endif %}"""
 
 
+@pytest.mark.slow
 def test_chat_template_environment_matches_transformers(tmp_path, smollm_folder, reference):
     """Block whitespace trimming, tojson and raise_exception behave as in transformers."""
     shutil.copy(smollm_folder / "tokenizer.json", tmp_path / "tokenizer.json")

@@ -38,6 +38,7 @@ def tiny_engine(tiny_dir, cache_gib):
     engine.shutdown()
 
 
+@pytest.mark.slow
 def test_stream_of_deltas_on_the_default_model(default_model_dir):
     engine = AsyncEngine(default_model_dir, device="cpu", kv_cache_gib=0.05, name="smol")
     assert engine.name == "smol" and engine.tokenizer is not None and engine.max_model_len > 1000
@@ -185,6 +186,7 @@ def test_shutdown_ends_in_flight_streams(tiny_engine):
     assert tiny_engine.stats()["blocks_used"] == 0
 
 
+@pytest.mark.slow
 def test_random_stress_with_aborts_leaves_no_block_behind(tiny_dir, cache_gib):
     folder = tiny_dir("falcon-7b-like")
     engine = AsyncEngine(folder, block_size=4, kv_cache_gib=cache_gib(folder, 48, 4), max_num_seqs=16,

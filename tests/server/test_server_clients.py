@@ -71,6 +71,7 @@ def test_official_client_sync_stream_async(llm_server):
 
 
 @needs_official
+@pytest.mark.slow
 def test_official_client_with_api_key():
     with serve(create_app({"fake": FakeEngine()}, api_key="k-123")) as live:
         got = run_official(live.url, "fake", api_key="k-123")
