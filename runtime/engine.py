@@ -63,6 +63,7 @@ class RequestOutput:
     # With params.prompt_log_probs, in the first output only: one per prompt token (the first None)
     prompt_log_probs: list[float | None] | None = None
     prompt_top_log_probs: list[TopLogProbs | None] | None = None
+    prompt_token_ids: list[int] | None = None  # beside prompt_log_probs: the tokens they score
 
 
 def resolve_model_dir(model: str | Path) -> Path:

@@ -60,4 +60,5 @@ def prompt_scores(seq) -> dict:
         return {}
     seq.prompt_log_probs_sent = True
     tops = [None, *seq.prompt_top_log_probs] if seq.params.top_log_probs else None
-    return {"prompt_log_probs": [None, *seq.prompt_log_probs], "prompt_top_log_probs": tops}
+    return {"prompt_log_probs": [None, *seq.prompt_log_probs], "prompt_top_log_probs": tops,
+            "prompt_token_ids": list(seq.prompt_token_ids)}

@@ -14,7 +14,8 @@ has `usage: null` and a last chunk has `choices: []` and the usage. It ends with
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import jinja2
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from server.chat_schemas import ChatCompletionRequest, chat_sampling_params, refuse_unsupported, template_messages
 from server.choices import ChoiceGroup, start_choices
 from server.errors import ApiError, ClientGone, GenerationError, bad_request
-from server.generation import token_entries
+from server.log_probs_format import chat_content
 from server.openai_api import openai_frames
 from server.schemas import parse_body
 from server.sse import CLIENT_CLOSED, open_stream
@@ -46,10 +47,10 @@ def chat_prompt(engine: ServedEngine, model: str, messages: list[dict[str, Any]]
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_logprobs(out: Any) -> dict:
-    """OpenAI's chat `logprobs` for a delta's tokens (the chosen token only: top_logprobs is empty)."""
-    return {"content": [{"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []}
-                        for text, lp in token_entries(out)], "refusal": None}
+def chat_logprobs(out: Any, tokenizer: Any = None, top: int = 0) -> dict:
+    """OpenAI's chat `logprobs` for a delta's tokens, each with its `top` most likely alternatives
+    (server/log_probs_format.py)."""
+    return {"content": chat_content(out, tokenizer, top), "refusal": None}
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
@@ -66,14 +67,16 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         head = {"id": f"chatcmpl-{request.state.request_id.replace('-', '')}", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": None}
         want_log_probs = params.return_token_log_probs
+        logprobs = partial(chat_logprobs, tokenizer=engine.tokenizer, top=params.top_log_probs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            frames = openai_frames(_chunks(group, head, want_log_probs, include_usage, n))
+            frames = openai_frames(_chunks(group, head, want_log_probs, include_usage, n, logprobs))
             return await open_stream(group, state, frames) or Response(status_code=CLIENT_CLOSED)
-        return await _answer(group, head, want_log_probs, n)
+        return await _answer(group, head, want_log_probs, n, logprobs)
 
 
-async def _answer(group: ChoiceGroup, head: dict, want_log_probs: bool, n: int) -> Response:
+async def _answer(group: ChoiceGroup, head: dict, want_log_probs: bool, n: int,
+                  logprobs: Callable[[Any], dict] = chat_logprobs) -> Response:
     text: list[list[str]] = [[] for _ in range(n)]
     log_probs: list[list[dict]] = [[] for _ in range(n)]
     finish_reason: list[str | None] = [None] * n
@@ -81,7 +84,7 @@ async def _answer(group: ChoiceGroup, head: dict, want_log_probs: bool, n: int) 
         async for i, out in group.outputs():
             text[i].append(out.text)
             if want_log_probs:
-                log_probs[i] += chat_logprobs(out)["content"]
+                log_probs[i] += logprobs(out)["content"]
             finish_reason[i] = out.finish_reason
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
@@ -96,7 +99,7 @@ async def _answer(group: ChoiceGroup, head: dict, want_log_probs: bool, n: int) 
 
 
 async def _chunks(group: ChoiceGroup, head: dict, want_log_probs: bool, include_usage: bool,
-                  n: int) -> AsyncIterator[dict]:
+                  n: int, logprobs: Callable[[Any], dict] = chat_logprobs) -> AsyncIterator[dict]:
     head = {**head, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
 
     def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
@@ -109,7 +112,7 @@ async def _chunks(group: ChoiceGroup, head: dict, want_log_probs: bool, include_
             started[i] = True
             yield chunk(i, {"role": "assistant", "content": ""})
         if out.text or (want_log_probs and out.token_ids):
-            yield chunk(i, {"content": out.text}, logprobs=chat_logprobs(out) if want_log_probs else None)
+            yield chunk(i, {"content": out.text}, logprobs=logprobs(out) if want_log_probs else None)
         if out.finished:
             yield chunk(i, {}, out.finish_reason)
     if include_usage:

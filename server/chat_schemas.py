@@ -128,9 +128,6 @@ def chat_sampling_params(req: ChatCompletionRequest, prompt_tokens: int, max_mod
         raise bad_request(f"top_logprobs={top} is out of range: accepted 0 to {MAX_TOP_LOGPROBS}")
     if top and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true")
-    if top:
-        raise bad_request("top_logprobs > 0 is not supported yet: the runtime returns only the chosen token's "
-                          "log prob (use logprobs: true with top_logprobs 0)")
     check_seed(req.seed)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
@@ -143,4 +140,4 @@ def chat_sampling_params(req: ChatCompletionRequest, prompt_tokens: int, max_mod
                            top_p=req.top_p, stop=req.stop, presence_penalty=req.presence_penalty,
                            frequency_penalty=req.frequency_penalty, seed=req.seed,
                            log_probs=bool(req.logprobs), ignore_eos=bool(req.ignore_eos),
-                           guided=guided(req, req.response_format))
+                           guided=guided(req, req.response_format), top_log_probs=top or 0)

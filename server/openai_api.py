@@ -4,8 +4,11 @@ LLM Engine's `POST /v2/completions` is the same route. Chat completions live in 
 
 Unlike the LLM Engine stream, these streams end with `data: [DONE]`, as OpenAI's do, and every error under
 these paths carries OpenAI's `{"error": {"message", "type", "code"}}` object beside `detail`
-(`is_openai_path`). Only the chosen token's log prob is returned (`top_logprobs` is null). `n` choices are
-n engine requests (choices.py); `best_of` may only equal `n`; `suffix` and `echo` are refused.
+(`is_openai_path`). `logprobs` N (0..20) gives each token's log-prob and, as `top_logprobs`, its N most likely
+alternatives (plus the chosen token); `echo` returns the prompt before the completion, with its tokens'
+log-probs (the first null) when `logprobs` is set, and with `max_tokens` 0 scores a text without generating
+(server/log_probs_format.py). `n` choices are n engine requests (choices.py); `best_of` may only equal `n`;
+`suffix` is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from server.choices import ChoiceGroup, start_choices
 from server.errors import ApiError, ClientGone, GenerationError
-from server.generation import token_entries
+from server.log_probs_format import LegacyLogProbs
 from server.schemas import (
     OpenAICompletionRequest,
     completion_choices,
@@ -65,25 +68,29 @@ async def openai_frames(payloads: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     yield DONE
 
 
-class _LogProbs:
-    """Accumulates the legacy completions `logprobs` object: tokens, their log probs, text offsets."""
+class _Echo:
+    """One request's echo: the prompt text (and, with logprobs, its tokens' log-probs) before each choice's
+    first output."""
 
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.text_offset: list[int] = []
-        self._offset = 0
+    def __init__(self, req: OpenAICompletionRequest, prompt: str | list[int], engine: ServedEngine) -> None:
+        self.on = bool(req.echo)
+        tokenizer = engine.tokenizer
+        self.text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt) if tokenizer else ""
+        self.top = req.logprobs
+        self.tokenizer = tokenizer
+        self.started: set[int] = set()
 
-    def add(self, out: Any) -> None:
-        for text, lp in token_entries(out):
-            self.tokens.append(text)
-            self.token_logprobs.append(lp)
-            self.text_offset.append(self._offset)
-            self._offset += len(text)
+    def log_probs(self) -> LegacyLogProbs:
+        return LegacyLogProbs(self.tokenizer, self.top, per_token_text=bool(self.top) or self.on)
 
-    def since(self, start: int) -> dict:
-        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
-                "top_logprobs": None, "text_offset": self.text_offset[start:]}
+    def first(self, i: int, out: Any, log_probs: LegacyLogProbs) -> str:
+        """The text to put before choice i's output `out`: the prompt on its first output, else ""."""
+        if not self.on or i in self.started:
+            return ""
+        self.started.add(i)
+        if self.top is not None and out.prompt_log_probs is not None:
+            log_probs.add_prompt(out)
+        return self.text
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
@@ -102,19 +109,20 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         req = parse_body(await request.body(), OpenAICompletionRequest)
         state.engine(req.model)
         prompt, params, n = openai_prompt(req), sampling_params_openai(req), completion_choices(req)
+        echo = _Echo(req, prompt, state.engine(req.model))
         group = start_choices(state, request, req.model, prompt, params, n)
         head = {"id": f"cmpl-{request.state.request_id.replace('-', '')}", "object": "text_completion",
                 "created": int(time.time()), "model": req.model}
         want_log_probs = params.return_token_log_probs
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            frames = openai_frames(_stream(group, head, want_log_probs, include_usage, n))
+            frames = openai_frames(_stream(group, head, want_log_probs, include_usage, n, echo))
             return await open_stream(group, state, frames) or Response(status_code=CLIENT_CLOSED)
-        log_probs, text = [_LogProbs() for _ in range(n)], [[] for _ in range(n)]
+        log_probs, text = [echo.log_probs() for _ in range(n)], [[] for _ in range(n)]
         finish_reason: list[str | None] = [None] * n
         try:
             async for i, out in group.outputs():
-                text[i].append(out.text)
+                text[i].append(echo.first(i, out, log_probs[i]) + out.text)
                 log_probs[i].add(out)
                 finish_reason[i] = out.finish_reason
         except ClientGone:
@@ -134,14 +142,15 @@ def _model(name: str, engine: ServedEngine) -> dict:
 
 
 async def _stream(group: ChoiceGroup, head: dict, want_log_probs: bool, include_usage: bool,
-                  n: int) -> AsyncIterator[dict]:
-    log_probs = [_LogProbs() for _ in range(n)]
+                  n: int, echo: _Echo) -> AsyncIterator[dict]:
+    log_probs = [echo.log_probs() for _ in range(n)]
     async for i, out in group.outputs():
         start = len(log_probs[i].tokens)
+        text = echo.first(i, out, log_probs[i]) + out.text
         log_probs[i].add(out)
-        if not out.text and not out.finished and not (want_log_probs and out.token_ids):
+        if not text and not out.finished and not (want_log_probs and out.token_ids):
             continue
-        choice = {"index": i, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
+        choice = {"index": i, "text": text, "finish_reason": out.finish_reason if out.finished else None,
                   "logprobs": log_probs[i].since(start) if want_log_probs else None}
         yield {**head, "choices": [choice]}
     if include_usage:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from runtime import SamplingParams
 from runtime.guided import guided_spec
+from runtime.params import MAX_TOP_LOG_PROBS
 from server.errors import bad_request
 
 
@@ -165,18 +166,25 @@ def check_seed(seed: int | None) -> None:
 def openai_sampling(*, max_tokens: int, max_tokens_name: str = "max_tokens", temperature: float | None,
                     top_p: float | None, stop: str | list[str] | None, presence_penalty: float | None,
                     frequency_penalty: float | None, seed: int | None, log_probs: bool,
-                    ignore_eos: bool, guided: tuple[str, Any] | None = None) -> SamplingParams:
-    """The sampling fields completions and chat completions share, with OpenAI's ranges and defaults."""
+                    ignore_eos: bool, guided: tuple[str, Any] | None = None, top_log_probs: int = 0,
+                    prompt_log_probs: bool = False) -> SamplingParams:
+    """The sampling fields completions and chat completions share, with OpenAI's ranges and defaults. max_tokens
+    0 only with prompt_log_probs (echo: score the prompt without generating)."""
     t = 1.0 if temperature is None else temperature
     _check_range("temperature", t, 0 <= t <= 2, "[0, 2]")
-    _check_range(max_tokens_name, max_tokens, max_tokens >= 1, "an integer >= 1")
+    if prompt_log_probs:
+        _check_range(max_tokens_name, max_tokens, max_tokens >= 0, "an integer >= 0")
+    else:
+        _check_range(max_tokens_name, max_tokens, max_tokens >= 1,
+                     "an integer >= 1 (0 only with echo: true, which scores the prompt)")
     check_seed(seed)
     stop_list = [stop] if isinstance(stop, str) else list(stop or [])
     return _runtime_params(
         max_new_tokens=max_tokens, temperature=t,
         top_p=1.0 if top_p is None or t == 0 else top_p,  # greedy ignores top_p, as OpenAI does
         presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
-        seed=seed, stop_sequences=stop_list, return_token_log_probs=log_probs, ignore_eos=ignore_eos, guided=guided)
+        seed=seed, stop_sequences=stop_list, return_token_log_probs=log_probs, ignore_eos=ignore_eos, guided=guided,
+        top_log_probs=top_log_probs, prompt_log_probs=prompt_log_probs)
 
 
 def completion_choices(req: OpenAICompletionRequest) -> int:
@@ -191,14 +199,15 @@ def completion_choices(req: OpenAICompletionRequest) -> int:
 def sampling_params_openai(req: OpenAICompletionRequest) -> SamplingParams:
     if req.suffix is not None:
         raise bad_request("suffix is not supported: the models served here do not fill in the middle")
-    for name, used in {"echo": bool(req.echo), "logit_bias": bool(req.logit_bias)}.items():
-        if used:
-            raise bad_request(f"{name} is not supported")
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported")
     lp = req.logprobs
-    _check_range("logprobs", lp, lp is not None and 0 <= lp <= 5, "0 to 5")
+    _check_range("logprobs", lp, lp is not None and 0 <= lp <= MAX_TOP_LOG_PROBS, f"0 to {MAX_TOP_LOG_PROBS}")
     params = openai_sampling(max_tokens=16 if req.max_tokens is None else req.max_tokens, temperature=req.temperature,
                              top_p=req.top_p, stop=req.stop, presence_penalty=req.presence_penalty,
                              frequency_penalty=req.frequency_penalty, seed=req.seed, log_probs=lp is not None,
-                             ignore_eos=bool(req.ignore_eos), guided=guided(req, req.response_format))
+                             ignore_eos=bool(req.ignore_eos), guided=guided(req, req.response_format),
+                             top_log_probs=lp or 0,
+                             prompt_log_probs=bool(req.echo) and (lp is not None or req.max_tokens == 0))
     params.speculate = req.speculative is not False
     return params

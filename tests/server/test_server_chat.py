@@ -142,7 +142,7 @@ def test_n_choices_with_seeds(chat_server):
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
     ({"response_format": {"type": "xml"}}, "response_format"),
-    ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
      "image_url"),
@@ -235,7 +235,7 @@ def test_completions_n_best_of_seed_suffix_and_v2(chat_server):
     texts = {i: "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in (0, 1)}
     assert texts == {0: " w0 w1", 1: " w0 w1"}
     for kwargs, field in (({"best_of": 3, "n": 2}, "best_of"), ({"suffix": "end"}, "suffix"),
-                          ({"seed": -2 ** 63 - 1}, "seed"), ({"n": 17}, "n=17"), ({"echo": True}, "echo")):
+                          ({"seed": -2 ** 63 - 1}, "seed"), ({"n": 17}, "n=17"), ({"logprobs": 21}, "logprobs")):
         with pytest.raises(openai.BadRequestError, match=field):
             client.completions.create(model="fake", prompt="a", max_tokens=1, **kwargs)
     v2 = httpx.post(chat_server.url + "/v2/completions", json={"model": "fake", "prompt": "a", "max_tokens": 2})
