@@ -5,14 +5,18 @@ anything is queued; response_format json_schema and vLLM's guided_* fields const
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
 import torch
-from live_server import llm_body, serve
+from live_server import MODEL, llm_body, serve
 from safetensors.torch import save_file
 
 from runtime import AsyncEngine
@@ -155,3 +159,30 @@ def test_llm_engine_route_follows_each_kind(guided_server):
         text = r.json()["output"]["text"]
         assert valid(text), (fields, text)
     assert guided_server.engines["tok"].stats()["blocks_used"] == 0
+
+
+OFFICIAL = Path(__file__).resolve().parents[2] / ".venv" / "official-client"
+
+
+@pytest.mark.skipif(not (OFFICIAL / "llmengine").is_dir(), reason=f"the official client is not in {OFFICIAL}")
+def test_official_client_guided_fields(llm_server):
+    """The official client, unchanged, in a subprocess: all four guided fields against the default model."""
+    env = {**os.environ, "PYTHONPATH": str(OFFICIAL), "LLM_ENGINE_BASE_PATH": llm_server.url + "/",
+           "LLM_ENGINE_DISABLE_VERSION_CHECK": "true"}
+    env.pop("SCALE_API_KEY", None)
+    here = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(here / "official_client_guided_check.py"), MODEL], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=here)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["client_file"].startswith(str(OFFICIAL))
+    shirt = {"type": "object", "additionalProperties": False, "required": ["color", "size"],
+             "properties": {"color": {"enum": ["red", "green", "blue"]}, "size": {"enum": ["S", "M", "L"]}}}
+    for text in (got["json"], got["async_json"]):
+        jsonschema.validate(json.loads(text), shirt)
+    assert got["async_json"] == got["json"]
+    assert re.fullmatch(r"(cat|dog)s? (are|is) (cute|loud)", got["regex"]) and got["regex_stream"] == got["regex"]
+    assert got["choice"] in ("Paris", "London", "Berlin") and got["async_choice_stream"] == got["choice"]
+    assert re.fullmatch(r"SELECT (id|name) FROM (users|orders)", got["grammar"])
+    assert got["invalid"] == "BadRequestError"
+    assert llm_server.engine.stats()["blocks_used"] == 0
