@@ -6,7 +6,9 @@ The engine's step with a `Speculator`:
    step's emitted tokens, proposals plus one of the target's own, fit max_new_tokens and max_model_len; 0 for
    a request with `speculate=False`): its entry is (seq, 1 + room);
 2. `propose(batch)` asks the proposer for up to `room` tokens per such sequence, puts them in
-   `seq.draft_token_ids` and shrinks the entry to (seq, 1 + k_i); k_i = 0 is a plain decode;
+   `seq.draft_token_ids` and shrinks the entry to (seq, 1 + k_i); k_i = 0 is a plain decode; a guided request's
+   proposals are cut before the first one its constraint forbids (`trim_to_constraints`), and the engine masks
+   its rows as after the earlier proposals (runtime/guided.py), so no forbidden token is ever accepted;
 3. the runner feeds `[last token] + proposals` as one chunk and returns k_i + 1 rows of logits for it;
 4. `verify(...)` turns the rows into the sampler's final logits (penalties counting the proposals before each
    row, temperature, top-k, top-p) and accepts with `verify_proposals`: 1..k_i + 1 tokens per sequence, with
@@ -89,6 +91,8 @@ class Speculator:
             return batch, None
         seqs = [seq for _, seq, _ in entries]
         proposals, draft_probs = self.proposer.propose_seqs(seqs, [room for _, _, room in entries])
+        if any(seq.matcher is not None for seq in seqs):
+            proposals, draft_probs = trim_to_constraints(seqs, proposals, draft_probs)
         batch = list(batch)
         for (i, seq, room), tokens in zip(entries, proposals):
             if len(tokens) > room:
@@ -131,6 +135,21 @@ class Speculator:
         for i, t, lp in zip(spec, tokens, log_probs):
             emitted[i], emitted_log_probs[i], emitted_tops[i] = t, lp, [[] for _ in t]
         return emitted, emitted_log_probs, emitted_tops
+
+
+def trim_to_constraints(seqs: list[Sequence], proposals: list[list[int]],
+                        draft_probs: torch.Tensor | None) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Cut each guided sequence's proposals before the first one its constraint forbids (verification would
+    reject it and everything after it: no use computing them), and the draft distributions' rows with them."""
+    trimmed, kept_rows, start = [], [], 0
+    for seq, tokens in zip(seqs, proposals):
+        n = seq.matcher.valid_prefix_len(tokens) if seq.matcher is not None and tokens else len(tokens)
+        trimmed.append(list(tokens[:n]))
+        kept_rows.extend(range(start, start + n))
+        start += len(tokens)
+    if draft_probs is not None and len(kept_rows) < start:
+        draft_probs = draft_probs[kept_rows]
+    return trimmed, draft_probs
 
 
 def make_speculator(speculative: str | Path | None, num_speculative_tokens: int, prompt_lookup_min: int,
