@@ -4,6 +4,8 @@
     python -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --check-text
     python -m benchmarks.decode --model llama-2-7b --num-layers 2 --dtype bfloat16   # random weights, real shapes
     python -m benchmarks.decode --speculative ngram --dtype float32   # with vs without speculation (speculative.py)
+    python -m benchmarks.decode --dtype float32 --quantize none int8 int4 gguf --baseline llama.cpp --threads 2
+        # weight formats (gguf: the default model's GGUF integers) against llama.cpp on the same GGUF (batch 1)
 
 Per implementation, dtype and batch size, median and min/max over the repeats:
 - TTFT: submit -> first token (mean over the batch's sequences); it includes the prefill.
@@ -13,7 +15,13 @@ Per implementation, dtype and batch size, median and min/max over the repeats:
 - peak memory: on CPU the peak resident set minus the resident set before the model was loaded (weights, KV
   cache, activations); on CUDA torch.cuda.max_memory_allocated.
 - weight bandwidth: the weight bytes one decode step reads (every matrix, the LM head; not the embedding table)
-  / TPOT, and that as a share of a large tensor copy's bandwidth (read + write) measured in the same run.
+  / TPOT, and that as a share of a large tensor copy's bandwidth (read + write) measured in the same run: the
+  share of the weight-bandwidth roofline the format reaches. Quantized formats count their integer weights and
+  scales; llama.cpp the GGUF's tensor bytes.
+
+`--quantize` runs our engine once per weight format (none, int8, int4, gguf = a GGUF's own integers); `--baseline
+llama.cpp` replaces transformers by llama-cpp-python (benchmarks/llamacpp.py) on the GGUF the model came from (or
+--gguf), with the same threads, prompt ids and number of tokens, one sequence at a time (batch 1 only).
 """
 
 from __future__ import annotations
@@ -118,11 +126,26 @@ def run_hf(model, prompts: list[list[int]], max_new_tokens: int, ignore_eos: boo
 
 
 def decode_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: all parameters but an untied embedding table."""
+    """Bytes of weights one decode step reads: all parameters and quantized weights (QuantizedLinear buffers: not
+    parameters), but the embedding table unless it is also the (float) head."""
+    from models.quantized_linear import QuantizedLinear
+
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.lm_head is not None:
+    total += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantizedLinear)
+                 for b in m.buffers(recurse=False))
+    if model.lm_head is not None or getattr(model, "quantized_head", None) is not None:
         total -= model.embed.weight.numel() * model.embed.weight.element_size()
     return total
+
+
+def run_llamacpp_batch(llm, prompts: list[list[int]], max_new_tokens: int) -> Run:
+    """benchmarks/llamacpp.py's run as a Run."""
+    from benchmarks.llamacpp import run_llamacpp
+
+    [prompt] = prompts  # llama-cpp-python's high-level API runs one sequence
+    r = run_llamacpp(llm, prompt, max_new_tokens)
+    return Run(ttft=r.ttft, decode_time=r.decode_time, decode_steps=r.decode_tokens, decode_tokens=r.decode_tokens,
+               total_time=r.ttft + r.decode_time, output_tokens=len(r.token_ids), token_ids=[r.token_ids])
 
 
 def summarize_runs(runs: list[Run], weight_bytes: int, copy_bw: float) -> dict:
@@ -190,25 +213,41 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
     info = machine_info()
     copy_bw = copy_bandwidth(device)
-    impls = ["ours"] + ([] if args.no_baseline else ["transformers"])
+    formats = args.quantize or ["none"]
+    impls = [("ours", q) for q in formats] + ([] if args.no_baseline else [(args.baseline, "none")])
     bar = tqdm(total=len(args.dtype) * len(impls) * len(args.batch_sizes) * (args.warmup + args.repeats),
                desc="decode", unit="run", disable=args.no_progress)
     rows, checks, weight_bytes = [], [], {}
-    for dtype in args.dtype:
+    threads = args.threads or torch.get_num_threads()
+    llamacpp_outputs = None
+    for d, dtype in enumerate(args.dtype):
         outputs: dict[str, dict[int, list[list[int]]]] = {}
-        for impl in impls:
+        for impl, quantize in impls:
+            if impl == "llama.cpp" and d > 0:  # one llama.cpp run serves every dtype of ours
+                continue
             gc.collect()
             base_rss = rss_bytes()
-            bar.set_description(f"decode {impl} {dtype} (loading)")
+            bar.set_description(f"decode {impl} {dtype} {quantize} (loading)")
+            key = dtype if quantize == "none" else f"{dtype} {quantize}"
+            weights = "float"
             if impl == "ours":
                 prompt_budget = max(len(p) for ps in prompts.values() for p in ps) + args.max_new_tokens + 32
                 kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim \
                     * parse_dtype(dtype).itemsize * prompt_budget * max(args.batch_sizes)
                 llm = LLM(folder, dtype=dtype, device=str(device), max_num_seqs=max(args.batch_sizes),
                           kv_cache_gib=args.kv_cache_gib or max(0.01, 1.25 * kv_bytes / (1 << 30)),
-                          compile=args.compile)
-                weight_bytes[dtype] = decode_weight_bytes(llm.engine.model)
+                          compile=args.compile, quantize=quantize, quant_group_size=args.quant_group_size)
+                weight_bytes[key] = decode_weight_bytes(llm.engine.model)
+                weights = llm.engine.model.quantization or "float"
                 generate = lambda ps: run_ours(llm, ps, params, device)  # noqa: B023
+            elif impl == "llama.cpp":
+                from benchmarks import llamacpp
+
+                gguf = llamacpp.baseline_gguf(args.gguf, folder)
+                key = "llama.cpp"
+                weight_bytes[key], weights = llamacpp.gguf_weight_bytes(gguf)
+                llm = llamacpp.load(gguf, threads)
+                generate = lambda ps: run_llamacpp_batch(llm, ps, args.max_new_tokens)  # noqa: B023
             else:
                 import transformers
 
@@ -217,9 +256,13 @@ def run(args: argparse.Namespace) -> int:
                 model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype))
                 model = model.to(device).eval()
                 generate = lambda ps: run_hf(model, ps, args.max_new_tokens, args.ignore_eos, stop, device)  # noqa: B023
-            outputs[impl] = {}
+            label = impl if quantize == "none" else f"{impl} {quantize}"
+            outputs[label] = {}
             for b in args.batch_sizes:
-                bar.set_description(f"decode {impl} {dtype} batch {b}")
+                if impl == "llama.cpp" and b > 1:
+                    bar.update(args.warmup + args.repeats)
+                    continue
+                bar.set_description(f"decode {label} {dtype} batch {b}")
                 memory = PeakMemory(device)
                 memory.start(base_rss)
                 runs = []
@@ -228,19 +271,27 @@ def run(args: argparse.Namespace) -> int:
                     if i >= args.warmup:
                         runs.append(result)
                     bar.update(1)
-                outputs[impl][b] = runs[0].token_ids
-                row = {"impl": impl, "dtype": dtype, "batch_size": b, "prompt_tokens": len(prompts[b][0]),
-                       **summarize_runs(runs, weight_bytes[dtype], copy_bw),
+                outputs[label][b] = runs[0].token_ids
+                row = {"impl": impl, "dtype": dtype if impl != "llama.cpp" else "-", "weights": weights,
+                       "quantize": quantize, "batch_size": b, "prompt_tokens": len(prompts[b][0]),
+                       **summarize_runs(runs, weight_bytes[key], copy_bw),
                        "peak_mem_mib": memory.peak_bytes() / (1 << 20)}
                 rows.append(row)
             llm = model = generate = None  # free this implementation before loading the next
-        if "transformers" in outputs:
-            checks += compare_outputs(dtype, outputs["ours"], outputs["transformers"], stop, tokenizer)
+        llamacpp_outputs = outputs.get("llama.cpp", llamacpp_outputs)
+        for label in (label for label in outputs if label.startswith("ours")):
+            name = f"{dtype} {label.removeprefix('ours').strip()}".strip()  # "float32", "float32 int8"
+            if "transformers" in outputs:
+                checks += compare_outputs(name, outputs[label], outputs["transformers"], stop, tokenizer)
+            if llamacpp_outputs and 1 in outputs[label]:  # batch 1 only; the same integers: gguf
+                checks += [dict(c, baseline="llama.cpp") for c in compare_outputs(
+                    name, {1: outputs[label][1]}, llamacpp_outputs, stop, tokenizer)]
     bar.close()
     report = {"benchmark": "decode", "machine": info, "model": args.model, "folder": str(folder),
               "random_weights": random_weights, "num_layers": config.num_layers, "device": str(device),
               "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "warmup": args.warmup,
               "repeats": args.repeats, "copy_bandwidth_gb_s": copy_bw / 1e9, "weight_bytes": weight_bytes,
+              "baseline": None if args.no_baseline else args.baseline, "threads": threads,
               "memory": PeakMemory(device).kind, "rows": rows, "text_check": checks}
     publish(report, decode_markdown(report, show_text=args.check_text), decode_plot, args, f"decode: {args.model}")
     return 0
@@ -287,7 +338,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="always generate --max-new-tokens (default: on)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline")
+    parser.add_argument("--baseline", default="transformers", choices=["transformers", "llama.cpp"],
+                        help="transformers generate on the same folder, or llama-cpp-python on the same GGUF "
+                             "(batch 1; pip install '.[llamacpp]') (default: %(default)s)")
+    parser.add_argument("--gguf", default=None, help="the GGUF for --baseline llama.cpp (default: the one the model "
+                                                     "folder came from, as recorded by `llmengine convert`)")
+    parser.add_argument("--quantize", nargs="+", default=None, choices=["none", "int8", "int4", "gguf"],
+                        help="our weight formats, one run each (default: none; gguf: the integers of the GGUF the "
+                             "model came from, what `llmengine serve` runs on CPU by default)")
+    parser.add_argument("--quant-group-size", type=int, default=None, help="int4 group size (default: 64 or 32)")
     parser.add_argument("--check-text", action="store_true", help="also print ours' and the baseline's greedy text")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="default: what the workload needs")
     parser.add_argument("--seed", type=int, default=0)

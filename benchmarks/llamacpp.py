@@ -55,6 +55,29 @@ def run_llamacpp(llm, prompt_ids: list[int], max_new_tokens: int) -> LlamaCppRun
                        token_ids=tokens)
 
 
+def gguf_weight_bytes(gguf: Path) -> tuple[int, str]:
+    """(bytes of the GGUF's tensors one decode step reads: all but an untied token_embd, its tensor types)."""
+    from collections import Counter
+
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    tensors = GGUFReader(gguf).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    types = Counter(GGMLQuantizationType(t.tensor_type).name for t in tensors if len(t.shape) > 1)
+    return (sum(int(t.n_bytes) for t in tensors if tied or t.name != "token_embd.weight"),
+            "GGUF " + ", ".join(f"{name} x{n}" for name, n in sorted(types.items())))
+
+
+def baseline_gguf(gguf: str | None, folder: Path) -> Path:
+    """`gguf` (--gguf), else the GGUF the model folder came from (gguf_source.json, written by the import)."""
+    from models.gguf import gguf_source
+
+    gguf = Path(gguf) if gguf else gguf_source(folder)
+    if gguf is None:
+        raise SystemExit(f"--baseline llama.cpp needs a GGUF: {folder} records none; pass --gguf PATH")
+    return gguf
+
+
 def tokenize(llm, text: str) -> list[int]:
     return llm.tokenize(text.encode(), add_bos=True, special=False)
 

@@ -66,31 +66,37 @@ def decode_markdown(report: dict[str, Any], show_text: bool = False) -> str:
              f"{report['max_new_tokens']} new tokens{', ignore eos' if report['ignore_eos'] else ''}, "
              f"median (min-max) of {report['repeats']} after {report['warmup']} warm-up; copy bandwidth "
              f"{report['copy_bandwidth_gb_s']:.1f} GB/s; memory: {report['memory']}.", ""]
-    header = ["impl", "dtype", "batch", "prompt", "TTFT ms", "TPOT ms", "decode tok/s", "total tok/s", "peak MiB",
-              "weights GB/s (% copy)", "vs transformers"]
-    hf = {(r["dtype"], r["batch_size"]): r for r in report["rows"] if r["impl"] == "transformers"}
+    baseline = report.get("baseline") or "transformers"
+    header = ["impl", "dtype", "weights", "batch", "prompt", "TTFT ms", "TPOT ms", "decode tok/s", "total tok/s",
+              "peak MiB", "weights GB/s (% copy)", f"vs {baseline}"]
+    # transformers runs each dtype; llama.cpp (its own weights, batch 1) is the baseline of every dtype
+    base_key = (lambda r: r["batch_size"]) if baseline == "llama.cpp" else (lambda r: (r["dtype"], r["batch_size"]))
+    hf = {base_key(r): r for r in report["rows"] if r["impl"] == baseline}
     table = []
     for r in report["rows"]:
-        base = hf.get((r["dtype"], r["batch_size"]))
+        base = hf.get(base_key(r))
         ratio = f"{r['decode_tok_s']['median'] / base['decode_tok_s']['median']:.2f}x" if base else "-"
         d = r["decode_tok_s"]
-        table.append([r["impl"], r["dtype"], r["batch_size"], r["prompt_tokens"], fmt(r["ttft_ms"]["median"]),
+        table.append([r["impl"], r["dtype"], r.get("weights", "float"), r["batch_size"], r["prompt_tokens"],
+                      fmt(r["ttft_ms"]["median"]),
                       fmt(r["tpot_ms"]["median"], 2), f"{fmt(d['median'])} ({fmt(d['min'])}-{fmt(d['max'])})",
                       fmt(r["total_tok_s"]["median"]), fmt(r["peak_mem_mib"], 0),
                       f"{fmt(r['weight_gb_s']['median'], 2)} ({fmt(r['weight_bw_pct_of_copy'], 0)}%)", ratio])
     lines.append(markdown_table(header, table))
     checks = report["text_check"]
     if checks:
-        bad = [c for c in checks if not c["match"]]
-        lines.append(f"Greedy tokens, ours vs transformers: {len(checks) - len(bad)}/{len(checks)} sequences equal"
-                     + ("." if not bad else "; mismatches: " + ", ".join(
-                         f"{c['dtype']} batch {c['batch_size']} row {c['row']} at token {c['first_mismatch']}"
-                         for c in bad[:8]) + "."))
+        for name in dict.fromkeys(c.get("baseline", "transformers") for c in checks):
+            mine = [c for c in checks if c.get("baseline", "transformers") == name]
+            bad = [c for c in mine if not c["match"]]
+            lines.append(f"Greedy tokens, ours vs {name}: {len(mine) - len(bad)}/{len(mine)} sequences equal"
+                         + ("." if not bad else "; mismatches: " + ", ".join(
+                             f"{c['dtype']} batch {c['batch_size']} row {c['row']} at token {c['first_mismatch']}"
+                             for c in bad[:8]) + ".") + "  ")
         if show_text:
             for c in checks:
                 if "ours_text" in c and c["batch_size"] == min(x["batch_size"] for x in checks):
-                    lines.append(f"\n- {c['dtype']} ours: {c['ours_text']!r}\n- {c['dtype']} transformers: "
-                                 f"{c['transformers_text']!r}")
+                    lines.append(f"\n- {c['dtype']} ours: {c['ours_text']!r}\n- {c['dtype']} "
+                                 f"{c.get('baseline', 'transformers')}: {c['transformers_text']!r}")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -102,7 +108,8 @@ def decode_plot(report: dict[str, Any], path: Path) -> Path:
     plt, fig, (ax_tok, ax_tpot) = new_figure(2, (11, 4.2))
     series: dict[tuple[str, str], list[dict]] = {}
     for r in report["rows"]:
-        series.setdefault((r["impl"], r["dtype"]), []).append(r)
+        weights = "" if r.get("weights", "float") == "float" else f" {r['weights']}"
+        series.setdefault((r["impl"], r["dtype"] + weights), []).append(r)
     for (impl, dtype), rs in series.items():
         xs = [r["batch_size"] for r in rs]
         for ax, key in ((ax_tok, "decode_tok_s"), (ax_tpot, "tpot_ms")):

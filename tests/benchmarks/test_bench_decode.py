@@ -34,7 +34,7 @@ def test_decode_benchmark_end_to_end(tmp_path, capsys):
     # random weights, fp32, same token ids in: greedy tokens agree
     assert len(report["text_check"]) == 4 and all(c["match"] for c in report["text_check"])
     md = (tmp_path / "decode.md").read_text()
-    assert "| impl | dtype | batch |" in md and "4/4 sequences equal" in md
+    assert "| impl | dtype | weights | batch |" in md and "4/4 sequences equal" in md
     assert (tmp_path / "decode.png").stat().st_size > 1000
     assert "decode.json" in capsys.readouterr().out
 
