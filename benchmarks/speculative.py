@@ -5,8 +5,8 @@
     python -m benchmarks.decode --speculative PATH_OR_ZOO_NAME        # a draft model sharing the tokenizer
 
 Workloads (chat prompts when the model has a chat template, greedy, stopping at eos or --max-new-tokens):
-- input-grounded: the answer repeats or edits text of the prompt (rename a variable in code, fix typos,
-  reformat a list, quote sentences), where proposals copied from the prompt are often right;
+- input-grounded: the answer repeats or edits text of the prompt (rename a variable in code, document a class,
+  fix typos, extend a table), where proposals copied from the prompt are often right;
 - free generation: stories and explanations, where they rarely are.
 
 One engine serves both sides: plain decoding is the same requests with `speculate=False`. Each repeat runs the
@@ -37,15 +37,30 @@ CODE = """def total_price(items, tax):
     x = x * (1 + tax)
     return round(x, 2)
 """
+CLASS = """class Inventory:
+    def __init__(self):
+        self.items = {}
+
+    def add(self, name, count):
+        if name in self.items:
+            self.items[name] += count
+        else:
+            self.items[name] = count
+
+    def remove(self, name, count):
+        if self.items.get(name, 0) < count:
+            raise ValueError("not enough " + name)
+        self.items[name] -= count
+"""
 STORY = ("The quick brown fox jumpd over the lazy dog. It was a sunny day and the fox was very hapy. After "
          "jumping, the fox ran into the forrest to find its family. The family was waiting near the old oak tre.")
 WORKLOADS = {
     "input-grounded": [
         f"Rewrite this code with the variable x renamed to subtotal. Output only the code.\n```python\n{CODE}```",
+        f"Add a docstring to each method of this class. Output only the code.\n```python\n{CLASS}```",
         f"Fix the spelling mistakes in this text and output the corrected text:\n{STORY}",
-        "Rewrite this shopping list as a numbered list, one item per line: apples, bread, milk, eggs, cheese, "
-        "tomatoes, rice, coffee, butter, oranges.",
-        f"Quote the sentences of this text that mention the fox, word for word:\n{STORY}",
+        "Add a column country to this Markdown table:\n| name | city |\n| --- | --- |\n| Alice | Paris |\n"
+        "| Bob | London |\n| Carol | Berlin |\n| Dave | Madrid |\n| Erin | Rome |",
     ],
     "free generation": [
         "Write a short story about a robot learning to paint.",
