@@ -150,7 +150,7 @@ def quality_plot(report: dict[str, Any], path: Path) -> Path:
     """Perplexity increase over fp32 (with the targets) and greedy agreement, one bar per format."""
     rows = report["rows"]
     plt, fig, (ax_ppl, ax_agree) = new_figure(2, (10, 4))
-    labels = [r["label"] for r in rows]
+    labels = [r["label"].replace(" (", "\n(") for r in rows]
     xs = range(len(rows))
     ax_ppl.bar(xs, [r["perplexity_vs_fp32_pct"] for r in rows], color="tab:blue")
     for x, r in zip(xs, rows):
@@ -161,7 +161,7 @@ def quality_plot(report: dict[str, Any], path: Path) -> Path:
     ax_agree.set_ylabel("greedy tokens before the first difference (%)")
     ax_agree.set_ylim(0, 105)
     for ax in (ax_ppl, ax_agree):
-        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_xticks(list(xs), labels, fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     return save_figure(plt, fig, f"quality: {report['model']} ({report['text']})", path)
 
