@@ -259,6 +259,7 @@ class Engine:
                 self.counters["spec_proposed_tokens"] += len(seq.draft_token_ids)
                 self.counters["spec_accepted_tokens"] += num_accepted
                 self.counters["spec_steps"] += 1
+                self.speculator.record(seq, len(seq.draft_token_ids), num_accepted)
                 seq.draft_token_ids = []
             try:
                 outputs.append(self._append_tokens(seq, seq_tokens, seq_log_probs, seq_tops))

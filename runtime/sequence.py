@@ -44,6 +44,8 @@ class Sequence:
     # proposer's own per-sequence state (a TokenHistory, the draft model's KV length); preemption drops it.
     draft_token_ids: list[int] = field(default_factory=list)
     proposer_state: Any = None
+    spec_wait: int = 0  # steps to sit out before proposing again, and the misses behind it (speculative/backoff.py)
+    spec_miss_streak: int = 0
     # Guided decoding: the request's runtime.guided.GuidedMatcher (None: unconstrained); it has consumed every
     # output token, so after preemption it is already where the recomputed sequence resumes.
     matcher: Any = None

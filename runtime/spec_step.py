@@ -5,7 +5,8 @@ The engine's step with a `Speculator`:
 1. the scheduler gives each sequence in decode room for up to `lookahead(seq)` proposals (k, capped so the
    step's emitted tokens, proposals plus one of the target's own, fit max_new_tokens and max_model_len; 0 for
    a request with `speculate=False`): its entry is (seq, 1 + room);
-2. `propose(batch)` asks the proposer for up to `room` tokens per such sequence, puts them in
+2. `propose(batch)` asks the proposer for up to `room` tokens per such sequence that is not backing off after
+   rejected proposals (speculative/backoff.py; the engine calls `record` with each outcome), puts them in
    `seq.draft_token_ids` and shrinks the entry to (seq, 1 + k_i); k_i = 0 is a plain decode; a guided request's
    proposals are cut before the first one its constraint forbids (`trim_to_constraints`), and the engine masks
    its rows as after the earlier proposals (runtime/guided.py), so no forbidden token is ever accepted;
@@ -39,6 +40,7 @@ from runtime.params import SamplingParams
 from runtime.sampler import Sampler, final_logits
 from runtime.sequence import Sequence
 from runtime.speculative import NgramProposer, TokenHistory, output_ids_per_row, repeat_per_row, verify_proposals
+from runtime.speculative.backoff import may_propose, record_outcome
 
 
 class SequenceProposer(Protocol):
@@ -86,20 +88,29 @@ class Speculator:
     def propose(self, batch: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], torch.Tensor | None]:
         """Proposals for the entries with room (into `seq.draft_token_ids`), the batch with those entries
         trimmed to 1 + k_i, and the draft distributions `[sum k_i, V]` (None: point masses)."""
-        entries = proposed_in(batch)
+        entries, batch = [], list(batch)
+        for i, seq, room in proposed_in(batch):
+            if may_propose(seq):
+                entries.append((i, seq, room))
+            else:  # backing off: a plain decode
+                batch[i] = (seq, batch[i][1] - room)
         if not entries:
             return batch, None
         seqs = [seq for _, seq, _ in entries]
         proposals, draft_probs = self.proposer.propose_seqs(seqs, [room for _, _, room in entries])
         if any(seq.matcher is not None for seq in seqs):
             proposals, draft_probs = trim_to_constraints(seqs, proposals, draft_probs)
-        batch = list(batch)
         for (i, seq, room), tokens in zip(entries, proposals):
             if len(tokens) > room:
                 raise RuntimeError(f"the proposer gave {len(tokens)} tokens where there is room for {room}")
             seq.draft_token_ids = list(tokens)
             batch[i] = (seq, 1 + len(tokens))
         return batch, (draft_probs if any(proposals) else None)
+
+    @staticmethod
+    def record(seq: Sequence, num_proposed: int, num_accepted: int) -> None:
+        """Tell the back-off how `seq`'s proposals fared this step."""
+        record_outcome(seq, num_proposed, num_accepted)
 
     def verify(self, seqs: list[Sequence], logits: torch.Tensor, num_rows: list[int],
                draft_probs: torch.Tensor | None
