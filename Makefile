@@ -47,9 +47,10 @@ run: $(MODEL)
 test: $(MODEL)
 	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q tests
 
-# The edit-test loop: everything but the tests marked slow, in under a minute.
+# The edit-test loop: everything but the tests marked slow, in under a minute, one worker per core (a test file
+# stays on one worker, so its module fixtures are built once).
 test-fast: $(MODEL)
-	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -m "not slow" tests
+	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile tests
 
 # Decode speed against transformers in the same run, then the weight formats (fp32, int8, int4, the GGUF's int4)
 # against llama.cpp on the same GGUF with the same threads, then their perplexity and greedy agreement, then 1 vs 16

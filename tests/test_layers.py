@@ -44,6 +44,7 @@ def test_no_upward_import(package):
     assert not {path: names for path, names in wrong.items() if names}
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and the server
 def test_importing_the_server_loads_no_benchmark_or_cli_module():
     code = ("import sys, server.app, server.serve; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('benchmarks', 'llmengine_cli')))")

@@ -73,6 +73,7 @@ def test_serving_benchmark_end_to_end(tmp_path, api):
     assert (tmp_path / "serving.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # the fake server and the client take seconds
 def test_serving_benchmark_reports_failures(tmp_path):
     with FakeServer() as fake:
         rc = serving.main(["--base-url", fake.url, "--model", "unknown", "--concurrency", "2", "--max-new-tokens", "2",
@@ -82,6 +83,7 @@ def test_serving_benchmark_reports_failures(tmp_path):
     assert run["completed"] == 0 and run["failed"] == 4 and "HTTP 404" in run["errors"][0]
 
 
+@pytest.mark.slow
 def test_serving_benchmark_no_server(tmp_path):
     assert serving.main(["--base-url", "http://127.0.0.1:9", "--out-dir", str(tmp_path), "--no-progress"]) == 1
 

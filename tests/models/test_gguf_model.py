@@ -33,6 +33,7 @@ from models.loader import load_model
 from models.quantized_linear import QuantizedLinear
 from models.tokenizer import Tokenizer
 from models.zoo import resolve_model
+from tests.fast import fast_subset
 from tests.models.test_gguf import write_tiny_gguf
 
 Q = GGMLQuantizationType
@@ -102,7 +103,8 @@ def models_dir(tmp_path, monkeypatch):
     return tmp_path / "models"
 
 
-@pytest.mark.parametrize("qtype, tied, odd", FILES, ids=["Q4_1-tied-Q8_0", "Q4_0-untied-F16", "Q8_0-tied"])
+@pytest.mark.parametrize("qtype, tied, odd", fast_subset(FILES, FILES[:1]),
+                         ids=["Q4_1-tied-Q8_0", "Q4_0-untied-F16", "Q8_0-tied"])
 def test_tiny_gguf_integers_match_their_dequantized_model(tmp_path, models_dir, qtype, tied, odd):
     original = write_tiny_gguf(tmp_path / "tiny.gguf", qtype, tied=tied, odd_tensor=odd)
     converted = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "converted", progress=False)

@@ -14,6 +14,8 @@ from runtime import SamplingParams
 from runtime.sampler import final_logits
 from tests.runtime.spec_helpers import make_engine
 
+pytestmark = pytest.mark.slow  # thousands of seeded draws; test_spec_verify.py checks the rule fast
+
 # Chi-square critical values at alpha = 1e-4 (upper tail), by degrees of freedom.
 CHI2_CRITICAL = {1: 15.137, 2: 18.421, 3: 21.108, 4: 23.513, 5: 25.745, 6: 27.856, 7: 29.878, 8: 31.828, 9: 33.72,
                  10: 35.564, 11: 37.367, 12: 39.134, 13: 40.871, 14: 42.579, 15: 44.263}

@@ -11,11 +11,12 @@ import torch
 
 from runtime import SamplingParams
 from runtime.speculative.draft import DraftState, check_same_vocab
+from tests.fast import fast_subset
 from tests.models.tiny import LLAMA_BASE, VARIANTS
 from tests.runtime.spec_helpers import PATTERN_PROMPTS, make_engine, record_verifications, run, spec_stats
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", fast_subset(VARIANTS, ["llama-gqa-tied-bias"]))
 def test_the_target_as_its_own_draft_accepts_every_greedy_proposal(tiny_dir, cache_gib, variant):
     folder = tiny_dir(variant)
     plain = make_engine(folder, cache_gib)
@@ -31,7 +32,10 @@ def test_the_target_as_its_own_draft_accepts_every_greedy_proposal(tiny_dir, cac
     assert accepted == proposed > 0 and steps > 0
 
 
-@pytest.mark.parametrize("target, draft", [("llama-gqa-tied-bias", "llama-mha"), ("falcon-rw-like", "llama3-rope")])
+PAIRS = [("llama-gqa-tied-bias", "llama-mha"), ("falcon-rw-like", "llama3-rope")]
+
+
+@pytest.mark.parametrize("target, draft", fast_subset(PAIRS, PAIRS[:1]))
 def test_another_draft_model_changes_no_greedy_token(tiny_dir, cache_gib, target, draft):
     folder = tiny_dir(target)
     long_prompt = [(7 * i) % 100 + 3 for i in range(30)]

@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 from runtime import SamplingParams
+from tests.fast import fast_subset
 from tests.models.tiny import VARIANTS
 from tests.runtime.spec_helpers import PATTERN_PROMPTS, make_engine, record_verifications, run, spec_stats
 
@@ -22,7 +23,7 @@ def max_new(engine, prompts, want: int = 24) -> int:
     return min(want, engine.max_model_len - max(map(len, prompts)))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", fast_subset(VARIANTS, ["falcon-rw-like"]))
 def test_greedy_tokens_and_log_probs_equal_plain_decoding(tiny_dir, cache_gib, variant):
     folder = tiny_dir(variant)
     plain = make_engine(folder, cache_gib)
@@ -72,7 +73,7 @@ def test_penalties_apply_to_each_row_with_the_proposals_before_it(folder, cache_
     assert accepted == proposed > 0
 
 
-@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 13])
+@pytest.mark.parametrize("max_new_tokens", fast_subset([1, 2, 3, 7, 13], [1, 7]))
 def test_max_new_tokens_exactly(folder, cache_gib, max_new_tokens):
     # The target as its own draft: every sequence with room proposes, and every proposal is accepted.
     spec = make_engine(folder, cache_gib, speculative=str(folder), num_speculative_tokens=5)

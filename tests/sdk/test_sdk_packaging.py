@@ -8,6 +8,8 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import pytest
+
 SDK_DIR = Path(__file__).resolve().parents[2] / "sdk"
 
 NO_TORCH_SCRIPT = textwrap.dedent("""
@@ -34,6 +36,7 @@ def test_imports_and_runs_without_torch(fake):
     assert len(fake.hits) == 1  # importing made no request; the one call made one
 
 
+@pytest.mark.slow  # builds a wheel
 def test_wheel_builds_and_holds_only_llmengine(tmp_path):
     src = tmp_path / "sdk"
     shutil.copytree(SDK_DIR, src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
