@@ -6,12 +6,19 @@ The one module that may import every layer: the server (serve), the runtime (gen
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import os
 
-from benchmarks.cli import add_bench_args, run_bench
-from server.serve import (
+# OpenMP threads that spin while they wait for work collapse decoding when another process keeps a core busy
+# (2 threads: 1-2 tok/s instead of 8-9 measured with a neighbour); passive waiting sleeps instead. libgomp reads
+# this when torch loads, so it is set before anything imports torch; an OMP_WAIT_POLICY of the user's wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks.cli import add_bench_args, run_bench  # noqa: E402
+from server.serve import (  # noqa: E402
     add_quantize_args,
     add_serve_args,
     add_speculative_args,
