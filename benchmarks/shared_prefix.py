@@ -215,7 +215,8 @@ def shared_prefix_plot(report: dict[str, Any], path: Path) -> Path:
                                  (0.0, "2-N p50", [r["ttft_rest_ms"]["p50"] for r in rows]),
                                  (0.27, "2-N p90", [r["ttft_rest_ms"]["p90"] for r in rows])):
         ax_ttft.bar([x + offset for x in xs], values, width=0.27, label=name)
-    ax_ttft.set_ylabel("TTFT (ms)")
+    ax_ttft.set_yscale("log")  # request 1's prefill and a cache hit's are an order of magnitude apart
+    ax_ttft.set_ylabel("TTFT (ms, log scale)")
     ax_ttft.legend(fontsize=8)
     ax_tok.bar(xs, [r["tok_s"] for r in rows], color=["tab:gray" if not r["prefix_caching"] else "tab:green"
                                                        for r in rows])
