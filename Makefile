@@ -67,6 +67,7 @@ bench: $(MODEL)
 	$(PY) -m benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \
 		--input-len 32
 	$(PY) -m benchmarks.products
+	$(PY) -m benchmarks.shared_prefix --threads $(BENCH_THREADS)
 
 gpu-check: $(SETUP)
 	$(PY) -m benchmarks.gpu_check

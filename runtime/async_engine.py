@@ -5,6 +5,12 @@ sequences, aborts) under a condition variable; the thread takes the inbox at eac
 step and delivers each delta into its request's asyncio.Queue with `loop.call_soon_threadsafe`. With
 nothing to do it sleeps on the condition variable.
 
+Guided decoding needs the tokenizer's llguidance view, which takes ~1.5 s to build: `start()` builds it on a
+background thread, so neither the caller's event loop nor the engine's steps ever wait for it. A guided request
+that arrives before it is ready is validated at once all the same (ValueError for a bad constraint), and its
+stream, when first read, builds the request's matcher in a worker thread (`asyncio.to_thread`, waiting for the
+view there) before handing the request to the engine; the other requests keep streaming meanwhile.
+
     engine = AsyncEngine("smollm2-135m-instruct")
     async for delta in engine.add_request("Hello", SamplingParams(max_new_tokens=8)):
         print(delta.text, end="")
@@ -40,6 +46,7 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
+        self._guided_thread: threading.Thread | None = None
         self._stopping = False
 
     def start(self) -> None:
@@ -50,13 +57,24 @@ class AsyncEngine:
                 raise RuntimeError("the engine has been shut down")
             self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
             self._thread.start()
+            if self._guided_thread is None and not self.engine.guided_ready():
+                self._guided_thread = threading.Thread(target=self._build_guided_view, daemon=True,
+                                                       name=f"guided-view-{self.name}")
+                self._guided_thread.start()
+
+    def _build_guided_view(self) -> None:
+        try:
+            self.engine.guided_view()
+        except Exception:  # noqa: BLE001 - the first guided request builds it again and reports the error
+            logger.exception("building the tokenizer's llguidance view failed")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """Validate now (ValueError with the token counts), then stream the request's deltas."""
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
-        seq = self.engine.make_sequence(prompt, params, request_id, deadline)
+        deferred = params.guided is not None and not self.engine.guided_ready()
+        seq = self.engine.make_sequence(prompt, params, request_id, deadline, defer_guided=deferred)
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._cond:
             if self._stopping:
@@ -64,20 +82,50 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._streams[request_id] = (loop, queue)
+            if not deferred:
+                self._inbox.append(seq)
+                self._cond.notify()
+        self.start()
+        return self._stream(request_id, queue, seq if deferred else None)
+
+    async def _submit_guided(self, seq: Sequence) -> RequestOutput | None:
+        """Build a deferred guided request's matcher in a worker thread (it waits there for the tokenizer view),
+        then hand the request to the engine thread; or the request's last output if that failed."""
+        try:
+            seq.matcher = await asyncio.to_thread(self.engine.guided_matcher, seq.params.guided)
+        except Exception as e:  # noqa: BLE001 - only this request fails
+            return RequestOutput(seq.request_id, "", [], None, True, "error", seq.num_prompt_tokens, 0,
+                                 f"{type(e).__name__}: {e}")
+        with self._cond:
+            if self._stopping:
+                return RequestOutput(seq.request_id, "", [], None, True, "abort", seq.num_prompt_tokens, 0)
             self._inbox.append(seq)
             self._cond.notify()
-        self.start()
-        return self._stream(request_id, queue)
+        return None
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, queue: asyncio.Queue,
+                      deferred: Sequence | None = None) -> AsyncIterator[RequestOutput]:
         finished = False
+        submitted = deferred is None
         try:
+            if deferred is not None:
+                failed = await self._submit_guided(deferred)
+                if failed is not None:
+                    finished = True
+                    with self._cond:
+                        self._streams.pop(request_id, None)
+                    yield failed
+                    return
+                submitted = True
             while not finished:
                 output = await queue.get()
                 finished = output.finished
                 yield output
         finally:
-            if not finished:  # the consumer went away (closed, cancelled): free the request's blocks
+            if not submitted and not finished:  # left while its matcher was built: nothing will end its stream
+                with self._cond:
+                    self._streams.pop(request_id, None)
+            elif not finished:  # the consumer went away (closed, cancelled): free the request's blocks
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:

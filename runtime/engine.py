@@ -30,7 +30,15 @@ from models.loader import DTYPES, load_model, parse_dtype, resolve_device
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
 from runtime.detokenizer import TextStream
-from runtime.guided import GuidedMatcher, apply_token_masks, compile_constraint, tokenizer_info
+from runtime.guided import (
+    GuidedMatcher,
+    TokenizerInfo,
+    apply_token_masks,
+    compile_constraint,
+    tokenizer_info,
+    tokenizer_info_built,
+    validate_constraint,
+)
 from runtime.log_probs import TopLogProbs, prompt_scores
 from runtime.model_runner import ModelRunner
 from runtime.params import SamplingParams
@@ -132,8 +140,10 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                      deadline: float | None = None) -> Sequence:
-        """Validate a request and build its sequence (touches no engine state: safe from any thread)."""
+                      deadline: float | None = None, defer_guided: bool = False) -> Sequence:
+        """Validate a request and build its sequence (touches no engine state: safe from any thread). With
+        `defer_guided`, a guided constraint is only validated (milliseconds, no tokenizer view needed) and
+        `seq.matcher` is left for the caller to set with `guided_matcher`, off a thread that must not wait."""
         params.validate()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -161,8 +171,27 @@ class Engine:
         text = TextStream(self.tokenizer, prompt_ids, params.stop_sequences, params.include_stop_str_in_output,
                           params.skip_special_tokens)
         seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, text, deadline, generator)
-        seq.matcher = self.guided_matcher(params.guided)
+        if defer_guided and params.guided is not None:
+            self._require_tokenizer()
+            validate_constraint(*params.guided)
+        else:
+            seq.matcher = self.guided_matcher(params.guided)
         return seq
+
+    def guided_ready(self) -> bool:
+        """Whether `guided_matcher` returns without building the tokenizer's llguidance view first (~1.5 s)."""
+        return self.tokenizer is None or tokenizer_info_built(self.tokenizer, self.config.vocab_size,
+                                                              self.stop_token_ids)
+
+    def guided_view(self) -> TokenizerInfo:
+        """The tokenizer's llguidance view: built on the first call (~1.5 s), then cached."""
+        self._require_tokenizer()
+        return tokenizer_info(self.tokenizer, self.config.vocab_size, self.stop_token_ids)
+
+    def _require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"guided decoding needs a tokenizer; {self.model_dir} has none "
+                             f"({' or '.join(TOKENIZER_FILES)})")
 
     def guided_matcher(self, guided: tuple[str, object] | None) -> GuidedMatcher | None:
         """A fresh matcher for a request's guided-decoding constraint (None: unconstrained); ValueError naming
@@ -170,11 +199,7 @@ class Engine:
         built on the first guided request (~1.5 s) and cached; compiled constraints are cached too."""
         if guided is None:
             return None
-        if self.tokenizer is None:
-            raise ValueError(f"guided decoding needs a tokenizer; {self.model_dir} has none "
-                             f"({' or '.join(TOKENIZER_FILES)})")
-        info = tokenizer_info(self.tokenizer, self.config.vocab_size, self.stop_token_ids)
-        return compile_constraint(guided[0], guided[1], info).matcher()
+        return compile_constraint(guided[0], guided[1], self.guided_view()).matcher()
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:

@@ -2,6 +2,7 @@ r"""Guided (structured) decoding over llguidance: a request's JSON schema, regex
 becomes a matcher whose token mask is applied to the logits before sampling.
 
     info = tokenizer_info(tokenizer, config.vocab_size, stop_ids)  # once per model (~1.5 s), then cached
+    validate_constraint("json", schema)                            # ValueError if invalid, without `info`
     constraint = compile_constraint("json", schema, info)          # ValueError if invalid; cached by spec
     matcher = constraint.matcher()                                 # one per request (a copy: microseconds)
     apply_token_masks(logits, [matcher or None per row])           # each step, on the raw logits
@@ -66,25 +67,48 @@ _INFOS: dict[tuple, TokenizerInfo] = {}
 _INFOS_LOCK = threading.Lock()
 
 
+def _info_key(tokenizer: Tokenizer, vocab_size: int, stops: tuple[int, ...]) -> tuple:
+    return (str(tokenizer.folder.resolve()), vocab_size, stops)
+
+
+def tokenizer_info_built(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Iterable[int]) -> bool:
+    """Whether `tokenizer_info` with these arguments returns at once (built already); never waits."""
+    return _info_key(tokenizer, vocab_size, tuple(sorted({int(t) for t in stop_token_ids}))) in _INFOS
+
+
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Iterable[int]) -> TokenizerInfo:
     """Build (once per folder, vocab size and stop tokens; later calls return the cached one) what
     llguidance needs. `vocab_size`: the model's logits width (config.vocab_size); columns past the
-    tokenizer's vocabulary are never allowed. Works for tokenizer.json and sentencepiece folders."""
+    tokenizer's vocabulary are never allowed. Works for tokenizer.json and sentencepiece folders.
+    A built one is returned without the lock, so another model's build (a second or two) delays nobody."""
     stops = tuple(sorted({int(t) for t in stop_token_ids}))
-    key = (str(tokenizer.folder.resolve()), vocab_size, stops)
+    key = _info_key(tokenizer, vocab_size, stops)
+    if (info := _INFOS.get(key)) is not None:
+        return info
     with _INFOS_LOCK:  # one build at a time: it takes a second or two
         if key not in _INFOS:
             n_vocab = max(vocab_size, tokenizer.vocab_size)
             if tokenizer._hf is not None:
-                hf = copy(tokenizer._hf)  # llguidance reads the JSON; padding or truncation would change it
-                hf.no_padding()
-                hf.no_truncation()
-                source: Any = hf.to_str()
+                source: Any = _tokenizer_json(tokenizer)
             else:
                 source = llguidance.TokenizerWrapper(_SentencePieceTokens(tokenizer, n_vocab))
             ll = llguidance.LLTokenizer(source, n_vocab=n_vocab, eos_token=list(stops) or None)
             _INFOS[key] = TokenizerInfo(ll, n_vocab, stops)
         return _INFOS[key]
+
+
+def _tokenizer_json(tokenizer: Tokenizer) -> str:
+    """The tokenizer.json text llguidance reads, without padding or truncation (they would change it). The file
+    itself when the loaded tokenizer has neither (the usual case): copying and serializing the loaded one holds
+    the GIL for about a second, which would stall every other thread of the process."""
+    hf = tokenizer._hf
+    path = tokenizer.folder / "tokenizer.json"
+    if hf.padding is None and hf.truncation is None and path.is_file():
+        return path.read_text(encoding="utf-8")
+    hf = copy(hf)
+    hf.no_padding()
+    hf.no_truncation()
+    return hf.to_str()
 
 
 class _SentencePieceTokens:
@@ -129,16 +153,19 @@ class Constraint:
         return GuidedMatcher(self._prototype.deep_copy(), self.info)
 
 
+def validate_constraint(kind: str, spec: Any) -> None:
+    """`compile_constraint`'s checks without a tokenizer (milliseconds, no tokenizer view needed): the same
+    ValueError naming the problem, for a request admitted before the view is built."""
+    what, grammar_text = _grammar_text(kind, spec)
+    error = llguidance.LLMatcher.validate_grammar(grammar_text, None, limits=_LIMITS)
+    if error:
+        raise ValueError(f"invalid {what}: {error.strip()}")
+
+
 def compile_constraint(kind: str, spec: Any, info: TokenizerInfo) -> Constraint:
     """Validate and compile one constraint; ValueError naming the problem if it is not valid. Cached by
     (kind, spec) per tokenizer: a repeated schema costs a dict look-up."""
-    if kind not in GUIDED_KINDS:
-        raise ValueError(f"unknown guided decoding kind {kind!r}: accepted {', '.join(GUIDED_KINDS)}")
-    what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}[kind]
-    try:
-        grammar_text = _grammar(kind, spec)
-    except ValueError as e:
-        raise ValueError(f"invalid {what}: {e}") from None
+    what, grammar_text = _grammar_text(kind, spec)
     key = (kind, grammar_text)
     with info._lock:
         if key in info._constraints:
@@ -153,6 +180,17 @@ def compile_constraint(kind: str, spec: Any, info: TokenizerInfo) -> Constraint:
         if len(info._constraints) > _CACHE_SIZE:
             info._constraints.popitem(last=False)
     return constraint
+
+
+def _grammar_text(kind: str, spec: Any) -> tuple[str, str]:
+    """(what the kind is called in errors, llguidance's grammar text); ValueError for a malformed spec."""
+    if kind not in GUIDED_KINDS:
+        raise ValueError(f"unknown guided decoding kind {kind!r}: accepted {', '.join(GUIDED_KINDS)}")
+    what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}[kind]
+    try:
+        return what, _grammar(kind, spec)
+    except ValueError as e:
+        raise ValueError(f"invalid {what}: {e}") from None
 
 
 def _grammar(kind: str, spec: Any) -> str:

@@ -9,7 +9,9 @@ and generated tokens. The oldest running sequence is never starved (a request is
 fits the whole cache alone), so the engine always makes progress.
 
 With prefix caching, a sequence being admitted first takes the cached blocks of its longest cached
-prefix (a preempted one often finds its own); only the tokens after them are computed and budgeted.
+prefix (a preempted one often finds its own); only the tokens after them are computed and budgeted. A waiting
+sequence whose next reusable block a running one is computing right now (copies of one prompt, OpenAI's `n`) waits
+for it instead of computing it too (runtime/prefix_sharing.py); the sequences behind it may go first meanwhile.
 
 With speculative decoding (`lookahead`), a sequence in decode (all its tokens computed but the last) may get
 room for up to `lookahead(seq)` proposals after its last token: slots and budget, taken last, from what the
@@ -24,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 
 from runtime.block_manager import BlockManager
+from runtime.prefix_sharing import computed_soon_by_another
 from runtime.sequence import Sequence, Status
 
 
@@ -68,9 +71,14 @@ class Scheduler:
         # Admit waiting sequences, oldest first, unless blocks just ran out. A sequence starts from the
         # longest prefix the cache holds; only the rest costs budget and new blocks.
         bm = self.block_manager
+        held: list[Sequence] = []  # waiting for blocks a running copy of their prompt is computing
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             prefix = bm.cached_prefix(seq)
+            if bm.enable_prefix_caching and not seq.params.prompt_log_probs \
+                    and computed_soon_by_another(seq, len(prefix), self.running, bm.block_size):
+                held.append(self.waiting.popleft())
+                continue
             start = len(prefix) * bm.block_size  # a waiting sequence holds no block and computed nothing
             n = min(seq.num_tokens - start, budget)
             if not bm.can_allocate(seq, start + n, prefix):
@@ -82,6 +90,7 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))
         if self.lookahead is not None:
             self.grant_lookahead(batch, budget)
         return batch

@@ -86,23 +86,26 @@ def test_one_after_another_reuses_the_shared_prefix(folder, cache_gib):
     assert on.counters["tokens_computed"] - before == sum(len(p) - (len(p) - 1) // BS * BS + 7 for p in prompts)
 
 
-def test_concurrent_requests_end_up_sharing_their_prefix(folder, cache_gib):
+def test_concurrent_requests_wait_for_and_share_their_prefix(folder, cache_gib):
     prompts = shared_prefix_prompts(seed=1, num_prefixes=2, per_prefix=3, prefix_len=PREFIX_BLOCKS * BS + 1)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     want = run(make_engine(folder, cache_gib, enable=False), prompts, params)
     on = make_engine(folder, cache_gib, enable=True)
     seqs = [on.add_request(prompt, params) for prompt in prompts]
-    on.step()  # every prompt in one step: no hit yet, but the copies of each prefix are merged
+    on.step()  # the first prompt of each prefix computes it; the others wait for its blocks (prefix_sharing.py)
+    on.block_manager.check(seqs)
+    assert [s.num_computed_tokens > 0 for s in seqs] == [True, False, False] * 2
+    assert seqs[0].block_table[0] != seqs[3].block_table[0]
+    on.step()  # now they find the prefix cached
     on.block_manager.check(seqs)
     for group in (seqs[:3], seqs[3:]):
         assert len({tuple(s.block_table[:PREFIX_BLOCKS]) for s in group}) == 1
-    assert seqs[0].block_table[0] != seqs[3].block_table[0]
     assert on.stats()["blocks_used"] == sum(-(-len(p) // BS) for p in prompts) - 2 * 2 * PREFIX_BLOCKS
     while on.has_unfinished():
         on.step()
         on.block_manager.check(list(on.requests.values()))
     assert [s.output_token_ids for s in seqs] == want
-    assert on.stats()["prefix_cache_hits"] == 0 and on.stats()["blocks_used"] == 0
+    assert on.stats()["prefix_cache_hits"] == 4 * PREFIX_BLOCKS * BS and on.stats()["blocks_used"] == 0
 
 
 def test_preemption_with_shared_prefixes_changes_no_token(folder, cache_gib):

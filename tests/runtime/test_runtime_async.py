@@ -147,8 +147,8 @@ def test_a_failing_step_or_request_does_not_stop_the_loop(tiny_engine, monkeypat
     monkeypatch.setattr(runner, "execute", flaky_execute)
     real_make = tiny_engine.engine.make_sequence
 
-    def make_sequence(prompt, params, request_id=None, deadline=None):
-        seq = real_make(prompt, params, request_id, deadline)
+    def make_sequence(prompt, params, request_id=None, deadline=None, **kwargs):
+        seq = real_make(prompt, params, request_id, deadline, **kwargs)
         if request_id == "bad":
             seq.text.add = lambda token: 1 / 0
         return seq

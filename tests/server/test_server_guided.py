@@ -15,41 +15,15 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-import torch
 from live_server import MODEL, llm_body, serve
-from safetensors.torch import save_file
 
 from runtime import AsyncEngine
 from server.app import create_app
+from tests.models.tiny import write_tiny_llama as write_tiny
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
           "required": ["ok", "size"], "additionalProperties": False,
           "x-guidance": {"whitespace_flexible": False}}  # compact: a random model cannot pad with blanks
-
-
-def write_tiny(folder: Path, vocab_size: int) -> Path:
-    """A random one-layer Llama, written directly (importing transformers would take seconds)."""
-    hidden, inter, head_dim, heads, kv_heads = 16, 32, 8, 2, 1
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
-              "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
-    shapes = {"model.embed_tokens.weight": (vocab_size, hidden), "model.norm.weight": (hidden,),
-              "model.layers.0.input_layernorm.weight": (hidden,),
-              "model.layers.0.post_attention_layernorm.weight": (hidden,),
-              "model.layers.0.self_attn.q_proj.weight": (heads * head_dim, hidden),
-              "model.layers.0.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-              "model.layers.0.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-              "model.layers.0.self_attn.o_proj.weight": (hidden, heads * head_dim),
-              "model.layers.0.mlp.gate_proj.weight": (inter, hidden),
-              "model.layers.0.mlp.up_proj.weight": (inter, hidden),
-              "model.layers.0.mlp.down_proj.weight": (hidden, inter)}
-    generator = torch.Generator().manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file({name: torch.randn(shape, generator=generator) * 0.5 for name, shape in shapes.items()},
-              str(folder / "model.safetensors"))
-    return folder
 
 
 @pytest.fixture(scope="module")
