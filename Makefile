@@ -45,7 +45,7 @@ run: $(MODEL)
 
 # Without a GPU the Triton kernels are tested under Triton's interpreter (tests/conftest.py sets it).
 test: $(MODEL)
-	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q tests
+	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The edit-test loop: everything but the tests marked slow, in under a minute, one worker per core (a test file
 # stays on one worker, so its module fixtures are built once).
