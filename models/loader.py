@@ -13,7 +13,7 @@ from tqdm import tqdm
 from models.causal_lm import CausalLM
 from models.config import ModelConfig, load_config
 from models.packed_linear import can_pack
-from models.parallel import TensorParallel
+from models.parallel import TensorParallel, check_quantized_shards
 from models.quantized_linear import QuantizedLinear, quantize_model
 
 # Tensors some checkpoints carry that hold nothing we need.
@@ -160,7 +160,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
             load_weights(model, model_dir, progress)
     if mode in ("int8", "int4"):
         if tp is not None:
-            check_shard_groups(model, mode, group_size)
+            check_quantized_shards(config, tp, mode, group_size)
         quantize_model(model, mode, group_size)
         group = next(m for m in model.modules() if isinstance(m, QuantizedLinear)).group_size
         model.quantization = "int8 per channel" if mode == "int8" and group_size is None else f"{mode} g{group}"
@@ -170,16 +170,3 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         model.use_packed_weights()
     return model.eval()
 
-
-def check_shard_groups(model: CausalLM, mode: str, group_size: int | None) -> None:
-    """Under tensor parallelism, a row-parallel projection holds K/N of its K inputs: the quantization groups must
-    still divide that (quantizing after slicing then keeps each group whole on one rank)."""
-    if group_size is None and mode == "int8":
-        return  # per output channel: any K
-    local, n = model.shard_config, model.tp.world_size
-    ks = {"o_proj / dense": local.num_heads * local.head_dim, "down_proj / dense_4h_to_h": local.intermediate_size}
-    for name, k in ks.items():
-        if group_size is not None and k % group_size or group_size is None and k % 32:
-            raise ValueError(f"{mode} groups of {group_size or '32 or 64'} do not divide the {k} inputs {name} has on "
-                             f"each of {n} tensor-parallel ranks ({k * n} / {n}); pass another quant_group_size "
-                             "or tensor_parallel_size")

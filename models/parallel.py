@@ -70,6 +70,20 @@ class TensorParallel:
                        intermediate_size=config.intermediate_size // self.world_size)
 
 
+def check_quantized_shards(config: ModelConfig, tp: TensorParallel, mode: str | None, group_size: int | None) -> None:
+    """ValueError unless int8/int4 groups still divide the K/N inputs a row-parallel projection keeps per rank (the
+    rank quantizes its slices, so each group then lies whole on one rank). int8 per output channel fits any K."""
+    if mode not in ("int8", "int4") or (mode == "int8" and group_size is None):
+        return
+    shard, n = tp.shard_config(config), tp.world_size
+    inputs = {"o_proj (dense)": shard.num_heads * shard.head_dim, "down_proj (dense_4h_to_h)": shard.intermediate_size}
+    for name, k in inputs.items():
+        if k % (group_size or 32):
+            raise ValueError(f"{mode} quantization in groups of {group_size or 32} does not fit {name} under "
+                             f"tensor_parallel_size={n}: each rank holds {k} of its {k * n} inputs; choose a "
+                             "quant_group_size that divides it, or another tensor_parallel_size")
+
+
 def read_rows(runs: list[tuple[int, int]]) -> Reader:
     """A reader of the rows `[start, stop)` of each run (the first dimension, biases too), concatenated."""
     def read(tensor_slice: Any) -> torch.Tensor:

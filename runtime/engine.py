@@ -27,7 +27,7 @@ import torch
 
 from models.config import load_config
 from models.loader import DTYPES, load_model, parse_dtype, resolve_device
-from models.parallel import TensorParallel
+from models.parallel import TensorParallel, check_quantized_shards
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
 from runtime.detokenizer import TextStream
@@ -109,7 +109,7 @@ class Engine:
         self.dtype = parse_dtype(dtype)
         self.workers: TPWorkers | None = None
         self.stopped: str | None = None  # why the engine can run no more steps (a tensor-parallel worker failed)
-        tp = self._check_tensor_parallel(tensor_parallel_size, speculative)
+        tp = self._check_tensor_parallel(tensor_parallel_size, speculative, quantize, quant_group_size)
         if tp is not None:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda:0")
@@ -154,7 +154,9 @@ class Engine:
             self.counters = Counter({key: 0 for key in COUNTERS})
             self.block_manager.reset_stats()
 
-    def _check_tensor_parallel(self, size: int, speculative: str | Path | None) -> TensorParallel | None:
+    def _check_tensor_parallel(self, size: int, speculative: str | Path | None, quantize: str | None,
+                               group_size: int | None) -> TensorParallel | None:
+        """This rank's TensorParallel (None for one rank), once the sizes are known to split: before any spawn."""
         if size < 1:
             raise ValueError(f"tensor_parallel_size={size} is out of range: accepted an integer >= 1")
         if size == 1:
@@ -163,6 +165,7 @@ class Engine:
             raise ValueError("a draft model does not run under tensor parallelism; use speculative='ngram' or none")
         tp = TensorParallel(0, size)
         tp.check(self.config)
+        check_quantized_shards(self.config, tp, quantize, group_size)
         return tp
 
     # -- requests -------------------------------------------------------------------------------------
