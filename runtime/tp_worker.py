@@ -200,7 +200,7 @@ class TPWorkers:
             except OSError:
                 pass
         for process in self.processes:
-            process.join(timeout)
+            process.join(timeout if self.failed is None else 0.5)  # a hung worker will not read its stop
         for process in self.processes:
             if process.is_alive():
                 process.terminate()

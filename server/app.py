@@ -88,10 +88,13 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        if state.ready and not state.draining:
+        failures = state.failures() if state.ready else {}
+        if state.ready and not state.draining and not failures:
             return JSONResponse({"status": "ready", "models": list(state.engines)})
         detail = ("shutting down" if state.draining else
-                  f"the models failed to load: {state.load_error}" if state.load_error else "loading models")
+                  f"the models failed to load: {state.load_error}" if state.load_error else
+                  "; ".join(f"{name} stopped: {reason}" for name, reason in failures.items()) if failures else
+                  "loading models")
         return JSONResponse({"detail": detail}, status_code=503)
 
     @app.get("/metrics")
