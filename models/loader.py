@@ -13,7 +13,7 @@ from tqdm import tqdm
 from models.causal_lm import CausalLM
 from models.config import ModelConfig, load_config
 from models.packed_linear import can_pack
-from models.parallel import TensorParallel, check_quantized_shards
+from models.parallel import TensorParallel, shard_group_size
 from models.quantized_linear import QuantizedLinear, quantize_model
 
 # Tensors some checkpoints carry that hold nothing we need.
@@ -160,7 +160,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
             load_weights(model, model_dir, progress)
     if mode in ("int8", "int4"):
         if tp is not None:
-            check_quantized_shards(config, tp, mode, group_size)
+            group_size = shard_group_size(config, tp, mode, group_size)
         quantize_model(model, mode, group_size)
         group = next(m for m in model.modules() if isinstance(m, QuantizedLinear)).group_size
         model.quantization = "int8 per channel" if mode == "int8" and group_size is None else f"{mode} g{group}"

@@ -1,9 +1,11 @@
 """Tensor parallelism, Megatron style: which heads and rows each rank holds, how it reads them, and the all-reduce.
 
 With N ranks, rank r holds
-- query heads `[r H/N, (r+1) H/N)` and the KV heads they use: `n_kv/N` of them when N divides `n_kv`, else (N a
-  multiple of `n_kv`: MQA, few KV groups) the one KV head of its query heads, replicated on `N/n_kv` ranks;
-- rows `[r I/N, (r+1) I/N)` of the MLP's intermediate dimension.
+- with at least N KV heads: KV heads `[r n_kv // N, (r+1) n_kv // N)` and the query heads of their groups (whole
+  groups; uneven when N does not divide n_kv: SmolLM2's 3 KV heads on 2 ranks are 1 + 2 groups); with fewer (MQA,
+  few KV groups; N must be a multiple of n_kv): query heads `[r H/N, (r+1) H/N)` and the one KV head of their
+  group, replicated on N/n_kv ranks;
+- rows `[r I // N, (r+1) I // N)` of the MLP's intermediate dimension.
 Column-parallel projections (fused QKV, gate/up, Falcon's dense_h_to_4h) keep those output rows, so attention and
 the activation run on the rank's part alone; row-parallel ones (o_proj, down_proj, Falcon's dense and dense_4h_to_h)
 keep the matching input columns and give partial sums, which `RowParallel` all-reduces before adding the bias once.
@@ -36,52 +38,67 @@ class TensorParallel:
     world_size: int
 
     def check(self, config: ModelConfig) -> None:
-        """ValueError naming the size that `world_size` does not split."""
+        """ValueError naming what `world_size` cannot split."""
         n, h, h_kv = self.world_size, config.num_heads, config.num_kv_heads
-        if h % n:
-            raise ValueError(f"tensor_parallel_size={n} does not divide the {h} attention heads")
-        if h_kv % n and n % h_kv:
-            raise ValueError(f"tensor_parallel_size={n} neither divides the {h_kv} KV heads nor is a multiple "
-                             "of them (KV heads are split, or replicated when there are fewer than ranks)")
-        if config.intermediate_size % n:
-            raise ValueError(f"tensor_parallel_size={n} does not divide the MLP size {config.intermediate_size}")
+        if h_kv >= n:
+            return
+        if n % h_kv or (h // h_kv) % (n // h_kv):
+            raise ValueError(f"tensor_parallel_size={n} cannot split {h} attention heads in {h_kv} KV groups: with "
+                             f"fewer KV heads than ranks, each KV head is replicated on N / {h_kv} ranks, so N must "
+                             f"be a multiple of {h_kv} that divides the {h // h_kv} query heads of each group")
 
     def part(self, size: int) -> tuple[int, int]:
-        """This rank's `[start, stop)` of a dimension split evenly."""
-        step = size // self.world_size
-        return self.rank * step, (self.rank + 1) * step
-
-    def heads(self, config: ModelConfig) -> tuple[int, int]:
-        return self.part(config.num_heads)
+        """This rank's `[start, stop)` of a dimension split as evenly as whole units allow (the later ranks take
+        the extra ones: rank 0 also schedules and samples)."""
+        return self.rank * size // self.world_size, (self.rank + 1) * size // self.world_size
 
     def kv_heads(self, config: ModelConfig) -> tuple[int, int]:
-        """The KV heads of this rank's query heads: a 1/N share, or one head replicated on N/n_kv ranks."""
+        """This rank's KV heads: a share of them, or (fewer KV heads than ranks) one, replicated on N/n_kv ranks."""
         h_kv = config.num_kv_heads
         if h_kv >= self.world_size:
             return self.part(h_kv)
         kv = self.rank // (self.world_size // h_kv)
         return kv, kv + 1
 
+    def heads(self, config: ModelConfig) -> tuple[int, int]:
+        """This rank's query heads: the whole groups of its KV heads, or its share of its replicated KV head's."""
+        if config.num_kv_heads >= self.world_size:
+            group = config.num_heads // config.num_kv_heads
+            kv_start, kv_stop = self.kv_heads(config)
+            return kv_start * group, kv_stop * group
+        return self.part(config.num_heads)
+
     def shard_config(self, config: ModelConfig) -> ModelConfig:
         """The sizes of this rank's modules and KV cache: its heads and its part of the MLP."""
         self.check(config)
-        kv_start, kv_stop = self.kv_heads(config)
-        return replace(config, num_heads=config.num_heads // self.world_size, num_kv_heads=kv_stop - kv_start,
-                       intermediate_size=config.intermediate_size // self.world_size)
+        (h0, h1), (k0, k1), (i0, i1) = self.heads(config), self.kv_heads(config), self.part(config.intermediate_size)
+        return replace(config, num_heads=h1 - h0, num_kv_heads=k1 - k0, intermediate_size=i1 - i0)
 
 
-def check_quantized_shards(config: ModelConfig, tp: TensorParallel, mode: str | None, group_size: int | None) -> None:
-    """ValueError unless int8/int4 groups still divide the K/N inputs a row-parallel projection keeps per rank (the
-    rank quantizes its slices, so each group then lies whole on one rank). int8 per output channel fits any K."""
+def shard_group_size(config: ModelConfig, tp: TensorParallel, mode: str | None, group_size: int | None) -> int | None:
+    """The int8/int4 group size for quantizing every rank's slices: `group_size`, or for int4 the largest of 64, 32
+    that fits the whole model's inputs and each rank's (so every rank makes the groups one rank would make).
+    ValueError unless it divides the K inputs a row-parallel projection keeps on each rank: each group then lies
+    whole on one rank. int8 per output channel (no group size) fits any K."""
     if mode not in ("int8", "int4") or (mode == "int8" and group_size is None):
-        return
-    shard, n = tp.shard_config(config), tp.world_size
-    inputs = {"o_proj (dense)": shard.num_heads * shard.head_dim, "down_proj (dense_4h_to_h)": shard.intermediate_size}
-    for name, k in inputs.items():
-        if k % (group_size or 32):
-            raise ValueError(f"{mode} quantization in groups of {group_size or 32} does not fit {name} under "
-                             f"tensor_parallel_size={n}: each rank holds {k} of its {k * n} inputs; choose a "
-                             "quant_group_size that divides it, or another tensor_parallel_size")
+        return group_size
+    n = tp.world_size
+
+    def row_parallel_inputs(c: ModelConfig) -> dict[str, int]:
+        return {"o_proj (dense)": c.num_heads * c.head_dim, "down_proj (dense_4h_to_h)": c.intermediate_size}
+
+    whole = row_parallel_inputs(config)
+    shards = [row_parallel_inputs(TensorParallel(rank, n).shard_config(config)) for rank in range(n)]
+    if group_size is None:
+        ks = [config.hidden_size, *whole.values(), *(k for shard in shards for k in shard.values())]
+        group_size = next((g for g in (64, 32) if all(k % g == 0 for k in ks)), 32)
+    for rank, inputs in enumerate(shards):
+        for name, k in inputs.items():
+            if k % group_size:
+                raise ValueError(f"{mode} quantization in groups of {group_size} does not fit {name} under "
+                                 f"tensor_parallel_size={n}: rank {rank} holds {k} of its {whole[name]} inputs; "
+                                 "choose a quant_group_size that divides it, or another tensor_parallel_size")
+    return group_size
 
 
 def read_rows(runs: list[tuple[int, int]]) -> Reader:

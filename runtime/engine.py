@@ -27,7 +27,7 @@ import torch
 
 from models.config import load_config
 from models.loader import DTYPES, load_model, parse_dtype, resolve_device
-from models.parallel import TensorParallel, check_quantized_shards
+from models.parallel import TensorParallel, shard_group_size
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
 from runtime.detokenizer import TextStream
@@ -165,7 +165,7 @@ class Engine:
             raise ValueError("a draft model does not run under tensor parallelism; use speculative='ngram' or none")
         tp = TensorParallel(0, size)
         tp.check(self.config)
-        check_quantized_shards(self.config, tp, quantize, group_size)
+        shard_group_size(self.config, tp, quantize, group_size)  # ValueError now if the groups do not fit
         return tp
 
     # -- requests -------------------------------------------------------------------------------------

@@ -12,14 +12,19 @@ import pytest
 import torch
 
 from models.causal_lm import CausalLM
-from models.config import load_config
+from models.config import load_config, parse_config
 from models.loader import load_weights
 from models.parallel import TensorParallel
 from runtime import LLM, SamplingParams
 from runtime.model_runner import Chunk
+from tests.models.tiny import LLAMA_BASE
 
 BLOCK = 4
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], [30, 31, 32], list(range(40, 51))]
+
+
+def load_config_dict(**overrides):
+    return parse_config(dict(LLAMA_BASE, architectures=["LlamaForCausalLM"], **overrides))
 
 
 def engine_kwargs(folder, cache_gib) -> dict:
@@ -68,6 +73,19 @@ def test_variants(tiny_dir, cache_gib, variant):
 
 
 @pytest.mark.slow
+def test_uneven_groups_and_mlp_rows(tmp_path, cache_gib):
+    """3 KV groups of 2 heads and an MLP of 97 rows on 2 ranks: 1 group and 48 rows on rank 0, 2 groups and 49 rows
+    on rank 1 (as SmolLM2-135M's 3 groups split)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**dict(LLAMA_BASE, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                                             intermediate_size=97))
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    check_variant(tmp_path, cache_gib)
+
+
+@pytest.mark.slow
 def test_four_ranks_replicate_grouped_kv_heads(tiny_dir, cache_gib):
     """8 query heads in 2 KV groups over 4 ranks: each KV head on 2 ranks, each rank 2 query heads of its group."""
     check_variant(tiny_dir("falcon-40b-like"), cache_gib, world_size=4)
@@ -86,14 +104,23 @@ def test_int4_shards_quantize_like_one_rank(tiny_dir):
 
 def test_quantization_groups_must_fit_the_shards(tiny_dir):
     """llama-mha's down_proj has 96 inputs, 48 per rank: groups of 32 would straddle ranks, refused before spawning."""
-    with pytest.raises(ValueError, match="each rank holds 48 of its 96 inputs"):
+    with pytest.raises(ValueError, match="rank 0 holds 48 of its 96 inputs"):
         LLM(tiny_dir("llama-mha"), device="cpu", kv_cache_gib=0.01, quantize="int4", quant_group_size=32,
             tensor_parallel_size=2)
 
 
 def test_sizes_that_do_not_split_are_refused(tiny_dir):
-    with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
-        LLM(tiny_dir("llama-mha"), device="cpu", kv_cache_gib=0.01, tensor_parallel_size=3)
+    """One KV head over 3 ranks: 4 query heads do not split into 3 equal shares of the replicated group."""
+    with pytest.raises(ValueError, match="cannot split 4 attention heads in 1 KV groups"):
+        LLM(tiny_dir("llama-mqa-linear"), device="cpu", kv_cache_gib=0.01, tensor_parallel_size=3)
+
+
+def test_uneven_whole_groups():
+    """SmolLM2-135M: 9 heads in 3 KV groups, MLP 1536, on 2 ranks: 1 group and 2 groups, 768 MLP rows each."""
+    config = load_config_dict(num_attention_heads=9, num_key_value_heads=3, hidden_size=576, intermediate_size=1536)
+    shards = [TensorParallel(rank, 2).shard_config(config) for rank in range(2)]
+    assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shards] == [(3, 1, 768), (6, 2, 768)]
+    assert [TensorParallel(rank, 2).heads(config) for rank in range(2)] == [(0, 3), (3, 9)]
 
 
 def shard_bytes(folder, rank: int, world_size: int) -> tuple[CausalLM, dict[str, int]]:
