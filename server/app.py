@@ -83,8 +83,13 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
     # ---- health and metrics -------------------------------------------------------------------------------
     @app.get("/healthcheck")
     @app.get("/healthz")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        """Alive: 200 while this process can serve (loading included); 503 once an engine has stopped for good
+        (a tensor-parallel worker died or hung), so that an orchestrator restarts it."""
+        if failures := state.failures():
+            return JSONResponse({"status": "failed", "detail": "; ".join(
+                f"{name} stopped: {reason}" for name, reason in failures.items())}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
