@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,7 @@ class Engine:
             self.workers = TPWorkers.start(model_dir, world_size=tensor_parallel_size, dtype=self.dtype,
                                            device=self.device, quantize=quantize, group_size=quant_group_size,
                                            block_size=block_size, compile=compile, timeout_s=tp_timeout_s)
+            weakref.finalize(self, self.workers.close)  # an engine dropped without close() stops them too
         try:  # the workers load their shards meanwhile, then wait for the block count
             self.model = load_model(model_dir, self.dtype, self.device, progress=progress, config=config,
                                     quantize=quantize, group_size=quant_group_size, tp=tp)
