@@ -156,3 +156,16 @@ def test_each_rank_reads_only_its_slices(tiny_dir, variant, share):
         q = full.attn.q_size // 2
         torch.testing.assert_close(torch.cat([a.attn.qkv_proj.weight[:q], b.attn.qkv_proj.weight[:q]]),
                                    full.attn.qkv_proj.weight[:2 * q])
+
+
+@pytest.mark.slow
+def test_ngram_speculation_on_two_ranks(tiny_dir):
+    """Proposals verified in one forward of 1 + k rows per sequence run on every rank alike."""
+    folder = tiny_dir("llama-mha")
+    kwargs = dict(device="cpu", kv_cache_gib=0.01, speculative="ngram")
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [10, 11, 12]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    expected = [r.token_ids for r in LLM(folder, **kwargs).generate(prompts, params, progress=False)]
+    with LLM(folder, tensor_parallel_size=2, **kwargs) as tp:
+        assert [r.token_ids for r in tp.generate(prompts, params, progress=False)] == expected
+        assert tp.engine.stats()["spec_accepted_tokens"] > 0
