@@ -145,12 +145,17 @@ class TPWorkers:
         without `if __name__ == "__main__":` fails so: spawn runs the main module again in each worker)."""
         deadline = time.monotonic() + self.spec.timeout_s
         for rank, (process, conn) in enumerate(zip(self.processes, self.conns), 1):
-            while not conn.poll(0.1):
-                if not process.is_alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start (exit code "
-                                       f"{process.exitcode}; its error is above). A script that starts an engine "
-                                       "with tensor_parallel_size > 1 needs `if __name__ == \"__main__\":`")
-            conn.recv()
+            joining = False
+            while not joining and process.is_alive() and time.monotonic() < deadline:
+                try:
+                    joining = conn.poll(0.1) and conn.recv() == "joining"
+                except EOFError:  # it exited
+                    break
+            if not joining:
+                process.join(1.0)
+                raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start (exit code "
+                                   f"{process.exitcode}; its error is above). A script that starts an engine "
+                                   "with tensor_parallel_size > 1 needs `if __name__ == \"__main__\":`")
 
     @property
     def pids(self) -> list[int]:
@@ -158,8 +163,11 @@ class TPWorkers:
 
     def send(self, message: object) -> None:
         """A Python object to every worker's pipe (the block count, once they have loaded)."""
-        for conn in self.conns:
-            conn.send(message)
+        try:
+            for conn in self.conns:
+                conn.send(message)
+        except OSError as e:  # a worker that failed to load has closed its pipe
+            raise RuntimeError(f"tensor-parallel worker(s) {self.dead_workers()} failed (their error is above)") from e
 
     def send_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
         """Wake the workers with the step's header and broadcast its inputs; TensorParallelError on failure."""

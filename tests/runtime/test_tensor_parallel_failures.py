@@ -118,3 +118,17 @@ def test_no_orphans_when_the_engine_process_ends(tiny_dir, sig):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_fails_at_once(tiny_dir, tmp_path):
+    """spawn runs the main module again in each worker; without `if __name__ == "__main__":` the worker would start
+    an engine of its own and fail, and the engine says so instead of waiting for it to join."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("from runtime import LLM\n"
+                      f"LLM({str(tiny_dir('llama-mha'))!r}, device='cpu', kv_cache_gib=0.01, tensor_parallel_size=2)\n")
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode != 0 and time.monotonic() - start < 60
+    assert 'needs `if __name__ == "__main__":`' in run.stderr
