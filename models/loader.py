@@ -137,9 +137,9 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     mode = resolve_quantize(None if tp is not None and quantize == "auto" else quantize, model_dir, device)
     from_gguf = mode == "gguf" or not any(model_dir.glob("*.safetensors"))
     if tp is not None and from_gguf:
-        raise WeightsError(f"{model_dir}: tensor parallelism loads slices of safetensors weights; this model has "
-                           f"{'none' if mode != 'gguf' else 'quantize=gguf'} (convert the GGUF with "
-                           "`llmengine convert`, and use quantize none, int8 or int4)")
+        raise WeightsError(f"{model_dir}: tensor parallelism reads slices of safetensors weights, not a GGUF's "
+                           "integers; use quantize none, int8 or int4 on a folder with safetensors (`llmengine "
+                           "convert` makes one from a GGUF)")
     if from_gguf:
         from models.gguf import SOURCE_RECORD, gguf_source  # gguf and numpy: only when a GGUF is read
         from models.gguf_model import load_gguf_model

@@ -165,6 +165,10 @@ class Engine:
             return None
         if speculative not in (None, "ngram"):
             raise ValueError("a draft model does not run under tensor parallelism; use speculative='ngram' or none")
+        if quantize == "gguf" or not any(self.model_dir.glob("*.safetensors")):
+            raise ValueError(f"{self.model_dir}: tensor parallelism reads slices of safetensors weights, not a "
+                             "GGUF's integers; use quantize none, int8 or int4 on a folder with safetensors "
+                             "(`llmengine convert` makes one from a GGUF)")
         tp = TensorParallel(0, size)
         tp.check(self.config)
         shard_group_size(self.config, tp, quantize, group_size)  # ValueError now if the groups do not fit

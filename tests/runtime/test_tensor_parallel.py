@@ -169,3 +169,8 @@ def test_ngram_speculation_on_two_ranks(tiny_dir):
     with LLM(folder, tensor_parallel_size=2, **kwargs) as tp:
         assert [r.token_ids for r in tp.generate(prompts, params, progress=False)] == expected
         assert tp.engine.stats()["spec_accepted_tokens"] > 0
+
+
+def test_gguf_integers_are_refused_before_spawning(tiny_dir):
+    with pytest.raises(ValueError, match="not a GGUF's integers"):
+        LLM(tiny_dir("llama-mha"), device="cpu", kv_cache_gib=0.01, quantize="gguf", tensor_parallel_size=2)
