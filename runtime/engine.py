@@ -28,7 +28,6 @@ import torch
 
 from models.config import load_config
 from models.loader import DTYPES, load_model, parse_dtype, resolve_device
-from models.parallel import TensorParallel, shard_group_size
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
 from runtime.detokenizer import TextStream
@@ -41,7 +40,7 @@ from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence
 from runtime.spec_step import make_speculator
 from runtime.tp_step import TensorParallelError
-from runtime.tp_worker import TPWorkers
+from runtime.tp_worker import TPWorkers, rank_zero
 
 logger = logging.getLogger("runtime")
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
@@ -110,7 +109,7 @@ class Engine:
         self.dtype = parse_dtype(dtype)
         self.workers: TPWorkers | None = None
         self.stopped: str | None = None  # why the engine can run no more steps (a tensor-parallel worker failed)
-        tp = self._check_tensor_parallel(tensor_parallel_size, speculative, quantize, quant_group_size)
+        tp = rank_zero(tensor_parallel_size, config, model_dir, speculative, quantize, quant_group_size)
         if tp is not None:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda:0")
@@ -155,24 +154,6 @@ class Engine:
             self.warm_up()
             self.counters = Counter({key: 0 for key in COUNTERS})
             self.block_manager.reset_stats()
-
-    def _check_tensor_parallel(self, size: int, speculative: str | Path | None, quantize: str | None,
-                               group_size: int | None) -> TensorParallel | None:
-        """This rank's TensorParallel (None for one rank), once the sizes are known to split: before any spawn."""
-        if size < 1:
-            raise ValueError(f"tensor_parallel_size={size} is out of range: accepted an integer >= 1")
-        if size == 1:
-            return None
-        if speculative not in (None, "ngram"):
-            raise ValueError("a draft model does not run under tensor parallelism; use speculative='ngram' or none")
-        if quantize == "gguf" or not any(self.model_dir.glob("*.safetensors")):
-            raise ValueError(f"{self.model_dir}: tensor parallelism reads slices of safetensors weights, not a "
-                             "GGUF's integers; use quantize none, int8 or int4 on a folder with safetensors "
-                             "(`llmengine convert` makes one from a GGUF)")
-        tp = TensorParallel(0, size)
-        tp.check(self.config)
-        shard_group_size(self.config, tp, quantize, group_size)  # ValueError now if the groups do not fit
-        return tp
 
     # -- requests -------------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,

@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.attention import AttentionMetadata
-from models.parallel import TensorParallel
+from models.config import ModelConfig
+from models.parallel import TensorParallel, shard_group_size
 from runtime.tp_step import STOP, TensorParallelError, broadcast_payload, pack_step, payload_size, unpack_step
 
 logger = logging.getLogger("runtime")
@@ -51,6 +52,25 @@ class WorkerSpec:
     init_method: str
     timeout_s: float
     threads: int
+
+
+def rank_zero(size: int, config: ModelConfig, model_dir: Path, speculative: str | Path | None, quantize: str | None,
+              group_size: int | None) -> TensorParallel | None:
+    """The engine's TensorParallel (None for one rank), once every size is known to split: before any spawn."""
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size={size} is out of range: accepted an integer >= 1")
+    if size == 1:
+        return None
+    if speculative not in (None, "ngram"):
+        raise ValueError("a draft model does not run under tensor parallelism; use speculative='ngram' or none")
+    if quantize == "gguf" or not any(model_dir.glob("*.safetensors")):
+        raise ValueError(f"{model_dir}: tensor parallelism reads slices of safetensors weights, not a GGUF's "
+                         "integers; use quantize none, int8 or int4 on a folder with safetensors (`llmengine "
+                         "convert` makes one from a GGUF)")
+    tp = TensorParallel(0, size)
+    tp.check(config)
+    shard_group_size(config, tp, quantize, group_size)  # ValueError now if the groups do not fit the shards
+    return tp
 
 
 def backend_for(device_type: str) -> str:
