@@ -236,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
                     * parse_dtype(dtype).itemsize * prompt_budget * max(args.batch_sizes)
                 llm = LLM(folder, dtype=dtype, device=str(device), max_num_seqs=max(args.batch_sizes),
                           kv_cache_gib=args.kv_cache_gib or max(0.01, 1.25 * kv_bytes / (1 << 30)),
-                          compile=args.compile, quantize=quantize, quant_group_size=args.quant_group_size)
+                          compile=args.compile, quantize=quantize, quant_group_size=args.quant_group_size,
+                          tensor_parallel_size=args.tensor_parallel_size)
                 weight_bytes[key] = decode_weight_bytes(llm.engine.model)
                 weights = llm.engine.model.quantization or "float"
                 generate = lambda ps: run_ours(llm, ps, params, device)  # noqa: B023
@@ -277,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
                        **summarize_runs(runs, weight_bytes[key], copy_bw),
                        "peak_mem_mib": memory.peak_bytes() / (1 << 20)}
                 rows.append(row)
+            if impl == "ours":
+                llm.close()  # its tensor-parallel workers, if any
             llm = model = generate = None  # free this implementation before loading the next
         llamacpp_outputs = outputs.get("llama.cpp", llamacpp_outputs)
         for label in (label for label in outputs if label.startswith("ours")):
@@ -292,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
               "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "warmup": args.warmup,
               "repeats": args.repeats, "copy_bandwidth_gb_s": copy_bw / 1e9, "weight_bytes": weight_bytes,
               "baseline": None if args.no_baseline else args.baseline, "threads": threads,
+              "tensor_parallel_size": args.tensor_parallel_size,
               "memory": PeakMemory(device).kind, "rows": rows, "text_check": checks}
     publish(report, decode_markdown(report, show_text=args.check_text), decode_plot, args, f"decode: {args.model}")
     return 0
@@ -326,6 +330,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="ours on N ranks (N - 1 worker processes; one GPU each on CUDA; on CPU the cores are "
+                             "shared, each rank gets cores/N threads) (default: 1)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile our decode step (the warm-up run pays the compile)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,

@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 
 from benchmarks.cli import add_bench_args, run_bench  # noqa: E402
 from server.serve import (  # noqa: E402
+    add_parallel_args,
     add_quantize_args,
     add_serve_args,
     add_speculative_args,
@@ -36,13 +37,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is empty: give the text to complete")
     name, mapping = parse_model_arg(args.model)
     llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, progress=True,
-              **speculative_kwargs(args), **quantize_kwargs(args))
+              tensor_parallel_size=args.tensor_parallel_size, **speculative_kwargs(args), **quantize_kwargs(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
         text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
         prompt = llm.tokenizer.encode(text, add_special_tokens=False)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    [result] = llm.generate([prompt], params, progress=False)
+    with llm:  # stops the tensor-parallel workers, if any
+        [result] = llm.generate([prompt], params, progress=False)
     if result.error:
         raise RuntimeError(result.error)
     print(result.text)
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_speculative_args(gen)
     add_quantize_args(gen)
+    add_parallel_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     batch = sub.add_parser("batch", help="complete a JSON file of prompts offline into a JSON file of outputs",

@@ -4,4 +4,5 @@ import sys
 
 from llmengine_cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # tensor-parallel workers are spawned: they import this module again, and must not run it
+    sys.exit(main())

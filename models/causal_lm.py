@@ -9,9 +9,10 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.falcon import FalconBlock, falcon_targets
-from models.layers import LayerNorm, Linear, RMSNorm
+from models.layers import LayerNorm, Linear, RMSNorm, alibi_slopes
 from models.llama import LlamaBlock, llama_targets
 from models.packed_linear import pack, pack_linear, packed_linear
+from models.parallel import RowParallel, TensorParallel
 from models.rope import RotaryEmbedding
 from models.weights import ParamTarget
 
@@ -19,13 +20,21 @@ from models.weights import ParamTarget
 class CausalLM(nn.Module):
     """`forward` maps packed token ids to final hidden states; `compute_logits` maps hidden states to logits."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
+        """`tp`: this rank's place under tensor parallelism (models/parallel.py); None: the whole model."""
         super().__init__()
         self.config = config
+        self.tp = tp
+        # The sizes of this rank's layers and KV cache (its heads, its part of the MLP); `config` without tp.
+        self.shard_config = config if tp is None else tp.shard_config(config)
         falcon = config.arch == "falcon"
         block = FalconBlock if falcon else LlamaBlock
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(block(self.shard_config) for _ in range(config.num_layers))
+        if tp is not None:  # o_proj and down_proj sum their partial products over the ranks
+            for layer in self.layers:
+                layer.attn.o_proj = RowParallel(layer.attn.o_proj)
+                layer.mlp.down_proj = RowParallel(layer.mlp.down_proj)
         self.norm = (LayerNorm if falcon else RMSNorm)(config.hidden_size, config.norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                       bias=False)
@@ -41,8 +50,12 @@ class CausalLM(nn.Module):
     def init_buffers(self, device: torch.device | str = "cpu") -> None:
         """(Re)compute the tables that are not weights: RoPE angles and ALiBi slopes."""
         self.rope = RotaryEmbedding(self.config, device) if self.config.use_rope else None
+        slopes = None
+        if self.tp is not None and self.config.alibi:  # this rank's heads' slopes
+            start, stop = self.tp.heads(self.config)
+            slopes = alibi_slopes(self.config.num_heads)[start:stop]
         for block in self.layers:
-            block.attn.init_alibi(device)
+            block.attn.init_alibi(device, slopes)
 
     def use_packed_weights(self) -> None:
         """Move every projection matrix, and the head, to oneDNN's packed layout (CPU, fp32 or bf16)."""

@@ -16,6 +16,7 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.layers import Attention, GeluMLP, LayerNorm
+from models.parallel import Reader, TensorParallel, merge_runs, read_rows, shard_readers
 from models.weights import ParamTarget
 
 
@@ -63,9 +64,32 @@ def qkv_rows_to_blocks(w: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return torch.cat([q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)])
 
 
+def qkv_head_rows(config: ModelConfig, kind: str, head: int) -> int:
+    """The first row of query (`kind` "q") or key/value ("k", "v") head `head` in Falcon's fused query_key_value."""
+    d, h, h_kv = config.head_dim, config.num_heads, config.num_kv_heads
+    if config.new_decoder_architecture:  # per KV group: [q_0 .. q_{g-1}, k, v]
+        g = h // h_kv
+        group, within = (head // g, head % g) if kind == "q" else (head, g if kind == "k" else g + 1)
+        return (group * (g + 2) + within) * d
+    if config.multi_query:  # [q_0 .. q_{H-1}, k, v]
+        return head * d if kind == "q" else (h if kind == "k" else h + 1) * d
+    return (3 * head + "qkv".index(kind)) * d  # MHA: per head [q, k, v]
+
+
+def qkv_reader(tp: TensorParallel, config: ModelConfig) -> Reader:
+    """Reads this rank's query heads, then their KV heads' k and v, from the fused query_key_value: already in the
+    [q heads; k heads; v heads] order the model uses, whole KV groups where the rank holds whole groups."""
+    (h0, h1), (k0, k1) = tp.heads(config), tp.kv_heads(config)
+    rows = [qkv_head_rows(config, "q", h) for h in range(h0, h1)]
+    rows += [qkv_head_rows(config, kind, h) for kind in "kv" for h in range(k0, k1)]
+    return read_rows(merge_runs(rows, config.head_dim))
+
+
 def falcon_targets(model: nn.Module, config: ModelConfig) -> dict[str, ParamTarget]:
-    """HF checkpoint name -> where it lands."""
+    """HF checkpoint name -> where it lands; under tensor parallelism (`model.tp`), each rank's part."""
     kinds = ["weight", "bias"] if config.bias else ["weight"]
+    reads = shard_readers(model.tp, config)
+    read_qkv = None if model.tp is None else qkv_reader(model.tp, config)
     targets = {"transformer.word_embeddings.weight": ParamTarget(model.embed.weight),
                "transformer.ln_f.weight": ParamTarget(model.norm.weight),
                "transformer.ln_f.bias": ParamTarget(model.norm.bias)}
@@ -75,11 +99,15 @@ def falcon_targets(model: nn.Module, config: ModelConfig) -> dict[str, ParamTarg
     for i, block in enumerate(model.layers):
         pre = f"transformer.h.{i}."
         for kind in kinds:
+            weight = kind == "weight"
             targets[f"{pre}self_attention.query_key_value.{kind}"] = ParamTarget(
-                getattr(block.attn.qkv_proj, kind), transform=reorder)
-            targets[f"{pre}self_attention.dense.{kind}"] = ParamTarget(getattr(block.attn.o_proj, kind))
-            targets[f"{pre}mlp.dense_h_to_4h.{kind}"] = ParamTarget(getattr(block.mlp.up_proj, kind))
-            targets[f"{pre}mlp.dense_4h_to_h.{kind}"] = ParamTarget(getattr(block.mlp.down_proj, kind))
+                getattr(block.attn.qkv_proj, kind), transform=None if read_qkv else reorder, read=read_qkv)
+            targets[f"{pre}self_attention.dense.{kind}"] = ParamTarget(
+                getattr(block.attn.o_proj, kind), read=reads.attn_columns if weight else None)
+            targets[f"{pre}mlp.dense_h_to_4h.{kind}"] = ParamTarget(getattr(block.mlp.up_proj, kind),
+                                                                    read=reads.mlp_rows)
+            targets[f"{pre}mlp.dense_4h_to_h.{kind}"] = ParamTarget(
+                getattr(block.mlp.down_proj, kind), read=reads.mlp_columns if weight else None)
         norms = ["ln_attn", "ln_mlp"] if block.two_norms else ["input_layernorm"]
         if not block.two_norms and not block.parallel:
             norms.append("post_attention_layernorm")

@@ -72,9 +72,14 @@ class Attention(nn.Module):
         self.use_alibi = config.alibi
         self.alibi_slopes = None
 
-    def init_alibi(self, device: torch.device | str = "cpu") -> None:
+    def init_alibi(self, device: torch.device | str = "cpu", slopes: torch.Tensor | None = None) -> None:
+        """`slopes`: this module's heads' ALiBi slopes (a tensor-parallel rank's share); default all heads'."""
         # Scores are `scale * q.k + slope * (k_pos - q_pos)`: HF adds ALiBi before scaling, so fold it in.
-        self.alibi_slopes = (alibi_slopes(self.num_heads) * self.scale).to(device) if self.use_alibi else None
+        if not self.use_alibi:
+            self.alibi_slopes = None
+            return
+        slopes = alibi_slopes(self.num_heads) if slopes is None else slopes
+        self.alibi_slopes = (slopes * self.scale).to(device)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.layers import Attention, GatedMLP, RMSNorm
+from models.parallel import shard_readers
 from models.weights import ParamTarget
 
 
@@ -32,8 +33,11 @@ class LlamaBlock(nn.Module):
 
 
 def llama_targets(model: nn.Module, config: ModelConfig) -> dict[str, ParamTarget]:
-    """HF checkpoint name -> where it lands; q/k/v and gate/up go into row ranges of fused matrices."""
-    q, kv, inter = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.intermediate_size
+    """HF checkpoint name -> where it lands; q/k/v and gate/up go into row ranges of fused matrices. Under tensor
+    parallelism (`model.tp`), each projection takes its rank's rows or columns (models/parallel.py)."""
+    local = model.shard_config
+    q, kv, inter = local.num_heads * local.head_dim, local.num_kv_heads * local.head_dim, local.intermediate_size
+    reads = shard_readers(model.tp, config)
     targets = {"model.embed_tokens.weight": ParamTarget(model.embed.weight),
                "model.norm.weight": ParamTarget(model.norm.weight)}
     if not config.tie_word_embeddings:
@@ -44,15 +48,17 @@ def llama_targets(model: nn.Module, config: ModelConfig) -> dict[str, ParamTarge
         kinds = ["weight", "bias"] if config.attention_bias else ["weight"]
         for kind in kinds:
             fused = getattr(attn.qkv_proj, kind)
-            targets[f"{pre}self_attn.q_proj.{kind}"] = ParamTarget(fused, 0, q)
-            targets[f"{pre}self_attn.k_proj.{kind}"] = ParamTarget(fused, q, kv)
-            targets[f"{pre}self_attn.v_proj.{kind}"] = ParamTarget(fused, q + kv, kv)
-            targets[f"{pre}self_attn.o_proj.{kind}"] = ParamTarget(getattr(attn.o_proj, kind))
+            targets[f"{pre}self_attn.q_proj.{kind}"] = ParamTarget(fused, 0, q, read=reads.q_rows)
+            targets[f"{pre}self_attn.k_proj.{kind}"] = ParamTarget(fused, q, kv, read=reads.kv_rows)
+            targets[f"{pre}self_attn.v_proj.{kind}"] = ParamTarget(fused, q + kv, kv, read=reads.kv_rows)
+            targets[f"{pre}self_attn.o_proj.{kind}"] = ParamTarget(
+                getattr(attn.o_proj, kind), read=reads.attn_columns if kind == "weight" else None)
         for kind in ["weight", "bias"] if config.mlp_bias else ["weight"]:
             fused = getattr(mlp.gate_up_proj, kind)
-            targets[f"{pre}mlp.gate_proj.{kind}"] = ParamTarget(fused, 0, inter)
-            targets[f"{pre}mlp.up_proj.{kind}"] = ParamTarget(fused, inter, inter)
-            targets[f"{pre}mlp.down_proj.{kind}"] = ParamTarget(getattr(mlp.down_proj, kind))
+            targets[f"{pre}mlp.gate_proj.{kind}"] = ParamTarget(fused, 0, inter, read=reads.mlp_rows)
+            targets[f"{pre}mlp.up_proj.{kind}"] = ParamTarget(fused, inter, inter, read=reads.mlp_rows)
+            targets[f"{pre}mlp.down_proj.{kind}"] = ParamTarget(
+                getattr(mlp.down_proj, kind), read=reads.mlp_columns if kind == "weight" else None)
         targets[f"{pre}input_layernorm.weight"] = ParamTarget(block.input_layernorm.weight)
         targets[f"{pre}post_attention_layernorm.weight"] = ParamTarget(block.post_attention_layernorm.weight)
     return targets

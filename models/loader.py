@@ -13,6 +13,7 @@ from tqdm import tqdm
 from models.causal_lm import CausalLM
 from models.config import ModelConfig, load_config
 from models.packed_linear import can_pack
+from models.parallel import TensorParallel, shard_group_size
 from models.quantized_linear import QuantizedLinear, quantize_model
 
 # Tensors some checkpoints carry that hold nothing we need.
@@ -58,8 +59,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> None:
-    """Copy every checkpoint tensor into its target; every target must be filled exactly once."""
+def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> dict[str, int]:
+    """Copy every checkpoint tensor into its target; every target must be filled exactly once. A target with a
+    `read` (a tensor-parallel rank's part) reads only that part of the file. Returns the bytes read per tensor."""
     targets = model.checkpoint_targets()
     files = safetensors_files(model_dir)
     names = {}
@@ -75,13 +77,15 @@ def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> Non
     if missing:
         raise WeightsError(f"missing tensors in {model_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     bar = tqdm(total=len(targets), desc=f"loading {model_dir.name}", unit="tensor", disable=not progress)
+    bytes_read: dict[str, int] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 target = targets.get(name)
                 if target is None:
                     continue
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(name) if target.read is None else target.read(f.get_slice(name))
+                bytes_read[name] = tensor.numel() * tensor.element_size()
                 if target.transform is not None:
                     tensor = target.transform(tensor)
                 dest = target.view()
@@ -91,6 +95,7 @@ def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> Non
                 dest.copy_(tensor)
                 bar.update(1)
     bar.close()
+    return bytes_read
 
 
 QUANTIZE_MODES = ("none", "int8", "int4", "gguf", "auto")
@@ -111,7 +116,8 @@ def resolve_quantize(quantize: str | None, model_dir: Path, device: str | torch.
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                progress: bool = True, config: ModelConfig | None = None, pack: bool | None = None,
-               quantize: str | None = None, group_size: int | None = None) -> CausalLM:
+               quantize: str | None = None, group_size: int | None = None,
+               tp: TensorParallel | None = None) -> CausalLM:
     """Build the model that `model_dir/config.json` describes and fill it from its safetensors, or from the GGUF
     that its gguf_source.json names when it has no safetensors (a GGUF served directly: models/gguf_model.py).
 
@@ -122,12 +128,18 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     CPU for a folder that came from a GGUF, else float. `model.quantization` says what was done.
     `pack`: move the float projection weights to oneDNN's packed layout (models/packed_linear.py); by default
     wherever that is possible (CPU, fp32 or bf16). A packed model's Linear weights are on the meta device.
+    `tp`: load only this tensor-parallel rank's shard (models/parallel.py), from safetensors slices; "auto"
+    then means float weights (a GGUF's integers are not sharded) and int8/int4 quantize the rank's slices.
     """
     model_dir = Path(model_dir)
     config = config or load_config(model_dir)
     torch_dtype = parse_dtype(dtype)
-    mode = resolve_quantize(quantize, model_dir, device)
+    mode = resolve_quantize(None if tp is not None and quantize == "auto" else quantize, model_dir, device)
     from_gguf = mode == "gguf" or not any(model_dir.glob("*.safetensors"))
+    if tp is not None and from_gguf:
+        raise WeightsError(f"{model_dir}: tensor parallelism reads slices of safetensors weights, not a GGUF's "
+                           "integers; use quantize none, int8 or int4 on a folder with safetensors (`llmengine "
+                           "convert` makes one from a GGUF)")
     if from_gguf:
         from models.gguf import SOURCE_RECORD, gguf_source  # gguf and numpy: only when a GGUF is read
         from models.gguf_model import load_gguf_model
@@ -141,12 +153,14 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
                                 progress=progress)
     else:
         with torch.device("meta"):
-            model = CausalLM(config)
+            model = CausalLM(config, tp)
         model = model.to_empty(device=device).to(torch_dtype)
         model.init_buffers(device)  # computed tables were made on meta too
         with torch.no_grad():
             load_weights(model, model_dir, progress)
     if mode in ("int8", "int4"):
+        if tp is not None:
+            group_size = shard_group_size(config, tp, mode, group_size)
         quantize_model(model, mode, group_size)
         group = next(m for m in model.modules() if isinstance(m, QuantizedLinear)).group_size
         model.quantization = "int8 per channel" if mode == "int8" and group_size is None else f"{mode} g{group}"
@@ -155,3 +169,4 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     if pack:
         model.use_packed_weights()
     return model.eval()
+

@@ -140,12 +140,18 @@ class AsyncEngine:
         stats["num_waiting"] += waiting_in_inbox
         return stats
 
+    def failure(self) -> str | None:
+        """Why the engine can serve no more (a tensor-parallel worker died or hung), or None: /readyz fails then."""
+        return self.engine.failure()
+
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Abort what is in flight, stop the engine thread, then the tensor-parallel workers (if any)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.engine.close()
 
     # -- the engine thread -----------------------------------------------------------------------------
     def _loop(self) -> None:

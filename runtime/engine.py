@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ from runtime.sampler import Sampler
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence
 from runtime.spec_step import make_speculator
+from runtime.tp_step import TensorParallelError
+from runtime.tp_worker import TPWorkers, rank_zero
 
 logger = logging.getLogger("runtime")
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
@@ -87,12 +90,17 @@ class Engine:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  progress: bool = False, compile: bool = False, enable_prefix_caching: bool = True,
                  speculative: str | Path | None = None, num_speculative_tokens: int = 4, prompt_lookup_min: int = 1,
-                 prompt_lookup_max: int = 4, quantize: str | None = None, quant_group_size: int | None = None):
+                 prompt_lookup_max: int = 4, quantize: str | None = None, quant_group_size: int | None = None,
+                 tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0):
         """`speculative`: None, "ngram" (prompt lookup, `prompt_lookup_min..max`-token patterns) or a draft
         model's zoo name or folder; up to `num_speculative_tokens` proposals per sequence and step.
         `quantize`: weight-only quantization, models.loader.load_model's (None/"none", "int8", "int4" in groups
         of `quant_group_size`, "gguf", "auto": a GGUF's own integers on CPU); "auto" with an explicit dtype
-        means float weights of that dtype. Activations and the KV cache keep `dtype`."""
+        means float weights of that dtype. Activations and the KV cache keep `dtype`.
+        `tensor_parallel_size` N > 1: the layers are split over N ranks, this process (rank 0: scheduler, sampler,
+        detokenizer, logits) and N - 1 worker processes (runtime/tp_worker.py; one GPU each on CUDA), whose every
+        collective waits at most `tp_timeout_s`. A worker that dies or hangs stops the engine (`failure()`).
+        Call `close()` to stop the workers (they also stop when this process exits)."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -107,21 +115,38 @@ class Engine:
             dtype = "float32" if self.device.type != "cuda" else \
                 config.torch_dtype if config.torch_dtype in DTYPES else "bfloat16"
         self.dtype = parse_dtype(dtype)
-        self.model = load_model(model_dir, self.dtype, self.device, progress=progress, config=config,
-                                quantize=quantize, group_size=quant_group_size)
+        self.workers: TPWorkers | None = None
+        self.stopped: str | None = None  # why the engine can run no more steps (a tensor-parallel worker failed)
+        tp = rank_zero(tensor_parallel_size, config, model_dir, speculative, quantize, quant_group_size)
+        if tp is not None:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda:0")
+            self.workers = TPWorkers.start(model_dir, world_size=tensor_parallel_size, dtype=self.dtype,
+                                           device=self.device, quantize=quantize, group_size=quant_group_size,
+                                           block_size=block_size, compile=compile, timeout_s=tp_timeout_s)
+            weakref.finalize(self, self.workers.close)  # an engine dropped without close() stops them too
+        try:  # the workers load their shards meanwhile, then wait for the block count
+            self.model = load_model(model_dir, self.dtype, self.device, progress=progress, config=config,
+                                    quantize=quantize, group_size=quant_group_size, tp=tp)
+            # Room for one step's activations and logits, kept out of the GPU budget.
+            element = self.model.embed.weight.element_size()
+            reserve = max_num_batched_tokens * element * 4 * (config.hidden_size * 4 + config.intermediate_size * 2) \
+                + max_num_seqs * config.vocab_size * 4 * 4
+            # Under tensor parallelism the budget counts blocks as if one rank held every KV head (each holds its
+            # share), so N ranks schedule exactly what one would.
+            num_blocks = num_blocks_for_budget(config, self.dtype, block_size, self.device, kv_cache_gib,
+                                               gpu_memory_utilization, reserve)
+            if self.workers is not None:
+                self.workers.send(num_blocks)
+        except BaseException:
+            self.close()
+            raise
         has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
         self.tokenizer = Tokenizer.from_folder(model_dir) if has_tokenizer else None
         self.stop_token_ids = stop_token_ids(config, self.tokenizer)
-
-        # Room for one step's activations and logits, kept out of the GPU budget.
-        element = self.model.embed.weight.element_size()
-        reserve = max_num_batched_tokens * element * 4 * (config.hidden_size * 4 + config.intermediate_size * 2) \
-            + max_num_seqs * config.vocab_size * 4 * 4
-        num_blocks = num_blocks_for_budget(config, self.dtype, block_size, self.device, kv_cache_gib,
-                                           gpu_memory_utilization, reserve)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching,
                                           cache_salt=f"{model_dir.resolve()}:{self.dtype}")
-        self.runner = ModelRunner(self.model, num_blocks, block_size, compile_decode=compile)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, compile_decode=compile, workers=self.workers)
         self.sampler = Sampler()
         self.cache_tokens = num_blocks * block_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_tokens)
@@ -143,7 +168,10 @@ class Engine:
                       deadline: float | None = None, defer_guided: bool = False) -> Sequence:
         """Validate a request and build its sequence (touches no engine state: safe from any thread). With
         `defer_guided`, a guided constraint is only validated (milliseconds, no tokenizer view needed) and
-        `seq.matcher` is left for the caller to set with `guided_matcher`, off a thread that must not wait."""
+        `seq.matcher` is left for the caller to set with `guided_matcher`, off a thread that must not wait.
+        RuntimeError once the engine has stopped (`failure()`)."""
+        if (failure := self.failure()) is not None:
+            raise RuntimeError(f"the engine has stopped: {failure}")
         params.validate()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -249,7 +277,10 @@ class Engine:
             draft_probs = None
             if self.speculator is not None:
                 batch, draft_probs = self.speculator.propose(batch)
-            sampling, logits, num_rows = self.runner.execute(batch)
+            try:
+                sampling, logits, num_rows = self.runner.execute(batch)
+            except TensorParallelError as e:  # the ranks are out of step: no step can run any more
+                return outputs + self._stop(str(e))
             if any(seq.matcher is not None for seq in sampling):  # on the raw logits, before penalties & co
                 # Speculating rows are masked as after the earlier proposals; the verifier then never accepts a
                 # proposal the constraint forbids (its probability is 0), so every emitted token is allowed.
@@ -350,6 +381,31 @@ class Engine:
         return RequestOutput(seq.request_id, text, [], [] if seq.params.return_token_log_probs else None, True,
                              reason, seq.num_prompt_tokens, len(seq.output_token_ids), error,
                              [] if seq.params.top_log_probs else None, **prompt_scores(seq))
+
+    def _stop(self, reason: str) -> list[RequestOutput]:
+        """Stop for good after a tensor-parallel failure: fail every request, stop the workers."""
+        logger.error("engine stopped: %s; failing its %d requests", reason, len(self.requests))
+        self.stopped = reason
+        self.counters["failed_steps"] += 1
+        outputs = []
+        for seq in list(self.requests.values()):
+            seq.draft_token_ids = []
+            outputs.append(self._finish(seq, "error", f"the engine stopped: {reason}"))
+        self.close()
+        return outputs
+
+    def failure(self) -> str | None:
+        """Why the engine can serve no more (a tensor-parallel worker died or hung), or None."""
+        if self.stopped is None and self.workers is not None:
+            return self.workers.failure()
+        return self.stopped
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent); the engine serves no more after it."""
+        if self.workers is not None:
+            self.workers.close()
+            if self.stopped is None:
+                self.stopped = "the engine was closed"
 
     def stats(self) -> dict:
         bm = self.block_manager

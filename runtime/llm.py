@@ -36,6 +36,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self.config = self.engine.config
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers, if any."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = True) -> list[GenerationResult]:
         """One completion per prompt, in order. All requests are validated before any runs."""

@@ -21,6 +21,7 @@ preempted sequence does not score a position twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,10 @@ from models.attention import AttentionMetadata, KVCache, allocate_kv_caches
 from models.causal_lm import CausalLM
 from runtime.log_probs import TopLogProbs, score_positions
 from runtime.sequence import Sequence
+from runtime.tp_step import TensorParallelError
+
+if TYPE_CHECKING:
+    from runtime.tp_worker import TPWorkers
 
 
 @dataclass
@@ -68,8 +73,12 @@ def chunk_of(seq: Sequence, n: int) -> Chunk:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, compile_decode: bool = False):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, compile_decode: bool = False,
+                 workers: TPWorkers | None = None):
+        """`workers`: rank 0 of a tensor-parallel group sends each step's inputs to them before its own forward
+        (runtime/tp_worker.py); `model` is then rank 0's shard, and so is the KV cache."""
         self.model = model
+        self.workers = workers
         # Decode steps have one shape family (one token per sequence): torch.compile fuses their many small
         # ops (norms, rotary, cache writes, masks) into a few kernels, which on CPU is most of the time
         # outside the matrix products. Prefill chunks (and speculating sequences) stay eager.
@@ -78,7 +87,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
-        self.kv_caches: list[KVCache] = allocate_kv_caches(model.config, num_blocks, block_size, self.dtype,
+        self.kv_caches: list[KVCache] = allocate_kv_caches(model.shard_config, num_blocks, block_size, self.dtype,
                                                            self.device)
 
     def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -124,21 +133,34 @@ class ModelRunner:
     def run_scored(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[tuple[list[float], list[TopLogProbs]]]]:
         """As run, plus per chunk the log-probs (and top-N) of its `score_targets` ([] for none)."""
         input_ids, positions, meta, logit_index = self.prepare(chunks)
-        forward = self.model.forward
-        if meta.is_decode:
-            forward = self.decode_forward
-            # One compiled graph for every block-table width, and one for every batch size above 1.
-            torch._dynamo.maybe_mark_dynamic(meta.block_tables, 1)
-            if len(chunks) > 1:
-                for t in (input_ids, positions, meta.seq_lens, meta.slot_mapping, meta.cu_seqlens_q):
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(meta.block_tables, 0)
-        hidden = forward(input_ids, positions, meta, self.kv_caches)
+        if self.workers is None:
+            hidden = self.forward(input_ids, positions, meta)
+        else:  # every rank runs this forward; a failure leaves the ranks out of step, so it ends the group
+            try:
+                self.workers.send_step(input_ids, positions, meta)
+                hidden = self.forward(input_ids, positions, meta)
+            except TensorParallelError:
+                raise
+            except Exception as e:
+                raise self.workers.error(e) from e
         scores = self.score(chunks, hidden)
         if not logit_index:
             return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device), scores
         index = torch.tensor(logit_index, dtype=torch.int64).to(self.device)
         return self.model.compute_logits(hidden[index]).float(), scores
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model's forward over the cache: hidden states `[num_tokens, hidden]` (decode steps compiled)."""
+        forward = self.model.forward
+        if meta.is_decode:
+            forward = self.decode_forward
+            # One compiled graph for every block-table width, and one for every batch size above 1.
+            torch._dynamo.maybe_mark_dynamic(meta.block_tables, 1)
+            if meta.seq_lens.numel() > 1:
+                for t in (input_ids, positions, meta.seq_lens, meta.slot_mapping, meta.cu_seqlens_q):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(meta.block_tables, 0)
+        return forward(input_ids, positions, meta, self.kv_caches)
 
     def score(self, chunks: list[Chunk], hidden: torch.Tensor) -> list[tuple[list[float], list[TopLogProbs]]]:
         """The chunks' prompt scores from the packed hidden states, all chunks' positions in one pass."""

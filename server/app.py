@@ -83,15 +83,23 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
     # ---- health and metrics -------------------------------------------------------------------------------
     @app.get("/healthcheck")
     @app.get("/healthz")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        """Alive: 200 while this process can serve (loading included); 503 once an engine has stopped for good
+        (a tensor-parallel worker died or hung), so that an orchestrator restarts it."""
+        if failures := state.failures():
+            return JSONResponse({"status": "failed", "detail": "; ".join(
+                f"{name} stopped: {reason}" for name, reason in failures.items())}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        if state.ready and not state.draining:
+        failures = state.failures() if state.ready else {}
+        if state.ready and not state.draining and not failures:
             return JSONResponse({"status": "ready", "models": list(state.engines)})
         detail = ("shutting down" if state.draining else
-                  f"the models failed to load: {state.load_error}" if state.load_error else "loading models")
+                  f"the models failed to load: {state.load_error}" if state.load_error else
+                  "; ".join(f"{name} stopped: {reason}" for name, reason in failures.items()) if failures else
+                  "loading models")
         return JSONResponse({"detail": detail}, status_code=503)
 
     @app.get("/metrics")

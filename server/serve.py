@@ -67,6 +67,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "(default: the local models folder, ~/.cache/llmengine/models)")
     add_speculative_args(parser)
     add_quantize_args(parser)
+    add_parallel_args(parser)
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """Tensor parallelism's option (`llmengine serve` and `llmengine generate`)."""
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="split each layer over N ranks: this process and N - 1 workers (one GPU each on CUDA, "
+                             "NCCL; gloo on CPU); with several --model, only one model per process can use it "
+                             "(default: 1)")
 
 
 def add_quantize_args(parser: argparse.ArgumentParser) -> None:
@@ -159,6 +168,7 @@ def run_serve(args: argparse.Namespace) -> int:
             engines[name] = AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name,
                                         compile=args.compile, enable_prefix_caching=args.prefix_caching,
                                         progress=True,  # a tqdm bar over the weights on stderr
+                                        tensor_parallel_size=args.tensor_parallel_size,
                                         **speculative_kwargs(args), **quantize_kwargs(args))
             logs.model_loaded(name, engines[name], time.perf_counter() - started, warmed_up=args.compile)
             logs.log.info("%s weights: %s", name, engines[name].engine.model.quantization or "float")

@@ -44,6 +44,10 @@ class ServedEngine(Protocol):
         """Counters and gauges for /metrics: blocks_used, blocks_free, num_waiting, num_running, ..."""
         ...
 
+    def failure(self) -> str | None:
+        """Why the engine can serve no more (a tensor-parallel worker died or hung), or None; /readyz then fails."""
+        ...
+
 
 EngineSource = dict[str, ServedEngine] | Callable[[], dict[str, ServedEngine]]
 
@@ -100,6 +104,10 @@ class ServerState:
             engine = engines.pop(name, None)
             self.engines = engines
         return engine
+
+    def failures(self) -> dict[str, str]:
+        """The served engines that can serve no more, and why."""
+        return {name: reason for name, engine in self.engines.items() if (reason := engine.failure()) is not None}
 
     def require_ready(self) -> None:
         if not self.ready:

@@ -47,3 +47,18 @@ def test_generate_empty_prompt_is_a_one_line_error(tiny_folder):
     message = "llmengine generate: error: --prompt is empty: give the text to complete"
     assert run.stderr.strip().splitlines() == [message]
     assert "Traceback" not in run.stderr
+
+
+def test_generate_on_two_ranks_prints_what_one_rank_prints(tiny_folder, capsys):
+    """`python -m llmengine_cli generate --tensor-parallel-size 2`: the spawned worker imports the main module
+    again without running it, and the greedy completion is one rank's."""
+    from llmengine_cli import main
+
+    args = ["generate", "--model", str(tiny_folder), "--prompt", "w5 w6 w7", "--max-new-tokens", "6",
+            "--dtype", "float32", "--device", "cpu"]
+    assert main(args) == 0
+    expected = capsys.readouterr().out
+    run = subprocess.run([sys.executable, "-m", "llmengine_cli", *args, "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == expected

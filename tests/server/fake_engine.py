@@ -63,6 +63,7 @@ class FakeEngine:
         self.request_ids: list[str] = []
         self.started = False
         self.shut_down = False
+        self.failed: str | None = None  # set it to play an engine whose tensor-parallel worker died
 
     def start(self) -> None:
         self.started = True
@@ -78,6 +79,9 @@ class FakeEngine:
             if request_id in self._blocks:
                 self._aborted.add(request_id)
                 del self._blocks[request_id]  # freed at once, as the real engine does
+
+    def failure(self) -> str | None:
+        return self.failed
 
     def stats(self) -> dict:
         with self._lock:

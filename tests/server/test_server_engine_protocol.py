@@ -25,7 +25,7 @@ def shape(function) -> list[tuple[str, inspect._ParameterKind, object]]:
 
 
 def test_the_protocol_names_what_the_server_calls():
-    assert METHODS == ["abort", "add_request", "shutdown", "start", "stats"]
+    assert METHODS == ["abort", "add_request", "failure", "shutdown", "start", "stats"]
     assert ATTRIBUTES == ["max_model_len", "name", "tokenizer"]
 
 

@@ -149,6 +149,19 @@ def test_load_failure_shows_in_readyz():
         assert httpx.post(live.url + SYNC, json=llm_body("a")).status_code == 503
 
 
+def test_readyz_and_healthz_503_once_an_engine_has_stopped():
+    """An engine whose tensor-parallel worker died fails readiness (a load balancer stops sending to it) and
+    liveness (an orchestrator restarts it), both with the reason."""
+    engine = FakeEngine()
+    with serve(create_app({"fake": engine})) as live:
+        assert httpx.get(live.url + "/readyz").status_code == 200
+        engine.failed = "tensor-parallel worker(s) ['rank 1 (pid 7, exit code -9)'] exited"
+        r = httpx.get(live.url + "/readyz")
+        assert r.status_code == 503 and "fake stopped: tensor-parallel worker(s)" in r.json()["detail"]
+        r = httpx.get(live.url + "/healthz")
+        assert r.status_code == 503 and "fake stopped: tensor-parallel worker(s)" in r.json()["detail"]
+
+
 @pytest.mark.parametrize("key_header", ["basic", "bearer", "x-api-key"])
 def test_auth_on(key_header):
     engine = FakeEngine()
