@@ -68,6 +68,7 @@ bench: $(MODEL)
 		--input-len 32
 	$(PY) -m benchmarks.products
 	$(PY) -m benchmarks.shared_prefix --threads $(BENCH_THREADS)
+	$(PY) -m benchmarks.neighbour
 
 gpu-check: $(SETUP)
 	$(PY) -m benchmarks.gpu_check

@@ -6,19 +6,12 @@ The one module that may import every layer: the server (serve), the runtime (gen
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+from pathlib import Path
 
-# OpenMP threads that spin while they wait for work collapse decoding when another process keeps a core busy
-# (2 threads: 1-2 tok/s instead of 8-9 measured with a neighbour); passive waiting sleeps instead. libgomp reads
-# this when torch loads, so it is set before anything imports torch; an OMP_WAIT_POLICY of the user's wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from benchmarks.cli import add_bench_args, run_bench  # noqa: E402
-from server.serve import (  # noqa: E402
+from benchmarks.cli import add_bench_args, run_bench
+from server.serve import (
     add_parallel_args,
     add_quantize_args,
     add_serve_args,
@@ -37,7 +30,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is empty: give the text to complete")
     name, mapping = parse_model_arg(args.model)
     llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, progress=True,
-              tensor_parallel_size=args.tensor_parallel_size, **speculative_kwargs(args), **quantize_kwargs(args))
+              tensor_parallel_size=args.tensor_parallel_size, cpu_threads=args.threads, **speculative_kwargs(args),
+              **quantize_kwargs(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
         text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])

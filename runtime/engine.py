@@ -47,6 +47,7 @@ from runtime.sampler import Sampler
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence
 from runtime.spec_step import make_speculator
+from runtime.thread_tuner import make_thread_tuner
 from runtime.tp_step import TensorParallelError
 from runtime.tp_worker import TPWorkers, rank_zero
 
@@ -91,7 +92,7 @@ class Engine:
                  progress: bool = False, compile: bool = False, enable_prefix_caching: bool = True,
                  speculative: str | Path | None = None, num_speculative_tokens: int = 4, prompt_lookup_min: int = 1,
                  prompt_lookup_max: int = 4, quantize: str | None = None, quant_group_size: int | None = None,
-                 tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0):
+                 tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0, cpu_threads: int | str | None = None):
         """`speculative`: None, "ngram" (prompt lookup, `prompt_lookup_min..max`-token patterns) or a draft
         model's zoo name or folder; up to `num_speculative_tokens` proposals per sequence and step.
         `quantize`: weight-only quantization, models.loader.load_model's (None/"none", "int8", "int4" in groups
@@ -100,7 +101,9 @@ class Engine:
         `tensor_parallel_size` N > 1: the layers are split over N ranks, this process (rank 0: scheduler, sampler,
         detokenizer, logits) and N - 1 worker processes (runtime/tp_worker.py; one GPU each on CUDA), whose every
         collective waits at most `tp_timeout_s`. A worker that dies or hangs stops the engine (`failure()`).
-        Call `close()` to stop the workers (they also stop when this process exits)."""
+        Call `close()` to stop the workers (they also stop when this process exits).
+        `cpu_threads` (CPU): None leaves torch's thread count, N sets it, "auto" times decode steps with 1 thread
+        and with torch's count and keeps the faster (runtime/thread_tuner.py: a busy neighbour process)."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -109,6 +112,7 @@ class Engine:
         self.model_dir = model_dir
         self.config = config = load_config(model_dir)
         self.device = resolve_device(device)
+        self.thread_tuner = make_thread_tuner(cpu_threads, self.device, tensor_parallel_size)
         if quantize == "auto" and dtype != "auto":
             quantize = None
         if dtype == "auto":  # fp32 on CPU (exact, and fast there); the checkpoint's dtype on a GPU
@@ -277,6 +281,10 @@ class Engine:
             draft_probs = None
             if self.speculator is not None:
                 batch, draft_probs = self.speculator.propose(batch)
+            tuning = self.thread_tuner is not None and all(n == 1 for _, n in batch)
+            if tuning:
+                self.thread_tuner.before_decode_step()
+                started = time.perf_counter()
             try:
                 sampling, logits, num_rows = self.runner.execute(batch)
             except TensorParallelError as e:  # the ranks are out of step: no step can run any more
@@ -293,6 +301,8 @@ class Engine:
                     else ([], [], [])
                 tokens, log_probs, tops = [[t] for t in flat_tokens], [[lp] for lp in flat_log_probs], \
                     [[top] for top in flat_tops]
+            if tuning:
+                self.thread_tuner.after_decode_step(time.perf_counter() - started, len(batch))
         except Exception as e:  # the whole step failed: fail its requests, keep serving the others
             logger.exception("engine step failed; failing its %d requests", len(batch))
             self.counters["failed_steps"] += 1

@@ -70,8 +70,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_parallel_args(parser)
 
 
+def threads_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: accepted 'auto' or an integer >= 1")
+    return int(value)
+
+
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    """Tensor parallelism's option (`llmengine serve` and `llmengine generate`)."""
+    """Threads and tensor parallelism (`llmengine serve` and `llmengine generate`)."""
+    parser.add_argument("--threads", type=threads_arg, default="auto", metavar="auto|N",
+                        help="torch CPU threads: N, or auto = time decode steps with 1 thread and with all and keep "
+                             "the faster, again every few hundred steps (a busy neighbour process makes 1 faster) "
+                             "(default: auto)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="split each layer over N ranks: this process and N - 1 workers (one GPU each on CUDA, "
                              "NCCL; gloo on CPU); with several --model, only one model per process can use it "
@@ -168,7 +180,7 @@ def run_serve(args: argparse.Namespace) -> int:
             engines[name] = AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name,
                                         compile=args.compile, enable_prefix_caching=args.prefix_caching,
                                         progress=True,  # a tqdm bar over the weights on stderr
-                                        tensor_parallel_size=args.tensor_parallel_size,
+                                        tensor_parallel_size=args.tensor_parallel_size, cpu_threads=args.threads,
                                         **speculative_kwargs(args), **quantize_kwargs(args))
             logs.model_loaded(name, engines[name], time.perf_counter() - started, warmed_up=args.compile)
             logs.log.info("%s weights: %s", name, engines[name].engine.model.quantization or "float")
@@ -182,7 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logs.log.info("loading %s from %s (Model.create)", name, folder)
         return AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name, compile=args.compile,
                            enable_prefix_caching=args.prefix_caching, max_model_len=max_model_len,
-                           **quantize_kwargs(args))
+                           cpu_threads=args.threads, **quantize_kwargs(args))
 
     app = create_app(load_engines, api_key=api_key, max_queue=args.max_queue, batch_dir=args.batch_dir,
                      models_dir=args.models_dir, engine_factory=load_at_run_time)
