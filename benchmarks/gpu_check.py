@@ -5,8 +5,9 @@ a kernel through its entry point (CUDA tensors take the Triton path), compares i
 and times it with `triton.testing.do_bench` (median; L2 flushed before each run). Bandwidth is the
 least number of bytes the kernel must move divided by its time, shown next to a device-to-device copy
 measured in the same run (bytes read + written). Prefill attention is also timed against torch's
-`scaled_dot_product_attention`. The table is printed and appended to benchmarks/RESULTS.md with the
-GPU's name. Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA device.
+`scaled_dot_product_attention`. With two GPUs, tensor parallelism over NCCL is checked too
+(benchmarks/gpu_check_tp.py: 2 ranks give 1 rank's greedy tokens). The table is printed and appended to
+benchmarks/RESULTS.md with the GPU's name. Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA device.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from benchmarks.common import (
     markdown_table,
     write_outputs,
 )
+from benchmarks.gpu_check_tp import check_tensor_parallel
 from kernels.testing import make_paged_cache
 from models.layers import alibi_slopes
 
@@ -278,6 +280,10 @@ def main() -> int:
         "dtype": DTYPE_NAME[r.dtype]} for r in rows]}, markdown)
     append_results(f"gpu_check: {info.get('gpu')}", markdown, info)
     failed = [r.kernel for r in rows if not r.ok]
+    tp = check_tensor_parallel()  # needs 2 GPUs; says "skipped" otherwise
+    print(tp["detail"])
+    if not tp["ok"]:
+        failed.append("tensor parallelism")
     if failed:
         print(f"gpu_check: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
