@@ -101,14 +101,24 @@ time.sleep(600)
 """
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT handled by default and not blocked (both are inherited across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
                                  pytest.param(signal.SIGKILL, id="SIGKILL", marks=pytest.mark.slow),
                                  pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
 def test_no_orphans_when_the_engine_process_ends(tiny_dir, sig):
     """SIGINT (Ctrl-C) exits through Python's shutdown; SIGTERM and SIGKILL end the process at once, and each
     worker, blocked reading its pipe from rank 0, sees it close and exits."""
+    # The fresh-clone run of the whole suite under `make test` timed out here twice: a SIGINT that the pytest worker
+    # ignores or blocks is ignored in its children too, and Python then installs no KeyboardInterrupt handler. Give
+    # the engine process what a terminal's Ctrl-C finds.
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_dir("llama-mha"))], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=default_sigint)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 1 and alive(pids[0])
