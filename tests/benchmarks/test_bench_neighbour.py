@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import neighbour
 from tests.models.tiny import save_tiny
 
 
+@pytest.mark.slow  # two engines, a spinning neighbour process
 def test_neighbour_benchmark_rows(tmp_path):
     folder = save_tiny("llama-mha", tmp_path / "tiny")
     before = torch.get_num_threads()

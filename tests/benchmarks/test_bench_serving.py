@@ -88,6 +88,7 @@ def test_serving_benchmark_no_server(tmp_path):
     assert serving.main(["--base-url", "http://127.0.0.1:9", "--out-dir", str(tmp_path), "--no-progress"]) == 1
 
 
+@pytest.mark.slow
 def test_serving_benchmark_poisson_rate(tmp_path):
     with FakeServer() as fake:
         rc = serving.main(["--base-url", fake.url, "--model", "fake", "--request-rate", "200", "inf",

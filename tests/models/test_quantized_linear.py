@@ -10,6 +10,7 @@ from models.attention import AttentionMetadata
 from models.layers import Linear
 from models.loader import load_model
 from models.quantized_linear import QuantizedLinear, default_group_size, quantize_model
+from tests.fast import fast_subset
 from tests.models import tiny
 from tests.models.tiny import save_tiny
 
@@ -178,7 +179,7 @@ def hidden_and_logits(model, head=None) -> tuple[torch.Tensor, torch.Tensor]:
         return hidden, (model.compute_logits(hidden) if head is None else head(hidden))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", fast_subset(["int8", "int4"], ["int8"]))
 def test_quantize_model_matches_dequantized_model(tiny_dir, mode):
     """The quantized model (through the loader: `load_model(quantize=...)`) against the same model with each
     dequantized weight put back in fp32 (the head too): they differ only by the bf16 rounding of each projection's

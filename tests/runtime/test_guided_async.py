@@ -125,6 +125,7 @@ def test_plain_requests_stream_while_the_guided_view_is_built(folder, slow_build
     assert not engine._streams
 
 
+@pytest.mark.slow  # a 2 s build
 def test_a_guided_request_left_while_the_view_is_built_leaves_nothing(folder, slow_build):
     engine = AsyncEngine(folder, kv_cache_gib=0.01, device="cpu")
 

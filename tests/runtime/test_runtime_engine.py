@@ -124,6 +124,7 @@ def test_tiny_models_batch_of_16_equals_solo_and_reference(tiny_dir, variant):
     assert llm.engine.block_manager.num_used == 0
 
 
+@pytest.mark.slow
 def test_preemption_when_the_cache_is_too_small(tiny_dir, cache_gib):
     folder = tiny_dir("llama-mha")
     # 24 blocks of 4 = 96 tokens for 32 requests of up to 30 + 16 tokens each

@@ -58,6 +58,7 @@ def check_variant(folder, cache_gib, world_size: int = 2) -> None:
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)  # close() stopped every worker
 
 
+@pytest.mark.slow  # spawns a worker process (seconds)
 def test_gqa_tied_head_with_biases(tiny_dir, cache_gib):
     """GQA (2 KV heads split over 2 ranks), a tied head, q/k/v/o biases (o_proj's added once)."""
     check_variant(tiny_dir("llama-gqa-tied-bias"), cache_gib)

@@ -35,6 +35,7 @@ def wait_until(condition, timeout: float) -> bool:
     return condition()
 
 
+@pytest.mark.slow  # spawns a worker process (seconds)
 def test_a_dead_worker_fails_requests_and_stops_the_engine(tiny_dir):
     llm = LLM(tiny_dir("llama-mha"), device="cpu", kv_cache_gib=0.01, tensor_parallel_size=2)
     [pid] = llm.engine.workers.pids
@@ -47,6 +48,7 @@ def test_a_dead_worker_fails_requests_and_stops_the_engine(tiny_dir):
     llm.close()
 
 
+@pytest.mark.slow  # spawns a worker process (seconds)
 def test_a_worker_dying_mid_step_fails_the_step(tiny_dir):
     """Killed between failure checks: the step's own pipe write or collective notices, the requests finish with
     an error, and the engine stops for good."""
@@ -107,7 +109,7 @@ def default_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.slow),
                                  pytest.param(signal.SIGKILL, id="SIGKILL", marks=pytest.mark.slow),
                                  pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
 def test_no_orphans_when_the_engine_process_ends(tiny_dir, sig):
