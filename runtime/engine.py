@@ -31,15 +31,8 @@ from models.loader import DTYPES, load_model, parse_dtype, resolve_device
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
 from runtime.detokenizer import TextStream
-from runtime.guided import (
-    GuidedMatcher,
-    TokenizerInfo,
-    apply_token_masks,
-    compile_constraint,
-    tokenizer_info,
-    tokenizer_info_built,
-    validate_constraint,
-)
+from runtime.guided import GuidedMatcher, apply_token_masks, compile_constraint, validate_constraint
+from runtime.guided_tokenizer import TokenizerInfo, tokenizer_info, tokenizer_info_built
 from runtime.log_probs import TopLogProbs, prompt_scores
 from runtime.model_runner import ModelRunner
 from runtime.params import SamplingParams

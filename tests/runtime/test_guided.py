@@ -19,8 +19,8 @@ from runtime.guided import (
     apply_token_masks,
     compile_constraint,
     guided_spec,
-    tokenizer_info,
 )
+from runtime.guided_tokenizer import tokenizer_info
 
 EXTRA_COLUMNS = 40  # the logits are wider than the tokenizer (and not a multiple of 32): never allowed
 

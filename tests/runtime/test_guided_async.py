@@ -12,7 +12,7 @@ import time
 import pytest
 
 import runtime.engine as engine_module
-import runtime.guided as guided
+import runtime.guided_tokenizer as guided_tokenizer
 from models.config import load_config
 from models.tokenizer import Tokenizer, stop_token_ids
 from runtime import AsyncEngine, SamplingParams
@@ -30,11 +30,11 @@ def tokenizer_folder(folder, default_model_dir):
 
 
 @pytest.fixture(scope="module")
-def built_view(tmp_path_factory, default_model_dir) -> guided.TokenizerInfo:
+def built_view(tmp_path_factory, default_model_dir) -> guided_tokenizer.TokenizerInfo:
     """The view of such a model's tokenizer, built once, here, outside the measured time."""
     folder = tokenizer_folder(tmp_path_factory.mktemp("prebuilt"), default_model_dir)
     tokenizer = Tokenizer.from_folder(folder)
-    return guided.tokenizer_info(tokenizer, 49152, stop_token_ids(load_config(folder), tokenizer))
+    return guided_tokenizer.tokenizer_info(tokenizer, 49152, stop_token_ids(load_config(folder), tokenizer))
 
 
 @pytest.fixture
@@ -54,15 +54,15 @@ def slow_build(monkeypatch, built_view) -> list[str]:
             if not builders:
                 builders.append(threading.current_thread().name)
                 time.sleep(BUILD_S)
-                key = guided._info_key(tokenizer, vocab_size, tuple(sorted({int(t) for t in stops})))
-                guided._INFOS[key] = built_view
+                key = guided_tokenizer._info_key(tokenizer, vocab_size, tuple(sorted({int(t) for t in stops})))
+                guided_tokenizer._INFOS[key] = built_view
                 keys.append(key)
-        return guided.tokenizer_info(tokenizer, vocab_size, stops)
+        return guided_tokenizer.tokenizer_info(tokenizer, vocab_size, stops)
 
     monkeypatch.setattr(engine_module, "tokenizer_info", slow)
     yield builders
     for key in keys:
-        del guided._INFOS[key]
+        del guided_tokenizer._INFOS[key]
 
 
 async def collect(stream, name: str, events: list[tuple[float, str]]) -> tuple[str, str | None]:
