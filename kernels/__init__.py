@@ -1,9 +1,11 @@
-"""Kernels behind one entry point each: Triton on CUDA, the plain-torch reference on CPU."""
+"""Kernels behind one entry point each: Triton on CUDA; on the CPU our C++ kernels (kernels/cpu/) for fp32, else the
+plain-torch reference."""
 
+from kernels.activation import silu_and_mul
 from kernels.decode_attention import decode_attention
 from kernels.norms import layer_norm, rms_norm
 from kernels.prefill_attention import prefill_attention
 from kernels.rotary import rotary
 from kernels.store_kv import store_kv
 
-__all__ = ["decode_attention", "layer_norm", "prefill_attention", "rms_norm", "rotary", "store_kv"]
+__all__ = ["silu_and_mul", "decode_attention", "layer_norm", "prefill_attention", "rms_norm", "rotary", "store_kv"]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.cpu import use_cpu_kernel
 from kernels.dispatch import use_triton
 
 
@@ -133,6 +134,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """`weight * x / rms(x)`. With `residual`, first `h = x + residual` and return `(rms_norm(h), h)`."""
     if use_triton(x):
         return rms_norm_triton(x, weight, eps, residual)
+    if use_cpu_kernel(x, weight, *([] if residual is None else [residual])) and x.stride(-1) == 1:
+        rows = x.reshape(-1, x.shape[-1])
+        out, h = torch.ops.llmengine_cpu.rms_norm(rows, weight, eps, None if residual is None
+                                                  else residual.reshape(rows.shape))
+        return out.view(x.shape) if residual is None else (out.view(x.shape), h.view(x.shape))
     if residual is None:
         return rms_norm_ref(x, weight, eps)
     h = x + residual

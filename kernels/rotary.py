@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.cpu import use_cpu_kernel
 from kernels.dispatch import use_triton
 
 
@@ -97,4 +98,6 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
     """Rotate q and k by the angles of `positions` (see module docstring)."""
     if use_triton(q):
         return rotary_triton(q, k, positions, cos_sin_cache)
+    if use_cpu_kernel(q, k, cos_sin_cache):
+        return torch.ops.llmengine_cpu.rotary(q, k, positions, cos_sin_cache)
     return rotary_ref(q, k, positions, cos_sin_cache)

@@ -9,6 +9,7 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.falcon import FalconBlock, falcon_targets
+from models.fused_decode import FusedDecode
 from models.layers import LayerNorm, Linear, RMSNorm, alibi_slopes
 from models.llama import LlamaBlock, llama_targets
 from models.packed_linear import pack, pack_linear, packed_linear
@@ -44,6 +45,9 @@ class CausalLM(nn.Module):
         # stays a float table for the lookups, and `lm_head is None` still means "tied".
         self.quantized_head: nn.Module | None = None
         self.quantization: str | None = None  # what the loader did, e.g. "int4 g64" (None: float weights)
+        # The one-call CPU decode step (models/fused_decode.py), decided at the first decode step, once the
+        # loader has quantized the weights; False: not decided yet.
+        self.fused_decode: FusedDecode | None | bool = False
         if self.embed.weight.device.type != "meta":  # the loader builds on meta, then calls init_buffers
             self.init_buffers(self.embed.weight.device)
 
@@ -71,6 +75,11 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache] | None = None) -> torch.Tensor:
         """input_ids, positions `[num_tokens]` -> hidden `[num_tokens, hidden]` (after the final norm)."""
+        if meta.is_decode and self.fused_decode is not None:
+            if self.fused_decode is False:
+                self.fused_decode = FusedDecode.build(self)
+            if self.fused_decode is not None and self.fused_decode.applies(meta, kv_caches):
+                return self.fused_decode(input_ids, positions, meta, kv_caches)
         rope = None
         if self.rope is not None:
             rope = self.rope.cos_sin(positions, meta.seq_len_per_token() if self.rope.rope_type == "dynamic"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import layer_norm, rms_norm, rotary
+from kernels import layer_norm, rms_norm, rotary, silu_and_mul
 from models.attention import AttentionMetadata, KVCache, paged_attention
 from models.config import ModelConfig
 from models.packed_linear import packed_linear
@@ -103,8 +103,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class GeluMLP(nn.Module):

@@ -12,8 +12,16 @@ The weight `W [N, K]` is stored as integers and scales; activations stay floatin
   dtype (2^-8 for bf16 on CPU; on CUDA fp16, 2^-11, and `u * (15 * scale + |min|)`): rounding the stored
   pair moves the ends of the covered range by that much.
 
-Where it runs (chosen from the weight's device when the layer is built; build it where it will run):
-- CPU: torch's weight-only kernels, which are vectorised only for bf16 activations, so x is cast to bf16
+Where it runs (chosen when the layer is built, from the weight's device; build it where it will run):
+- CPU, `backend == "cpu"`: our C++ kernels (kernels/cpu/quant_gemm.cpp), the llama.cpp-style integer product.
+  x is quantized per block of 32 to int8 (`x ~ xd * xq`, xd = max|x_block| / 127) and multiplied by the integer
+  weights with AVX2 integer dot products, in fp32 from there on. int4 keeps torch's/Triton's byte layout
+  (kernels/quant_matmul.py `pack_int4`) with fp16 `d = scale`, `m = zero - 8 scale` per block of 32
+  (`w = q * d + m`); int8 keeps q (K padded to a multiple of 32) with an fp16 scale per block of 32. Scales are
+  stored in fp16 (u = 2^-11). Error of the product: the weight's own, plus the activation rounding
+  `|y - x W^T| <= sum_b (max|x_b| / 254) sum_{k in b} |w_k|` (fp32 accumulation aside).
+- CPU without our kernels (no compiler, LLMENGINE_CPU_KERNELS=0, or scales outside fp16), `backend == "torch"`:
+  torch's weight-only kernels, which are vectorised only for bf16 activations, so x is cast to bf16
   for the call and the result back to x's dtype. int8: `aten._weight_int8pack_mm(x, q [N, K], scale [N])`.
   int4: `aten._convert_weight_to_int4pack_for_cpu` packs q once (rows padded to a multiple of 16),
   `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/group, N, 2])` per call; scales
@@ -28,22 +36,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import cpu as cpu_kernels
 from kernels.dispatch import use_triton
 from kernels.quant_matmul import pack_int4, unpack_int4, w4a16_matmul, w8a16_matmul
 from models.layers import Linear
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZES = (64, 32)  # int4 default: the largest that divides every K
-CPU_ROW_MULTIPLE = 16  # the CPU int4 packing needs N % 16 == 0
+CPU_ROW_MULTIPLE = 16  # torch's CPU int4 packing needs N % 16 == 0
+BLOCK = 32  # k's per scale in our CPU kernels' layout
+
+
+def _fits_fp16(*tensors: torch.Tensor) -> bool:
+    """Every value is 0, a normal fp16 number, or exactly an fp16 number (a GGUF's own subnormal scales)."""
+    return all(bool(((t == 0) | ((t.abs() >= 2.0 ** -14) & (t.abs() <= 65504.0)) | (t.half().float() == t)).all())
+               for t in tensors)
+
+
+def _backend(t: torch.Tensor, *scales: torch.Tensor) -> str:
+    """"triton" for CUDA tensors, "cpu" (our C++ kernels) when built and the scales fit fp16, else "torch"."""
+    if use_triton(t):
+        return "triton"
+    return "cpu" if cpu_kernels.available() and _fits_fp16(*scales) else "torch"
 
 
 def _scale_dtype(backend: str, *tensors: torch.Tensor) -> torch.dtype:
-    """bf16 on CPU (its kernels take scales in the activation dtype); fp16 for Triton when every nonzero
-    value is a normal fp16 number, else fp32."""
-    if backend == "cpu":
+    """bf16 for torch's CPU kernels (they take scales in the activation dtype); fp16 for ours; fp16 for Triton
+    when every nonzero value is a normal fp16 number, else fp32."""
+    if backend == "torch":
         return torch.bfloat16
-    fits = all(bool(((t == 0) | ((t.abs() >= 2.0 ** -14) & (t.abs() <= 65504.0))).all()) for t in tensors)
-    return torch.float16 if fits else torch.float32
+    return torch.float16 if backend == "cpu" or _fits_fp16(*tensors) else torch.float32
 
 
 def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -74,13 +96,21 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"scale {tuple(scale.shape)} does not fit q {tuple(q.shape)} in groups of {group_size}")
         if (mode == "int4" or group_size != k) and group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"{mode} group_size must be one of {INT4_GROUP_SIZES} (or K for int8), not {group_size}")
-        self.backend = "triton" if use_triton(q) else "cpu"
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
-        self.k_copies = 1  # how many times x is repeated along K for the CPU int4 product
         scale = scale.float()
-        if self.backend == "triton":
+        min_ = zero.float() - 8 * scale if mode == "int4" else None
+        self.backend = _backend(q, scale, *([] if min_ is None else [min_]))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.k_copies = 1  # how many times x is repeated along K for torch's CPU int4 product
+        if self.backend == "cpu":
+            blocks = lambda t: t.repeat_interleave(group_size // BLOCK, 1) if group_size < k else \
+                t[:, :1].expand(n, -(-k // BLOCK))  # per block of 32
+            if mode == "int4":  # group sizes are multiples of 32, so K is too
+                self._store(w_int4=pack_int4(q), d=blocks(scale).half(), m=blocks(min_).half())
+            else:
+                self._store(w_int8=torch.nn.functional.pad(q.to(torch.int8), (0, -k % BLOCK)),
+                            d=blocks(scale).half())
+        elif self.backend == "triton":
             if mode == "int4":
-                min_ = zero.float() - 8 * scale
                 dtype = _scale_dtype("triton", scale, min_)
                 self._store(w_int4=pack_int4(q), scale=scale.t().to(dtype), min=min_.t().to(dtype))
             else:
@@ -113,7 +143,6 @@ class QuantizedLinear(nn.Module):
         unless `group_size` is given; int4: `group_size` defaults to 64 or 32, whichever divides K first."""
         w = weight.detach().float()
         n, k = w.shape
-        backend = "triton" if use_triton(w) else "cpu"
         if mode == "int4":
             group_size = group_size or default_group_size({"weight": k})
         group_size = group_size or k
@@ -122,16 +151,17 @@ class QuantizedLinear(nn.Module):
         wg = w.reshape(n, k // group_size, group_size)
         if mode == "int8":
             scale = wg.abs().amax(-1) / 127
-            scale = _stored(scale, _scale_dtype(backend, scale))
+            scale = _stored(scale, _scale_dtype(_backend(w, scale), scale))
             q = (wg / scale.where(scale > 0, 1.0)[..., None]).round().clamp(-127, 127)
             return cls("int8", q.to(torch.int8).view(n, k), scale, None, group_size, bias)
         if mode != "int4":
             raise ValueError(f"mode must be 'int8' or 'int4', not {mode!r}")
         lo, hi = wg.amin(-1), wg.amax(-1)
         scale = (hi - lo) / 15
-        if backend == "cpu":
+        backend = _backend(w, scale, lo)
+        if backend == "torch":
             scale, zero = _stored(scale, torch.bfloat16), _stored(lo + 8 * scale, torch.bfloat16)
-        else:  # the Triton form keeps min = zero - 8 * scale
+        else:  # ours and Triton's form keep min = zero - 8 * scale
             dtype = _scale_dtype(backend, scale, lo)
             scale, lo = _stored(scale, dtype), _stored(lo, dtype)
             zero = lo + 8 * scale
@@ -157,6 +187,12 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
+        if self.backend == "cpu":  # the bias is added inside, in fp32
+            if self.mode == "int4":
+                y = torch.ops.llmengine_cpu.q4_linear(x, self.w_int4, self.d, self.m, self.bias)
+            else:
+                y = torch.ops.llmengine_cpu.q8_linear(x, self.w_int8, self.d, self.bias)
+            return y.view(*shape[:-1], self.out_features)
         if self.backend == "triton":
             if self.mode == "int4":
                 y = w4a16_matmul(x, self.w_int4, self.scale, self.min, self.group_size)
@@ -181,6 +217,11 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight `[N, K]` this layer multiplies by (its stored scales, rounding included)."""
         g = self.group_size
+        if self.backend == "cpu":
+            d = _groups(self.d.float(), BLOCK)[:, :self.in_features]
+            if self.mode == "int4":
+                return unpack_int4(self.w_int4).float() * d + _groups(self.m.float(), BLOCK)
+            return self.w_int8[:, :self.in_features].float() * d
         if self.backend == "triton":
             scale = _groups(self.scale.float().t(), g)[:, :self.in_features]
             if self.mode == "int4":

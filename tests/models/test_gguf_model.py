@@ -1,16 +1,17 @@
 """A GGUF served as it is (models/gguf_model.py): its Q4_0/Q4_1/Q8_0 integers kept, the rest dequantized as
 `llmengine convert` does; the logits equal those of the fp32 model whose weights are the same integers dequantized
-(`gguf.quants.dequantize`, which is what the converted folder holds), within the error that the CPU kernels' bf16
+(`gguf.quants.dequantize`, which is what the converted folder holds), within the error that the CPU kernels'
 roundings make.
 
-The tolerance. The CPU kernels round each projection's input to bf16, its output to bf16 and the stored scales
-(and zeros) to bf16: three roundings of relative size 2^-8 per projection, errors of random sign that the later
+The tolerance. Our CPU kernels (`backend == "cpu"`) round each projection's input to int8 per block of 32 (1/254
+of the block's largest magnitude) and keep the file's fp16 scales as they are; torch's kernels (`"torch"`, without
+ours) round the input, the output and the scales to bf16 (2^-8 relative each). Errors of random sign that the later
 layers carry on. How far they move the logits depends on the model, so it is measured on the model itself:
-`bf16_emulation` runs the fp32 reference with exactly these three roundings put in (each projection computes
-`bf16(bf16(x) @ bf16-scaled W^T)` in fp32), and its distance E from the reference is what such roundings do. The
-quantized model must lie within 2 E (rms over the logits), and nearer the emulation than E: the kernels make the
-same roundings in their own summation order (measured: 1.12 E from the reference and 0.52 E from the emulation on
-the default model; on the tiny ones 1.00 E, Q4 bit-identical to the emulation, Q8_0 0.16 E from it). A wrong
+`emulation` runs the fp32 reference with exactly these roundings put in (each projection computes
+`fq(x) @ W^T`, resp. `bf16(bf16(x) @ bf16-scaled W^T)`, in fp32), and its distance E from the reference is what
+such roundings do. The quantized model must lie within 2 E (rms over the logits), and nearer the emulation than E:
+the kernels make the same roundings in their own summation order (ours, measured: ~1.0 E from the reference and
+~0.1 E from the emulation; torch's: 1.12 E and 0.52 E on the default model, on the tiny ones 1.00 E). A wrong
 weight, a row left in llama.cpp's rotary order or a dropped bias moves the logits by far more (the tiny tests
 check that 2 E is well below the distance to the unquantized original weights).
 """
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from kernels.cpu.reference import fake_quantize_activations
 from models.attention import AttentionMetadata
 from models.gguf import SOURCE_RECORD, convert_gguf, gguf_source
 from models.gguf_model import quantized_projections
@@ -48,28 +50,33 @@ def bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 class RoundedLinear(torch.nn.Module):
-    """`bf16(bf16(x) @ W^T) + bias` in fp32: what the CPU weight-only kernels do, with W as given."""
+    """What a CPU quantized layer computes, in fp32 with W as given: ours `fq(x) @ W^T + bias` (fq: the int8
+    rounding per block of 32, kernels/cpu/reference.py), torch's `bf16(bf16(x) @ W^T) + bias`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str):
         super().__init__()
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.backend = weight, bias, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = bf16(F.linear(bf16(x), self.weight))
+        if self.backend == "cpu":
+            y = F.linear(fake_quantize_activations(x), self.weight)
+        else:
+            y = bf16(F.linear(bf16(x), self.weight))
         return y if self.bias is None else y + self.bias
 
 
-def bf16_emulation(reference, quantized) -> torch.nn.Module:
+def emulation(reference, quantized) -> torch.nn.Module:
     """The fp32 `reference` model (unpacked) with each projection that `quantized` keeps as integers replaced by a
-    RoundedLinear of the quantized layer's weight (its bf16 scales included); float projections stay as they are."""
+    RoundedLinear of the quantized layer's weight (its stored scales included); float projections stay as they are."""
     layers = dict(quantized.named_modules())
     for name, m in list(reference.named_modules()):
         if isinstance(m, Linear) and isinstance(layers[name], QuantizedLinear):
             parent, _, attr = name.rpartition(".")
-            setattr(reference.get_submodule(parent), attr, RoundedLinear(layers[name].dequantize(), m.bias))
+            layer = layers[name]
+            setattr(reference.get_submodule(parent), attr, RoundedLinear(layer.dequantize(), m.bias, layer.backend))
     head = quantized.quantized_head
-    reference.compute_logits = (lambda h: RoundedLinear(head.dequantize(), None)(h)) if head is not None \
-        else reference.compute_logits
+    reference.compute_logits = (lambda h: RoundedLinear(head.dequantize(), None, head.backend)(h)) \
+        if head is not None else reference.compute_logits
     return reference
 
 
@@ -84,17 +91,20 @@ def rms(t: torch.Tensor) -> float:
     return t.double().pow(2).mean().sqrt().item()
 
 
-def assert_within_bf16_roundings(quantized, reference_dir, prompts) -> tuple[float, float]:
-    """rms(quantized - reference) <= 2 E and rms(quantized - emulation) <= E, E = rms(emulation - reference)
-    (module docstring); returns the error and the tolerance 2 E, relative to the logits' rms."""
+def assert_within_roundings(quantized, reference_dir, prompts, k: float = 1.0) -> tuple[float, float]:
+    """rms(quantized - emulation) <= k E and rms(quantized - reference) <= (1 + k) E, E = rms(emulation - reference)
+    (module docstring); returns the error and the tolerance (1 + k) E, relative to the logits' rms. k = 1 in
+    general; a shallow model on our kernels, which the emulation reproduces up to their fp32 summation order, takes
+    k = 0.01 (measured 1e-5 E on 2 layers; over 30 layers, an input that sits on an int8 rounding boundary rounds
+    differently in a different summation order, and such flips add up to ~0.9 E)."""
     reference = logits(load_model(reference_dir, progress=False, pack=False), prompts)
-    emulated = logits(bf16_emulation(load_model(reference_dir, progress=False, pack=False), quantized), prompts)
+    emulated = logits(emulation(load_model(reference_dir, progress=False, pack=False), quantized), prompts)
     got = logits(quantized, prompts)
     scale = rms(reference)
     error, emulation_error = rms(got - reference) / scale, rms(emulated - reference) / scale
-    assert 0 < error <= 2 * emulation_error, f"rms error {error:.4g} of the logits' rms, E {emulation_error:.4g}"
-    assert rms(got - emulated) / scale <= emulation_error
-    return error, 2 * emulation_error
+    assert 0 < error <= (1 + k) * emulation_error, f"rms error {error:.4g} of the logits' rms, E {emulation_error:.4g}"
+    assert rms(got - emulated) / scale <= k * emulation_error
+    return error, (1 + k) * emulation_error
 
 
 @pytest.fixture
@@ -125,7 +135,8 @@ def test_tiny_gguf_integers_match_their_dequantized_model(tmp_path, models_dir, 
     if odd == Q.Q8_0:
         assert model.layers[0].attn.o_proj.mode == "int8" and model.layers[0].attn.qkv_proj.mode == "int4"
     assert model.quantization.startswith("GGUF ")
-    error, tolerance = assert_within_bf16_roundings(model, converted, PROMPTS)
+    backends = {m.backend for m in model.modules() if isinstance(m, QuantizedLinear)}
+    error, tolerance = assert_within_roundings(model, converted, PROMPTS, 0.01 if backends == {"cpu"} else 1.0)
 
     # the same folder through the other modes: float from the GGUF equals the converted fp32 folder exactly
     float_model = load_model(served, quantize=None, progress=False, pack=False)
@@ -196,5 +207,5 @@ def test_default_model_gguf_integers_match_its_imported_fp32(default_model_dir):
     assert model.quantization == "GGUF Q4_1 x210, Q8_0 (tied head) x1"
     assert isinstance(model.quantized_head, QuantizedLinear) and model.quantized_head.mode == "int8"
     prompt = Tokenizer.from_folder(default_model_dir).encode("Suggest a name for an icecream shop. Here are some")
-    error, tolerance = assert_within_bf16_roundings(model, default_model_dir, [prompt])
-    assert tolerance < 0.05  # measured: error 1.55% of the logits' rms, tolerance 2.8%
+    error, tolerance = assert_within_roundings(model, default_model_dir, [prompt])
+    assert tolerance < 0.1  # measured with our kernels: error 3.4% of the logits' rms, E 4.2%, tolerance 8.3%

@@ -69,10 +69,21 @@ def test_integer_form_is_exact(gguf_file, qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_cpu_layer_within_bf16_scale_rounding(gguf_file, qtype):
+def test_cpu_layer_keeps_the_fp16_scales(gguf_file, qtype):
+    """Our CPU kernels store the file's fp16 scales as they are: exact up to fp32 arithmetic."""
     tensor = gguf_file[f"blk.0.{qtype.name}.weight"]
     layer = quantized_linear_from_gguf(tensor)
     assert layer.backend == "cpu" and (layer.out_features, layer.in_features) == (N, K)
+    _, terms = int_form(gguf_int_weights(tensor))
+    np.testing.assert_array_less(np.abs(layer.dequantize().numpy() - reference(tensor)), FP32_ULPS * terms + 1e-30)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_torch_cpu_layer_within_bf16_scale_rounding(gguf_file, qtype, monkeypatch):
+    monkeypatch.setenv("LLMENGINE_CPU_KERNELS", "0")  # torch's kernels: bf16 scales
+    tensor = gguf_file[f"blk.0.{qtype.name}.weight"]
+    layer = quantized_linear_from_gguf(tensor)
+    assert layer.backend == "torch" and (layer.out_features, layer.in_features) == (N, K)
     _, terms = int_form(gguf_int_weights(tensor))
     err = np.abs(layer.dequantize().numpy() - reference(tensor))
     np.testing.assert_array_less(err, (BF16_U + FP32_ULPS) * terms + 1e-30)

@@ -1,10 +1,12 @@
 """QuantizedLinear: forward against its own dequantized weight, quantization error bounds, the Triton layout,
-and quantize_model on tiny Llama and Falcon models."""
+and quantize_model on tiny Llama and Falcon models. The CPU tests run on both CPU backends: ours ("cpu", int8
+activations, fp16 scales) and torch's ("torch", bf16 activations and scales; LLMENGINE_CPU_KERNELS=0)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.attention import AttentionMetadata
 from models.layers import Linear
@@ -20,6 +22,8 @@ except ImportError:  # before the layout refactor
     from models.generate import generate
 
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
+FP16_U = 2.0 ** -11
+STORAGE_U = {"cpu": FP16_U, "torch": BF16_U}  # the unit roundoff of each CPU backend's stored scales
 # (mode, group_size): int8 per channel, int4 g32 and g64, int8 per group of 32 (GGUF Q8_0: two int4 planes)
 MODES = [("int8", None), ("int4", 32), ("int4", 64), ("int8", 32)]
 MODE_IDS = [f"{m}-g{g}" for m, g in MODES]
@@ -32,30 +36,59 @@ def random_weight(n: int, k: int, seed: int) -> torch.Tensor:
         + 0.02 * torch.randn(n, k // 32, generator=gen).repeat_interleave(32, 1)
 
 
-def forward_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The CPU kernels round x to bf16 (2^-8 relative) and the product y to bf16 (2^-8 |y|, |y| <= sum |x||w|),
-    accumulating in fp32 in between: |y - x @ W^T| <= 2^-7 sum_k |x_k| |w_k| (+ fp32 slack)."""
-    return 2 * BF16_U * (x.double().abs() @ w.double().abs().t()) + 1e-6
+@pytest.fixture(params=["cpu", "torch"])
+def backend(request, monkeypatch) -> str:
+    if request.param == "torch":
+        monkeypatch.setenv("LLMENGINE_CPU_KERNELS", "0")
+    return request.param
+
+
+def forward_bound(x: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
+    """torch's kernels round x to bf16 (2^-8 relative) and the product y to bf16 (2^-8 |y|, |y| <= sum |x||w|),
+    accumulating in fp32 in between: |y - x @ W^T| <= 2^-7 sum_k |x_k| |w_k| (+ fp32 slack).
+    Ours round x to int8 per block b of 32 k's (|x_k - x^_k| <= max_b |x| / 254), then work in fp32 (and round y
+    to x's dtype): |y - x @ W^T| <= sum_b max_b|x| / 254 sum_{k in b} |w_k| (+ fp32 slack, + 2^-8 |y| for bf16)."""
+    xd, wd = x.double().abs(), w.double().abs()
+    prod = xd @ wd.t()
+    if backend == "torch":
+        return 2 * BF16_U * prod + 1e-6
+    k = x.shape[-1]
+    pad = -k % 32
+    x_max = F.pad(xd, (0, pad)).unflatten(-1, (-1, 32)).amax(-1)  # [..., blocks]
+    w_sum = F.pad(wd, (0, pad)).unflatten(-1, (-1, 32)).sum(-1)  # [N, blocks]
+    out = BF16_U * prod if x.dtype == torch.bfloat16 else 0
+    return (x_max / 254) @ w_sum.t() * (1 + 1e-3) + out + 1e-5 * prod + 1e-6
 
 
 @pytest.mark.parametrize("mode, group", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("rows", [1, 3, 4, 17])
-def test_forward_matches_dequantized_weight(mode, group, rows):
-    n, k = 50, 192  # n: not a multiple of 16 (int4 pads the rows)
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 70])
+def test_forward_matches_dequantized_weight(mode, group, rows, backend):
+    n, k = 50, 192  # n: not a multiple of 16 (torch's int4 pads the rows); 70 rows: two chunks of 64 in ours
     weight = random_weight(n, k, seed=rows)
     bias = torch.randn(n)
     layer = QuantizedLinear.quantize(weight, bias, mode, group)
-    assert layer.backend == "cpu"
+    assert layer.backend == backend
     w = layer.dequantize()
     assert w.shape == (n, k) and w.dtype == torch.float32
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(10 + rows))
     y = layer(x)
     assert y.shape == (rows, n) and y.dtype == torch.float32
     err = (y.double() - (x.double() @ w.double().t() + bias.double())).abs()
-    assert (err <= forward_bound(x, w)).all(), f"max error {err.max():.3g}"
+    assert (err <= forward_bound(x, w, backend)).all(), f"max error {err.max():.3g}"
+    assert err.max() > 0  # the bound is checked against a real rounding
 
 
-def test_forward_bf16_and_leading_dims():
+def test_int8_per_channel_any_k(backend):
+    """int8 per output channel takes any K: ours pads K to a multiple of 32 with zero weights."""
+    weight, x = random_weight(24, 96, seed=6)[:, :72], torch.randn(5, 72)
+    layer = QuantizedLinear.quantize(weight, None, "int8")
+    w = layer.dequantize()
+    assert w.shape == (24, 72)
+    err = (layer(x).double() - x.double() @ w.double().t()).abs()
+    assert (err <= forward_bound(x, w, backend)).all()
+
+
+def test_forward_bf16_and_leading_dims(backend):
     weight = random_weight(40, 64, seed=1)
     layer = QuantizedLinear.quantize(weight, None, "int4", 32)
     x = torch.randn(2, 3, 64).bfloat16()
@@ -63,52 +96,58 @@ def test_forward_bf16_and_leading_dims():
     assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
     w = layer.dequantize()
     err = (y.double() - x.double() @ w.double().t()).abs()
-    assert (err <= forward_bound(x, w)).all()  # x is already bf16: only y's rounding, well inside
+    assert (err <= forward_bound(x, w, backend)).all()
     assert layer(torch.empty(0, 64)).shape == (0, 40)
 
 
-def test_int8_error_bound():
-    """scale = max|w_row| / 127 stored in bf16; q = round(w / stored scale): |w - dequant| <= stored scale / 2
-    (the stored scale is within 2^-8 of the exact one, so |w| / stored scale <= 127.5 and q is never clamped)."""
+def test_int8_error_bound(backend):
+    """scale = max|w_row| / 127 stored (bf16 or fp16, within u of exact); q = round(w / stored scale):
+    |w - dequant| <= stored scale / 2 (|w| / stored scale <= 127 (1 + u) < 127.5, so q is never clamped)."""
     weight = random_weight(48, 128, seed=2)
     weight[5] = 0  # an all-zero row: scale 0, q 0
     layer = QuantizedLinear.quantize(weight, None, "int8")
-    stored_scale = (weight.abs().amax(1) / 127).bfloat16().float()
+    dtype = torch.float16 if backend == "cpu" else torch.bfloat16
+    stored_scale = (weight.abs().amax(1) / 127).to(dtype).float()
     err = (weight - layer.dequantize()).abs()
     assert (err <= stored_scale[:, None] / 2 * (1 + 1e-6)).all()
     assert err[5].max() == 0 and (err.amax(1)[stored_scale > 0] > stored_scale[stored_scale > 0] / 4).all()
 
 
 @pytest.mark.parametrize("group", [32, 64])
-def test_int4_error_bound(group):
-    """scale = (max - min) / 15, zero = min + 8 scale, both stored in bf16 (u = 2^-8), q against the stored pair:
-    |w - dequant| <= stored scale / 2 + u (8 scale + |zero|), the second term the drift of the range's ends."""
+def test_int4_error_bound(group, backend):
+    """scale = (max - min) / 15, q against the stored pair. torch's: (scale, zero = min + 8 scale) in bf16;
+    ours: (scale, min) in fp16. |w - dequant| <= stored scale / 2 + drift, the drift of the range's ends by the
+    rounding of the stored pair: u (8 scale + |zero|), resp. u (15 scale + |min|)."""
     weight = random_weight(48, 128, seed=3)
-    weight[7, :group] = 0.37  # a constant group: scale 0, exact up to bf16
+    weight[7, :group] = 0.37  # a constant group: scale 0, exact up to the storage's rounding
     layer = QuantizedLinear.quantize(weight, None, "int4", group)
+    assert layer.backend == backend
+    u = STORAGE_U[backend]
     wg = weight.view(48, -1, group)
     lo, hi = wg.amin(-1), wg.amax(-1)
     scale = (hi - lo) / 15
     zero = lo + 8 * scale
-    bound = scale.bfloat16().float() / 2 + BF16_U * (8 * scale + zero.abs())
+    drift = u * (8 * scale + zero.abs()) if backend == "torch" else u * (15 * scale + lo.abs())
+    bound = scale * (1 + u) / 2 + drift
     err = (wg - layer.dequantize().view(48, -1, group)).abs()
     assert (err <= bound[..., None] * (1 + 1e-6)).all()
     # q = 0 and q = 15 land on each group's min and max, up to the rounding of the stored pair
     ends = torch.stack([err.gather(-1, wg.argmin(-1, keepdim=True)), err.gather(-1, wg.argmax(-1, keepdim=True))])
-    assert (ends <= (BF16_U * (8 * scale + zero.abs()))[..., None] * (1 + 1e-6) + 1e-7).all()
-    assert err[7, 0].max() <= BF16_U * 0.37
+    assert (ends <= drift[..., None] * (1 + 1e-6) + 1e-7).all()
+    assert err[7, 0].max() <= u * 0.37
     assert (err.amax(-1) > scale / 4)[scale > 0].float().mean() > 0.9  # the bound is not loose
 
 
-def test_from_int4_and_from_int8_are_exact():
-    """Pre-quantized weights whose scales bf16 holds exactly: dequantize gives them back exactly, through the
-    CPU kernels' own packing (int4 read back through the kernel) and the Q8_0 planes."""
+def test_from_int4_and_from_int8_are_exact(backend):
+    """Pre-quantized weights whose scales bf16 and fp16 hold exactly: dequantize gives them back exactly, through
+    each backend's own packing (torch's int4 read back through its kernel, its Q8_0 planes; ours per block)."""
     gen = torch.Generator().manual_seed(4)
     n, k = 36, 128
     scale = torch.randint(1, 64, (n, k // 32), generator=gen) / 1024.0
     zero = torch.randint(-64, 64, (n, k // 32), generator=gen) / 512.0
     q4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
     w4 = (q4.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+    assert QuantizedLinear.from_int4(q4, scale, zero, 32).backend == backend
     assert torch.equal(QuantizedLinear.from_int4(q4, scale, zero, 32).dequantize(), w4)
     q8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
     w8 = q8.float() * scale.repeat_interleave(32, 1)
@@ -182,10 +221,11 @@ def hidden_and_logits(model, head=None) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("mode", fast_subset(["int8", "int4"], ["int8"]))
 def test_quantize_model_matches_dequantized_model(tiny_dir, mode):
     """The quantized model (through the loader: `load_model(quantize=...)`) against the same model with each
-    dequantized weight put back in fp32 (the head too): they differ only by the bf16 rounding of each projection's
-    input and output (2^-8 relative each, errors of random sign). Measured: 0.33-0.42% of the logits' scale on
-    these models; 1.5% is the bound (int4 against the unquantized model is 8-12% off, so the comparison can tell
-    the weights apart)."""
+    dequantized weight put back in fp32 (the head too): they differ only by the rounding of each projection's
+    input (our CPU kernels: int8 per block of 32, 1/254 of the block's largest |x|; torch's: bf16 in and out,
+    2^-8 relative each; errors of random sign). Measured: 0.5-1.05% of the logits' scale on these models with
+    ours, 0.33-0.42% with torch's; 1.5% is the bound (int4 against the unquantized model is 8-12% off, so the
+    comparison can tell the weights apart)."""
     variant, path = tiny_dir
     quantized = load_model(path, progress=False, quantize=mode)  # packing (the default) finds nothing left to pack
     reference = load_model(path, progress=False, pack=False)

@@ -1,0 +1,144 @@
+// The small per-token layers on the CPU, fp32: RMSNorm (optionally after the residual add), SiLU-and-multiply
+// and rotary embedding. Each is one pass over its rows instead of the several torch ops of the reference.
+//
+// rms_norm:      x, residual (optional) [T, hidden] (rows contiguous), weight [hidden].
+//                h = x + residual; out = h / sqrt(mean(h^2) + eps) * weight. Returns out, and h when residual.
+// silu_and_mul:  x [T, 2I] (gate | up) -> silu(gate) * up, [T, I].
+// rotary:        q [T, H, d], k [T, Hkv, d] (any token/head strides, last dim contiguous), positions int64 [T],
+//                cos_sin_cache fp32 [P, d] (cos half, sin half). Pairs (i, i + d/2) rotate as
+//                (x1 cos - x2 sin, x2 cos + x1 sin); new contiguous q and k are returned.
+// Grid: at::parallel_for over the T rows (tokens); one task computes whole rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu_kernels.h"
+
+#include <cmath>
+#include <tuple>
+
+namespace llmengine_cpu {
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a CPU fp32 tensor");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [rows, cols] with contiguous rows");
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                            const c10::optional<at::Tensor>& residual) {
+  check_rows(x, "x");
+  const at::Tensor w = weight.contiguous();
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.numel() == x.size(1), "weight must be fp32 [hidden]");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  auto out = at::empty({rows, hidden}, x.options());
+  at::Tensor h;
+  const float* rp = nullptr;
+  int64_t rstride = 0;
+  if (residual.has_value()) {
+    check_rows(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual must match x");
+    h = at::empty({rows, hidden}, x.options());
+    rp = residual->data_ptr<float>();
+    rstride = residual->stride(0);
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
+  const int64_t xstride = x.stride(0);
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * xstride;
+      float* o = op + r * hidden;
+      const float* src = xr;
+      if (hp) {
+        float* hr = hp + r * hidden;
+        const float* res = rp + r * rstride;
+        for (int64_t i = 0; i < hidden; ++i) hr[i] = xr[i] + res[i];
+        src = hr;
+      }
+      float ss = 0.f;
+      for (int64_t i = 0; i < hidden; ++i) ss += src[i] * src[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(hidden) + static_cast<float>(eps));
+      for (int64_t i = 0; i < hidden; ++i) o[i] = src[i] * inv * wp[i];
+    }
+  });
+  return {out, h.defined() ? h : at::empty({0}, x.options())};
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.size(1) % 2 == 0, "x must hold gate and up halves");
+  const int64_t rows = x.size(0), inter = x.size(1) / 2, xstride = x.stride(0);
+  auto out = at::empty({rows, inter}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = xp + r * xstride;
+      const float* up = gate + inter;
+      float* o = op + r * inter;
+      for (int64_t i = 0; i < inter; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    }
+  });
+  return out;
+}
+
+void rotate_heads(const float* src, int64_t head_stride, int64_t heads, int64_t d, const float* cs, float* dst) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* x = src + h * head_stride;
+    float* y = dst + h * d;
+    for (int64_t i = 0; i < half; ++i) {
+      const float c = cs[i], s = cs[half + i], x1 = x[i], x2 = x[half + i];
+      y[i] = x1 * c - x2 * s;
+      y[half + i] = x2 * c + x1 * s;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                                          const at::Tensor& cos_sin_cache) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1,
+              "q, k must be [T, heads, d] with a contiguous last dim");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat, "q, k must be fp32");
+  const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), d = q.size(2);
+  TORCH_CHECK(k.size(0) == T && k.size(2) == d && d % 2 == 0, "k must be [T, Hkv, d] like q, d even");
+  const at::Tensor cache = cos_sin_cache.to(at::kFloat).contiguous();
+  TORCH_CHECK(cache.dim() == 2 && cache.size(1) == d, "cos_sin_cache must be [positions, head_dim]");
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == T, "positions must be [T]");
+  auto q_out = at::empty({T, H, d}, q.options());
+  auto k_out = at::empty({T, Hkv, d}, k.options());
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t P = cache.size(0);
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < P, "position ", pp[t], " is outside the rotary table of ", P, " rows");
+  const float* cp = cache.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  float* qo = q_out.data_ptr<float>();
+  float* ko = k_out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* cs = cp + pp[t] * d;
+      rotate_heads(qp + t * q.stride(0), q.stride(1), H, d, cs, qo + t * H * d);
+      rotate_heads(kp + t * k.stride(0), k.stride(1), Hkv, d, cs, ko + t * Hkv * d);
+    }
+  });
+  return {q_out, k_out};
+}
+
+}  // namespace llmengine_cpu
+
+TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
+  lib.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)");
+  lib.def("silu_and_mul(Tensor x) -> Tensor");
+  lib.def("rotary(Tensor q, Tensor k, Tensor positions, Tensor cos_sin_cache) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(llmengine_cpu, CPU, lib) {
+  lib.impl("rms_norm", &llmengine_cpu::rms_norm);
+  lib.impl("silu_and_mul", &llmengine_cpu::silu_and_mul);
+  lib.impl("rotary", &llmengine_cpu::rotary);
+}

@@ -1,0 +1,249 @@
+// Weight-only quantized products on the CPU with int8 activations: the llama.cpp-style integer dot product.
+//
+// Layout (one row n of W [N, K], K padded with zero weights to Kp, a multiple of 32; nb = Kp / 32 blocks):
+//   q4: qs uint8 [N, Kp / 2]: block b of row n is the 16 bytes qs[n, 16b : 16b + 16], byte j holding
+//       q[32b + j] in its low nibble and q[32b + 16 + j] in its high one (GGUF Q4_1's order); d, m fp16
+//       [N, nb]; w = q * d + m, q in 0..15.
+//   q8: qs int8 [N, Kp]; d fp16 [N, nb]; w = q * d.
+// x fp32 [M, K] is quantized per block of 32 (llama.cpp's Q8_1): xd = max|x| / 127, xq = round(x / xd) in
+// -127..127 (zeros past K), xs = xd * sum(xq). Then y[i, n] = sum_b d[n,b] xd[i,b] (q . xq)[b] (+ m[n,b] xs[i,b]).
+// Grid: at::parallel_for over output rows n; one task holds a run of rows and, for each chunk of 64
+// activation rows, computes tiles of one weight row x up to 4 activation rows with AVX2
+// (maddubs: u8 x s8 -> pairs of s16, madd -> s32, fma into fp32 lanes). Without AVX2 a scalar loop does it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LLME_AVX2 1
+#endif
+
+namespace llmengine_cpu {
+
+constexpr int64_t QK = 32;
+constexpr int64_t M_CHUNK = 64;
+
+inline float half_to_float(uint16_t h) {
+#ifdef LLME_AVX2
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// One activation row (len k) -> nb blocks of 32 int8 + xd, xs.
+void quantize_row(const float* x, int64_t k, int64_t nb, int8_t* q, float* d, float* s) {
+  float buf[QK];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t lo = b * QK, n = std::min<int64_t>(QK, k - lo);
+    const float* xb = x + lo;
+    if (n < QK) {
+      std::fill(buf, buf + QK, 0.f);
+      std::copy(xb, xb + n, buf);
+      xb = buf;
+    }
+#ifdef LLME_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+    __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+    __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float scale = _mm_cvtss_f32(m4) / 127.f;
+    const __m256 inv = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    // packs interleave 128-bit lanes; the permute puts the 32 bytes back in order.
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + lo), p);
+    d[b] = scale;
+    s[b] = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
+#else
+    float amax = 0.f;
+    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) {
+      const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
+      q[lo + j] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[b] = scale;
+    s[b] = scale * static_cast<float>(sum);
+#endif
+  }
+}
+
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  int64_t nb;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t nb) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  QuantizedRows out{std::vector<int8_t>(rows * nb * QK), std::vector<float>(rows * nb),
+                    std::vector<float>(rows * nb), nb};
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      quantize_row(xp + i * k, k, nb, out.q.data() + i * nb * QK, out.d.data() + i * nb, out.s.data() + i * nb);
+  });
+  return out;
+}
+
+#ifdef LLME_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256i q4_block(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// u8 w (0..15) . s8 x -> 8 fp32 partial sums.
+inline __m256 dot_u8_s8(__m256i w, __m256i x) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+
+// s8 w . s8 x through |w| (as u8, so w = -128 gives 128) and x * sign(w) (x is in -127..127, so negating it
+// never overflows); pair sums stay within 2 * 128 * 127 < 2^15.
+inline __m256 dot_s8_s8(__m256i w, __m256i x) {
+  return dot_u8_s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+#endif
+
+// One weight row against MT activation rows.
+template <bool Q4, int MT>
+void row_tile(const uint8_t* wq, const uint16_t* wd, const uint16_t* wm, int64_t nb, const QuantizedRows& xr,
+              int64_t i0, float* y, int64_t ldy) {
+#ifdef LLME_AVX2
+  __m256 acc[MT];
+  float macc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps(), macc[t] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i w = Q4 ? q4_block(wq + b * 16)
+                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * QK));
+    const float dw = half_to_float(wd[b]);
+    const float mw = Q4 ? half_to_float(wm[b]) : 0.f;
+    for (int t = 0; t < MT; ++t) {
+      const int64_t r = (i0 + t) * nb + b;
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q.data() + r * QK));
+      const __m256 p = Q4 ? dot_u8_s8(w, x) : dot_s8_s8(w, x);
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xr.d[r]), p, acc[t]);
+      if (Q4) macc[t] += mw * xr.s[r];
+    }
+  }
+  for (int t = 0; t < MT; ++t) y[t * ldy] = hsum(acc[t]) + macc[t];
+#else
+  for (int t = 0; t < MT; ++t) {
+    float total = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t r = (i0 + t) * nb + b;
+      const int8_t* x = xr.q.data() + r * QK;
+      int dot = 0;
+      for (int j = 0; j < QK; ++j) {
+        int w;
+        if (Q4) {
+          const uint8_t byte = wq[b * 16 + (j & 15)];
+          w = j < 16 ? (byte & 15) : (byte >> 4);
+        } else {
+          w = reinterpret_cast<const int8_t*>(wq)[b * QK + j];
+        }
+        dot += w * x[j];
+      }
+      total += half_to_float(wd[b]) * xr.d[r] * dot + (Q4 ? half_to_float(wm[b]) * xr.s[r] : 0.f);
+    }
+    y[t * ldy] = total;
+  }
+#endif
+}
+
+template <bool Q4>
+at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& m,
+                        const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(qs.dim() == 2 && d.dim() == 2 && qs.size(0) == d.size(0), "qs [N, ...] and d [N, nb] must agree");
+  TORCH_CHECK(d.scalar_type() == at::kHalf, "d must be fp16");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = d.size(1);
+  TORCH_CHECK(qs.size(1) == (Q4 ? nb * QK / 2 : nb * QK), "qs holds ", qs.size(1), " bytes per row, not ",
+              Q4 ? nb * QK / 2 : nb * QK, " (nb = ", nb, ")");
+  TORCH_CHECK(K <= nb * QK && K > (nb - 1) * QK, "x has K=", K, " but the weight has ", nb, " blocks of 32");
+  const at::Tensor qsc = qs.contiguous(), dc = d.contiguous();
+  at::Tensor mc;
+  if (Q4) {
+    TORCH_CHECK(m.has_value() && m->sizes() == d.sizes() && m->scalar_type() == at::kHalf, "q4 needs m like d");
+    mc = m->contiguous();
+  }
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const QuantizedRows xr = quantize_rows(x, nb);
+  const uint8_t* wq = reinterpret_cast<const uint8_t*>(qsc.data_ptr());
+  const uint16_t* wd = reinterpret_cast<const uint16_t*>(dc.data_ptr());
+  const uint16_t* wm = Q4 ? reinterpret_cast<const uint16_t*>(mc.data_ptr()) : nullptr;
+  const int64_t row_bytes = qs.size(1);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = 0; c0 < M; c0 += M_CHUNK) {
+      const int64_t c1 = std::min(M, c0 + M_CHUNK);
+      for (int64_t n = begin; n < end; ++n) {
+        const uint8_t* rq = wq + n * row_bytes;
+        const uint16_t* rd = wd + n * nb;
+        const uint16_t* rm = Q4 ? wm + n * nb : nullptr;
+        int64_t i = c0;
+        for (; i + 4 <= c1; i += 4) row_tile<Q4, 4>(rq, rd, rm, nb, xr, i, yp + i * N + n, N);
+        switch (c1 - i) {
+          case 3: row_tile<Q4, 3>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
+          case 2: row_tile<Q4, 2>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
+          case 1: row_tile<Q4, 1>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
+          default: break;
+        }
+      }
+    }
+  });
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                     const c10::optional<at::Tensor>& bias) {
+  return quant_linear<true>(x, qs, d, m, bias);
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                     const c10::optional<at::Tensor>& bias) {
+  return quant_linear<false>(x, qs, d, c10::nullopt, bias);
+}
+
+}  // namespace llmengine_cpu
+
+TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
+  lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m, Tensor? bias) -> Tensor");
+  lib.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmengine_cpu, CPU, lib) {
+  lib.impl("q4_linear", &llmengine_cpu::q4_linear);
+  lib.impl("q8_linear", &llmengine_cpu::q8_linear);
+}

@@ -1,0 +1,171 @@
+"""Our C++ CPU kernels (kernels/cpu/) against float64 references on fresh random inputs: ragged row counts and
+K's, block and chunk boundaries, GQA/MQA/ALiBi attention over shuffled paged caches, and their input checks."""
+
+import pytest
+import torch
+from kernel_testing import alibi_slopes
+
+from kernels import cpu as cpu_kernels
+from kernels.activation import silu_and_mul_ref
+from kernels.cpu.reference import int8_blocks
+from kernels.decode_attention import decode_attention_ref
+from kernels.norms import rms_norm_ref
+from kernels.quant_matmul import pack_int4
+from kernels.rotary import rotary_ref
+from kernels.store_kv import store_kv_ref
+from kernels.testing import make_paged_cache
+
+ops = torch.ops.llmengine_cpu
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    # Not a skip: on a machine with a C++ compiler (CI's) the kernels must build.
+    assert cpu_kernels.available(), "the C++ CPU kernels did not build (see the warning logged by kernels.cpu)"
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xq, xd = int8_blocks(x)
+    return xq.double(), xd.double()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 65, 130])
+@pytest.mark.parametrize("n", [1, 7, 50])
+def test_q4_linear(rows, n):
+    gen = torch.Generator().manual_seed(rows * 100 + n)
+    k = 96
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.02).half()
+    m = (torch.randn(n, k // 32, generator=gen) * 0.05).half()
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+    bias = torch.randn(n, generator=gen)
+    xq, xd = quantize_activations(x)
+    qb = q.view(n, -1, 32).double()
+    expected = torch.einsum("mbj,nbj,nb,mb->mn", xq, qb, d.double(), xd) \
+        + torch.einsum("mbj,nb,mb->mn", xq, m.double(), xd) + bias.double()
+    y = ops.q4_linear(x, pack_int4(q), d, m, bias)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 70])
+@pytest.mark.parametrize("k", [32, 40, 96])  # 40: K padded with zero weights to 64
+def test_q8_linear(rows, k):
+    gen = torch.Generator().manual_seed(rows * 10 + k)
+    n, kp = 33, -(-k // 32) * 32
+    q = torch.randint(-128, 128, (n, kp), generator=gen, dtype=torch.int8)
+    q[:, k:] = 0
+    d = (torch.rand(n, kp // 32, generator=gen) * 0.01).half()
+    x = torch.randn(rows, k, generator=gen)
+    xq, xd = quantize_activations(x)
+    expected = torch.einsum("mbj,nbj,nb,mb->mn", xq, q.view(n, -1, 32).double(), d.double(), xd)
+    y = ops.q8_linear(x, q, d, None)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_linear_checks_shapes():
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="blocks of 32"):
+        ops.q8_linear(x, torch.zeros(4, 96, dtype=torch.int8), torch.zeros(4, 3).half(), None)
+    with pytest.raises(RuntimeError, match="fp16"):
+        ops.q8_linear(x, torch.zeros(4, 64, dtype=torch.int8), torch.zeros(4, 2), None)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 33])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(rows, with_residual):
+    gen = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 200, generator=gen)
+    x = wide[:, :136]  # rows with a stride wider than the hidden size
+    residual = torch.randn(rows, 136, generator=gen) if with_residual else None
+    weight = torch.randn(136, generator=gen)
+    out, h = ops.rms_norm(x, weight, 1e-5, residual)
+    expected_h = x.double() + (residual.double() if with_residual else 0)
+    torch.testing.assert_close(out.double(), rms_norm_ref(expected_h, weight.double(), 1e-5), rtol=1e-5, atol=1e-6)
+    if with_residual:
+        assert torch.equal(h, x + residual)  # the fp32 sum, exactly
+
+
+def test_silu_and_mul():
+    x = torch.randn(7, 2 * 99) * 4
+    torch.testing.assert_close(ops.silu_and_mul(x).double(), silu_and_mul_ref(x.double()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads, kv_heads, d", [(4, 4, 64), (9, 3, 64), (8, 1, 16)])
+def test_rotary_on_qkv_views(heads, kv_heads, d):
+    """q and k as the column ranges of one fused QKV output, as Attention.forward passes them."""
+    gen = torch.Generator().manual_seed(heads)
+    tokens = 11
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=gen)
+    q = qkv[:, :heads * d].view(tokens, heads, d)
+    k = qkv[:, heads * d:(heads + kv_heads) * d].view(tokens, kv_heads, d)
+    positions = torch.randint(0, 300, (tokens,), generator=gen)
+    angles = torch.arange(300)[:, None].double() * torch.rand(d // 2, generator=gen).double()
+    cache = torch.cat([angles.cos(), angles.sin()], -1)
+    q_out, k_out = ops.rotary(q, k, positions, cache.float())
+    q_ref, k_ref = rotary_ref(q.double(), k.double(), positions, cache)
+    torch.testing.assert_close(q_out.double(), q_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k_out.double(), k_ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        ops.rotary(q, k, torch.full((tokens,), 300), cache.float())
+
+
+def test_store_kv_skips_minus_one():
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache = torch.zeros(4, 16, 2, 8), torch.zeros(4, 16, 2, 8)
+    k, v = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
+    slots = torch.tensor([15, 16, -1, 63, 0])  # a block boundary, a skipped token, the last slot
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(k, v, k_ref, v_ref, slots)
+    ops.store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    with pytest.raises(RuntimeError, match="past the cache"):
+        ops.store_kv(k, v, k_cache, v_cache, torch.tensor([64, 0, 1, 2, 3]))
+
+
+ATTENTION_CASES = {
+    # name: num_heads, num_kv_heads, head_dim, block_size, seq_lens, alibi
+    "mha-bs16-boundaries": (4, 4, 64, 16, [1, 16, 17, 50], False),
+    "gqa-bs32": (9, 3, 64, 32, [32, 33, 1, 70], False),
+    "mqa-alibi": (8, 1, 16, 16, [5, 40, 130], True),
+    "gqa-alibi-hd128": (4, 2, 128, 16, [18, 47], True),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_decode_attention(case):
+    heads, kv_heads, d, block_size, seq_lens, alibi = ATTENTION_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    q = torch.randn(len(seq_lens), heads, d, generator=gen)
+    k_cache, v_cache, block_tables = make_paged_cache(seq_lens, kv_heads, d, block_size, torch.float32, "cpu", gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    slopes = alibi_slopes(heads, "cpu") * d ** -0.5 if alibi else None
+    out = ops.decode_attention(q, k_cache, v_cache, block_tables, lens, d ** -0.5, slopes)
+    expected = decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), block_tables, lens, d ** -0.5,
+                                    None if slopes is None else slopes.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_checks_the_block_table():
+    k_cache, v_cache, block_tables = make_paged_cache([20], 2, 16, 16, torch.float32, "cpu")
+    q = torch.randn(1, 2, 16)
+    with pytest.raises(RuntimeError, match="does not fit the block table"):
+        ops.decode_attention(q, k_cache, v_cache, block_tables, torch.tensor([1000], dtype=torch.int32), 0.25, None)
+    block_tables[0, 1] = k_cache.shape[0]
+    with pytest.raises(RuntimeError, match="is not in the cache"):
+        ops.decode_attention(q, k_cache, v_cache, block_tables, torch.tensor([20], dtype=torch.int32), 0.25, None)
+
+
+def test_entry_points_take_the_cpu_kernels(monkeypatch):
+    """fp32 CPU tensors go to the C++ kernels; LLMENGINE_CPU_KERNELS=0 sends them to the torch references."""
+    from kernels import rms_norm
+
+    x, w = torch.randn(3, 64), torch.randn(64)
+    calls = []
+    real = ops.rms_norm
+    monkeypatch.setattr(torch.ops.llmengine_cpu, "rms_norm", lambda *a: calls.append(1) or real(*a), raising=False)
+    rms_norm(x, w, 1e-5)
+    assert calls == [1]
+    monkeypatch.setenv("LLMENGINE_CPU_KERNELS", "0")
+    rms_norm(x, w, 1e-5)
+    assert calls == [1]

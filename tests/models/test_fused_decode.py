@@ -1,0 +1,52 @@
+"""The one-call CPU decode step (models/fused_decode.py) gives the eager blocks' numbers exactly (the same C++
+kernels in the same order), on every tiny Llama variant it takes; the others keep the eager path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.fused_decode import FusedDecode
+from runtime import LLM, SamplingParams
+from tests.models.tiny import save_tiny
+
+PROMPTS = [[5, 17, 99, 3, 64, 8, 21], [7, 100, 2, 45], [9] * 40]  # 40 tokens: past a 16-token block
+ELIGIBLE = ["llama-mha", "llama-gqa-tied-bias", "llama-mqa-linear", "llama3-rope"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    return {v: save_tiny(v, tmp_path_factory.mktemp(v)) for v in [*ELIGIBLE, "llama-dynamic", "falcon-40b-like"]}
+
+
+def run(path, quantize: str | None, fused: bool, monkeypatch, prompts=PROMPTS, n: int = 20) -> tuple[list, bool]:
+    monkeypatch.setenv("LLMENGINE_FUSED_DECODE", "1" if fused else "0")
+    llm = LLM(path, quantize=quantize, block_size=16, cpu_threads=2)
+    params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
+    results = llm.generate(prompts, params, progress=False)
+    took = isinstance(llm.engine.model.fused_decode, FusedDecode)
+    return [(r.token_ids, r.log_probs) for r in results], took
+
+
+@pytest.mark.parametrize("variant", ELIGIBLE)
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_fused_decode_matches_eager(tiny_dirs, variant, mode, monkeypatch):
+    fused, took = run(tiny_dirs[variant], mode, True, monkeypatch)
+    eager, took_eager = run(tiny_dirs[variant], mode, False, monkeypatch)
+    assert took and not took_eager
+    assert fused == eager  # tokens and log-probs, bit for bit
+
+
+@pytest.mark.parametrize("variant, quantize", [("llama-dynamic", "int4"), ("falcon-40b-like", "int4"),
+                                               ("llama-mha", None)])
+def test_fused_decode_declines(tiny_dirs, variant, quantize, monkeypatch):
+    """Dynamic RoPE, Falcon and float weights keep the eager blocks."""
+    _, took = run(tiny_dirs[variant], quantize, True, monkeypatch, PROMPTS[:2], 8)  # llama-dynamic: 24 positions
+    assert not took
+
+
+def test_fused_decode_without_kernels(tiny_dirs, monkeypatch):
+    monkeypatch.setenv("LLMENGINE_CPU_KERNELS", "0")  # torch's quantized kernels: nothing to fuse
+    _, took = run(tiny_dirs["llama-mha"], "int4", True, monkeypatch)
+    assert not took
+    assert torch.ops.llmengine_cpu.q4_linear is not None  # the library stays loaded; only the choice changes
