@@ -60,7 +60,8 @@ test-fast: $(MODEL)
 	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile tests
 
 # Decode speed against transformers in the same run, then the weight formats (fp32, int8, int4, the GGUF's int4)
-# against llama.cpp on the same GGUF with the same threads, then their perplexity and greedy agreement, then 1 vs 16
+# against llama.cpp on the same GGUF with the same threads, then their perplexity and greedy agreement, then sync
+# requests through the server against llama.cpp, then 1 vs 16
 # concurrent streams through the server, then the projection products by weight layout.
 # BENCH_THREADS: threads for both engines in the llama.cpp comparison (use 1 on a busy machine).
 BENCH_THREADS ?= 2
@@ -72,6 +73,7 @@ bench: $(MODEL)
 	$(PY) -m benchmarks.decode --dtype float32 --quantize none int8 int4 gguf --baseline llama.cpp \
 		--batch-sizes 1 4 16 --max-new-tokens 128 --threads $(BENCH_THREADS) --name decode_quant
 	$(PY) -m benchmarks.quality --threads $(BENCH_THREADS)
+	$(PY) -m benchmarks.sync_server --threads $(BENCH_THREADS)
 	$(PY) -m benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \
 		--input-len 32
 	$(PY) -m benchmarks.products

@@ -75,11 +75,9 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache] | None = None) -> torch.Tensor:
         """input_ids, positions `[num_tokens]` -> hidden `[num_tokens, hidden]` (after the final norm)."""
-        if meta.is_decode and self.fused_decode is not None:
-            if self.fused_decode is False:
-                self.fused_decode = FusedDecode.build(self)
-            if self.fused_decode is not None and self.fused_decode.applies(meta, kv_caches):
-                return self.fused_decode(input_ids, positions, meta, kv_caches)
+        fused = self.fused_decode_for(meta, kv_caches)
+        if fused is not None:
+            return fused(input_ids, positions, meta, kv_caches)
         rope = None
         if self.rope is not None:
             rope = self.rope.cos_sin(positions, meta.seq_len_per_token() if self.rope.rope_type == "dynamic"
@@ -91,6 +89,15 @@ class CausalLM(nn.Module):
             x, _ = self.norm(x, residual)
             return x
         return self.norm(x)
+
+    def fused_decode_for(self, meta: AttentionMetadata, kv_caches: list[KVCache] | None) -> FusedDecode | None:
+        """The one-call decode step when this step can take it (built at the first decode step), else None."""
+        if not meta.is_decode or self.fused_decode is None:
+            return None
+        if self.fused_decode is False:
+            self.fused_decode = FusedDecode.build(self)
+        return self.fused_decode if self.fused_decode is not None and self.fused_decode.applies(meta, kv_caches) \
+            else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quantized_head is not None:

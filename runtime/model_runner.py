@@ -152,7 +152,8 @@ class ModelRunner:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's forward over the cache: hidden states `[num_tokens, hidden]` (decode steps compiled)."""
         forward = self.model.forward
-        if meta.is_decode:
+        # The one-call CPU decode step (models/fused_decode.py) is already what compiling would aim at: not compiled.
+        if meta.is_decode and self.model.fused_decode_for(meta, self.kv_caches) is None:
             forward = self.decode_forward
             # One compiled graph for every block-table width, and one for every batch size above 1.
             torch._dynamo.maybe_mark_dynamic(meta.block_tables, 1)

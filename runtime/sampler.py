@@ -85,7 +85,12 @@ class Sampler:
                seqs: list[RuntimeSequence]) -> tuple[list[int], list[float], list[TopLogProbs]]:
         """As __call__, plus each row's top-N (token, log-prob) for N = its `top_log_probs` ([] for 0)."""
         params = [seq.params for seq in seqs]
-        log_probs = torch.log_softmax(final_logits(logits, params, [seq.output_token_ids for seq in seqs]), dim=-1)
+        logits = final_logits(logits, params, [seq.output_token_ids for seq in seqs])
+        if all(p.greedy and not p.top_log_probs for p in params):  # argmax and one log-sum-exp per row
+            tokens = logits.argmax(dim=-1)
+            token_log_probs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
+        log_probs = torch.log_softmax(logits, dim=-1)
         tokens = log_probs.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
