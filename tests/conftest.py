@@ -18,12 +18,24 @@ if not torch.cuda.is_available():
 # Tests that use these are slow (the real model served over HTTP or in an engine, or transformers on it):
 # `make test-fast` skips them. Other slow tests carry @pytest.mark.slow themselves.
 SLOW_FIXTURES = {"llm_server", "real_engine", "hf_model_and_tokenizer", "default_folder", "default_llm"}
+# Long tables of bad inputs, each case a full request through a test server: `make test-fast` runs their first
+# two cases (tests/fast.py's fast_subset does this for parametrize lists that are names).
+FIRST_CASES_FAST = {"test_bad_creates_are_400s_naming_the_problem",
+                    "test_unsupported_or_bad_fields_are_400_naming_them",
+                    "test_routes_never_served_are_501_with_a_reason",
+                    "test_bad_constraints_are_400_naming_the_problem"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    seen: dict[str, int] = {}
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        name = getattr(item, "originalname", "")
+        if name in FIRST_CASES_FAST:
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 2:
+                item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

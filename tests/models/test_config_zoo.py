@@ -40,6 +40,7 @@ def test_zoo_configs_parse_at_real_shapes(name):
         assert (c.num_kv_heads, c.num_layers) == (8, 80)
 
 
+@pytest.mark.slow  # saves a transformers model four times
 def test_lookup_by_env_dir_mapping_and_hf_cache(tmp_path, monkeypatch):
     hf = make_hf_model("llama-mha")
     monkeypatch.setenv("LLMENGINE_MODELS_DIR", str(tmp_path / "models"))

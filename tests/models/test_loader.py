@@ -25,6 +25,7 @@ def state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_loads_identically(tiny_dir, tmp_path):
     make_hf_model("llama-gqa-tied-bias").save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()

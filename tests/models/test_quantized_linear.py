@@ -36,7 +36,7 @@ def random_weight(n: int, k: int, seed: int) -> torch.Tensor:
         + 0.02 * torch.randn(n, k // 32, generator=gen).repeat_interleave(32, 1)
 
 
-@pytest.fixture(params=["cpu", "torch"])
+@pytest.fixture(params=fast_subset(["cpu", "torch"], ["cpu"]))
 def backend(request, monkeypatch) -> str:
     if request.param == "torch":
         monkeypatch.setenv("LLMENGINE_CPU_KERNELS", "0")
@@ -205,7 +205,7 @@ VARIANTS = list(tiny.VARIANTS)  # every Llama and Falcon variant
 PROMPTS = [[5, 17, 99, 3, 64, 8, 21], [7, 100, 2, 45]]
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module", params=fast_subset(VARIANTS, ["llama-gqa-tied-bias", "falcon-40b-like"]))
 def tiny_dir(request, tmp_path_factory):
     return request.param, save_tiny(request.param, tmp_path_factory.mktemp(request.param))
 

@@ -86,6 +86,7 @@ async def ticks(stop: asyncio.Event, gaps: list[float]) -> None:
         last = now
 
 
+@pytest.mark.slow
 def test_plain_requests_stream_while_the_guided_view_is_built(folder, slow_build):
     engine = AsyncEngine(folder, kv_cache_gib=0.01, device="cpu")
     guided = SamplingParams(max_new_tokens=8, guided=("choice", ["small", "large"]))

@@ -87,6 +87,7 @@ def _timed(fn) -> float:
     return elapsed
 
 
+@pytest.mark.slow
 def test_timeout_is_honoured_sync_stream_and_async(fake):
     assert _timed(lambda: Completion.create(model="slow", prompt="p", timeout=0.3)) < 1.5
     assert _timed(lambda: list(Completion.create(model="slow", prompt="p", timeout=0.3, stream=True))) < 1.5

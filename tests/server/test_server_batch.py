@@ -177,6 +177,7 @@ def test_a_prompt_that_fails_fails_the_job_with_its_index(tmp_path, prompts, det
         assert wait_for(lambda: engine.stats()["blocks_used"] == 0)
 
 
+@pytest.mark.slow
 def test_max_runtime_sec_ends_the_job(live):
     live.engine.delay = 0.05
     body = batch_body("o.json", ["a"] * 40, max_runtime_sec=1)

@@ -52,6 +52,7 @@ def test_chat_applies_the_template_and_answers_in_openai_shape(chat_server):
     assert params.max_new_tokens == 3 and params.temperature == 1.0
 
 
+@pytest.mark.slow
 def test_sampling_fields_reach_the_engine(chat_server):
     chat_server.client.chat.completions.create(
         model="fake", messages=USER, max_completion_tokens=4, max_tokens=9, temperature=0.5, top_p=0.9,

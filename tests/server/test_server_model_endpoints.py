@@ -74,6 +74,7 @@ def status(live, name: str) -> str:
     return httpx.get(f"{live.url}{ROUTE}/{name}").json()["status"]
 
 
+@pytest.mark.slow
 def test_create_complete_delete(live):
     live.factory.gate.clear()
     r = httpx.post(live.url + ROUTE, json=create_body("two", "second"))
@@ -124,6 +125,7 @@ def test_deleting_while_loading_discards_the_engine(live):
     assert "two" not in live.state.engines
 
 
+@pytest.mark.slow
 def test_requests_in_flight_end_with_a_clear_error_when_their_model_is_unloaded(live, monkeypatch):
     monkeypatch.setattr(model_endpoints, "UNLOAD_GRACE", 0.3)
     assert httpx.post(live.url + ROUTE, json=create_body("two", "second")).status_code == 200
@@ -141,6 +143,7 @@ def test_requests_in_flight_end_with_a_clear_error_when_their_model_is_unloaded(
     assert live.factory.built[0]() is None
 
 
+@pytest.mark.slow
 def test_a_batch_job_on_an_unloaded_model_fails_and_lets_go_of_it(live):
     assert httpx.post(live.url + ROUTE, json=create_body("two", "second")).status_code == 200
     assert wait_for(lambda: status(live, "two") == "READY")
