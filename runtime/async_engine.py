@@ -3,7 +3,9 @@
 The thread owns the model, the scheduler and the cache. Callers hand it work through an inbox (new
 sequences, aborts) under a condition variable; the thread takes the inbox at each step boundary, runs a
 step and delivers each delta into its request's asyncio.Queue with `loop.call_soon_threadsafe`. With
-nothing to do it sleeps on the condition variable.
+nothing to do it sleeps on the condition variable. A request added with `stream=False` (a sync HTTP request) gets
+one output, all its deltas merged, when it finishes: no event-loop wake-up per token, which on a 2-core machine
+competes with the engine's threads (as vLLM's FINAL_ONLY outputs).
 
 Guided decoding needs the tokenizer's llguidance view, which takes ~1.5 s to build: `start()` builds it on a
 background thread, so neither the caller's event loop nor the engine's steps ever wait for it. A guided request
@@ -19,8 +21,10 @@ view there) before handing the request to the engine; the other requests keep st
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,6 +49,8 @@ class AsyncEngine:
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._final_only: set[str] = set()  # requests added with stream=False
+        self._held: dict[str, RequestOutput] = {}  # their deltas so far, merged (engine thread only)
         self._thread: threading.Thread | None = None
         self._guided_thread: threading.Thread | None = None
         self._stopping = False
@@ -69,8 +75,9 @@ class AsyncEngine:
             logger.exception("building the tokenizer's llguidance view failed")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate now (ValueError with the token counts), then stream the request's deltas."""
+                    deadline: float | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Validate now (ValueError with the token counts), then stream the request's deltas (stream=False: one
+        output with all of them, when it finishes)."""
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         deferred = params.guided is not None and not self.engine.guided_ready()
@@ -82,6 +89,8 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._streams[request_id] = (loop, queue)
+            if not stream:
+                self._final_only.add(request_id)
             if not deferred:
                 self._inbox.append(seq)
                 self._cond.notify()
@@ -197,10 +206,21 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
+            rid = output.request_id
             with self._cond:
-                target = self._streams.get(output.request_id)
+                target = self._streams.get(rid)
+                final_only = rid in self._final_only
                 if output.finished:
-                    self._streams.pop(output.request_id, None)
+                    self._streams.pop(rid, None)
+                    self._final_only.discard(rid)
+            if final_only:
+                held = self._held.pop(rid, None)
+                if held is None and output.token_ids:
+                    output = dataclasses.replace(output, first_token_time=time.perf_counter())
+                output = output if held is None else merge_outputs(held, output)
+                if not output.finished and target is not None:
+                    self._held[rid] = output
+                    continue
             if target is None:
                 continue
             loop, queue = target
@@ -209,3 +229,20 @@ class AsyncEngine:
             except RuntimeError:  # its event loop is closed: nobody listens any more
                 if not output.finished:
                     self.abort(output.request_id)
+
+
+def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One delta holding `first` followed by `then` (the later one's status and counts)."""
+
+    def joined(a: list | None, b: list | None) -> list | None:
+        return None if a is None and b is None else (a or []) + (b or [])
+
+    return dataclasses.replace(
+        then, first_token_time=first.first_token_time if first.token_ids else then.first_token_time,
+        text=first.text + then.text, token_ids=first.token_ids + then.token_ids,
+        log_probs=joined(first.log_probs, then.log_probs),
+        top_log_probs=joined(first.top_log_probs, then.top_log_probs),
+        prompt_log_probs=first.prompt_log_probs if first.prompt_log_probs is not None else then.prompt_log_probs,
+        prompt_top_log_probs=first.prompt_top_log_probs if first.prompt_top_log_probs is not None
+        else then.prompt_top_log_probs,
+        prompt_token_ids=first.prompt_token_ids if first.prompt_token_ids is not None else then.prompt_token_ids)

@@ -69,6 +69,9 @@ class RequestOutput:
     prompt_log_probs: list[float | None] | None = None
     prompt_top_log_probs: list[TopLogProbs | None] | None = None
     prompt_token_ids: list[int] | None = None  # beside prompt_log_probs: the tokens they score
+    # On the one output of a stream=False request (runtime/async_engine.py): when its first token was ready
+    # (time.perf_counter), so the server can still report time to first token
+    first_token_time: float | None = None
 
 
 def resolve_model_dir(model: str | Path) -> Path:

@@ -197,7 +197,8 @@ class BatchRunner:
     async def _complete(self, job: BatchJob, engine: ServedEngine, i: int) -> dict[str, Any]:
         request_id = f"{job.job_id}-{i}"
         try:
-            outputs = engine.add_request(job.prompts[i], job.params, request_id=request_id, deadline=job.deadline)
+            outputs = engine.add_request(job.prompts[i], job.params, request_id=request_id, deadline=job.deadline,
+                                         stream=False)
         except ValueError as e:
             raise JobFailed(f"prompt {i}: {e}") from None
         except RuntimeError as e:  # the engine is shutting down (unloaded)

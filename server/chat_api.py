@@ -63,7 +63,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         prompt = chat_prompt(engine, req.model, req.messages)
         params = chat_sampling_params(req, len(prompt), engine.max_model_len)
         n = 1 if req.n is None else req.n
-        group = start_choices(state, request, req.model, prompt, params, n)
+        group = start_choices(state, request, req.model, prompt, params, n, stream=bool(req.stream))
         head = {"id": f"chatcmpl-{request.state.request_id.replace('-', '')}", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": None}
         want_log_probs = params.return_token_log_probs

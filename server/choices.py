@@ -111,7 +111,7 @@ class ChoiceGroup:
 
 
 def start_choices(state: ServerState, request: Request, model: str, prompt: str | list[int],
-                  params: SamplingParams, n: int) -> ChoiceGroup:
+                  params: SamplingParams, n: int, stream: bool = True) -> ChoiceGroup:
     """Admit n engine requests, all or none (a refusal of one, 429 or 400, ends those already admitted)."""
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n={n} is out of range: accepted 1 to {MAX_N}")
@@ -121,7 +121,7 @@ def start_choices(state: ServerState, request: Request, model: str, prompt: str 
         for i, choice in enumerate(choice_params(params, n)):
             request_id = base_id if n == 1 else f"{base_id}-{i}"
             group.jobs.append(state.start_job(request, model, prompt, choice, request_id=request_id,
-                                              receive=group.client_gone))
+                                              receive=group.client_gone, stream=stream))
     except BaseException:
         group.close()
         raise

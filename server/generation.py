@@ -70,12 +70,18 @@ class Job:
                 self.error = self.error or item
                 raise item
             now = time.perf_counter()
+            first_at = item.first_token_time  # set on a stream=False request's one output: its first token's time
             if item.token_ids and self.first_token_at is None:
-                self.first_token_at = now
+                self.first_token_at = first_at if first_at is not None else now
             self.num_prompt_tokens = item.num_prompt_tokens
             self.num_completion_tokens = item.num_completion_tokens
             if item.token_ids and self._on_token:
-                self._on_token(self._first, len(item.token_ids), now - self._last)
+                if first_at is not None and self._first:  # the first token, then the others
+                    self._on_token(True, 1, first_at - self._last)
+                    if len(item.token_ids) > 1:
+                        self._on_token(False, len(item.token_ids) - 1, now - first_at)
+                else:
+                    self._on_token(self._first, len(item.token_ids), now - self._last)
                 self._last, self._first = now, False
             if item.finished:
                 self.finished = True

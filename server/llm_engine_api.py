@@ -52,16 +52,16 @@ async def stream_frames(job: Job, want_log_probs: bool) -> AsyncIterator[bytes]:
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
-    async def admit(request: Request) -> tuple[Job, SamplingParams]:
+    async def admit(request: Request, stream: bool) -> tuple[Job, SamplingParams]:
         name = request.query_params.get("model_endpoint_name")
         state.engine(name)
         req = parse_body(await request.body(), CompletionV1Request)
         params = sampling_params_v1(req)
-        return state.start_job(request, name, req.prompt, params), params
+        return state.start_job(request, name, req.prompt, params, stream=stream), params
 
     @app.post("/v1/llm/completions-sync")
     async def completions_sync(request: Request) -> Response:
-        job, params = await admit(request)
+        job, params = await admit(request, stream=False)
         text: list[str] = []
         tokens: list[tuple[str, float]] = []
         try:
@@ -81,6 +81,6 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/llm/completions-stream")
     async def completions_stream(request: Request) -> Response:
-        job, params = await admit(request)
+        job, params = await admit(request, stream=True)
         stream = await open_stream(job, state, stream_frames(job, params.return_token_log_probs))
         return stream or Response(status_code=CLIENT_CLOSED)

@@ -110,7 +110,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         state.engine(req.model)
         prompt, params, n = openai_prompt(req), sampling_params_openai(req), completion_choices(req)
         echo = _Echo(req, prompt, state.engine(req.model))
-        group = start_choices(state, request, req.model, prompt, params, n)
+        group = start_choices(state, request, req.model, prompt, params, n, stream=bool(req.stream))
         head = {"id": f"cmpl-{request.state.request_id.replace('-', '')}", "object": "text_completion",
                 "created": int(time.time()), "model": req.model}
         want_log_probs = params.return_token_log_probs

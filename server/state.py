@@ -34,8 +34,9 @@ class ServedEngine(Protocol):
     def shutdown(self, timeout: float = 5.0) -> None: ...
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate now (ValueError naming what is wrong; RuntimeError once shut down), then stream deltas."""
+                    deadline: float | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Validate now (ValueError naming what is wrong; RuntimeError once shut down), then stream deltas
+        (stream=False: the deltas may come merged, down to one when the request finishes)."""
         ...
 
     def abort(self, request_id: str) -> None: ...
@@ -126,10 +127,10 @@ class ServerState:
 
     # ---- admission and jobs --------------------------------------------------------------------------------
     def start_job(self, request: Request, model: str, prompt: str | list[int], params: SamplingParams, *,
-                  request_id: str | None = None, receive: Callable | None = None) -> Job:
+                  request_id: str | None = None, receive: Callable | None = None, stream: bool = True) -> Job:
         """Admit a request (or 429/503 at once) and hand it to the engine; the caller must `finish_job`.
         `request_id` and `receive` default to the HTTP request's (several engine requests for one HTTP
-        request, as OpenAI's `n`, give their own)."""
+        request, as OpenAI's `n`, give their own). stream=False: a sync response needs only the end result."""
         engine = self.engine(model)  # 404 if it was unloaded meanwhile
         if self.draining:
             raise ApiError(503, "the server is shutting down")
@@ -138,7 +139,7 @@ class ServerState:
                                 "retry later")
         request_id = request_id or request.state.request_id
         try:
-            outputs = engine.add_request(prompt, params, request_id=request_id)
+            outputs = engine.add_request(prompt, params, request_id=request_id, stream=stream)
         except ValueError as e:  # too long for the context, empty prompt, ...
             raise ApiError(400, str(e)) from None
         except RuntimeError as e:  # the engine is shutting down

@@ -40,7 +40,22 @@ inline float half_to_float(uint16_t h) {
 }
 
 // One activation row (len k) -> nb blocks of 32 int8 + xd, xs.
-void quantize_row(const float* x, int64_t k, int64_t nb, int8_t* q, float* d, float* s) {
+// The q4 kernel reads two blocks per 32-byte weight load (one block's low nibbles beside the next one's), so with
+// `paired` the int8 x of blocks 2p and 2p + 1 are stored as [2p: 0-15 | 2p+1: 0-15 | 2p: 16-31 | 2p+1: 16-31]
+// (an odd last block stays in order). Only the AVX2 kernel pairs blocks.
+inline int64_t half_offset(int64_t b, int64_t nb, bool paired, bool high) {
+  if (!paired || (b == nb - 1 && nb % 2)) return b * QK + (high ? 16 : 0);
+  return (b / 2) * 2 * QK + (b % 2) * 16 + (high ? QK : 0);
+}
+
+#ifdef LLME_AVX2
+inline void store_block(int8_t* q, int64_t b, int64_t nb, bool paired, __m128i lo, __m128i hi) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + half_offset(b, nb, paired, false)), lo);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + half_offset(b, nb, paired, true)), hi);
+}
+#endif
+
+void quantize_row(const float* x, int64_t k, int64_t nb, int8_t* q, float* d, float* s, bool paired) {
   float buf[QK];
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t lo = b * QK, n = std::min<int64_t>(QK, k - lo);
@@ -70,7 +85,7 @@ void quantize_row(const float* x, int64_t k, int64_t nb, int8_t* q, float* d, fl
     // packs interleave 128-bit lanes; the permute puts the 32 bytes back in order.
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + lo), p);
+    store_block(q, b, nb, paired, _mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
     d[b] = scale;
     s[b] = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
 #else
@@ -95,14 +110,15 @@ struct QuantizedRows {
   int64_t nb;
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t nb) {
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t nb, bool paired) {
   const int64_t rows = x.size(0), k = x.size(1);
   QuantizedRows out{std::vector<int8_t>(rows * nb * QK), std::vector<float>(rows * nb),
                     std::vector<float>(rows * nb), nb};
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      quantize_row(xp + i * k, k, nb, out.q.data() + i * nb * QK, out.d.data() + i * nb, out.s.data() + i * nb);
+      quantize_row(xp + i * k, k, nb, out.q.data() + i * nb * QK, out.d.data() + i * nb, out.s.data() + i * nb,
+                   paired);
   });
   return out;
 }
@@ -130,6 +146,73 @@ inline __m256 dot_u8_s8(__m256i w, __m256i x) {
 // never overflows); pair sums stay within 2 * 128 * 127 < 2^15.
 inline __m256 dot_s8_s8(__m256i w, __m256i x) {
   return dot_u8_s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+#endif
+
+#ifdef LLME_AVX2
+// q4, one weight row against MT activation rows, two blocks per step: one 32-byte load holds blocks b and b+1
+// (16 bytes each); its low nibbles are [b: 0-15 | b+1: 0-15] and its high nibbles [b: 16-31 | b+1: 16-31], which is
+// how x is stored (`paired`). The products of both halves add in int16 (|sum| <= 4 * 15 * 127), madd gives int32
+// lanes 0-3 for block b and 4-7 for b+1, and one fma applies [s_b x4 | s_b+1 x4], s = d * xd, taken from 8 blocks'
+// scales converted at once. The m * xs terms are one fma per 8 blocks.
+template <int MT>
+void q4_row_tile_paired(const uint8_t* wq, const uint16_t* wd, const uint16_t* wm, int64_t nb,
+                        const QuantizedRows& xr, int64_t i0, float* y, int64_t ldy) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[MT], macc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps(), macc[t] = _mm256_setzero_ps();
+  auto pair = [&](int64_t b, const __m256 (&scale)[MT]) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * 16));
+    const __m256i w_lo = _mm256_and_si256(raw, low), w_hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    for (int t = 0; t < MT; ++t) {
+      const int8_t* x = xr.q.data() + ((i0 + t) * nb + b) * QK;
+      const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+      const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + QK));
+      const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(w_lo, x_lo), _mm256_maddubs_epi16(w_hi, x_hi));
+      acc[t] = _mm256_fmadd_ps(scale[t], _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones)), acc[t]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wd + b)));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wm + b)));
+    __m256 s8[MT];
+    for (int t = 0; t < MT; ++t) {
+      const int64_t r = (i0 + t) * nb + b;
+      s8[t] = _mm256_mul_ps(d, _mm256_loadu_ps(xr.d.data() + r));
+      macc[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xr.s.data() + r), macc[t]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m256i index = _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1);
+      __m256 scale[MT];
+      for (int t = 0; t < MT; ++t) scale[t] = _mm256_permutevar8x32_ps(s8[t], index);
+      pair(b + 2 * j, scale);
+    }
+  }
+  float tail[MT] = {};
+  for (; b < nb; ++b) {  // the last nb % 8 blocks: pairs, then a lone block
+    const float d0 = half_to_float(wd[b]), m0 = half_to_float(wm[b]);
+    if (b + 1 < nb) {
+      const float d1 = half_to_float(wd[b + 1]), m1 = half_to_float(wm[b + 1]);
+      __m256 scale[MT];
+      for (int t = 0; t < MT; ++t) {
+        const int64_t r = (i0 + t) * nb + b;
+        scale[t] = _mm256_set_m128(_mm_set1_ps(d1 * xr.d[r + 1]), _mm_set1_ps(d0 * xr.d[r]));
+        tail[t] += m0 * xr.s[r] + m1 * xr.s[r + 1];
+      }
+      pair(b, scale);
+      ++b;
+      continue;
+    }
+    const __m256i w = q4_block(wq + b * 16);
+    for (int t = 0; t < MT; ++t) {
+      const int64_t r = (i0 + t) * nb + b;
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q.data() + r * QK));
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xr.d[r]), dot_u8_s8(w, x), acc[t]);
+      tail[t] += m0 * xr.s[r];
+    }
+  }
+  for (int t = 0; t < MT; ++t) y[t * ldy] = hsum(acc[t]) + hsum(macc[t]) + tail[t];
 }
 #endif
 
@@ -179,6 +262,25 @@ void row_tile(const uint8_t* wq, const uint16_t* wd, const uint16_t* wm, int64_t
 #endif
 }
 
+constexpr bool PAIRED_Q4 =
+#ifdef LLME_AVX2
+    true;
+#else
+    false;
+#endif
+
+template <bool Q4, int MT>
+inline void tile(const uint8_t* wq, const uint16_t* wd, const uint16_t* wm, int64_t nb, const QuantizedRows& xr,
+                 int64_t i0, float* y, int64_t ldy) {
+#ifdef LLME_AVX2
+  if constexpr (Q4) {
+    q4_row_tile_paired<MT>(wq, wd, wm, nb, xr, i0, y, ldy);
+    return;
+  }
+#endif
+  row_tile<Q4, MT>(wq, wd, wm, nb, xr, i0, y, ldy);
+}
+
 template <bool Q4>
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& m,
                         const c10::optional<at::Tensor>& bias) {
@@ -198,7 +300,7 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::
   }
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const QuantizedRows xr = quantize_rows(x, nb);
+  const QuantizedRows xr = quantize_rows(x, nb, Q4 && PAIRED_Q4);
   const uint8_t* wq = reinterpret_cast<const uint8_t*>(qsc.data_ptr());
   const uint16_t* wd = reinterpret_cast<const uint16_t*>(dc.data_ptr());
   const uint16_t* wm = Q4 ? reinterpret_cast<const uint16_t*>(mc.data_ptr()) : nullptr;
@@ -212,11 +314,11 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::
         const uint16_t* rd = wd + n * nb;
         const uint16_t* rm = Q4 ? wm + n * nb : nullptr;
         int64_t i = c0;
-        for (; i + 4 <= c1; i += 4) row_tile<Q4, 4>(rq, rd, rm, nb, xr, i, yp + i * N + n, N);
+        for (; i + 4 <= c1; i += 4) tile<Q4, 4>(rq, rd, rm, nb, xr, i, yp + i * N + n, N);
         switch (c1 - i) {
-          case 3: row_tile<Q4, 3>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
-          case 2: row_tile<Q4, 2>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
-          case 1: row_tile<Q4, 1>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
+          case 3: tile<Q4, 3>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
+          case 2: tile<Q4, 2>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
+          case 1: tile<Q4, 1>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
           default: break;
         }
       }

@@ -31,9 +31,9 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 65, 130])
 @pytest.mark.parametrize("n", [1, 7, 50])
-def test_q4_linear(rows, n):
-    gen = torch.Generator().manual_seed(rows * 100 + n)
-    k = 96
+@pytest.mark.parametrize("k", [32, 96, 576])  # blocks: one alone; a pair and one alone; two groups of 8 and a pair
+def test_q4_linear(rows, n, k):
+    gen = torch.Generator().manual_seed(rows * 100 + n + k)
     q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
     d = (torch.rand(n, k // 32, generator=gen) * 0.02).half()
     m = (torch.randn(n, k // 32, generator=gen) * 0.05).half()

@@ -239,3 +239,31 @@ def test_random_stress_with_aborts_leaves_no_block_behind(tiny_dir, cache_gib):
                 assert deltas[-1].finish_reason in ("abort", "length")
     finally:
         engine.shutdown()
+
+
+def test_final_only_requests_get_one_merged_output(tiny_engine):
+    """stream=False: one output at the end, holding exactly what the streamed deltas hold together."""
+    params = SamplingParams(max_new_tokens=12, return_token_log_probs=True, top_log_probs=2, prompt_log_probs=True,
+                            ignore_eos=True)
+
+    async def main():
+        streamed = await collect(tiny_engine.add_request([5, 17, 99, 3], params))
+        final = await collect(tiny_engine.add_request([5, 17, 99, 3], params, stream=False))
+        aborted = tiny_engine.add_request([5, 17, 99, 3], SamplingParams(max_new_tokens=500, ignore_eos=True),
+                                          request_id="gone", stream=False)
+        tiny_engine.abort("gone")
+        return streamed, final, await collect(aborted)
+
+    streamed, final, aborted = asyncio.run(main())
+    assert len(streamed) == 12 and len(final) == 1
+    (out,) = final
+    assert out.finished and out.finish_reason == "length" and out.num_completion_tokens == 12
+    assert out.token_ids == [t for d in streamed for t in d.token_ids]
+    assert out.text == "".join(d.text for d in streamed)
+    assert out.log_probs == [lp for d in streamed for lp in d.log_probs]
+    assert out.top_log_probs == [t for d in streamed for t in d.top_log_probs]
+    assert out.prompt_log_probs == streamed[0].prompt_log_probs and out.prompt_log_probs is not None
+    assert out.first_token_time is not None and out.first_token_time < time.perf_counter()
+    assert all(d.first_token_time is None for d in streamed)
+    assert len(aborted) == 1 and aborted[0].finished and aborted[0].finish_reason == "abort"
+    wait_for(lambda: idle(tiny_engine))

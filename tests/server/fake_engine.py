@@ -89,7 +89,7 @@ class FakeEngine:
             return {"num_running": len(self._blocks), "num_waiting": 0, "blocks_total": self.blocks_total,
                     "blocks_used": used, "blocks_free": self.blocks_total - used}
 
-    def add_request(self, prompt, params: SamplingParams, request_id=None, deadline=None):
+    def add_request(self, prompt, params: SamplingParams, request_id=None, deadline=None, stream=True):
         params.validate()
         n_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())
         if n_prompt == 0:

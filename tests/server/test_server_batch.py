@@ -25,8 +25,8 @@ class CountingEngine(FakeEngine):
         super().__init__(**kwargs)
         self.most_in_flight = 0
 
-    def add_request(self, prompt, params, request_id=None, deadline=None):
-        outputs = super().add_request(prompt, params, request_id, deadline)
+    def add_request(self, prompt, params, request_id=None, deadline=None, stream=True):
+        outputs = super().add_request(prompt, params, request_id, deadline, stream)
         with self._lock:
             self.most_in_flight = max(self.most_in_flight, len(self._blocks))
         return outputs
