@@ -237,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
                 llm = LLM(folder, dtype=dtype, device=str(device), max_num_seqs=max(args.batch_sizes),
                           kv_cache_gib=args.kv_cache_gib or max(0.01, 1.25 * kv_bytes / (1 << 30)),
                           compile=args.compile, quantize=quantize, quant_group_size=args.quant_group_size,
-                          tensor_parallel_size=args.tensor_parallel_size)
+                          tensor_parallel_size=args.tensor_parallel_size,
+                          enable_prefix_caching=False)  # every repeat prefills its whole prompt (TTFT)
                 weight_bytes[key] = decode_weight_bytes(llm.engine.model)
                 weights = llm.engine.model.quantization or "float"
                 generate = lambda ps: run_ours(llm, ps, params, device)  # noqa: B023

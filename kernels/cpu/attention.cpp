@@ -6,9 +6,10 @@
 //                    seq_lens int32 [S], optional ALiBi slopes fp32 [H] (already multiplied by the scale).
 //                    out[s, h] = softmax_j(scale q.k_j + slope (j - (L - 1))) . v_j over the L = seq_lens[s]
 //                    cached positions of sequence s, keys read through its block table. Returns [S, H, d].
-// Grid: at::parallel_for over (sequence, KV head); one task computes the H / Hkv query heads that share the
-// KV head: all scores into a buffer, their max and exp-sum, then the weighted sum of the values, each key
-// and value row read once for the whole group.
+// Grid: at::parallel_for over (sequence, KV head, chunk of keys): one task computes, for the H / Hkv query heads
+// that share the KV head, the scores of its chunk's keys, their max and exp-sum and the exp-weighted sum of the
+// values (each key and value row read once for the whole group); then at::parallel_for over (sequence, query
+// head) merges the chunks (flash-decoding's split-K). Chunks: max_len / 128, at most 16.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +21,9 @@
 #include <vector>
 
 namespace llmengine_cpu {
+
+constexpr int64_t SPLIT_KEYS = 128;  // keys per chunk at least
+constexpr int64_t MAX_SPLITS = 16;
 
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping) {
@@ -89,12 +93,26 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const float* vc = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // Split each sequence's keys into chunks of at least SPLIT_KEYS so that short and long sequences alike give
+  // every thread work: each (sequence, KV head, chunk) keeps its unnormalised partial (max, exp-sum, sum of
+  // p v) per query head, and a second pass merges the chunks of each head.
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < S; ++s) max_len = std::max<int64_t>(max_len, lp[s]);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(MAX_SPLITS, max_len / SPLIT_KEYS));
+  const int64_t tasks = S * Hkv * splits;
+  std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / Hkv, kvh = task % Hkv, L = lp[s];
-      scores.assign(G * L, 0.f);
-      for (int64_t j = 0; j < L; ++j) {
+      const int64_t split = task % splits, s = task / splits / Hkv, kvh = task / splits % Hkv, L = lp[s];
+      const int64_t chunk = (L + splits - 1) / splits, j0 = std::min(L, split * chunk), j1 = std::min(L, j0 + chunk);
+      const int64_t n = j1 - j0;
+      float* m_out = part_max.data() + task * G;
+      float* l_out = part_sum.data() + task * G;
+      float* acc = part_acc.data() + task * G * d;
+      std::fill(acc, acc + G * d, 0.f);
+      scores.resize(G * std::max<int64_t>(n, 1));
+      for (int64_t j = j0; j < j1; ++j) {
         const int64_t slot = static_cast<int64_t>(bt[s * max_blocks + j / block_size]) * block_size + j % block_size;
         const float* kr = kc + (slot * Hkv + kvh) * d;
         for (int64_t g = 0; g < G; ++g) {
@@ -102,29 +120,52 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
           float dot = 0.f;
           #pragma omp simd reduction(+ : dot)
           for (int64_t i = 0; i < d; ++i) dot += qr[i] * kr[i];
-          scores[g * L + j] = dot * fscale + (sl ? sl[kvh * G + g] * static_cast<float>(j - (L - 1)) : 0.f);
+          scores[g * n + j - j0] = dot * fscale + (sl ? sl[kvh * G + g] * static_cast<float>(j - (L - 1)) : 0.f);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
-        float* o = op + (s * H + kvh * G + g) * d;
-        std::fill(o, o + d, 0.f);
-        if (L == 0) continue;
-        float* sc = scores.data() + g * L;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < L; ++j) mx = std::max(mx, sc[j]);
-        float total = 0.f;
-        for (int64_t j = 0; j < L; ++j) total += (sc[j] = std::exp(sc[j] - mx));
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < L; ++j) sc[j] *= inv;
+        float* sc = scores.data() + g * n;
+        float mx = -std::numeric_limits<float>::infinity(), total = 0.f;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+        for (int64_t j = 0; j < n; ++j) total += (sc[j] = std::exp(sc[j] - mx));
+        m_out[g] = mx;
+        l_out[g] = total;  // 0 for an empty chunk
       }
-      for (int64_t j = 0; j < L; ++j) {
+      for (int64_t j = j0; j < j1; ++j) {
         const int64_t slot = static_cast<int64_t>(bt[s * max_blocks + j / block_size]) * block_size + j % block_size;
         const float* vr = vc + (slot * Hkv + kvh) * d;
         for (int64_t g = 0; g < G; ++g) {
-          float* o = op + (s * H + kvh * G + g) * d;
-          const float p = scores[g * L + j];
-          for (int64_t i = 0; i < d; ++i) o[i] += p * vr[i];
+          float* o = acc + g * d;
+          const float pj = scores[g * n + j - j0];
+          #pragma omp simd
+          for (int64_t i = 0; i < d; ++i) o[i] += pj * vr[i];
         }
+      }
+    }
+  });
+  at::parallel_for(0, S * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t sh = begin; sh < end; ++sh) {
+      const int64_t s = sh / H, h = sh % H, kvh = h / G, g = h % G;
+      float* o = op + sh * d;
+      std::fill(o, o + d, 0.f);
+      float mx = -std::numeric_limits<float>::infinity(), total = 0.f;
+      for (int64_t split = 0; split < splits; ++split) {
+        const int64_t task = (s * Hkv + kvh) * splits + split;
+        if (part_sum[task * G + g] > 0.f) mx = std::max(mx, part_max[task * G + g]);
+      }
+      for (int64_t split = 0; split < splits; ++split) {
+        const int64_t task = (s * Hkv + kvh) * splits + split;
+        const float l = part_sum[task * G + g];
+        if (l <= 0.f) continue;
+        const float w = std::exp(part_max[task * G + g] - mx);
+        total += w * l;
+        const float* a = part_acc.data() + (task * G + g) * d;
+        #pragma omp simd
+        for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
+      }
+      if (total > 0.f) {
+        const float inv = 1.f / total;
+        for (int64_t i = 0; i < d; ++i) o[i] *= inv;
       }
     }
   });

@@ -129,6 +129,8 @@ ATTENTION_CASES = {
     "gqa-bs32": (9, 3, 64, 32, [32, 33, 1, 70], False),
     "mqa-alibi": (8, 1, 16, 16, [5, 40, 130], True),
     "gqa-alibi-hd128": (4, 2, 128, 16, [18, 47], True),
+    "long-ragged-splits": (9, 3, 64, 16, [1000, 3, 257, 0], False),  # chunks of keys, some empty; an empty cache
+    "long-alibi-splits": (4, 4, 32, 32, [700, 129], True),
 }
 
 
