@@ -40,7 +40,8 @@ def ours(args: argparse.Namespace) -> tuple[list[float], int]:
         ready = time.perf_counter() - start
         body = {"prompt": DEFAULT_PROMPT, "max_new_tokens": args.max_new_tokens, "temperature": 0.0,
                 "ignore_eos": True}
-        url = f"{server.base_url}/v1/llm/completions-sync?model_endpoint_name={args.model}"
+        name = args.model.split("=", 1)[0]  # NAME=PATH serves PATH as NAME
+        url = f"{server.base_url}/v1/llm/completions-sync?model_endpoint_name={name}"
         with httpx.Client(timeout=600) as client:
             for i in range(args.warmup + args.repeats):
                 t0 = time.perf_counter()

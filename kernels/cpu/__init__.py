@@ -1,7 +1,8 @@
 """Our C++ CPU kernels (AVX2 where the CPU has it): built once per machine with the system C++ compiler
 against the installed torch, loaded as `torch.ops.llmengine_cpu.*`.
 
-- quant_gemm.cpp: int4 / int8 weights times int8-quantized activations (`q4_linear`, `q8_linear`).
+- quant_gemm.cpp: int4 / int8 weights times int8-quantized activations (`q4_linear`, `q8_linear`); quantize_x.cpp
+  quantizes the activations per block of 32 (quant_common.h).
 - layers.cpp: `rms_norm` (with the residual add), `silu_and_mul`, `rotary`.
 - attention.cpp: `store_kv` and paged `decode_attention`.
 - decode_step.cpp: `llama_decode_step`, a whole decode step of a quantized Llama through the above

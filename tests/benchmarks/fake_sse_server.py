@@ -1,7 +1,8 @@
 """A fake streaming server for the serving benchmark's tests: canned tokens at a fixed pace, no model.
 
-It answers /readyz, the LLM Engine stream route (one `data:` event per token, the last one finished) and the
-OpenAI completions stream (a chunk per token, a usage chunk, `[DONE]`), each token `TOKEN_SECONDS` apart.
+It answers /readyz, the LLM Engine stream route (one `data:` event per token, the last one finished), its sync
+route (one answer after all the tokens) and the OpenAI completions stream (a chunk per token, a usage chunk,
+`[DONE]`), each token `TOKEN_SECONDS` apart.
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ def create_app() -> FastAPI:
             "token": None}, "error": None}))
         return StreamingResponse(events, media_type="text/event-stream")
 
+    @app.post("/v1/llm/completions-sync")
+    async def llm_sync(request: Request):
+        body = await request.json()
+        app.state.bodies.append(body)
+        if request.query_params.get("model_endpoint_name") != "fake":
+            return JSONResponse({"detail": "no such model"}, status_code=404)
+        n = body["max_new_tokens"]
+        await asyncio.sleep(n * TOKEN_SECONDS)
+        return {"request_id": "r", "output": {"text": " w" * n, "num_prompt_tokens": PROMPT_TOKENS,
+                                              "num_completion_tokens": n, "tokens": None}}
+
     @app.post("/v1/completions")
     async def openai_stream(request: Request):
         body = await request.json()
@@ -104,4 +116,5 @@ if __name__ == "__main__":  # as a process, for --launch: fake_sse_server.py --p
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="fake")
-    uvicorn.run(create_app(), host="127.0.0.1", port=parser.parse_args().port, log_level="warning")
+    known, _ = parser.parse_known_args()  # ignores the real server's options (--threads, ...)
+    uvicorn.run(create_app(), host="127.0.0.1", port=known.port, log_level="warning")
