@@ -237,9 +237,14 @@ def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     def joined(a: list | None, b: list | None) -> list | None:
         return None if a is None and b is None else (a or []) + (b or [])
 
+    def texts(out: RequestOutput) -> list[str]:
+        if out.token_texts is not None:
+            return out.token_texts
+        return [""] * (len(out.token_ids) - 1) + [out.text] if out.token_ids else []
+
     return dataclasses.replace(
         then, first_token_time=first.first_token_time if first.token_ids else then.first_token_time,
-        text=first.text + then.text, token_ids=first.token_ids + then.token_ids,
+        text=first.text + then.text, token_texts=texts(first) + texts(then), token_ids=first.token_ids + then.token_ids,
         log_probs=joined(first.log_probs, then.log_probs),
         top_log_probs=joined(first.top_log_probs, then.top_log_probs),
         prompt_log_probs=first.prompt_log_probs if first.prompt_log_probs is not None else then.prompt_log_probs,

@@ -72,6 +72,8 @@ class RequestOutput:
     # On the one output of a stream=False request (runtime/async_engine.py): when its first token was ready
     # (time.perf_counter), so the server can still report time to first token
     first_token_time: float | None = None
+    # ... and each of its tokens' text as its own delta would have credited it (the delta's text on its last token)
+    token_texts: list[str] | None = None
 
 
 def resolve_model_dir(model: str | Path) -> Path:

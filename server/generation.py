@@ -108,5 +108,6 @@ def token_entries(out: Any) -> list[tuple[str, float]]:
     ones completed no character), so joining the token texts gives the output text."""
     n = len(out.token_ids)
     log_probs = list(out.log_probs or [])
-    return [(out.text if i == n - 1 else "", float(log_probs[i]) if i < len(log_probs) else 0.0)
-            for i in range(n)]
+    texts = getattr(out, "token_texts", None)  # a merged output (stream=False) keeps each of its deltas' texts
+    return [(texts[i] if texts is not None else out.text if i == n - 1 else "",
+             float(log_probs[i]) if i < len(log_probs) else 0.0) for i in range(n)]

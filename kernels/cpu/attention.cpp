@@ -20,10 +20,45 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace llmengine_cpu {
 
 constexpr int64_t SPLIT_KEYS = 128;  // keys per chunk at least
 constexpr int64_t MAX_SPLITS = 16;
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= d; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(_mm256_add_ps(acc0, acc1)),
+                         _mm256_extractf128_ps(_mm256_add_ps(acc0, acc1), 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  total = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+#endif
+  for (; i < d; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// y += a x
+inline void axpy(float a, const float* x, float* y, int64_t d) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= d; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < d; ++i) y[i] += a * x[i];
+}
 
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping) {
@@ -117,10 +152,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         const float* kr = kc + (slot * Hkv + kvh) * d;
         for (int64_t g = 0; g < G; ++g) {
           const float* qr = qp + s * q.stride(0) + (kvh * G + g) * q.stride(1);
-          float dot = 0.f;
-          #pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < d; ++i) dot += qr[i] * kr[i];
-          scores[g * n + j - j0] = dot * fscale + (sl ? sl[kvh * G + g] * static_cast<float>(j - (L - 1)) : 0.f);
+          scores[g * n + j - j0] = dot(qr, kr, d) * fscale
+              + (sl ? sl[kvh * G + g] * static_cast<float>(j - (L - 1)) : 0.f);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -134,12 +167,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t slot = static_cast<int64_t>(bt[s * max_blocks + j / block_size]) * block_size + j % block_size;
         const float* vr = vc + (slot * Hkv + kvh) * d;
-        for (int64_t g = 0; g < G; ++g) {
-          float* o = acc + g * d;
-          const float pj = scores[g * n + j - j0];
-          #pragma omp simd
-          for (int64_t i = 0; i < d; ++i) o[i] += pj * vr[i];
-        }
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + j - j0], vr, acc + g * d, d);
       }
     }
   });

@@ -265,5 +265,6 @@ def test_final_only_requests_get_one_merged_output(tiny_engine):
     assert out.prompt_log_probs == streamed[0].prompt_log_probs and out.prompt_log_probs is not None
     assert out.first_token_time is not None and out.first_token_time < time.perf_counter()
     assert all(d.first_token_time is None for d in streamed)
+    assert out.token_texts == [d.text for d in streamed]  # one token per streamed delta here
     assert len(aborted) == 1 and aborted[0].finished and aborted[0].finish_reason == "abort"
     wait_for(lambda: idle(tiny_engine))
