@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import OUT_DIR, machine_info, spread
-from benchmarks.report import new_figure, publish
+from benchmarks.report import new_figure, publish, save_figure
 
 
 def spin() -> None:
@@ -95,10 +95,7 @@ def plot(report: dict, path):
     ax.set_xlabel("busy neighbour processes")
     ax.set_ylabel("decode tok/s")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, "Decode beside busy neighbours", path)
 
 
 def main(argv: list[str] | None = None) -> int:

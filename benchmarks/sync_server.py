@@ -23,10 +23,10 @@ import httpx
 from benchmarks.common import OUT_DIR, machine_info, spread
 from benchmarks.decode import DEFAULT_PROMPT
 from benchmarks.llamacpp import baseline_gguf, load, run_llamacpp
-from benchmarks.report import new_figure, publish
+from benchmarks.report import new_figure, publish, save_figure
 from benchmarks.serving import launch_server, stop_server, wait_ready
 from models.tokenizer import Tokenizer
-from models.zoo import resolve_model
+from models.zoo import DEFAULT_MODEL, resolve_model
 
 
 def ours(args: argparse.Namespace) -> tuple[list[float], int]:
@@ -90,15 +90,12 @@ def plot(report: dict, path: Path) -> Path:
     names = list(report["engines"])
     ax.bar(names, [report["engines"][n]["median"] for n in names], color=["tab:blue", "tab:gray"])
     ax.set_ylabel("request tok/s (batch 1)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, "Sync requests, batch 1", path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2, help="for both engines (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)

@@ -45,12 +45,19 @@ def create_app() -> FastAPI:
     async def readyz() -> dict:
         return {"status": "ready"}
 
-    @app.post("/v1/llm/completions-stream")
-    async def llm_stream(request: Request):
+    async def llm_engine_body(request: Request) -> tuple[dict, JSONResponse | None]:
+        """The request's JSON (recorded), and a 404 unless it names the model "fake"."""
         body = await request.json()
         app.state.bodies.append(body)
         if request.query_params.get("model_endpoint_name") != "fake":
-            return JSONResponse({"detail": "no such model"}, status_code=404)
+            return body, JSONResponse({"detail": "no such model"}, status_code=404)
+        return body, None
+
+    @app.post("/v1/llm/completions-stream")
+    async def llm_stream(request: Request):
+        body, refused = await llm_engine_body(request)
+        if refused:
+            return refused
 
         n = body["max_new_tokens"]
         events = paced(n, lambda i: _event({"request_id": "r", "output": {
@@ -60,10 +67,9 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/llm/completions-sync")
     async def llm_sync(request: Request):
-        body = await request.json()
-        app.state.bodies.append(body)
-        if request.query_params.get("model_endpoint_name") != "fake":
-            return JSONResponse({"detail": "no such model"}, status_code=404)
+        body, refused = await llm_engine_body(request)
+        if refused:
+            return refused
         n = body["max_new_tokens"]
         await asyncio.sleep(n * TOKEN_SECONDS)
         return {"request_id": "r", "output": {"text": " w" * n, "num_prompt_tokens": PROMPT_TOKENS,
