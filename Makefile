@@ -62,7 +62,7 @@ test-fast: $(MODEL) $(KERNELS)
 
 # Decode speed against transformers in the same run, then the weight formats (fp32, int8, int4, the GGUF's int4)
 # against llama.cpp on the same GGUF with the same threads, then their perplexity and greedy agreement, then sync
-# requests through the server against llama.cpp, then 1 vs 16
+# requests through the server against llama.cpp, then where a batch-1 decode step's time goes, then 1 vs 16
 # concurrent streams through the server, then the projection products by weight layout.
 # BENCH_THREADS: threads for both engines in the llama.cpp comparison (use 1 on a busy machine).
 BENCH_THREADS ?= 2
@@ -74,6 +74,7 @@ bench: $(MODEL) $(KERNELS)
 		--batch-sizes 1 4 16 --max-new-tokens 128 --threads $(BENCH_THREADS) --name decode_quant
 	$(PY) -m benchmarks.quality --threads $(BENCH_THREADS)
 	$(PY) -m benchmarks.sync_server --threads $(BENCH_THREADS)
+	$(PY) -m benchmarks.step_time --threads $(BENCH_THREADS)
 	$(PY) -m benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \
 		--input-len 32
 	$(PY) -m benchmarks.products

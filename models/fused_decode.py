@@ -2,15 +2,15 @@
 
 In eager PyTorch a batch-1 decode step of the default model is ~300 small op calls from Python (norms,
 rotary, cache store, attention, activation, the projections), ~10 us each on this CPU: about as much time as
-the weight products themselves. `llama_decode_step` runs the same math, through the same C++ kernels the
-eager path calls one by one, in a single call per step.
+the weight products themselves. `LlamaDecoder.step` runs the same math, through the same C++ kernels the
+eager path calls one by one, in a single call per step; the decoder holds the weights and KV caches, bound once.
 
 It applies (`FusedDecode.build` returns None otherwise, and the model runs its eager blocks) when: the model
 is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP) without tensor
 parallelism; every projection is a QuantizedLinear on our CPU kernels (`backend == "cpu"`: int4 or int8);
-norms and KV caches are fp32; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not "0". Only decode
-steps (one new token per sequence, with a KV cache) take it; prefill stays eager. The numbers are the eager
-path's: the same kernels in the same order (tests/models/test_fused_decode.py checks it).
+norms, the embedding and the KV caches are fp32; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not
+"0". Only decode steps (one new token per sequence, with a KV cache) take it; prefill stays eager. The numbers
+are the eager path's: the same kernels in the same order (tests/models/test_fused_decode.py checks it).
 """
 
 from __future__ import annotations
@@ -41,10 +41,15 @@ def _projection(layer: nn.Module) -> list[torch.Tensor] | None:
 class FusedDecode:
     def __init__(self, model: nn.Module, norms: list[torch.Tensor], proj: list[torch.Tensor]):
         self.model, self.norms, self.proj = model, norms, proj
-        attn = model.layers[0].attn
-        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        self.scale = attn.scale
-        self.eps = model.norm.eps
+        self.decoder, self.bound_caches = None, None  # bound to the runner's KV caches at the first step
+
+    def bind(self, kv_caches: list[KVCache]) -> None:
+        attn = self.model.layers[0].attn
+        self.decoder = torch.classes.llmengine_cpu.LlamaDecoder(
+            self.model.embed.weight.detach(), self.norms, self.proj, [k for k, _ in kv_caches],
+            [v for _, v in kv_caches], attn.num_heads, attn.num_kv_heads, attn.head_dim, self.model.norm.eps,
+            attn.scale)
+        self.bound_caches = kv_caches
 
     @staticmethod
     def build(model: nn.Module) -> FusedDecode | None:
@@ -65,7 +70,7 @@ class FusedDecode:
                 proj.extend(tensors)
             norms += [block.input_layernorm.weight, block.post_attention_layernorm.weight]
         norms.append(model.norm.weight)
-        if not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in norms):
+        if not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in norms + [model.embed.weight]):
             return None
         return FusedDecode(model, [w.detach() for w in norms], proj)
 
@@ -75,8 +80,8 @@ class FusedDecode:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  kv_caches: list[KVCache]) -> torch.Tensor:
+        if kv_caches is not self.bound_caches:
+            self.bind(kv_caches)
         cos_sin_cache, positions = self.model.rope.cos_sin(positions)
-        return torch.ops.llmengine_cpu.llama_decode_step(
-            self.model.embed(input_ids), positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-            cos_sin_cache, [k for k, _ in kv_caches], [v for _, v in kv_caches], self.norms, self.proj,
-            self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scale)
+        return self.decoder.step(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                 cos_sin_cache)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.cpu import use_cpu_kernel
 from runtime.log_probs import TopLogProbs, top_log_probs
 from runtime.params import SamplingParams
 from runtime.sequence import Sequence as RuntimeSequence
@@ -87,6 +88,9 @@ class Sampler:
         params = [seq.params for seq in seqs]
         logits = final_logits(logits, params, [seq.output_token_ids for seq in seqs])
         if all(p.greedy and not p.top_log_probs for p in params):  # argmax and one log-sum-exp per row
+            if use_cpu_kernel(logits) and logits.stride(-1) == 1:  # kernels/cpu/sampling.cpp: one pass
+                tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits)
+                return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
             tokens = logits.argmax(dim=-1)
             token_log_probs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
             return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]

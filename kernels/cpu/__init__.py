@@ -5,7 +5,8 @@ against the installed torch, loaded as `torch.ops.llmengine_cpu.*`.
   quantizes the activations per block of 32 (quant_common.h).
 - layers.cpp: `rms_norm` (with the residual add), `silu_and_mul`, `rotary`.
 - attention.cpp: `store_kv` and paged `decode_attention`.
-- decode_step.cpp: `llama_decode_step`, a whole decode step of a quantized Llama through the above
+- sampling.cpp: `greedy_sample`, argmax and its log-prob in one pass (runtime/sampler.py's greedy path).
+- decode_step.cpp: `LlamaDecoder`, a whole decode step of a quantized Llama through the above
   (models/fused_decode.py decides when it applies).
 
 `available()` builds (first time, ~1 minute, logged) or loads the library and says whether the ops are there;

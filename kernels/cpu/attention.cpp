@@ -7,15 +7,18 @@
 //                    out[s, h] = softmax_j(scale q.k_j + slope (j - (L - 1))) . v_j over the L = seq_lens[s]
 //                    cached positions of sequence s, keys read through its block table. Returns [S, H, d].
 // Grid: at::parallel_for over (sequence, KV head, chunk of keys): one task computes, for the H / Hkv query heads
-// that share the KV head, the scores of its chunk's keys, their max and exp-sum and the exp-weighted sum of the
-// values (each key and value row read once for the whole group); then at::parallel_for over (sequence, query
-// head) merges the chunks (flash-decoding's split-K). Chunks: max_len / 128, at most 16.
+// that share the KV head, the max, exp-sum and exp-weighted sum of the values over its chunk's keys, a cache block
+// at a time with an online softmax (each key and value row read once for the whole group); then at::parallel_for over (sequence, query
+// head) merges the chunks (flash-decoding's split-K). Chunks of at least 32 keys, at most 16 per sequence, and no
+// more than it takes to give every thread ~4 tasks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "vec_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -26,7 +29,8 @@
 
 namespace llmengine_cpu {
 
-constexpr int64_t SPLIT_KEYS = 128;  // keys per chunk at least
+constexpr int64_t SPLIT_KEYS = 32;  // keys per chunk at least
+constexpr int64_t TASKS_PER_THREAD = 4;
 constexpr int64_t MAX_SPLITS = 16;
 
 inline float dot(const float* a, const float* b, int64_t d) {
@@ -48,16 +52,24 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return total;
 }
 
-// y += a x
-inline void axpy(float a, const float* x, float* y, int64_t d) {
+// a = alpha a + sum_t p[t] v_t over `take` value rows v_t = v + t * stride (8 lanes of a kept in a register over the
+// rows, rather than a load and store of a per row).
+inline void accumulate_values(float* a, float alpha, const float* p, const float* v, int64_t stride, int64_t take,
+                              int64_t d) {
   int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 av = _mm256_set1_ps(a);
+  const __m256 alpha8 = _mm256_set1_ps(alpha);
   for (; i + 8 <= d; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    __m256 r = _mm256_mul_ps(alpha8, _mm256_loadu_ps(a + i));
+    for (int64_t t = 0; t < take; ++t) r = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * stride + i), r);
+    _mm256_storeu_ps(a + i, r);
   }
 #endif
-  for (; i < d; ++i) y[i] += a * x[i];
+  for (; i < d; ++i) {
+    float r = alpha * a[i];
+    for (int64_t t = 0; t < take; ++t) r += p[t] * v[t * stride + i];
+    a[i] = r;
+  }
 }
 
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -133,41 +145,60 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   // p v) per query head, and a second pass merges the chunks of each head.
   int64_t max_len = 0;
   for (int64_t s = 0; s < S; ++s) max_len = std::max<int64_t>(max_len, lp[s]);
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(MAX_SPLITS, max_len / SPLIT_KEYS));
-  const int64_t tasks = S * Hkv * splits;
+  const int64_t wanted = (TASKS_PER_THREAD * at::get_num_threads() + S * Hkv - 1) / (S * Hkv);
+  const int64_t splits = std::max<int64_t>(1, std::min({MAX_SPLITS, max_len / SPLIT_KEYS, wanted}));
+  const int64_t tasks = S * Hkv * splits, q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
   std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
+  const int64_t row_stride = Hkv * d;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores(G * block_size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, s = task / splits / Hkv, kvh = task / splits % Hkv, L = lp[s];
       const int64_t chunk = (L + splits - 1) / splits, j0 = std::min(L, split * chunk), j1 = std::min(L, j0 + chunk);
-      const int64_t n = j1 - j0;
-      float* m_out = part_max.data() + task * G;
-      float* l_out = part_sum.data() + task * G;
+      float* m_run = part_max.data() + task * G;  // running max, exp-sum and sum of p v per query head
+      float* l_run = part_sum.data() + task * G;  // (l stays 0 for an empty chunk)
       float* acc = part_acc.data() + task * G * d;
+      std::fill(m_run, m_run + G, -std::numeric_limits<float>::infinity());
+      std::fill(l_run, l_run + G, 0.f);
       std::fill(acc, acc + G * d, 0.f);
-      scores.resize(G * std::max<int64_t>(n, 1));
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t slot = static_cast<int64_t>(bt[s * max_blocks + j / block_size]) * block_size + j % block_size;
-        const float* kr = kc + (slot * Hkv + kvh) * d;
+      const float* q_group = qp + s * q_seq_stride + kvh * G * q_head_stride;
+      // One block of keys at a time (one block-table lookup each): the G heads' scores, then an online-softmax
+      // update of each head's state, its value sum kept in registers over the block's keys.
+      for (int64_t j = j0; j < j1;) {
+        const int64_t off = j % block_size, take = std::min(block_size - off, j1 - j);
+        const int64_t first = ((static_cast<int64_t>(bt[s * max_blocks + j / block_size]) * block_size + off) * Hkv
+                               + kvh) * d;
+        const float* kb = kc + first;
+        const float* vb = vc + first;
         for (int64_t g = 0; g < G; ++g) {
-          const float* qr = qp + s * q.stride(0) + (kvh * G + g) * q.stride(1);
-          scores[g * n + j - j0] = dot(qr, kr, d) * fscale
-              + (sl ? sl[kvh * G + g] * static_cast<float>(j - (L - 1)) : 0.f);
+          float* sc = scores.data() + g * block_size;
+          const float* qg = q_group + g * q_head_stride;
+          const float slope = sl ? sl[kvh * G + g] : 0.f;
+          float block_max = -std::numeric_limits<float>::infinity();
+          for (int64_t t = 0; t < take; ++t) {
+            sc[t] = dot(qg, kb + t * row_stride, d) * fscale
+                + (sl ? slope * static_cast<float>(j + t - (L - 1)) : 0.f);
+            block_max = std::max(block_max, sc[t]);
+          }
+          const float m_new = std::max(m_run[g], block_max), alpha = std::exp(m_run[g] - m_new);
+          int64_t t = 0;
+          float block_sum = 0.f;
+#ifdef LLME_VEC_MATH
+          const __m256 m8 = _mm256_set1_ps(m_new);
+          __m256 sum8 = _mm256_setzero_ps();
+          for (; t + 8 <= take; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m8));
+            _mm256_storeu_ps(sc + t, e);
+            sum8 = _mm256_add_ps(sum8, e);
+          }
+          block_sum = hsum256(sum8);
+#endif
+          for (; t < take; ++t) block_sum += (sc[t] = std::exp(sc[t] - m_new));
+          l_run[g] = l_run[g] * alpha + block_sum;
+          m_run[g] = m_new;
+          accumulate_values(acc + g * d, alpha, sc, vb, row_stride, take, d);
         }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = scores.data() + g * n;
-        float mx = -std::numeric_limits<float>::infinity(), total = 0.f;
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-        for (int64_t j = 0; j < n; ++j) total += (sc[j] = std::exp(sc[j] - mx));
-        m_out[g] = mx;
-        l_out[g] = total;  // 0 for an empty chunk
-      }
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t slot = static_cast<int64_t>(bt[s * max_blocks + j / block_size]) * block_size + j % block_size;
-        const float* vr = vc + (slot * Hkv + kvh) * d;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + j - j0], vr, acc + g * d, d);
+        j += take;
       }
     }
   });

@@ -7,12 +7,14 @@
 // rotary:        q [T, H, d], k [T, Hkv, d] (any token/head strides, last dim contiguous), positions int64 [T],
 //                cos_sin_cache fp32 [P, d] (cos half, sin half). Pairs (i, i + d/2) rotate as
 //                (x1 cos - x2 sin, x2 cos + x1 sin); new contiguous q and k are returned.
-// Grid: at::parallel_for over the T rows (tokens); one task computes whole rows.
+// Grid: at::parallel_for over the T rows (tokens); one task computes whole rows, 8 values per AVX2 step (vec_math.h's
+// exp for SiLU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "vec_math.h"
 
 #include <cmath>
 #include <tuple>
@@ -51,16 +53,45 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
       const float* xr = xp + r * xstride;
       float* o = op + r * hidden;
       const float* src = xr;
+      int64_t i = 0;
+      float ss = 0.f;
+#ifdef LLME_VEC_MATH
+      __m256 acc = _mm256_setzero_ps();
       if (hp) {
         float* hr = hp + r * hidden;
         const float* res = rp + r * rstride;
-        for (int64_t i = 0; i < hidden; ++i) hr[i] = xr[i] + res[i];
+        for (; i + 8 <= hidden; i += 8) {
+          const __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(res + i));
+          _mm256_storeu_ps(hr + i, v);
+          acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        for (; i < hidden; ++i) {
+          hr[i] = xr[i] + res[i];
+          ss += hr[i] * hr[i];
+        }
+        src = hr;
+      } else {
+        for (; i + 8 <= hidden; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), acc);
+        for (; i < hidden; ++i) ss += xr[i] * xr[i];
+      }
+      ss += hsum256(acc);
+#else
+      if (hp) {
+        float* hr = hp + r * hidden;
+        const float* res = rp + r * rstride;
+        for (; i < hidden; ++i) hr[i] = xr[i] + res[i];
         src = hr;
       }
-      float ss = 0.f;
-      for (int64_t i = 0; i < hidden; ++i) ss += src[i] * src[i];
+      for (i = 0; i < hidden; ++i) ss += src[i] * src[i];
+#endif
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(hidden) + static_cast<float>(eps));
-      for (int64_t i = 0; i < hidden; ++i) o[i] = src[i] * inv * wp[i];
+      i = 0;
+#ifdef LLME_VEC_MATH
+      const __m256 inv8 = _mm256_set1_ps(inv);
+      for (; i + 8 <= hidden; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(src + i), inv8), _mm256_loadu_ps(wp + i)));
+#endif
+      for (; i < hidden; ++i) o[i] = src[i] * inv * wp[i];
     }
   });
   return {out, h.defined() ? h : at::empty({0}, x.options())};
@@ -78,7 +109,16 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       const float* gate = xp + r * xstride;
       const float* up = gate + inter;
       float* o = op + r * inter;
-      for (int64_t i = 0; i < inter; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      int64_t i = 0;
+#ifdef LLME_VEC_MATH
+      const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+      for (; i + 8 <= inter; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_xor_ps(g, sign))));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+      }
+#endif
+      for (; i < inter; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
     }
   });
   return out;

@@ -131,11 +131,21 @@ ATTENTION_CASES = {
     "gqa-alibi-hd128": (4, 2, 128, 16, [18, 47], True),
     "long-ragged-splits": (9, 3, 64, 16, [1000, 3, 257, 0], False),  # chunks of keys, some empty; an empty cache
     "long-alibi-splits": (4, 4, 32, 32, [700, 129], True),
+    "one-short-seq-splits": (9, 3, 64, 16, [145], False),  # batch 1: chunks start mid-block to feed the threads
 }
 
 
+@pytest.fixture(params=[1, 2, 4], ids=lambda n: f"threads{n}")
+def threads(request):
+    """How many keys each chunk gets depends on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_decode_attention(case):
+def test_decode_attention(case, threads):
     heads, kv_heads, d, block_size, seq_lens, alibi = ATTENTION_CASES[case]
     gen = torch.Generator().manual_seed(len(case))
     q = torch.randn(len(seq_lens), heads, d, generator=gen)
@@ -171,3 +181,31 @@ def test_entry_points_take_the_cpu_kernels(monkeypatch):
     monkeypatch.setenv("LLMENGINE_CPU_KERNELS", "0")
     rms_norm(x, w, 1e-5)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 64, 49157])
+def test_greedy_sample_is_argmax_and_its_log_prob(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=gen) * 4
+    logits[1, :] = 0.5  # all tied: the first index
+    logits[2, vocab // 2] = 30.0  # a clear winner
+    if vocab > 1:
+        logits[3, ::2] = float("-inf")  # masked tokens
+        logits[4, [vocab - 1, 0]] = 50.0  # a tie between the last and the first: the first
+    tokens, log_probs = ops.greedy_sample(logits)
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    expected = torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1)
+    # an fp32 sum of V exps (8 lanes of V / 8 terms): relative error up to ~V / 8 * 2^-24, 4e-4 at 49k; seen 5e-6
+    torch.testing.assert_close(log_probs.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_greedy_sample_nan_and_all_masked_rows_as_torch():
+    logits = torch.zeros(3, 20)
+    logits[0, 7] = float("nan")
+    logits[1, :] = float("-inf")
+    logits[2, 3] = 1.0
+    tokens, log_probs = ops.greedy_sample(logits)
+    expected = logits.gather(1, logits.argmax(-1)[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+    assert tokens.tolist() == logits.argmax(-1).tolist() == [7, 0, 3]
+    assert log_probs[:2].isnan().all() and expected[:2].isnan().all()
+    torch.testing.assert_close(log_probs[2], expected[2])

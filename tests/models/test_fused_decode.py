@@ -56,3 +56,18 @@ def test_fused_decode_without_kernels(tiny_dirs, monkeypatch):
     _, took = run(tiny_dirs["llama-mha"], "int4", True, monkeypatch)
     assert not took
     assert torch.ops.llmengine_cpu.q4_linear is not None  # the library stays loaded; only the choice changes
+
+
+def test_decode_step_profile_times_the_parts(tiny_dirs, monkeypatch):
+    """With the C++ timers on, each fused step counts once and its parts add up to no more than the step."""
+    llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize="int4", block_size=16, cpu_threads=2)
+    params = SamplingParams(max_new_tokens=9, temperature=0.0, ignore_eos=True)
+    llm.generate([PROMPTS[0]], params, progress=False)  # binds the decoder
+    torch.ops.llmengine_cpu.decode_step_profile(True)
+    llm.generate([PROMPTS[0]], params, progress=False)  # a prefill, then 8 fused decode steps
+    seconds = torch.ops.llmengine_cpu.decode_step_profile(False).tolist()
+    parts, step, steps = seconds[:6], seconds[6], seconds[7]
+    assert steps == 8
+    assert all(p > 0 for p in parts) and sum(parts) <= step
+    llm.generate([PROMPTS[0]], params, progress=False)
+    assert torch.ops.llmengine_cpu.decode_step_profile(False).tolist() == [0.0] * 8  # off: nothing counted

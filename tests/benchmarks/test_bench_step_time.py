@@ -1,0 +1,24 @@
+"""benchmarks/step_time.py on a tiny int4 Llama: the fused step's parts are timed and the outputs written."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from benchmarks import step_time
+from tests.models.tiny import save_tiny
+
+
+def test_step_time_splits_a_fused_step(tmp_path):
+    path = save_tiny("llama-gqa-tied-bias", tmp_path / "tiny")
+    args = Namespace(model=str(path), quantize="int4", threads=1, prompt_len=5, steps=6, repeats=2,
+                     no_progress=True)
+    report = step_time.run(args)
+    parts = {key: value["median"] for key, value in report["parts"].items()}
+    assert report["fused"] and parts["products"] > 0 and parts["attention"] > 0
+    assert parts["fused_step"] <= parts["forward"] <= parts["step"]
+    inner = sum(parts[p] for p in step_time.KERNEL_PARTS) + parts["kernels_rest"]
+    assert abs(inner - parts["fused_step"]) < 1e-9
+    assert abs(parts["outside_products"] - (parts["step"] - parts["products"] - parts["head"])) < 1e-9
+    table = step_time.markdown(report)
+    assert "| . . . attention |" in table and "| outside the products" in table
+    assert step_time.plot(report, tmp_path / "step.png").stat().st_size > 1000
