@@ -40,6 +40,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
     if q_start == 0 and alibi_slopes is None:  # a whole prompt: plain causal attention, no mask to build
         out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=gqa)
         return out[0].transpose(0, 1)
+    if alibi_slopes is None and q.device.type == "cpu" and q.dtype != torch.float64 and k_len == q_start + q_len:
+        return chunk_after_prefix(q4, k4, v4, q_start, scale)
     q_pos = torch.arange(q_start, q_start + q_len, device=q.device)
     k_pos = torch.arange(k_len, device=q.device)
     rel = (k_pos[None, :] - q_pos[:, None]).to(q.dtype if q.is_floating_point() else torch.float32)
@@ -49,6 +51,24 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
         mask = (mask[None] + alibi_slopes.to(q.dtype)[:, None, None] * rel[None])[None]  # [1, H, q_len, k_len]
     out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)
+
+
+def chunk_after_prefix(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, ctx_len: int,
+                       scale: float) -> torch.Tensor:
+    """A prompt chunk after `ctx_len` cached tokens, on CPU: `[1, heads, len, d]` inputs, the last q_len keys
+    being the chunk's own. Its queries see every cached key (no mask) and their own keys causally; SDPA's CPU
+    flash kernel does each part without a mask (it skips the causal part's upper tiles) and returns each part's
+    log-sum-exp, which merges them exactly. An explicit [q_len, k_len] mask instead made every tile computed and
+    masked: an 8k-token prompt in 2k chunks spent 41 s in attention this way against 25 s (2 threads)."""
+    heads = q4.shape[1]
+    if k4.shape[1] != heads:  # the flash kernel wants one KV head per query head
+        k4, v4 = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k4, v4))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out_ctx, lse_ctx = flash(q4, k4[:, :, :ctx_len], v4[:, :, :ctx_len], 0.0, False, scale=scale)[:2]
+    out_own, lse_own = flash(q4, k4[:, :, ctx_len:], v4[:, :, ctx_len:], 0.0, True, scale=scale)[:2]
+    lse = torch.logaddexp(lse_ctx, lse_own)
+    out = out_ctx.float() * (lse_ctx - lse).exp()[..., None] + out_own.float() * (lse_own - lse).exp()[..., None]
+    return out.to(q4.dtype)[0].transpose(0, 1)
 
 
 def reference_dtype(q: torch.Tensor) -> torch.dtype:

@@ -30,6 +30,7 @@ from models.config import load_config
 from models.loader import DTYPES, load_model, parse_dtype, resolve_device
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager, num_blocks_for_budget
+from runtime.compile_warmup import persistent_compile_cache, warm_up
 from runtime.detokenizer import TextStream
 from runtime.guided import GuidedMatcher, apply_token_masks, compile_constraint, validate_constraint
 from runtime.guided_tokenizer import TokenizerInfo, tokenizer_info, tokenizer_info_built
@@ -109,6 +110,8 @@ class Engine:
         model_dir = resolve_model_dir(model)
         self.model_dir = model_dir
         self.config = config = load_config(model_dir)
+        if compile:
+            persistent_compile_cache()  # before anything (this process or a worker) compiles
         self.device = resolve_device(device)
         self.thread_tuner = make_thread_tuner(cpu_threads, self.device, tensor_parallel_size)
         if quantize == "auto" and dtype != "auto":
@@ -249,19 +252,9 @@ class Engine:
         seq = self.requests.get(request_id)
         return None if seq is None else self._finish(seq, reason, error)
 
-    def warm_up(self) -> None:
-        """Run decode steps for one and for two sequences, so that compiling happens now, not in a request.
-
-        The prompts span more than one cache block: torch.compile specialises sizes 0 and 1, so a warm-up
-        whose block tables were one block wide would leave the general graph to compile mid-request.
-        """
-        params = SamplingParams(max_new_tokens=3, ignore_eos=True, speculate=False)  # plain decode steps
-        for batch in (1, 2):
-            for i in range(batch):
-                prompt = [0] * (2 * self.block_manager.block_size + i)
-                self.add_request(prompt, params, request_id=f"warm-up-{batch}-{i}")
-            while self.has_unfinished():
-                self.step()
+    def warm_up(self) -> list[tuple[int, float]]:
+        """Compile the decode step now, not in a request (runtime/compile_warmup.py): (batch, seconds) each."""
+        return warm_up(self)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

@@ -146,8 +146,9 @@ class ModelRunner:
         scores = self.score(chunks, hidden)
         if not logit_index:
             return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device), scores
-        index = torch.tensor(logit_index, dtype=torch.int64).to(self.device)
-        return self.model.compute_logits(hidden[index]).float(), scores
+        if len(logit_index) < hidden.shape[0]:  # (increasing indices: as many as rows means every row, in order)
+            hidden = hidden[torch.tensor(logit_index, dtype=torch.int64).to(self.device)]
+        return self.model.compute_logits(hidden).float(), scores
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's forward over the cache: hidden states `[num_tokens, hidden]` (decode steps compiled)."""

@@ -4,14 +4,18 @@
 // tokens[b] is the first index of row b's maximum (as torch.argmax; a NaN counts as the maximum, as there), and
 // log_probs[b] = x[b, t] - logsumexp(x[b]) = -log(sum_j exp(x[b, j] - max)) (NaN when the row has a NaN or is all
 // -inf, as torch's gather - logsumexp gives).
-// Grid: at::parallel_for over rows; one task reads its rows twice (max, then the exp-sum), 8 values per AVX2 step.
+// Grid: at::parallel_for over rows for the first maximum (per-lane max and first index, 8 values per AVX2 step),
+// then over (row, chunk of 8192 logits) for the exp-sums, so that a single row is spread over the threads too.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "vec_math.h"
 
@@ -19,48 +23,59 @@ namespace llmengine_cpu {
 
 namespace {
 
-void greedy_row(const float* x, int64_t V, int64_t* token, float* log_prob) {
+// Row x's first maximum: its index and value, or the first NaN's index (then the value is NaN).
+std::pair<int64_t, float> first_max(const float* x, int64_t V) {
   float mx = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  bool has_nan = false;
+  int64_t j = 0, arg = 0;
 #ifdef LLME_VEC_MATH
+  // Each lane keeps the first index of its maximum; a lane that meets a NaN reports it (the earliest wins below).
   __m256 mx8 = _mm256_set1_ps(mx), nan8 = _mm256_setzero_ps();
+  __m256i idx8 = _mm256_setzero_si256(), at8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step8 = _mm256_set1_epi32(8);
   for (; j + 8 <= V; j += 8) {
     const __m256 v = _mm256_loadu_ps(x + j);
-    mx8 = _mm256_max_ps(mx8, v);
+    const __m256 greater = _mm256_cmp_ps(v, mx8, _CMP_GT_OQ);
+    mx8 = _mm256_blendv_ps(mx8, v, greater);
+    idx8 = _mm256_blendv_epi8(idx8, at8, _mm256_castps_si256(greater));
     nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    at8 = _mm256_add_epi32(at8, step8);
   }
-  mx = hmax256(mx8);
-  has_nan = _mm256_movemask_ps(nan8) != 0;
+  if (_mm256_movemask_ps(nan8)) {
+    for (int64_t t = 0;; ++t)
+      if (std::isnan(x[t])) return {t, x[t]};
+  }
+  alignas(32) float lane_max[8];
+  alignas(32) int32_t lane_idx[8];
+  _mm256_store_ps(lane_max, mx8);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), idx8);
+  arg = j ? lane_idx[0] : 0;
+  mx = lane_max[0];
+  for (int k = 1; k < 8 && j; ++k)
+    if (lane_max[k] > mx || (lane_max[k] == mx && lane_idx[k] < arg)) mx = lane_max[k], arg = lane_idx[k];
+  if (!j) mx = -std::numeric_limits<float>::infinity();
 #endif
   for (; j < V; ++j) {
-    has_nan |= std::isnan(x[j]);
-    mx = std::max(mx, x[j]);
+    if (std::isnan(x[j])) return {j, x[j]};
+    if (x[j] > mx) mx = x[j], arg = j;
   }
-  int64_t t = 0;
-  if (has_nan) {
-    while (!std::isnan(x[t])) ++t;
-    *token = t;
-    *log_prob = std::numeric_limits<float>::quiet_NaN();
-    return;
-  }
-  while (x[t] != mx) ++t;
-  *token = t;
-  if (mx == -std::numeric_limits<float>::infinity()) {
-    *log_prob = std::numeric_limits<float>::quiet_NaN();
-    return;
-  }
+  return {arg, mx};
+}
+
+// sum_j exp(x[j] - mx) over x[0:n].
+float exp_sum(const float* x, int64_t n, float mx) {
   float total = 0.f;
-  j = 0;
+  int64_t j = 0;
 #ifdef LLME_VEC_MATH
   const __m256 m = _mm256_set1_ps(mx);
   __m256 sum8 = _mm256_setzero_ps();
-  for (; j + 8 <= V; j += 8) sum8 = _mm256_add_ps(sum8, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), m)));
+  for (; j + 8 <= n; j += 8) sum8 = _mm256_add_ps(sum8, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), m)));
   total = hsum256(sum8);
 #endif
-  for (; j < V; ++j) total += std::exp(x[j] - mx);
-  *log_prob = -std::log(total);
+  for (; j < n; ++j) total += std::exp(x[j] - mx);
+  return total;
 }
+
+constexpr int64_t VOCAB_CHUNK = 8192;  // a row's exp-sum is split over threads in chunks of this many logits
 
 }  // namespace
 
@@ -75,9 +90,28 @@ std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits) {
   int64_t* tp = tokens.data_ptr<int64_t>();
   float* lp = log_probs.data_ptr<float>();
   const int64_t stride = logits.stride(0);
+  std::vector<float> row_max(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) greedy_row(xp + b * stride, V, tp + b, lp + b);
+    for (int64_t b = begin; b < end; ++b) std::tie(tp[b], row_max[b]) = first_max(xp + b * stride, V);
   });
+  // The exp-sums, over (row, chunk of the vocabulary) so that one row keeps every thread busy too.
+  const int64_t chunks = (V + VOCAB_CHUNK - 1) / VOCAB_CHUNK;
+  std::vector<float> partial(B * chunks, 0.f);
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, j0 = task % chunks * VOCAB_CHUNK, n = std::min(VOCAB_CHUNK, V - j0);
+      const float mx = row_max[b];
+      if (!std::isnan(mx) && mx != -std::numeric_limits<float>::infinity())
+        partial[task] = exp_sum(xp + b * stride + j0, n, mx);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    float total = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) total += partial[b * chunks + c];
+    const float mx = row_max[b];
+    lp[b] = std::isnan(mx) || mx == -std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::quiet_NaN()
+                                                                            : -std::log(total);
+  }
   return {tokens, log_probs};
 }
 

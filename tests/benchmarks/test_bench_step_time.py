@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from argparse import Namespace
 
+import pytest
+
 from benchmarks import step_time
 from tests.models.tiny import save_tiny
 
 
+@pytest.mark.slow  # loads and quantizes a model, decodes 20 steps
 def test_step_time_splits_a_fused_step(tmp_path):
     path = save_tiny("llama-gqa-tied-bias", tmp_path / "tiny")
     args = Namespace(model=str(path), quantize="int4", threads=1, prompt_len=5, steps=6, repeats=2,

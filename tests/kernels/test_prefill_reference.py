@@ -77,3 +77,20 @@ def test_cpu_reference_decode_attends_bf16_in_fp32():
                                    v_cache.bfloat16(), tables, seq_lens - 1, 0.25)
     assert mode.seen == [torch.float32, torch.float32]
     assert got.dtype == torch.bfloat16 and (got.double() - expected).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads, kv_heads, q_len, ctx_len", [(6, 2, 37, 100), (4, 4, 1, 16), (9, 3, 64, 1),
+                                                              (8, 1, 130, 257)])
+def test_cpu_chunk_after_a_prefix_equals_the_masked_float64_attention(dtype, tol, heads, kv_heads, q_len, ctx_len):
+    """A chunk after a cached prefix is two unmasked flash calls (the prefix; the chunk, causally) merged by their
+    log-sum-exps: the same as one attention with the causal mask, computed in float64."""
+    from kernels.prefill_attention import attention_ref
+
+    gen = torch.Generator().manual_seed(q_len + ctx_len)
+    q = torch.randn(q_len, heads, 32, generator=gen)
+    k, v = torch.randn(2, ctx_len + q_len, kv_heads, 32, generator=gen)
+    got = attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), ctx_len, 0.2, None)
+    expected = attention_ref(q.double(), k.double(), v.double(), ctx_len, 0.2, None)  # the masked path
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import pytest
 
 from runtime import LLM, SamplingParams
+from runtime.compile_warmup import persistent_compile_cache
 
-pytestmark = pytest.mark.slow  # torch.compile
 
-
-def test_compiled_decode_equals_eager(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.slow  # torch.compile
+def test_compiled_decode_equals_eager(tiny_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    caplog.set_level(logging.INFO, logger="runtime")
     folder = tiny_dir("llama-gqa-tied-bias")
     prompts = [[5, 9, 3, 7, 1], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56], [60]]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -20,3 +24,19 @@ def test_compiled_decode_equals_eager(tiny_dir, tmp_path, monkeypatch):
     compiled = compiled_llm.generate(prompts, params, progress=False)
     assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
     assert compiled_llm.engine.block_manager.num_used == 0
+    # the warm-up said what it compiled, where Inductor's cache is, and how long each graph took
+    compiling = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch.compile:")]
+    assert any("for 1 sequence (Inductor cache: " + str(tmp_path / "inductor") in m for m in compiling)
+    assert any(m.startswith("torch.compile: the decode step for 2 and more sequences is ready after")
+               for m in compiling)
+    assert any((tmp_path / "inductor").iterdir())  # Inductor wrote its cache where we pointed it
+
+
+def test_persistent_compile_cache_is_ours_unless_the_operator_chose(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LLMENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    assert persistent_compile_cache() == tmp_path / "cache" / "torch_compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch_compile")
+    assert (tmp_path / "cache" / "torch_compile").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert persistent_compile_cache() == tmp_path / "mine"
