@@ -102,6 +102,104 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   }
 }
 
+int64_t decode_splits(const int32_t* seq_lens, int64_t S, int64_t Hkv, int64_t threads) {
+  // Split each sequence's keys into chunks of at least SPLIT_KEYS so that short and long sequences alike give
+  // every thread work: each (sequence, KV head, chunk) keeps its unnormalised partial (max, exp-sum, sum of
+  // p v) per query head, and a second pass merges the chunks of each head.
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < S; ++s) max_len = std::max<int64_t>(max_len, seq_lens[s]);
+  const int64_t wanted = (TASKS_PER_THREAD * threads + S * Hkv - 1) / (S * Hkv);
+  return std::max<int64_t>(1, std::min({MAX_SPLITS, max_len / SPLIT_KEYS, wanted}));
+}
+
+void check_block_tables(const int32_t* bt, const int32_t* lp, int64_t S, int64_t max_blocks, int64_t block_size,
+                        int64_t num_blocks) {
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(lp[s] >= 0 && lp[s] <= max_blocks * block_size, "decode_attention: seq_len ", lp[s],
+                " does not fit the block table");
+    for (int64_t b = 0; b < (lp[s] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(bt[s * max_blocks + b] >= 0 && bt[s * max_blocks + b] < num_blocks,
+                  "decode_attention: block ", bt[s * max_blocks + b], " is not in the cache");
+  }
+}
+
+void PagedDecode::task(int64_t task, float* scores) const {
+  const int64_t G = H / Hkv, row_stride = Hkv * d;
+  const int64_t split = task % splits, s = task / splits / Hkv, kvh = task / splits % Hkv, L = seq_lens[s];
+  const int64_t chunk = (L + splits - 1) / splits, j0 = std::min(L, split * chunk), j1 = std::min(L, j0 + chunk);
+  float* m_run = part_max + task * G;  // running max, exp-sum and sum of p v per query head
+  float* l_run = part_sum + task * G;  // (l stays 0 for an empty chunk)
+  float* acc = part_acc + task * G * d;
+  std::fill(m_run, m_run + G, -std::numeric_limits<float>::infinity());
+  std::fill(l_run, l_run + G, 0.f);
+  std::fill(acc, acc + G * d, 0.f);
+  const float* q_group = q + s * q_seq_stride + kvh * G * q_head_stride;
+  // One block of keys at a time (one block-table lookup each): the G heads' scores, then an online-softmax
+  // update of each head's state, its value sum kept in registers over the block's keys.
+  for (int64_t j = j0; j < j1;) {
+    const int64_t off = j % block_size, take = std::min(block_size - off, j1 - j);
+    const int64_t first = ((static_cast<int64_t>(block_tables[s * max_blocks + j / block_size]) * block_size + off) * Hkv
+                           + kvh) * d;
+    const float* kb = k_cache + first;
+    const float* vb = v_cache + first;
+    for (int64_t g = 0; g < G; ++g) {
+      float* sc = scores + g * block_size;
+      const float* qg = q_group + g * q_head_stride;
+      const float slope = slopes ? slopes[kvh * G + g] : 0.f;
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < take; ++t) {
+        sc[t] = dot(qg, kb + t * row_stride, d) * scale
+            + (slopes ? slope * static_cast<float>(j + t - (L - 1)) : 0.f);
+        block_max = std::max(block_max, sc[t]);
+      }
+      const float m_new = std::max(m_run[g], block_max), alpha = std::exp(m_run[g] - m_new);
+      int64_t t = 0;
+      float block_sum = 0.f;
+#ifdef LLME_VEC_MATH
+      const __m256 m8 = _mm256_set1_ps(m_new);
+      __m256 sum8 = _mm256_setzero_ps();
+      for (; t + 8 <= take; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m8));
+        _mm256_storeu_ps(sc + t, e);
+        sum8 = _mm256_add_ps(sum8, e);
+      }
+      block_sum = hsum256(sum8);
+#endif
+      for (; t < take; ++t) block_sum += (sc[t] = std::exp(sc[t] - m_new));
+      l_run[g] = l_run[g] * alpha + block_sum;
+      m_run[g] = m_new;
+      accumulate_values(acc + g * d, alpha, sc, vb, row_stride, take, d);
+    }
+    j += take;
+  }
+}
+
+void PagedDecode::merge(int64_t sh) const {
+  const int64_t G = H / Hkv;
+  const int64_t s = sh / H, h = sh % H, kvh = h / G, g = h % G;
+  float* o = out + sh * d;
+  std::fill(o, o + d, 0.f);
+  float mx = -std::numeric_limits<float>::infinity(), total = 0.f;
+  for (int64_t split = 0; split < splits; ++split) {
+    const int64_t task = (s * Hkv + kvh) * splits + split;
+    if (part_sum[task * G + g] > 0.f) mx = std::max(mx, part_max[task * G + g]);
+  }
+  for (int64_t split = 0; split < splits; ++split) {
+    const int64_t task = (s * Hkv + kvh) * splits + split;
+    const float l = part_sum[task * G + g];
+    if (l <= 0.f) continue;
+    const float w = std::exp(part_max[task * G + g] - mx);
+    total += w * l;
+    const float* a = part_acc + (task * G + g) * d;
+    #pragma omp simd
+    for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
+  }
+  if (total > 0.f) {
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                             const c10::optional<at::Tensor>& alibi_slopes) {
@@ -117,116 +215,29 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const at::Tensor lens = seq_lens.to(at::kInt).contiguous();
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S,
               "decode_attention: block_tables [S, max_blocks] and seq_lens [S]");
-  const int64_t max_blocks = tables.size(1), num_blocks = k_cache.size(0);
+  const int64_t max_blocks = tables.size(1);
   const int32_t* bt = tables.data_ptr<int32_t>();
   const int32_t* lp = lens.data_ptr<int32_t>();
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(lp[s] >= 0 && lp[s] <= max_blocks * block_size, "decode_attention: seq_len ", lp[s],
-                " does not fit the block table");
-    for (int64_t b = 0; b < (lp[s] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(bt[s * max_blocks + b] >= 0 && bt[s * max_blocks + b] < num_blocks,
-                  "decode_attention: block ", bt[s * max_blocks + b], " is not in the cache");
-  }
+  check_block_tables(bt, lp, S, max_blocks, block_size, k_cache.size(0));
   at::Tensor slopes;
   if (alibi_slopes.has_value()) {
     slopes = alibi_slopes->to(at::kFloat).contiguous();
     TORCH_CHECK(slopes.numel() == H, "decode_attention: one ALiBi slope per head");
   }
-  const float* sl = slopes.defined() ? slopes.data_ptr<float>() : nullptr;
   auto out = at::empty({S, H, d}, q.options());
-  const int64_t G = H / Hkv;
-  const float* qp = q.data_ptr<float>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-  // Split each sequence's keys into chunks of at least SPLIT_KEYS so that short and long sequences alike give
-  // every thread work: each (sequence, KV head, chunk) keeps its unnormalised partial (max, exp-sum, sum of
-  // p v) per query head, and a second pass merges the chunks of each head.
-  int64_t max_len = 0;
-  for (int64_t s = 0; s < S; ++s) max_len = std::max<int64_t>(max_len, lp[s]);
-  const int64_t wanted = (TASKS_PER_THREAD * at::get_num_threads() + S * Hkv - 1) / (S * Hkv);
-  const int64_t splits = std::max<int64_t>(1, std::min({MAX_SPLITS, max_len / SPLIT_KEYS, wanted}));
-  const int64_t tasks = S * Hkv * splits, q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
+  const int64_t G = H / Hkv, splits = decode_splits(lp, S, Hkv, at::get_num_threads());
+  const int64_t tasks = S * Hkv * splits;
   std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
-  const int64_t row_stride = Hkv * d;
+  const PagedDecode plan{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt, lp,
+                         slopes.defined() ? slopes.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                         part_max.data(), part_sum.data(), part_acc.data(), S, H, Hkv, d, block_size, max_blocks,
+                         q.stride(0), q.stride(1), splits, static_cast<float>(scale)};
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(G * block_size);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t split = task % splits, s = task / splits / Hkv, kvh = task / splits % Hkv, L = lp[s];
-      const int64_t chunk = (L + splits - 1) / splits, j0 = std::min(L, split * chunk), j1 = std::min(L, j0 + chunk);
-      float* m_run = part_max.data() + task * G;  // running max, exp-sum and sum of p v per query head
-      float* l_run = part_sum.data() + task * G;  // (l stays 0 for an empty chunk)
-      float* acc = part_acc.data() + task * G * d;
-      std::fill(m_run, m_run + G, -std::numeric_limits<float>::infinity());
-      std::fill(l_run, l_run + G, 0.f);
-      std::fill(acc, acc + G * d, 0.f);
-      const float* q_group = qp + s * q_seq_stride + kvh * G * q_head_stride;
-      // One block of keys at a time (one block-table lookup each): the G heads' scores, then an online-softmax
-      // update of each head's state, its value sum kept in registers over the block's keys.
-      for (int64_t j = j0; j < j1;) {
-        const int64_t off = j % block_size, take = std::min(block_size - off, j1 - j);
-        const int64_t first = ((static_cast<int64_t>(bt[s * max_blocks + j / block_size]) * block_size + off) * Hkv
-                               + kvh) * d;
-        const float* kb = kc + first;
-        const float* vb = vc + first;
-        for (int64_t g = 0; g < G; ++g) {
-          float* sc = scores.data() + g * block_size;
-          const float* qg = q_group + g * q_head_stride;
-          const float slope = sl ? sl[kvh * G + g] : 0.f;
-          float block_max = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < take; ++t) {
-            sc[t] = dot(qg, kb + t * row_stride, d) * fscale
-                + (sl ? slope * static_cast<float>(j + t - (L - 1)) : 0.f);
-            block_max = std::max(block_max, sc[t]);
-          }
-          const float m_new = std::max(m_run[g], block_max), alpha = std::exp(m_run[g] - m_new);
-          int64_t t = 0;
-          float block_sum = 0.f;
-#ifdef LLME_VEC_MATH
-          const __m256 m8 = _mm256_set1_ps(m_new);
-          __m256 sum8 = _mm256_setzero_ps();
-          for (; t + 8 <= take; t += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m8));
-            _mm256_storeu_ps(sc + t, e);
-            sum8 = _mm256_add_ps(sum8, e);
-          }
-          block_sum = hsum256(sum8);
-#endif
-          for (; t < take; ++t) block_sum += (sc[t] = std::exp(sc[t] - m_new));
-          l_run[g] = l_run[g] * alpha + block_sum;
-          m_run[g] = m_new;
-          accumulate_values(acc + g * d, alpha, sc, vb, row_stride, take, d);
-        }
-        j += take;
-      }
-    }
+    for (int64_t task = begin; task < end; ++task) plan.task(task, scores.data());
   });
   at::parallel_for(0, S * H, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t sh = begin; sh < end; ++sh) {
-      const int64_t s = sh / H, h = sh % H, kvh = h / G, g = h % G;
-      float* o = op + sh * d;
-      std::fill(o, o + d, 0.f);
-      float mx = -std::numeric_limits<float>::infinity(), total = 0.f;
-      for (int64_t split = 0; split < splits; ++split) {
-        const int64_t task = (s * Hkv + kvh) * splits + split;
-        if (part_sum[task * G + g] > 0.f) mx = std::max(mx, part_max[task * G + g]);
-      }
-      for (int64_t split = 0; split < splits; ++split) {
-        const int64_t task = (s * Hkv + kvh) * splits + split;
-        const float l = part_sum[task * G + g];
-        if (l <= 0.f) continue;
-        const float w = std::exp(part_max[task * G + g] - mx);
-        total += w * l;
-        const float* a = part_acc.data() + (task * G + g) * d;
-        #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
-      }
-      if (total > 0.f) {
-        const float inv = 1.f / total;
-        for (int64_t i = 0; i < d; ++i) o[i] *= inv;
-      }
-    }
+    for (int64_t sh = begin; sh < end; ++sh) plan.merge(sh);
   });
   return out;
 }

@@ -10,36 +10,63 @@
 // k_caches, v_caches: L tensors [num_blocks, block_size, Hkv, d]; norms: 2L + 1 weights [hidden] (each layer's
 // input and post-attention norms, then the final norm); proj: L * 4 projections (qkv, o, gate_up, down), each
 // four tensors (qs, d, m, bias) of quant_gemm.cpp's layout, m empty for int8 and bias empty when there is none.
-// Returns the final-normed hidden states [S, hidden]. Parallelism is inside each kernel (at::parallel_for).
+// Returns the final-normed hidden states [S, hidden].
+// Threads: one OpenMP team for the whole step (not a fork and join per op, ~150 a token): the products split
+// their weight rows, attention its (sequence, KV head, chunk) tasks, rotary and the KV store the tokens, with a
+// barrier after each; every thread computes the norms and quantizes the activations itself (its own copy of
+// the residual stream) rather than wait for one thread to. The gate/up product and SiLU-and-mul go together.
+// Each row or task is computed by the same functions as the eager ops', so the numbers are theirs, bit for bit.
 // `decode_step_profile(enable)` returns the seconds spent per part (step_profile.h) since its last call, and the
 // number of steps, and turns the timers on or off for the steps that follow.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "quant_common.h"
 #include "step_profile.h"
+
+#include <algorithm>
+#include <utility>
+#include <vector>
 
 namespace llmengine_cpu {
 
 namespace {
 
 constexpr int64_t PROJ_TENSORS = 4;  // qs, d, m, bias
+constexpr int64_t ACT_BLOCK = 64;    // gate/up rows computed together before their SiLU-and-mul
 
-at::Tensor project(const at::Tensor& x, at::TensorList proj, int64_t index) {
+// [begin, end) of thread t's share of n items.
+inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt) { return {n * t / nt, n * (t + 1) / nt}; }
+
+struct Projection {
+  QuantWeight w;
+  int64_t N, K;
+  bool q4;
+};
+
+Projection projection(const std::vector<at::Tensor>& proj, int64_t index) {
   const at::Tensor& qs = proj[PROJ_TENSORS * index];
   const at::Tensor& d = proj[PROJ_TENSORS * index + 1];
   const at::Tensor& m = proj[PROJ_TENSORS * index + 2];
   const at::Tensor& bias = proj[PROJ_TENSORS * index + 3];
-  const c10::optional<at::Tensor> b = bias.numel() ? c10::optional<at::Tensor>(bias) : c10::nullopt;
-  PartTimer timer(PRODUCT);
-  return m.numel() ? q4_linear(x, qs, d, m, b) : q8_linear(x, qs, d, b);
+  TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf && (!m.numel() || m.is_contiguous()),
+              "LlamaDecoder: projection ", index, " is not in quant_gemm.cpp's layout");
+  TORCH_CHECK(!bias.numel() || (bias.scalar_type() == at::kFloat && bias.is_contiguous()),
+              "LlamaDecoder: biases must be contiguous fp32");
+  const bool q4 = m.numel() > 0;
+  const QuantWeight w{reinterpret_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr()),
+                      q4 ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr,
+                      bias.numel() ? bias.data_ptr<float>() : nullptr, d.size(1), qs.size(1)};
+  return {w, qs.size(0), d.size(1) * QK, q4};
 }
 
-std::tuple<at::Tensor, at::Tensor> timed_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
-                                                  const c10::optional<at::Tensor>& residual) {
-  PartTimer timer(NORM);
-  return rms_norm(x, weight, eps, residual);
+// Waits for the whole team; with the profiler on, thread 0's wait counts in `part`'s time (its caller's timer).
+inline void barrier() {
+#pragma omp barrier
 }
 
 }  // namespace
@@ -67,6 +94,7 @@ struct LlamaDecoder : torch::CustomClassHolder {
   at::Tensor embedding;
   int64_t num_heads, num_kv_heads, head_dim;
   double eps, scale;
+  std::vector<Projection> layers;  // 4 per layer: qkv, o, gate_up, down
 
   LlamaDecoder(at::Tensor embedding, std::vector<at::Tensor> norms, std::vector<at::Tensor> proj,
                std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t num_heads,
@@ -80,56 +108,177 @@ struct LlamaDecoder : torch::CustomClassHolder {
                 " norm weights, got ", this->norms.size());
     TORCH_CHECK(static_cast<int64_t>(this->proj.size()) == 4 * PROJ_TENSORS * L, "LlamaDecoder: expected ",
                 4 * PROJ_TENSORS * L, " projection tensors, got ", this->proj.size());
-    TORCH_CHECK(this->embedding.dim() == 2 && this->embedding.scalar_type() == at::kFloat,
-                "LlamaDecoder: the embedding must be fp32 [vocab, hidden]");
+    TORCH_CHECK(this->embedding.dim() == 2 && this->embedding.scalar_type() == at::kFloat &&
+                    this->embedding.is_contiguous(), "LlamaDecoder: the embedding must be contiguous fp32 [vocab, hidden]");
+    const int64_t hidden = this->embedding.size(1), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+    for (const at::Tensor& w : this->norms)
+      TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == hidden,
+                  "LlamaDecoder: norm weights must be contiguous fp32 [hidden]");
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor& k = this->k_caches[l];
+      TORCH_CHECK(k.scalar_type() == at::kFloat && k.is_contiguous() && this->v_caches[l].is_contiguous() &&
+                      k.sizes() == this->v_caches[l].sizes() && k.dim() == 4 && k.size(2) == num_kv_heads &&
+                      k.size(3) == head_dim, "LlamaDecoder: layer ", l, "'s caches are not fp32 [blocks, block_size, ",
+                  num_kv_heads, ", ", head_dim, "]");
+    }
+    for (int64_t i = 0; i < 4 * L; ++i) layers.push_back(projection(this->proj, i));
+    for (int64_t l = 0; l < L; ++l) {
+      const Projection &qkv = layers[4 * l], &o = layers[4 * l + 1], &gu = layers[4 * l + 2], &dn = layers[4 * l + 3];
+      TORCH_CHECK(qkv.N == q_size + 2 * kv_size && o.N == hidden && gu.N % 2 == 0 && dn.N == hidden &&
+                      qkv.K >= hidden && o.K >= q_size && gu.K >= hidden && dn.K >= gu.N / 2,
+                  "LlamaDecoder: layer ", l, "'s projection shapes do not fit the model");
+    }
   }
 
   // input_ids int64 [S] -> the final-normed hidden states [S, hidden].
   at::Tensor step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& slot_mapping,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos_sin_cache) {
     PartTimer step_timer(STEP);
-    if (step_profile().enabled.load(std::memory_order_relaxed)) ++step_profile().steps;
-    const int64_t L = static_cast<int64_t>(k_caches.size());
-    const at::Tensor x0 = at::embedding(embedding, input_ids);
-    const int64_t S = x0.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-    const at::TensorList p(proj);
-    at::Tensor x = x0, residual, normed;
-    for (int64_t l = 0; l < L; ++l) {
-      if (!residual.defined()) {
-        normed = std::get<0>(timed_rms_norm(x, norms[2 * l], eps, c10::nullopt));
-        residual = x;
-      } else {
-        std::tie(normed, residual) = timed_rms_norm(x, norms[2 * l], eps, residual);
-      }
-      const at::Tensor qkv = project(normed, p, 4 * l);
-      const at::Tensor q = qkv.narrow(1, 0, q_size).view({S, num_heads, head_dim});
-      const at::Tensor k = qkv.narrow(1, q_size, kv_size).view({S, num_kv_heads, head_dim});
-      const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({S, num_kv_heads, head_dim});
-      at::Tensor q_rot, k_rot, attn;
-      {
-        PartTimer timer(ROTARY);
-        std::tie(q_rot, k_rot) = rotary(q, k, positions, cos_sin_cache);
-      }
-      {
-        PartTimer timer(STORE_KV);
-        store_kv(k_rot, v, k_caches[l], v_caches[l], slot_mapping);
-      }
-      {
-        PartTimer timer(ATTENTION);
-        attn = decode_attention(q_rot, k_caches[l], v_caches[l], block_tables, seq_lens, scale, c10::nullopt);
-      }
-      const at::Tensor o = project(attn.view({S, q_size}), p, 4 * l + 1);
-      std::tie(normed, residual) = timed_rms_norm(o, norms[2 * l + 1], eps, residual);
-      const at::Tensor gate_up = project(normed, p, 4 * l + 2);
-      at::Tensor act;
-      {
-        PartTimer timer(ACTIVATION);
-        act = silu_and_mul(gate_up);
-      }
-      x = project(act, p, 4 * l + 3);
+    const bool profiling = step_profile().enabled.load(std::memory_order_relaxed);
+    if (profiling) ++step_profile().steps;
+    const int64_t L = static_cast<int64_t>(k_caches.size()), S = input_ids.numel();
+    const int64_t hidden = embedding.size(1), vocab = embedding.size(0), d = head_dim, H = num_heads,
+                  Hkv = num_kv_heads, q_size = H * d, kv_size = Hkv * d, qkv_size = q_size + 2 * kv_size;
+    const at::Tensor ids = input_ids.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+    const at::Tensor slots = slot_mapping.to(at::kLong).contiguous(), cs = cos_sin_cache.to(at::kFloat).contiguous();
+    const at::Tensor tables = block_tables.to(at::kInt).contiguous(), lens = seq_lens.to(at::kInt).contiguous();
+    TORCH_CHECK(pos.numel() == S && slots.numel() == S && lens.numel() == S && tables.dim() == 2 &&
+                    tables.size(0) == S, "LlamaDecoder.step: one position, slot, length and block-table row per token");
+    TORCH_CHECK(cs.dim() == 2 && cs.size(1) == d, "LlamaDecoder.step: cos_sin_cache must be [positions, head_dim]");
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    const int64_t block_size = k_caches[0].size(1), num_slots = k_caches[0].size(0) * block_size;
+    for (int64_t s = 0; s < S; ++s) {
+      TORCH_CHECK(idp[s] >= 0 && idp[s] < vocab, "LlamaDecoder.step: token id ", idp[s], " is not in the vocabulary");
+      TORCH_CHECK(pp[s] >= 0 && pp[s] < cs.size(0), "position ", pp[s], " is outside the rotary table of ",
+                  cs.size(0), " rows");
+      TORCH_CHECK(sp[s] < num_slots, "store_kv: slot ", sp[s], " past the cache");
     }
-    if (!residual.defined()) return std::get<0>(timed_rms_norm(x, norms[2 * L], eps, c10::nullopt));
-    return std::get<0>(timed_rms_norm(x, norms[2 * L], eps, residual));
+    const int32_t* bt = tables.data_ptr<int32_t>();
+    const int32_t* lp = lens.data_ptr<int32_t>();
+    check_block_tables(bt, lp, S, tables.size(1), block_size, k_caches[0].size(0));
+    const int64_t I = layers[2].N / 2, G = H / Hkv;
+    const int nt_wanted = at::get_num_threads();
+    const int64_t splits = decode_splits(lp, S, Hkv, nt_wanted), tasks = S * Hkv * splits;
+    const auto opts = embedding.options();
+    at::Tensor x = at::empty({S, hidden}, opts), out = at::empty({S, hidden}, opts);
+    at::Tensor qkv = at::empty({S, qkv_size}, opts), q_rot = at::empty({S, H, d}, opts);
+    at::Tensor attn = at::empty({S, H, d}, opts), o = at::empty({S, hidden}, opts), act = at::empty({S, I}, opts);
+    std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
+    float *xp = x.data_ptr<float>(), *qkvp = qkv.data_ptr<float>(), *qp = q_rot.data_ptr<float>();
+    float *ap = attn.data_ptr<float>(), *op = o.data_ptr<float>(), *actp = act.data_ptr<float>();
+    const float* ep = embedding.data_ptr<float>();
+    for (int64_t s = 0; s < S; ++s) std::copy(ep + idp[s] * hidden, ep + (idp[s] + 1) * hidden, xp + s * hidden);
+    const float feps = static_cast<float>(eps);
+    const bool paired = q4_pairs_blocks();
+    const float* csp = cs.data_ptr<float>();
+
+#pragma omp parallel num_threads(nt_wanted)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const bool timing = profiling && t == 0;
+      // Every thread keeps its own copy of the residual stream and of each quantized activation: computing them
+      // redundantly (a few microseconds) saves a barrier each, and the copies are equal bit for bit.
+      std::vector<float> residual(S * hidden), normed(S * hidden), scores(G * block_size);
+      std::vector<float> gate_tmp(S * ACT_BLOCK), up_tmp(S * ACT_BLOCK);
+      QuantizedRows xr;
+      auto quantize = [&](const float* a, int64_t K, const Projection& p) {
+        quantize_rows_into(xr, a, S, K, p.w.nb, p.q4 && paired);
+      };
+      auto product = [&](const Projection& p, float* y, int64_t ldy) {
+        const auto [n0, n1] = share(p.N, t, nt);
+        quant_rows(xr, p.w, S, n0, n1, y + n0, ldy);
+        barrier();
+      };
+      for (int64_t l = 0; l < L; ++l) {
+        const Projection &qkv_p = layers[4 * l], &o_p = layers[4 * l + 1], &gu_p = layers[4 * l + 2],
+                         &dn_p = layers[4 * l + 3];
+        {
+          PartTimer timer(timing ? NORM : NUM_PARTS);
+          for (int64_t s = 0; s < S; ++s)
+            rms_norm_row(xp + s * hidden, l ? residual.data() + s * hidden : nullptr, norms[2 * l].data_ptr<float>(),
+                         normed.data() + s * hidden, l ? residual.data() + s * hidden : nullptr, hidden, feps);
+          if (!l) std::copy(xp, xp + S * hidden, residual.data());
+        }
+        {
+          PartTimer timer(timing ? PRODUCT : NUM_PARTS);
+          quantize(normed.data(), hidden, qkv_p);
+          product(qkv_p, qkvp, qkv_size);
+        }
+        float* k_cache = k_caches[l].data_ptr<float>();
+        float* v_cache = v_caches[l].data_ptr<float>();
+        {
+          const auto [s0, s1] = share(S, t, nt);
+          {
+            PartTimer timer(timing ? ROTARY : NUM_PARTS);
+            for (int64_t s = s0; s < s1; ++s) rotate_heads(qkvp + s * qkv_size, d, H, d, csp + pp[s] * d, qp + s * q_size);
+          }
+          PartTimer timer(timing ? STORE_KV : NUM_PARTS);
+          for (int64_t s = s0; s < s1; ++s) {
+            if (sp[s] < 0) continue;
+            const float* row = qkvp + s * qkv_size;
+            rotate_heads(row + q_size, d, Hkv, d, csp + pp[s] * d, k_cache + sp[s] * kv_size);
+            std::copy(row + q_size + kv_size, row + qkv_size, v_cache + sp[s] * kv_size);
+          }
+          barrier();
+        }
+        {
+          PartTimer timer(timing ? ATTENTION : NUM_PARTS);
+          const PagedDecode plan{qp, k_cache, v_cache, bt, lp, nullptr, ap, part_max.data(), part_sum.data(),
+                                 part_acc.data(), S, H, Hkv, d, block_size, tables.size(1), q_size, d, splits,
+                                 static_cast<float>(scale)};
+          const auto [t0, t1] = share(tasks, t, nt);
+          for (int64_t task = t0; task < t1; ++task) plan.task(task, scores.data());
+          barrier();
+          const auto [m0, m1] = share(S * H, t, nt);
+          for (int64_t sh = m0; sh < m1; ++sh) plan.merge(sh);
+          barrier();
+        }
+        {
+          PartTimer timer(timing ? PRODUCT : NUM_PARTS);
+          quantize(ap, q_size, o_p);
+          product(o_p, op, hidden);
+        }
+        {
+          PartTimer timer(timing ? NORM : NUM_PARTS);
+          for (int64_t s = 0; s < S; ++s)
+            rms_norm_row(op + s * hidden, residual.data() + s * hidden, norms[2 * l + 1].data_ptr<float>(),
+                         normed.data() + s * hidden, residual.data() + s * hidden, hidden, feps);
+        }
+        // gate rows i and up rows I + i together, then their SiLU-and-mul: no [S, 2I] intermediate.
+        const auto [i0, i1] = share(I, t, nt);
+        {
+          PartTimer timer(timing ? PRODUCT : NUM_PARTS);
+          quantize(normed.data(), hidden, gu_p);
+        }
+        for (int64_t b0 = i0; b0 < i1; b0 += ACT_BLOCK) {
+          const int64_t b1 = std::min(i1, b0 + ACT_BLOCK), n = b1 - b0;
+          {
+            PartTimer timer(timing ? PRODUCT : NUM_PARTS);
+            quant_rows(xr, gu_p.w, S, b0, b1, gate_tmp.data(), n);
+            quant_rows(xr, gu_p.w, S, I + b0, I + b1, up_tmp.data(), n);
+          }
+          PartTimer timer(timing ? ACTIVATION : NUM_PARTS);
+          for (int64_t s = 0; s < S; ++s)
+            silu_mul_row(gate_tmp.data() + s * n, up_tmp.data() + s * n, actp + s * I + b0, n);
+        }
+        {
+          PartTimer timer(timing ? PRODUCT : NUM_PARTS);
+          barrier();
+          quantize(actp, I, dn_p);
+          product(dn_p, xp, hidden);
+        }
+      }
+      if (t == 0) {
+        PartTimer timer(timing ? NORM : NUM_PARTS);
+        float* outp = out.data_ptr<float>();
+        for (int64_t s = 0; s < S; ++s)
+          rms_norm_row(xp + s * hidden, L ? residual.data() + s * hidden : nullptr, norms[2 * L].data_ptr<float>(),
+                       outp + s * hidden, L ? residual.data() + s * hidden : nullptr, hidden, feps);
+      }
+    }
+    return out;
   }
 };
 

@@ -16,6 +16,7 @@
 #include "cpu_kernels.h"
 #include "vec_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -24,6 +25,48 @@ namespace llmengine_cpu {
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a CPU fp32 tensor");
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [rows, cols] with contiguous rows");
+}
+
+// One row: out = norm(x (+ res, also stored in h)) * w. The sum of squares runs in 8 lanes then a fixed reduction,
+// so a row's result does not depend on who calls it (the fused decode step calls it directly).
+void rms_norm_row(const float* xr, const float* res, const float* wp, float* o, float* hr, int64_t hidden,
+                  float eps) {
+  const float* src = xr;
+  int64_t i = 0;
+  float ss = 0.f;
+#ifdef LLME_VEC_MATH
+  __m256 acc = _mm256_setzero_ps();
+  if (hr) {
+    for (; i + 8 <= hidden; i += 8) {
+      const __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(res + i));
+      _mm256_storeu_ps(hr + i, v);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    for (; i < hidden; ++i) {
+      hr[i] = xr[i] + res[i];
+      ss += hr[i] * hr[i];
+    }
+    src = hr;
+  } else {
+    for (; i + 8 <= hidden; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), acc);
+    for (; i < hidden; ++i) ss += xr[i] * xr[i];
+  }
+  ss += hsum256(acc);
+#else
+  if (hr) {
+    for (; i < hidden; ++i) hr[i] = xr[i] + res[i];
+    src = hr;
+  }
+  for (i = 0; i < hidden; ++i) ss += src[i] * src[i];
+#endif
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(hidden) + eps);
+  i = 0;
+#ifdef LLME_VEC_MATH
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  for (; i + 8 <= hidden; i += 8)
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(src + i), inv8), _mm256_loadu_ps(wp + i)));
+#endif
+  for (; i < hidden; ++i) o[i] = src[i] * inv * wp[i];
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
@@ -49,52 +92,35 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
   const int64_t xstride = x.stride(0);
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * xstride;
-      float* o = op + r * hidden;
-      const float* src = xr;
-      int64_t i = 0;
-      float ss = 0.f;
-#ifdef LLME_VEC_MATH
-      __m256 acc = _mm256_setzero_ps();
-      if (hp) {
-        float* hr = hp + r * hidden;
-        const float* res = rp + r * rstride;
-        for (; i + 8 <= hidden; i += 8) {
-          const __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(res + i));
-          _mm256_storeu_ps(hr + i, v);
-          acc = _mm256_fmadd_ps(v, v, acc);
-        }
-        for (; i < hidden; ++i) {
-          hr[i] = xr[i] + res[i];
-          ss += hr[i] * hr[i];
-        }
-        src = hr;
-      } else {
-        for (; i + 8 <= hidden; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), acc);
-        for (; i < hidden; ++i) ss += xr[i] * xr[i];
-      }
-      ss += hsum256(acc);
-#else
-      if (hp) {
-        float* hr = hp + r * hidden;
-        const float* res = rp + r * rstride;
-        for (; i < hidden; ++i) hr[i] = xr[i] + res[i];
-        src = hr;
-      }
-      for (i = 0; i < hidden; ++i) ss += src[i] * src[i];
-#endif
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(hidden) + static_cast<float>(eps));
-      i = 0;
-#ifdef LLME_VEC_MATH
-      const __m256 inv8 = _mm256_set1_ps(inv);
-      for (; i + 8 <= hidden; i += 8)
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(src + i), inv8), _mm256_loadu_ps(wp + i)));
-#endif
-      for (; i < hidden; ++i) o[i] = src[i] * inv * wp[i];
-    }
+    for (int64_t r = begin; r < end; ++r)
+      rms_norm_row(xp + r * xstride, hp ? rp + r * rstride : nullptr, wp, op + r * hidden,
+                   hp ? hp + r * hidden : nullptr, hidden, static_cast<float>(eps));
   });
   return {out, h.defined() ? h : at::empty({0}, x.options())};
+}
+
+// out[i] = silu(gate[i]) * up[i]; every element through the same 8-lane code (the tail padded), so a value does
+// not depend on where a caller's range starts.
+void silu_mul_row(const float* gate, const float* up, float* o, int64_t n) {
+#ifdef LLME_VEC_MATH
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  auto eight = [&](const float* g8, const float* u8, float* o8) {
+    const __m256 g = _mm256_loadu_ps(g8);
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_xor_ps(g, sign))));
+    _mm256_storeu_ps(o8, _mm256_mul_ps(silu, _mm256_loadu_ps(u8)));
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) eight(gate + i, up + i, o + i);
+  if (i < n) {
+    float g[8] = {}, u[8] = {}, r[8];
+    std::copy(gate + i, gate + n, g);
+    std::copy(up + i, up + n, u);
+    eight(g, u, r);
+    std::copy(r, r + (n - i), o + i);
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+#endif
 }
 
 at::Tensor silu_and_mul(const at::Tensor& x) {
@@ -109,16 +135,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       const float* gate = xp + r * xstride;
       const float* up = gate + inter;
       float* o = op + r * inter;
-      int64_t i = 0;
-#ifdef LLME_VEC_MATH
-      const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-      for (; i + 8 <= inter; i += 8) {
-        const __m256 g = _mm256_loadu_ps(gate + i);
-        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_xor_ps(g, sign))));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
-      }
-#endif
-      for (; i < inter; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      silu_mul_row(gate, up, o, inter);
     }
   });
   return out;

@@ -182,6 +182,39 @@ inline void tile(const uint8_t* wq, const uint16_t* wd, const uint16_t* wm, int6
 }
 
 template <bool Q4>
+void quant_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
+                int64_t ldy) {
+  for (int64_t c0 = 0; c0 < M; c0 += M_CHUNK) {
+    const int64_t c1 = std::min(M, c0 + M_CHUNK);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* rq = w.qs + n * w.row_bytes;
+      const uint16_t* rd = w.d + n * w.nb;
+      const uint16_t* rm = Q4 ? w.m + n * w.nb : nullptr;
+      int64_t i = c0;
+      float* yn = y + (n - n0);
+      for (; i + 4 <= c1; i += 4) tile<Q4, 4>(rq, rd, rm, w.nb, xr, i, yn + i * ldy, ldy);
+      switch (c1 - i) {
+        case 3: tile<Q4, 3>(rq, rd, rm, w.nb, xr, i, yn + i * ldy, ldy); break;
+        case 2: tile<Q4, 2>(rq, rd, rm, w.nb, xr, i, yn + i * ldy, ldy); break;
+        case 1: tile<Q4, 1>(rq, rd, rm, w.nb, xr, i, yn + i * ldy, ldy); break;
+        default: break;
+      }
+    }
+  }
+  if (w.bias)
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += w.bias[n];
+}
+
+void quant_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
+                int64_t ldy) {
+  if (w.m) quant_rows<true>(xr, w, M, n0, n1, y, ldy);
+  else quant_rows<false>(xr, w, M, n0, n1, y, ldy);
+}
+
+bool q4_pairs_blocks() { return PAIRED_Q4; }
+
+template <bool Q4>
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& m,
                         const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
@@ -193,38 +226,23 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::
               Q4 ? nb * QK / 2 : nb * QK, " (nb = ", nb, ")");
   TORCH_CHECK(K <= nb * QK && K > (nb - 1) * QK, "x has K=", K, " but the weight has ", nb, " blocks of 32");
   const at::Tensor qsc = qs.contiguous(), dc = d.contiguous();
-  at::Tensor mc;
+  at::Tensor mc, bc;
   if (Q4) {
     TORCH_CHECK(m.has_value() && m->sizes() == d.sizes() && m->scalar_type() == at::kHalf, "q4 needs m like d");
     mc = m->contiguous();
   }
+  if (bias.has_value()) {
+    bc = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bc.numel() == N, "bias must be [N]");
+  }
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const QuantizedRows xr = quantize_rows(x, nb, Q4 && PAIRED_Q4);
-  const uint8_t* wq = reinterpret_cast<const uint8_t*>(qsc.data_ptr());
-  const uint16_t* wd = reinterpret_cast<const uint16_t*>(dc.data_ptr());
-  const uint16_t* wm = Q4 ? reinterpret_cast<const uint16_t*>(mc.data_ptr()) : nullptr;
-  const int64_t row_bytes = qs.size(1);
+  const QuantWeight w{reinterpret_cast<const uint8_t*>(qsc.data_ptr()), reinterpret_cast<const uint16_t*>(dc.data_ptr()),
+                      Q4 ? reinterpret_cast<const uint16_t*>(mc.data_ptr()) : nullptr,
+                      bc.defined() ? bc.data_ptr<float>() : nullptr, nb, qs.size(1)};
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = 0; c0 < M; c0 += M_CHUNK) {
-      const int64_t c1 = std::min(M, c0 + M_CHUNK);
-      for (int64_t n = begin; n < end; ++n) {
-        const uint8_t* rq = wq + n * row_bytes;
-        const uint16_t* rd = wd + n * nb;
-        const uint16_t* rm = Q4 ? wm + n * nb : nullptr;
-        int64_t i = c0;
-        for (; i + 4 <= c1; i += 4) tile<Q4, 4>(rq, rd, rm, nb, xr, i, yp + i * N + n, N);
-        switch (c1 - i) {
-          case 3: tile<Q4, 3>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
-          case 2: tile<Q4, 2>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
-          case 1: tile<Q4, 1>(rq, rd, rm, nb, xr, i, yp + i * N + n, N); break;
-          default: break;
-        }
-      }
-    }
-  });
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) { quant_rows<Q4>(xr, w, M, begin, end, yp + begin, N); });
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 

@@ -77,6 +77,14 @@ void quantize_row(const float* x, int64_t k, int64_t nb, int8_t* q, float* d, fl
 }
 
 
+void quantize_rows_into(QuantizedRows& out, const float* x, int64_t rows, int64_t k, int64_t nb, bool paired) {
+  if (static_cast<int64_t>(out.q.size()) < rows * nb * QK) out.q.resize(rows * nb * QK);
+  if (static_cast<int64_t>(out.d.size()) < rows * nb) out.d.resize(rows * nb), out.s.resize(rows * nb);
+  out.nb = nb;
+  for (int64_t i = 0; i < rows; ++i)
+    quantize_row(x + i * k, k, nb, out.q.data() + i * nb * QK, out.d.data() + i * nb, out.s.data() + i * nb, paired);
+}
+
 QuantizedRows quantize_rows(const at::Tensor& x, int64_t nb, bool paired) {
   const int64_t rows = x.size(0), k = x.size(1);
   QuantizedRows out{std::vector<int8_t>(rows * nb * QK), std::vector<float>(rows * nb),

@@ -18,11 +18,11 @@ struct StepProfile {
 
 StepProfile& step_profile();
 
-// Adds the wall time of its scope to one part, when profiling is on.
+// Adds the wall time of its scope to one part, when profiling is on (NUM_PARTS: to none).
 class PartTimer {
  public:
   explicit PartTimer(StepPart part)
-      : part_(part), on_(step_profile().enabled.load(std::memory_order_relaxed)) {
+      : part_(part), on_(part != NUM_PARTS && step_profile().enabled.load(std::memory_order_relaxed)) {
     if (on_) start_ = std::chrono::steady_clock::now();
   }
   ~PartTimer() {
