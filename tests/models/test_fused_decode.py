@@ -24,9 +24,10 @@ def tiny_dirs(tmp_path_factory):
     return Dirs()
 
 
-def run(path, quantize: str | None, fused: bool, monkeypatch, prompts=PROMPTS, n: int = 20) -> tuple[list, bool]:
+def run(path, quantize: str | None, fused: bool, monkeypatch, prompts=PROMPTS, n: int = 20,
+        threads: int = 2) -> tuple[list, bool]:
     monkeypatch.setenv("LLMENGINE_FUSED_DECODE", "1" if fused else "0")
-    llm = LLM(path, quantize=quantize, block_size=16, cpu_threads=2)
+    llm = LLM(path, quantize=quantize, block_size=16, cpu_threads=threads)
     params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
     results = llm.generate(prompts, params, progress=False)
     took = isinstance(llm.engine.model.fused_decode, FusedDecode)
@@ -40,6 +41,18 @@ def test_fused_decode_matches_eager(tiny_dirs, variant, mode, monkeypatch):
     eager, took_eager = run(tiny_dirs[variant], mode, False, monkeypatch)
     assert took and not took_eager
     assert fused == eager  # tokens and log-probs, bit for bit
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_decode_matches_eager_with_other_thread_counts(tiny_dirs, threads, monkeypatch):
+    """The step's team splits rows and attention tasks by its size: 1 thread, and 3 (uneven shares) on 2 cores."""
+    before = torch.get_num_threads()
+    try:
+        fused, took = run(tiny_dirs["llama-gqa-tied-bias"], "int4", True, monkeypatch, threads=threads)
+        eager, _ = run(tiny_dirs["llama-gqa-tied-bias"], "int4", False, monkeypatch, threads=threads)
+    finally:
+        torch.set_num_threads(before)
+    assert took and fused == eager
 
 
 @pytest.mark.parametrize("variant, quantize", fast_subset([("llama-dynamic", "int4"), ("falcon-40b-like", "int4"),
