@@ -56,10 +56,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
 def chunk_after_prefix(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, ctx_len: int,
                        scale: float) -> torch.Tensor:
     """A prompt chunk after `ctx_len` cached tokens, on CPU: `[1, heads, len, d]` inputs (fewer KV heads than query
-    heads for GQA, which the kernel takes as they are), the last q_len keys being the chunk's own. Its queries see every cached key (no mask) and their own keys causally; SDPA's CPU
-    flash kernel does each part without a mask (it skips the causal part's upper tiles) and returns each part's
-    log-sum-exp, which merges them exactly. An explicit [q_len, k_len] mask instead made every tile computed and
-    masked: an 8k-token prompt in 2k chunks spent 41 s in attention this way against 25 s (2 threads)."""
+    heads for GQA, which the kernel takes as they are), the last q_len keys being the chunk's own. Its queries see
+    every cached key (no mask) and their own keys causally; SDPA's CPU flash kernel does each part without a mask
+    (it skips the causal part's upper tiles) and returns each part's log-sum-exp, which merges them exactly. An
+    explicit [q_len, k_len] mask instead had every tile computed and masked: an 8k-token prompt in 2k chunks spent
+    41 s in attention that way against 25 s (2 threads), as much as one causal call over the whole prompt."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out_ctx, lse_ctx = flash(q4, k4[:, :, :ctx_len], v4[:, :, :ctx_len], 0.0, False, scale=scale)[:2]
     out_own, lse_own = flash(q4, k4[:, :, ctx_len:], v4[:, :, ctx_len:], 0.0, True, scale=scale)[:2]

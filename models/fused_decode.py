@@ -82,6 +82,7 @@ class FusedDecode:
                  kv_caches: list[KVCache]) -> torch.Tensor:
         if kv_caches is not self.bound_caches:
             self.bind(kv_caches)
-        cos_sin_cache, positions = self.model.rope.cos_sin(positions)
+        # The engine sized the table for its max model length (RotaryEmbedding.reserve); the step checks every
+        # position against it and says so if one is outside.
         return self.decoder.step(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                                 cos_sin_cache)
+                                 self.model.rope.cos_sin_cache)

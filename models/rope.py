@@ -57,6 +57,12 @@ class RotaryEmbedding:
         base = self.theta * ((factor * seq_len / self.max_positions) - (factor - 1)) ** (self.dim / (self.dim - 2))
         return base_inv_freq(self.dim, base)
 
+    def reserve(self, num_positions: int) -> None:
+        """Size the table for positions 0..num_positions-1 now (the engine's max model length), so that no step
+        grows it and the one-call decode step (models/fused_decode.py) can pass it without a per-step check."""
+        if self.rope_type != "dynamic" and num_positions > self.cos_sin_cache.shape[0]:
+            self.cos_sin_cache = self._table(self.inv_freq, torch.arange(num_positions))
+
     def cos_sin(self, positions: torch.Tensor, seq_len_per_token: torch.Tensor | None = None):
         """(table, index): rows of `table[index]` are the angles of each token in `positions`."""
         if self.cos_sin_cache.device != positions.device:

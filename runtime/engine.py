@@ -155,6 +155,8 @@ class Engine:
         self.sampler = Sampler()
         self.cache_tokens = num_blocks * block_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_tokens)
+        if self.model.rope is not None:
+            self.model.rope.reserve(self.max_model_len)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.speculator = make_speculator(speculative, num_speculative_tokens, prompt_lookup_min, prompt_lookup_max,
                                           self)

@@ -86,11 +86,13 @@ class Sampler:
                seqs: list[RuntimeSequence]) -> tuple[list[int], list[float], list[TopLogProbs]]:
         """As __call__, plus each row's top-N (token, log-prob) for N = its `top_log_probs` ([] for 0)."""
         params = [seq.params for seq in seqs]
+        greedy = all(p.greedy and not p.top_log_probs for p in params)
+        if (greedy and not any(p.presence_penalty or p.frequency_penalty for p in params)
+                and use_cpu_kernel(logits) and logits.stride(-1) == 1):  # kernels/cpu/sampling.cpp: one pass
+            tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits)
+            return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
         logits = final_logits(logits, params, [seq.output_token_ids for seq in seqs])
-        if all(p.greedy and not p.top_log_probs for p in params):  # argmax and one log-sum-exp per row
-            if use_cpu_kernel(logits) and logits.stride(-1) == 1:  # kernels/cpu/sampling.cpp: one pass
-                tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits)
-                return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
+        if greedy:  # argmax and one log-sum-exp per row
             tokens = logits.argmax(dim=-1)
             token_log_probs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
             return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]

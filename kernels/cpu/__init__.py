@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.dispatch import force_triton
+
 log = logging.getLogger("llmengine.kernels.cpu")
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
@@ -143,7 +145,5 @@ def use_cpu_kernel(*tensors: torch.Tensor) -> bool:
     """The fp32 CPU fast path applies: every tensor fp32 on the CPU, the kernels loaded, not forced to Triton
     (tests run the Triton kernels on the CPU under the interpreter), and not inside torch.compile (which
     compiles the plain-torch references instead)."""
-    from kernels.dispatch import force_triton
-
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not force_triton()
             and not torch.compiler.is_compiling() and available())

@@ -14,6 +14,7 @@ from kernels.quant_matmul import pack_int4
 from kernels.rotary import rotary_ref
 from kernels.store_kv import store_kv_ref
 from kernels.testing import make_paged_cache
+from tests.fast import fast_subset
 
 ops = torch.ops.llmengine_cpu
 
@@ -135,7 +136,7 @@ ATTENTION_CASES = {
 }
 
 
-@pytest.fixture(params=[1, 2, 4], ids=lambda n: f"threads{n}")
+@pytest.fixture(params=fast_subset([1, 2, 4], [2]), ids=lambda n: f"threads{n}")
 def threads(request):
     """How many keys each chunk gets depends on the thread count."""
     before = torch.get_num_threads()

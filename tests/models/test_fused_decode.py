@@ -43,7 +43,7 @@ def test_fused_decode_matches_eager(tiny_dirs, variant, mode, monkeypatch):
     assert fused == eager  # tokens and log-probs, bit for bit
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", fast_subset([1, 3], [3]))
 def test_fused_decode_matches_eager_with_other_thread_counts(tiny_dirs, threads, monkeypatch):
     """The step's team splits rows and attention tasks by its size: 1 thread, and 3 (uneven shares) on 2 cores."""
     before = torch.get_num_threads()
@@ -84,3 +84,18 @@ def test_decode_step_profile_times_the_parts(tiny_dirs, monkeypatch):
     assert all(p > 0 for p in parts) and sum(parts) <= step
     llm.generate([PROMPTS[0]], params, progress=False)
     assert torch.ops.llmengine_cpu.decode_step_profile(False).tolist() == [0.0] * 8  # off: nothing counted
+
+
+def test_the_engine_sizes_the_rotary_table_once(tiny_dirs):
+    """The fused step passes the table as it is: the engine reserves it for its max model length, with the same
+    angles the table had (and would have grown to)."""
+    llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize="int4", block_size=16, cpu_threads=2, max_model_len=300,
+              kv_cache_gib=0.01)
+    rope = llm.engine.model.rope
+    assert rope.cos_sin_cache.shape[0] >= llm.engine.max_model_len
+    before = rope.cos_sin_cache.clone()
+    rope.reserve(2 * before.shape[0])
+    assert rope.cos_sin_cache.shape[0] == 2 * before.shape[0]
+    assert torch.equal(rope.cos_sin_cache[:before.shape[0]], before)
+    table, _ = rope.cos_sin(torch.tensor([0]))
+    assert table is rope.cos_sin_cache  # no growth, no copy, per step
