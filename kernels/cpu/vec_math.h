@@ -1,6 +1,6 @@
 // AVX2 helpers the small kernels share: exp of 8 floats, horizontal sum and max.
 // exp: Cephes' expf (range reduction by ln 2, degree-5 polynomial), within 2 ulp of std::exp on [-87, 88];
-// inputs below -87.3 (and -inf) give exactly 0, inputs above 88.7 give exp(88.7).
+// inputs below -87.3 (and -inf) give exactly 0, inputs above 88 give exp(88) (2^n must stay below 2^128).
 #pragma once
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -10,7 +10,7 @@ namespace llmengine_cpu {
 
 inline __m256 exp256(__m256 x) {
   const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
