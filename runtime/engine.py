@@ -21,7 +21,6 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from runtime.guided_tokenizer import TokenizerInfo, tokenizer_info, tokenizer_in
 from runtime.log_probs import TopLogProbs, prompt_scores
 from runtime.model_runner import ModelRunner
 from runtime.params import SamplingParams
+from runtime.request_output import FINISH_REASONS, RequestOutput
 from runtime.sampler import Sampler
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence
@@ -46,35 +46,9 @@ from runtime.tp_step import TensorParallelError
 from runtime.tp_worker import TPWorkers, rank_zero
 
 logger = logging.getLogger("runtime")
-FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 COUNTERS = ("requests_added", "steps", "failed_steps", "tokens_computed", "tokens_generated",
             *(f"finished_{reason}" for reason in FINISH_REASONS),
             "spec_proposed_tokens", "spec_accepted_tokens", "spec_steps")  # spec_steps: sequence-steps that proposed
-
-
-@dataclass
-class RequestOutput:
-    """One delta of one request's output; the last one has finished=True."""
-
-    request_id: str
-    text: str  # new text since the previous delta ("" while text is held back)
-    token_ids: list[int]  # tokens generated since the previous delta
-    log_probs: list[float] | None  # one per token in token_ids, when requested
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" | "error"
-    num_prompt_tokens: int
-    num_completion_tokens: int  # total so far
-    error: str | None = None
-    top_log_probs: list[TopLogProbs] | None = None  # with params.top_log_probs: one list per token in token_ids
-    # With params.prompt_log_probs, in the first output only: one per prompt token (the first None)
-    prompt_log_probs: list[float | None] | None = None
-    prompt_top_log_probs: list[TopLogProbs | None] | None = None
-    prompt_token_ids: list[int] | None = None  # beside prompt_log_probs: the tokens they score
-    # On the one output of a stream=False request (runtime/async_engine.py): when its first token was ready
-    # (time.perf_counter), so the server can still report time to first token
-    first_token_time: float | None = None
-    # ... and each of its tokens' text as its own delta would have credited it (the delta's text on its last token)
-    token_texts: list[str] | None = None
 
 
 def resolve_model_dir(model: str | Path) -> Path:
