@@ -109,7 +109,9 @@ class ModelRunner:
             seq_lens.append(end)
             cu_seqlens.append(cu_seqlens[-1] + n)
             logit_index += range(cu_seqlens[-1] - chunk.num_logits, cu_seqlens[-1])
-        width = max(len(chunk.block_table) for chunk in chunks)
+        # At least 2 columns: torch.compile specialises a dimension of size 1, so a short request's 1-block table
+        # would compile a graph of its own mid-request (the warm-up's are wider); the padding is never read.
+        width = max(2, max(len(chunk.block_table) for chunk in chunks))
         tables = [chunk.block_table + [0] * (width - len(chunk.block_table)) for chunk in chunks]
 
         def tensor(values, dtype):

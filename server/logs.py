@@ -24,17 +24,19 @@ CLIENT_CLOSED = 499  # not a refusal: the client left (the request's summary lin
 
 
 def configure(level: str = "info") -> None:
-    """Print the "llmengine" loggers' records on stderr with uvicorn's format; safe to call twice."""
+    """Print the "llmengine" and "runtime" (the engine's: compile warm-up, thread tuner, failures) loggers' records
+    on stderr with uvicorn's format; safe to call twice."""
     from uvicorn.logging import DefaultFormatter
 
-    logger = logging.getLogger("llmengine")
-    if not any(getattr(h, "llmengine_handler", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
-        handler.llmengine_handler = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False  # printed once, here, even if the application configures the root logger
+    for name in ("llmengine", "runtime"):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "llmengine_handler", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+            handler.llmengine_handler = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.setLevel(level.upper())
+        logger.propagate = False  # printed once, here, even if the application configures the root logger
 
 
 def _detail(body: bytes) -> str:

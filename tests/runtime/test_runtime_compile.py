@@ -6,6 +6,7 @@ import logging
 import os
 
 import pytest
+import torch
 
 from runtime import LLM, SamplingParams
 from runtime.compile_warmup import persistent_compile_cache
@@ -30,6 +31,13 @@ def test_compiled_decode_equals_eager(tiny_dir, tmp_path, monkeypatch, caplog):
     assert any(m.startswith("torch.compile: the decode step for 2 and more sequences is ready after")
                for m in compiling)
     assert any((tmp_path / "inductor").iterdir())  # Inductor wrote its cache where we pointed it
+    # Nothing compiles in a request after the warm-up: not for a 1-block prompt (a size-1 block-table dimension
+    # would be specialised), nor alone, nor beside others.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled_llm.generate([[7, 8, 9]], SamplingParams(max_new_tokens=4, ignore_eos=True), progress=False)
+    compiled_llm.generate([[7, 8, 9], [4] * 40, [5]], SamplingParams(max_new_tokens=4, ignore_eos=True),
+                          progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_persistent_compile_cache_is_ours_unless_the_operator_chose(tmp_path, monkeypatch):
