@@ -228,8 +228,8 @@ class Engine:
         seq = self.requests.get(request_id)
         return None if seq is None else self._finish(seq, reason, error)
 
-    def warm_up(self) -> list[tuple[int, float]]:
-        """Compile the decode step now, not in a request (runtime/compile_warmup.py): (batch, seconds) each."""
+    def warm_up(self) -> list[tuple[int, int, float]]:
+        """Compile the decode step now, not in a request (runtime/compile_warmup.py): (threads, batch, seconds)."""
         return warm_up(self)
 
     def has_unfinished(self) -> bool:
