@@ -51,8 +51,8 @@ def one_repeat(engine, prompt: list[int], params, steps: int) -> dict[str, float
     totals: dict[str, float] = {}
     engine.add_request(prompt, params)
     engine.step()  # prefill
-    model = engine.model
-    model.forward = timed(model.forward, totals, "forward")
+    model, runner = engine.model, engine.runner
+    runner.forward = timed(runner.forward, totals, "forward")
     model.compute_logits = timed(model.compute_logits, totals, "head")
     engine.sampler.sample = timed(engine.sampler.sample, totals, "sampler")
     kernel_profile(True)
@@ -64,7 +64,7 @@ def one_repeat(engine, prompt: list[int], params, steps: int) -> dict[str, float
             n += 1
         totals["step"] = time.perf_counter() - start
     finally:
-        del model.forward, model.compute_logits, engine.sampler.sample
+        del runner.forward, model.compute_logits, engine.sampler.sample
         kernels = kernel_profile(False)
     while engine.has_unfinished():
         engine.step()

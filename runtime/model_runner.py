@@ -155,8 +155,12 @@ class ModelRunner:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's forward over the cache: hidden states `[num_tokens, hidden]` (decode steps compiled)."""
         forward = self.model.forward
-        # The one-call CPU decode step (models/fused_decode.py) is already what compiling would aim at: not compiled.
-        if meta.is_decode and self.model.fused_decode_for(meta, self.kv_caches) is None:
+        if meta.is_decode:
+            # The one-call CPU decode step (models/fused_decode.py) is already what compiling would aim at: called
+            # here directly, not compiled (and its applicability checked once a step).
+            fused = self.model.fused_decode_for(meta, self.kv_caches)
+            if fused is not None:
+                return fused(input_ids, positions, meta, self.kv_caches)
             forward = self.decode_forward
             # One compiled graph for every block-table width, and one for every batch size above 1.
             torch._dynamo.maybe_mark_dynamic(meta.block_tables, 1)

@@ -138,8 +138,8 @@ void PagedDecode::task(int64_t task, float* scores) const {
   // update of each head's state, its value sum kept in registers over the block's keys.
   for (int64_t j = j0; j < j1;) {
     const int64_t off = j % block_size, take = std::min(block_size - off, j1 - j);
-    const int64_t first = ((static_cast<int64_t>(block_tables[s * max_blocks + j / block_size]) * block_size + off) * Hkv
-                           + kvh) * d;
+    const int64_t block = block_tables[s * max_blocks + j / block_size];
+    const int64_t first = ((block * block_size + off) * Hkv + kvh) * d;
     const float* kb = k_cache + first;
     const float* vb = v_cache + first;
     for (int64_t g = 0; g < G; ++g) {
