@@ -114,8 +114,11 @@ class ModelRunner:
         width = max(2, max(len(chunk.block_table) for chunk in chunks))
         tables = [chunk.block_table + [0] * (width - len(chunk.block_table)) for chunk in chunks]
 
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        on_cpu = self.device.type == "cpu"
+
+        def tensor(values, dtype):  # (a no-op .to() still costs ~10 us a call, cold after a step's weight stream)
+            t = torch.tensor(values, dtype=dtype)
+            return t if on_cpu else t.to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
             cu_seqlens_q=tensor(cu_seqlens, torch.int32),
@@ -172,6 +175,8 @@ class ModelRunner:
 
     def score(self, chunks: list[Chunk], hidden: torch.Tensor) -> list[tuple[list[float], list[TopLogProbs]]]:
         """The chunks' prompt scores from the packed hidden states, all chunks' positions in one pass."""
+        if not any(chunk.score_targets for chunk in chunks):
+            return [([], []) for _ in chunks]
         rows: list[int] = []
         targets: list[int] = []
         ns: list[int] = []

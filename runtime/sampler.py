@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.cpu import use_cpu_kernel
+from kernels import cpu as cpu_kernels
 from runtime.log_probs import TopLogProbs, top_log_probs
 from runtime.params import SamplingParams
 from runtime.sequence import Sequence as RuntimeSequence
@@ -77,6 +77,9 @@ def final_logits(logits: torch.Tensor, params: list[SamplingParams], output_ids:
 
 
 class Sampler:
+    def __init__(self):
+        self.cpu_greedy = cpu_kernels.available()  # kernels/cpu/sampling.cpp's greedy_sample, looked up once
+
     def __call__(self, logits: torch.Tensor, seqs: list[RuntimeSequence]) -> tuple[list[int], list[float]]:
         """One next token and its log-prob per row of logits `[B, V]` (row i belongs to seqs[i])."""
         tokens, log_probs, _ = self.sample(logits, seqs)
@@ -87,8 +90,8 @@ class Sampler:
         """As __call__, plus each row's top-N (token, log-prob) for N = its `top_log_probs` ([] for 0)."""
         params = [seq.params for seq in seqs]
         greedy = all(p.greedy and not p.top_log_probs for p in params)
-        if (greedy and not any(p.presence_penalty or p.frequency_penalty for p in params)
-                and use_cpu_kernel(logits) and logits.stride(-1) == 1):  # kernels/cpu/sampling.cpp: one pass
+        if (greedy and self.cpu_greedy and logits.device.type == "cpu" and logits.dtype == torch.float32
+                and logits.stride(-1) == 1 and not any(p.presence_penalty or p.frequency_penalty for p in params)):
             tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits)
             return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
         logits = final_logits(logits, params, [seq.output_token_ids for seq in seqs])
