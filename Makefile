@@ -73,6 +73,7 @@ bench: $(MODEL) $(KERNELS)
 	$(PY) -m benchmarks.decode --dtype float32 --quantize none int8 int4 gguf --baseline llama.cpp \
 		--batch-sizes 1 4 16 --max-new-tokens 128 --threads $(BENCH_THREADS) --name decode_quant
 	$(PY) -m benchmarks.quality --threads $(BENCH_THREADS)
+	$(PY) -m benchmarks.kv_cache_quality --threads $(BENCH_THREADS)
 	$(PY) -m benchmarks.sync_server --threads $(BENCH_THREADS)
 	$(PY) -m benchmarks.step_time --threads $(BENCH_THREADS)
 	$(PY) -m benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \

@@ -82,7 +82,8 @@ def one_repeat(engine, prompt: list[int], params, steps: int) -> dict[str, float
 def run(args: argparse.Namespace) -> dict:
     from runtime import Engine, SamplingParams
 
-    engine = Engine(args.model, quantize=args.quantize, cpu_threads=args.threads, enable_prefix_caching=False)
+    engine = Engine(args.model, quantize=args.quantize, cpu_threads=args.threads, enable_prefix_caching=False,
+                    kv_cache_dtype=args.kv_cache_dtype)
     vocab = engine.model.config.vocab_size
     prompt = [1] + [(7 * i + 100) % vocab for i in range(args.prompt_len - 1)]
     params = SamplingParams(max_new_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> dict:
             for _ in tqdm(range(args.repeats), desc="step_time", disable=args.no_progress)]
     parts = {key: spread([r[key] for r in runs]) for key in runs[0]}
     return {"benchmark": "step_time", "machine": machine_info(), "model": args.model, "quantize": args.quantize,
+            "kv_cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
             "threads": args.threads, "prompt_len": args.prompt_len, "steps": args.steps, "repeats": args.repeats,
             "fused": "fused_step" in runs[0], "parts": parts}
 
@@ -106,7 +108,8 @@ ROWS = [("step", "engine step (per token)"), ("forward", "  model forward"),
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Batch-1 decode step, {report['model']} ({report['quantize']}), {report['threads']} threads, "
+    lines = [f"Batch-1 decode step, {report['model']} ({report['quantize']}, {report.get('kv_cache_dtype')} KV "
+             f"cache), {report['threads']} threads, "
              f"{report['prompt_len']}-token prompt, {report['steps']} steps; ms per token, median (min-max) of "
              f"{report['repeats']}" + ("" if report["fused"] else "; the one-call decode step did not apply"), "",
              "| part | ms per token |", "| --- | --- |"]
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--quantize", default="auto", help="as llmengine serve's --quantize (default: auto)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="as llmengine serve's (default: auto)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=17)
     parser.add_argument("--steps", type=int, default=128)

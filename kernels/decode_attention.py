@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.cpu import use_cpu_kernel
+from kernels.cpu import cpu_kv_caches, use_cpu_kernel
 from kernels.dispatch import use_triton
 from kernels.prefill_attention import load_kv_tile, online_softmax_step, reference_dtype
 
@@ -202,7 +202,7 @@ def decode_attention(
     """One query token per sequence over its paged cache (see module docstring)."""
     if use_triton(q):
         return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes)
-    if use_cpu_kernel(q, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous():
+    if use_cpu_kernel(q) and cpu_kv_caches(k_cache, v_cache):
         return torch.ops.llmengine_cpu.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                                         alibi_slopes)
     return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes)

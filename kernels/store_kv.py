@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cpu import use_cpu_kernel
+from kernels.cpu import cpu_kv_caches, use_cpu_kernel
 from kernels.dispatch import use_triton
 
 
@@ -83,7 +83,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """Scatter `k`, `v` into `k_cache`, `v_cache` at `slot_mapping` (in place)."""
     if use_triton(k):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    elif use_cpu_kernel(k, v, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous():
+    elif use_cpu_kernel(k, v) and cpu_kv_caches(k_cache, v_cache):
         torch.ops.llmengine_cpu.store_kv(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)

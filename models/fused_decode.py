@@ -8,7 +8,7 @@ eager path calls one by one, in a single call per step; the decoder holds the we
 It applies (`FusedDecode.build` returns None otherwise, and the model runs its eager blocks) when: the model
 is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP) without tensor
 parallelism; every projection is a QuantizedLinear on our CPU kernels (`backend == "cpu"`: int4 or int8);
-norms, the embedding and the KV caches are fp32; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not
+norms and the embedding are fp32, the KV caches fp32 or fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not
 "0". Only decode steps (one new token per sequence, with a KV cache) take it; prefill stays eager. The numbers
 are the eager path's: the same kernels in the same order (tests/models/test_fused_decode.py checks it).
 """
@@ -75,8 +75,8 @@ class FusedDecode:
         return FusedDecode(model, [w.detach() for w in norms], proj)
 
     def applies(self, meta: AttentionMetadata, kv_caches: list[KVCache] | None) -> bool:
-        return (meta.is_decode and kv_caches is not None and kv_caches[0][0].dtype == torch.float32
-                and kv_caches[0][0].is_contiguous() and not torch.compiler.is_compiling())
+        return (meta.is_decode and kv_caches is not None and cpu_kernels.cpu_kv_caches(*kv_caches[0])
+                and not torch.compiler.is_compiling())
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  kv_caches: list[KVCache]) -> torch.Tensor:

@@ -27,8 +27,9 @@ import torch
 
 from models.config import load_config
 from models.loader import DTYPES, load_model, parse_dtype, resolve_device
+from models.quantized_linear import QuantizedLinear
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
-from runtime.block_manager import BlockManager, num_blocks_for_budget
+from runtime.block_manager import BlockManager, num_blocks_for_budget, resolve_kv_cache_dtype
 from runtime.compile_warmup import persistent_compile_cache, warm_up
 from runtime.detokenizer import TextStream
 from runtime.guided import GuidedMatcher, apply_token_masks, compile_constraint, validate_constraint
@@ -65,12 +66,14 @@ class Engine:
                  progress: bool = False, compile: bool = False, enable_prefix_caching: bool = True,
                  speculative: str | Path | None = None, num_speculative_tokens: int = 4, prompt_lookup_min: int = 1,
                  prompt_lookup_max: int = 4, quantize: str | None = None, quant_group_size: int | None = None,
-                 tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0, cpu_threads: int | str | None = None):
+                 tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0, cpu_threads: int | str | None = None,
+                 kv_cache_dtype: str = "auto"):
         """`speculative`: None, "ngram" (prompt lookup, `prompt_lookup_min..max`-token patterns) or a draft
         model's zoo name or folder; up to `num_speculative_tokens` proposals per sequence and step.
         `quantize`: weight-only quantization, models.loader.load_model's (None/"none", "int8", "int4" in groups
         of `quant_group_size`, "gguf", "auto": a GGUF's own integers on CPU); "auto" with an explicit dtype
-        means float weights of that dtype. Activations and the KV cache keep `dtype`.
+        means float weights of that dtype. Activations keep `dtype`; the KV cache holds `kv_cache_dtype`
+        ("auto": fp16 for quantized weights on CPU, else `dtype`; runtime/block_manager.resolve_kv_cache_dtype).
         `tensor_parallel_size` N > 1: the layers are split over N ranks, this process (rank 0: scheduler, sampler,
         detokenizer, logits) and N - 1 worker processes (runtime/tp_worker.py; one GPU each on CUDA), whose every
         collective waits at most `tp_timeout_s`. A worker that dies or hangs stops the engine (`failure()`).
@@ -113,7 +116,10 @@ class Engine:
                 + max_num_seqs * config.vocab_size * 4 * 4
             # Under tensor parallelism the budget counts blocks as if one rank held every KV head (each holds its
             # share), so N ranks schedule exactly what one would.
-            num_blocks = num_blocks_for_budget(config, self.dtype, block_size, self.device, kv_cache_gib,
+            quantized = any(isinstance(m, QuantizedLinear) for m in self.model.modules())
+            self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device, quantized,
+                                                         tensor_parallel=tp is not None)
+            num_blocks = num_blocks_for_budget(config, self.kv_cache_dtype, block_size, self.device, kv_cache_gib,
                                                gpu_memory_utilization, reserve)
             if self.workers is not None:
                 self.workers.send(num_blocks)
@@ -125,7 +131,8 @@ class Engine:
         self.stop_token_ids = stop_token_ids(config, self.tokenizer)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching,
                                           cache_salt=f"{model_dir.resolve()}:{self.dtype}")
-        self.runner = ModelRunner(self.model, num_blocks, block_size, compile_decode=compile, workers=self.workers)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, compile_decode=compile, workers=self.workers,
+                                  kv_cache_dtype=self.kv_cache_dtype)
         self.sampler = Sampler()
         self.cache_tokens = num_blocks * block_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_tokens)

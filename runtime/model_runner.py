@@ -74,7 +74,7 @@ def chunk_of(seq: Sequence, n: int) -> Chunk:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, compile_decode: bool = False,
-                 workers: TPWorkers | None = None):
+                 workers: TPWorkers | None = None, kv_cache_dtype: torch.dtype | None = None):
         """`workers`: rank 0 of a tensor-parallel group sends each step's inputs to them before its own forward
         (runtime/tp_worker.py); `model` is then rank 0's shard, and so is the KV cache."""
         self.model = model
@@ -87,8 +87,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
-        self.kv_caches: list[KVCache] = allocate_kv_caches(model.shard_config, num_blocks, block_size, self.dtype,
-                                                           self.device)
+        self.kv_cache_dtype = kv_cache_dtype or self.dtype  # (fp16 for the model's fp32: runtime/block_manager.py)
+        self.kv_caches: list[KVCache] = allocate_kv_caches(model.shard_config, num_blocks, block_size,
+                                                           self.kv_cache_dtype, self.device)
 
     def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """input_ids, positions, metadata, and the indices (into the packed tokens) whose logits are wanted."""

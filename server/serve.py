@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 
 from models.zoo import DEFAULT_MODEL, parse_model_arg
+from runtime.block_manager import KV_CACHE_DTYPES
 from server import logs
 from server.app import create_app
 
@@ -93,7 +94,7 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     """Weight quantization's options (`llmengine serve` and `llmengine generate`)."""
     parser.add_argument("--quantize", default="auto", choices=["none", "int8", "int4", "auto"],
-                        help="weight-only quantization; activations and the KV cache keep --dtype. auto (the "
+                        help="weight-only quantization; activations keep --dtype. auto (the "
                              "default): on CPU, a model that came from a GGUF (the default model; a .gguf file) "
                              "keeps the GGUF's own int4/int8 weights, any other model its own dtype; with an "
                              "explicit --dtype, auto means none. none: float weights. int8 (per output channel) "
@@ -101,11 +102,16 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant-group-size", type=int, default=None, metavar="N",
                         help="int4 group size, 32, 64, 128 or 256 (default: 64, or 32 where 64 does not divide "
                              "a layer's inputs); with int8, per group instead of per channel")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                        help="the KV cache's element type. auto (the default): float16 when the weights are "
+                             "quantized on CPU (the default model as served: attention reads half the bytes, as "
+                             "llama.cpp's default f16 cache), else --dtype. float16 with float32 activations is a "
+                             "CPU option; on CUDA the cache holds --dtype")
 
 
 def quantize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The Engine keyword arguments of `add_quantize_args`'s options."""
-    return dict(quantize=args.quantize, quant_group_size=args.quant_group_size)
+    return dict(quantize=args.quantize, quant_group_size=args.quant_group_size, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def add_speculative_args(parser: argparse.ArgumentParser) -> None:

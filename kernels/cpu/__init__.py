@@ -141,6 +141,15 @@ def available() -> bool:
     return enabled() and _load()
 
 
+KV_CACHE_DTYPES = (torch.float32, torch.float16)  # what the C++ attention reads and stores (kv_rows.h)
+
+
+def cpu_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The C++ store and attention take these caches: contiguous CPU tensors, both fp32 or both fp16."""
+    return (k_cache.device.type == "cpu" and k_cache.dtype in KV_CACHE_DTYPES and v_cache.dtype == k_cache.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
 def use_cpu_kernel(*tensors: torch.Tensor) -> bool:
     """The fp32 CPU fast path applies: every tensor fp32 on the CPU, the kernels loaded, not forced to Triton
     (tests run the Triton kernels on the CPU under the interpreter), and not inside torch.compile (which

@@ -1,4 +1,5 @@
-// Paged KV cache on the CPU, fp32: store the new tokens' K/V, and decode attention (one query per sequence).
+// Paged KV cache on the CPU: store the new tokens' K/V, and decode attention (one query per sequence). The caches
+// are fp32 or fp16 (kv_rows.h: read as fp32, stored rounded to nearest even); q, k, v and the output are fp32.
 //
 // store_kv:          k, v [T, Hkv, d] (last dim contiguous); k_cache, v_cache [num_blocks, block_size, Hkv, d]
 //                    contiguous; slot_mapping int64 [T] (block * block_size + offset; -1 = not stored).
@@ -16,6 +17,7 @@
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "kv_rows.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -23,60 +25,21 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
 namespace llmengine_cpu {
 
 constexpr int64_t SPLIT_KEYS = 32;  // keys per chunk at least
 constexpr int64_t TASKS_PER_THREAD = 4;
 constexpr int64_t MAX_SPLITS = 16;
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  int64_t i = 0;
-  float total = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= d; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(_mm256_add_ps(acc0, acc1)),
-                         _mm256_extractf128_ps(_mm256_add_ps(acc0, acc1), 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  total = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-#endif
-  for (; i < d; ++i) total += a[i] * b[i];
-  return total;
-}
-
-// a = alpha a + sum_t p[t] v_t over `take` value rows v_t = v + t * stride (8 lanes of a kept in a register over the
-// rows, rather than a load and store of a per row).
-inline void accumulate_values(float* a, float alpha, const float* p, const float* v, int64_t stride, int64_t take,
-                              int64_t d) {
-  int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 alpha8 = _mm256_set1_ps(alpha);
-  for (; i + 8 <= d; i += 8) {
-    __m256 r = _mm256_mul_ps(alpha8, _mm256_loadu_ps(a + i));
-    for (int64_t t = 0; t < take; ++t) r = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * stride + i), r);
-    _mm256_storeu_ps(a + i, r);
-  }
-#endif
-  for (; i < d; ++i) {
-    float r = alpha * a[i];
-    for (int64_t t = 0; t < take; ++t) r += p[t] * v[t * stride + i];
-    a[i] = r;
-  }
+bool cache_type_ok(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  return (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
+         v_cache.scalar_type() == k_cache.scalar_type();
 }
 
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping) {
-  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "store_kv: fp32 only");
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && cache_type_ok(k_cache, v_cache),
+              "store_kv: k, v fp32 and the caches both fp32 or both fp16");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
               "store_kv: caches must be contiguous and alike");
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1,
@@ -88,18 +51,20 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] < num_slots, "store_kv: slot ", sp[t], " past the cache");
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    if (sp[t] < 0) continue;
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t dst = (sp[t] * Hkv + h) * d;
-      std::copy(kp + t * k.stride(0) + h * k.stride(1), kp + t * k.stride(0) + h * k.stride(1) + d, kc + dst);
-      std::copy(vp + t * v.stride(0) + h * v.stride(1), vp + t * v.stride(0) + h * v.stride(1) + d, vc + dst);
+  auto store = [&](auto* kc, auto* vc) {
+    for (int64_t t = 0; t < T; ++t) {
+      if (sp[t] < 0) continue;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t dst = (sp[t] * Hkv + h) * d;
+        store_row(kp + t * k.stride(0) + h * k.stride(1), kc + dst, d);
+        store_row(vp + t * v.stride(0) + h * v.stride(1), vc + dst, d);
+      }
     }
-  }
+  };
+  if (k_cache.scalar_type() == at::kHalf) store(k_cache.data_ptr<Half>(), v_cache.data_ptr<Half>());
+  else store(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
 }
 
 int64_t decode_splits(const int32_t* seq_lens, int64_t S, int64_t Hkv, int64_t threads) {
@@ -124,6 +89,12 @@ void check_block_tables(const int32_t* bt, const int32_t* lp, int64_t S, int64_t
 }
 
 void PagedDecode::task(int64_t task, float* scores) const {
+  if (half_cache) task_rows(task, scores, static_cast<const Half*>(k_cache), static_cast<const Half*>(v_cache));
+  else task_rows(task, scores, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache));
+}
+
+template <typename T>
+void PagedDecode::task_rows(int64_t task, float* scores, const T* k_rows, const T* v_rows) const {
   const int64_t G = H / Hkv, row_stride = Hkv * d;
   const int64_t split = task % splits, s = task / splits / Hkv, kvh = task / splits % Hkv, L = seq_lens[s];
   const int64_t chunk = (L + splits - 1) / splits, j0 = std::min(L, split * chunk), j1 = std::min(L, j0 + chunk);
@@ -140,8 +111,8 @@ void PagedDecode::task(int64_t task, float* scores) const {
     const int64_t off = j % block_size, take = std::min(block_size - off, j1 - j);
     const int64_t block = block_tables[s * max_blocks + j / block_size];
     const int64_t first = ((block * block_size + off) * Hkv + kvh) * d;
-    const float* kb = k_cache + first;
-    const float* vb = v_cache + first;
+    const T* kb = k_rows + first;
+    const T* vb = v_rows + first;
     for (int64_t g = 0; g < G; ++g) {
       float* sc = scores + g * block_size;
       const float* qg = q_group + g * q_head_stride;
@@ -203,8 +174,8 @@ void PagedDecode::merge(int64_t sh) const {
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                             const c10::optional<at::Tensor>& alibi_slopes) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat, "decode_attention: fp32 only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && cache_type_ok(k_cache, v_cache),
+              "decode_attention: q fp32 and the caches both fp32 or both fp16");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "decode_attention: q must be [S, H, d], last dim contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
               "decode_attention: caches must be contiguous and alike");
@@ -228,10 +199,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t G = H / Hkv, splits = decode_splits(lp, S, Hkv, at::get_num_threads());
   const int64_t tasks = S * Hkv * splits;
   std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
-  const PagedDecode plan{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt, lp,
+  const PagedDecode plan{q.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), bt, lp,
                          slopes.defined() ? slopes.data_ptr<float>() : nullptr, out.data_ptr<float>(),
                          part_max.data(), part_sum.data(), part_acc.data(), S, H, Hkv, d, block_size, max_blocks,
-                         q.stride(0), q.stride(1), splits, static_cast<float>(scale)};
+                         q.stride(0), q.stride(1), splits, static_cast<float>(scale),
+                         k_cache.scalar_type() == at::kHalf};
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(G * block_size);
     for (int64_t task = begin; task < end; ++task) plan.task(task, scores.data());

@@ -31,15 +31,22 @@ void rotate_heads(const float* src, int64_t head_stride, int64_t heads, int64_t 
 // Paged decode attention (attention.cpp) as tasks: task(t) for t < S * Hkv * splits (each with a scratch of
 // (H / Hkv) * block_size floats), then merge(sh) for sh < S * H.
 struct PagedDecode {
-  const float *q, *k_cache, *v_cache;
+  const float* q;
+  const void *k_cache, *v_cache;  // fp32, or fp16 when half_cache
   const int32_t *block_tables, *seq_lens;
   const float* slopes;
   float *out, *part_max, *part_sum, *part_acc;  // out [S, H, d]; partials [tasks, G (, d)]
   int64_t S, H, Hkv, d, block_size, max_blocks, q_seq_stride, q_head_stride, splits;
   float scale;
+  bool half_cache;
   void task(int64_t task, float* scores) const;
   void merge(int64_t sh) const;
+
+ private:
+  template <typename T>
+  void task_rows(int64_t task, float* scores, const T* k_rows, const T* v_rows) const;
 };
+bool cache_type_ok(const at::Tensor& k_cache, const at::Tensor& v_cache);  // both fp32 or both fp16
 int64_t decode_splits(const int32_t* seq_lens, int64_t S, int64_t Hkv, int64_t threads);
 void check_block_tables(const int32_t* block_tables, const int32_t* seq_lens, int64_t S, int64_t max_blocks,
                         int64_t block_size, int64_t num_blocks);

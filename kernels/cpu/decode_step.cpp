@@ -7,9 +7,10 @@
 // its `step(input_ids, positions, slot_mapping, block_tables, seq_lens, cos_sin_cache)` runs one decode step.
 // Layout: input_ids int64 [S] (the S sequences' new tokens; embedding fp32 [vocab, hidden]); positions, slot_mapping
 // int64 [S]; block_tables int32 [S, max_blocks]; seq_lens int32 [S] (after this step); cos_sin_cache fp32 [P, d];
-// k_caches, v_caches: L tensors [num_blocks, block_size, Hkv, d]; norms: 2L + 1 weights [hidden] (each layer's
-// input and post-attention norms, then the final norm); proj: L * 4 projections (qkv, o, gate_up, down), each
-// four tensors (qs, d, m, bias) of quant_gemm.cpp's layout, m empty for int8 and bias empty when there is none.
+// k_caches, v_caches: L tensors [num_blocks, block_size, Hkv, d], all fp32 or all fp16 (kv_rows.h: keys are rotated
+// in fp32, then rounded as stored); norms: 2L + 1 weights [hidden] (each layer's input and post-attention norms,
+// then the final norm); proj: L * 4 projections (qkv, o, gate_up, down), each four tensors (qs, d, m, bias) of
+// quant_gemm.cpp's layout, m empty for int8 and bias empty when there is none.
 // Returns the final-normed hidden states [S, hidden].
 // Threads: one OpenMP team for the whole step (not a fork and join per op, ~150 a token): the products split
 // their weight rows, attention its (sequence, KV head, chunk) tasks, rotary and the KV store the tokens, with a
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "kv_rows.h"
 #include "quant_common.h"
 #include "step_profile.h"
 
@@ -116,10 +118,11 @@ struct LlamaDecoder : torch::CustomClassHolder {
                   "LlamaDecoder: norm weights must be contiguous fp32 [hidden]");
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor& k = this->k_caches[l];
-      TORCH_CHECK(k.scalar_type() == at::kFloat && k.is_contiguous() && this->v_caches[l].is_contiguous() &&
-                      k.sizes() == this->v_caches[l].sizes() && k.dim() == 4 && k.size(2) == num_kv_heads &&
-                      k.size(3) == head_dim, "LlamaDecoder: layer ", l, "'s caches are not fp32 [blocks, block_size, ",
-                  num_kv_heads, ", ", head_dim, "]");
+      TORCH_CHECK(cache_type_ok(k, this->v_caches[l]) && k.scalar_type() == this->k_caches[0].scalar_type() &&
+                      k.is_contiguous() && this->v_caches[l].is_contiguous() && k.sizes() == this->v_caches[l].sizes() &&
+                      k.dim() == 4 && k.size(2) == num_kv_heads && k.size(3) == head_dim,
+                  "LlamaDecoder: layer ", l, "'s caches are not contiguous [blocks, block_size, ", num_kv_heads, ", ",
+                  head_dim, "], all fp32 or all fp16");
     }
     for (int64_t i = 0; i < 4 * L; ++i) layers.push_back(projection(this->proj, i));
     for (int64_t l = 0; l < L; ++l) {
@@ -173,6 +176,19 @@ struct LlamaDecoder : torch::CustomClassHolder {
     const float feps = static_cast<float>(eps);
     const bool paired = q4_pairs_blocks();
     const float* csp = cs.data_ptr<float>();
+    const bool half_cache = k_caches[0].scalar_type() == at::kHalf;
+    // token s's rotated key and its value, into layer l's caches at slot sp[s] (fp16: rounded as stored)
+    auto store_token = [&](int64_t l, int64_t s, const float* row, float* k_rotated) {
+      const int64_t at_slot = sp[s] * kv_size;
+      if (half_cache) {
+        rotate_heads(row + q_size, d, Hkv, d, csp + pp[s] * d, k_rotated);
+        store_row(k_rotated, k_caches[l].data_ptr<Half>() + at_slot, kv_size);
+        store_row(row + q_size + kv_size, v_caches[l].data_ptr<Half>() + at_slot, kv_size);
+      } else {
+        rotate_heads(row + q_size, d, Hkv, d, csp + pp[s] * d, k_caches[l].data_ptr<float>() + at_slot);
+        store_row(row + q_size + kv_size, v_caches[l].data_ptr<float>() + at_slot, kv_size);
+      }
+    };
 
 #pragma omp parallel num_threads(nt_wanted)
     {
@@ -181,7 +197,7 @@ struct LlamaDecoder : torch::CustomClassHolder {
       // Every thread keeps its own copy of the residual stream and of each quantized activation: computing them
       // redundantly (a few microseconds) saves a barrier each, and the copies are equal bit for bit.
       std::vector<float> residual(S * hidden), normed(S * hidden), scores(G * block_size);
-      std::vector<float> gate_tmp(S * ACT_BLOCK), up_tmp(S * ACT_BLOCK);
+      std::vector<float> gate_tmp(S * ACT_BLOCK), up_tmp(S * ACT_BLOCK), k_rotated(kv_size);
       QuantizedRows xr;
       auto quantize = [&](const float* a, int64_t K, const Projection& p) {
         quantize_rows_into(xr, a, S, K, p.w.nb, p.q4 && paired);
@@ -206,8 +222,6 @@ struct LlamaDecoder : torch::CustomClassHolder {
           quantize(normed.data(), hidden, qkv_p);
           product(qkv_p, qkvp, qkv_size);
         }
-        float* k_cache = k_caches[l].data_ptr<float>();
-        float* v_cache = v_caches[l].data_ptr<float>();
         {
           const auto [s0, s1] = share(S, t, nt);
           {
@@ -215,19 +229,15 @@ struct LlamaDecoder : torch::CustomClassHolder {
             for (int64_t s = s0; s < s1; ++s) rotate_heads(qkvp + s * qkv_size, d, H, d, csp + pp[s] * d, qp + s * q_size);
           }
           PartTimer timer(timing ? STORE_KV : NUM_PARTS);
-          for (int64_t s = s0; s < s1; ++s) {
-            if (sp[s] < 0) continue;
-            const float* row = qkvp + s * qkv_size;
-            rotate_heads(row + q_size, d, Hkv, d, csp + pp[s] * d, k_cache + sp[s] * kv_size);
-            std::copy(row + q_size + kv_size, row + qkv_size, v_cache + sp[s] * kv_size);
-          }
+          for (int64_t s = s0; s < s1; ++s)
+            if (sp[s] >= 0) store_token(l, s, qkvp + s * qkv_size, k_rotated.data());
           barrier();
         }
         {
           PartTimer timer(timing ? ATTENTION : NUM_PARTS);
-          const PagedDecode plan{qp, k_cache, v_cache, bt, lp, nullptr, ap, part_max.data(), part_sum.data(),
-                                 part_acc.data(), S, H, Hkv, d, block_size, tables.size(1), q_size, d, splits,
-                                 static_cast<float>(scale)};
+          const PagedDecode plan{qp, k_caches[l].data_ptr(), v_caches[l].data_ptr(), bt, lp, nullptr, ap,
+                                 part_max.data(), part_sum.data(), part_acc.data(), S, H, Hkv, d, block_size,
+                                 tables.size(1), q_size, d, splits, static_cast<float>(scale), half_cache};
           const auto [t0, t1] = share(tasks, t, nt);
           for (int64_t task = t0; task < t1; ++task) plan.task(task, scores.data());
           barrier();

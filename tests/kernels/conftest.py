@@ -19,6 +19,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a triton 3.9 
 
 import pytest  # noqa: E402
 
+from tests.fast import fast_subset  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(__file__))  # kernel_testing.py, kernel_aot.py
 
 
@@ -78,3 +80,12 @@ def nan_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+@pytest.fixture(params=fast_subset([1, 2, 4], [2]), ids=lambda n: f"threads{n}")
+def threads(request):
+    """torch's thread count for the test: how many keys each chunk of the C++ decode attention gets depends on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -14,7 +14,6 @@ from kernels.quant_matmul import pack_int4
 from kernels.rotary import rotary_ref
 from kernels.store_kv import store_kv_ref
 from kernels.testing import make_paged_cache
-from tests.fast import fast_subset
 
 ops = torch.ops.llmengine_cpu
 
@@ -142,15 +141,6 @@ ATTENTION_CASES = {
     "long-alibi-splits": (4, 4, 32, 32, [700, 129], True),
     "one-short-seq-splits": (9, 3, 64, 16, [145], False),  # batch 1: chunks start mid-block to feed the threads
 }
-
-
-@pytest.fixture(params=fast_subset([1, 2, 4], [2]), ids=lambda n: f"threads{n}")
-def threads(request):
-    """How many keys each chunk gets depends on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))

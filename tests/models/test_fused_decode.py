@@ -25,9 +25,11 @@ def tiny_dirs(tmp_path_factory):
 
 
 def run(path, quantize: str | None, fused: bool, monkeypatch, prompts=PROMPTS, n: int = 20,
-        threads: int = 2) -> tuple[list, bool]:
+        threads: int = 2, kv_cache_dtype: str = "auto") -> tuple[list, bool]:
     monkeypatch.setenv("LLMENGINE_FUSED_DECODE", "1" if fused else "0")
-    llm = LLM(path, quantize=quantize, block_size=16, cpu_threads=threads)
+    llm = LLM(path, quantize=quantize, block_size=16, cpu_threads=threads, kv_cache_dtype=kv_cache_dtype)
+    if kv_cache_dtype != "auto":
+        assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, kv_cache_dtype)
     params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
     results = llm.generate(prompts, params, progress=False)
     took = isinstance(llm.engine.model.fused_decode, FusedDecode)
@@ -36,9 +38,11 @@ def run(path, quantize: str | None, fused: bool, monkeypatch, prompts=PROMPTS, n
 
 @pytest.mark.parametrize("variant", fast_subset(ELIGIBLE, ["llama-gqa-tied-bias"]))
 @pytest.mark.parametrize("mode", fast_subset(["int4", "int8"], ["int4"]))
-def test_fused_decode_matches_eager(tiny_dirs, variant, mode, monkeypatch):
-    fused, took = run(tiny_dirs[variant], mode, True, monkeypatch)
-    eager, took_eager = run(tiny_dirs[variant], mode, False, monkeypatch)
+@pytest.mark.parametrize("kv", fast_subset(["float16", "float32"], ["float16"]))
+def test_fused_decode_matches_eager(tiny_dirs, variant, mode, kv, monkeypatch):
+    """Both KV-cache types: fp16 (what "auto" gives quantized weights on CPU) and fp32."""
+    fused, took = run(tiny_dirs[variant], mode, True, monkeypatch, kv_cache_dtype=kv)
+    eager, took_eager = run(tiny_dirs[variant], mode, False, monkeypatch, kv_cache_dtype=kv)
     assert took and not took_eager
     assert fused == eager  # tokens and log-probs, bit for bit
 

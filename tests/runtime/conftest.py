@@ -45,11 +45,12 @@ def tiny_dir(tmp_path_factory) -> Callable[[str], Path]:
     return make
 
 
-def _cache_gib(model_dir: Path, num_blocks: int, block_size: int) -> float:
-    return (num_blocks + 0.5) * kv_block_bytes(load_config(model_dir), torch.float32, block_size) / (1 << 30)
+def _cache_gib(model_dir: Path, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32) -> float:
+    return (num_blocks + 0.5) * kv_block_bytes(load_config(model_dir), dtype, block_size) / (1 << 30)
 
 
 @pytest.fixture(scope="session")
-def cache_gib() -> Callable[[Path, int, int], float]:
-    """(model_dir, num_blocks, block_size) -> the kv_cache_gib that gives exactly num_blocks fp32 blocks."""
+def cache_gib() -> Callable[..., float]:
+    """(model_dir, num_blocks, block_size[, dtype]) -> the kv_cache_gib that gives exactly num_blocks blocks of
+    that KV-cache type (fp32 unless said: quantized weights on CPU get fp16 caches)."""
     return _cache_gib

@@ -4,6 +4,7 @@ with every KV block back, a GGUF served as it is, and which weights "auto" picks
 from __future__ import annotations
 
 import pytest
+import torch
 
 from models.quantized_linear import QuantizedLinear
 from runtime import LLM, SamplingParams
@@ -32,7 +33,9 @@ def test_int8_engine_greedy_tokens_match_fp32(tiny_dir, variant):
 
 def test_int4_engine_serves_requests_and_returns_blocks(tiny_dir, cache_gib):
     folder = tiny_dir("llama-gqa-tied-bias")
-    llm = LLM(folder, device="cpu", kv_cache_gib=cache_gib(folder, 6, 16), quantize="int4", quant_group_size=32)
+    llm = LLM(folder, device="cpu", kv_cache_gib=cache_gib(folder, 6, 16, torch.float16), quantize="int4",
+              quant_group_size=32)
+    assert llm.engine.runner.kv_caches[0][0].dtype == torch.float16  # "auto" for quantized weights on CPU
     model = llm.engine.model
     assert model.quantization == "int4 g32" and model.lm_head is None  # tied: the quantized copy is the head
     assert isinstance(model.quantized_head, QuantizedLinear) and model.quantized_head.mode == "int4"
