@@ -75,7 +75,9 @@ class FusedDecode:
         return FusedDecode(model, [w.detach() for w in norms], proj)
 
     def applies(self, meta: AttentionMetadata, kv_caches: list[KVCache] | None) -> bool:
-        return (meta.is_decode and kv_caches is not None and cpu_kernels.cpu_kv_caches(*kv_caches[0])
+        # (the caches bound already passed the check: a step runs cold, so every Python call saved counts)
+        return (meta.is_decode and kv_caches is not None
+                and (kv_caches is self.bound_caches or cpu_kernels.cpu_kv_caches(*kv_caches[0]))
                 and not torch.compiler.is_compiling())
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

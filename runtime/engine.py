@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from models.config import load_config
-from models.loader import DTYPES, load_model, parse_dtype, resolve_device
-from models.quantized_linear import QuantizedLinear
+from models.loader import load_model, resolve_device
 from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
-from runtime.block_manager import BlockManager, num_blocks_for_budget, resolve_kv_cache_dtype
+from runtime.block_manager import BlockManager
 from runtime.compile_warmup import persistent_compile_cache, warm_up
 from runtime.detokenizer import TextStream
+from runtime.engine_setup import checked_prompt_ids, compute_dtype, kv_cache_plan
 from runtime.guided import GuidedMatcher, apply_token_masks, compile_constraint, validate_constraint
 from runtime.guided_tokenizer import TokenizerInfo, tokenizer_info, tokenizer_info_built
 from runtime.log_probs import TopLogProbs, prompt_scores
@@ -93,10 +93,7 @@ class Engine:
         self.thread_tuner = make_thread_tuner(cpu_threads, self.device, tensor_parallel_size)
         if quantize == "auto" and dtype != "auto":
             quantize = None
-        if dtype == "auto":  # fp32 on CPU (exact, and fast there); the checkpoint's dtype on a GPU
-            dtype = "float32" if self.device.type != "cuda" else \
-                config.torch_dtype if config.torch_dtype in DTYPES else "bfloat16"
-        self.dtype = parse_dtype(dtype)
+        self.dtype = compute_dtype(dtype, self.device, config)
         self.workers: TPWorkers | None = None
         self.stopped: str | None = None  # why the engine can run no more steps (a tensor-parallel worker failed)
         tp = rank_zero(tensor_parallel_size, config, model_dir, speculative, quantize, quant_group_size)
@@ -110,17 +107,9 @@ class Engine:
         try:  # the workers load their shards meanwhile, then wait for the block count
             self.model = load_model(model_dir, self.dtype, self.device, progress=progress, config=config,
                                     quantize=quantize, group_size=quant_group_size, tp=tp)
-            # Room for one step's activations and logits, kept out of the GPU budget.
-            element = self.model.embed.weight.element_size()
-            reserve = max_num_batched_tokens * element * 4 * (config.hidden_size * 4 + config.intermediate_size * 2) \
-                + max_num_seqs * config.vocab_size * 4 * 4
-            # Under tensor parallelism the budget counts blocks as if one rank held every KV head (each holds its
-            # share), so N ranks schedule exactly what one would.
-            quantized = any(isinstance(m, QuantizedLinear) for m in self.model.modules())
-            self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device, quantized,
-                                                         tensor_parallel=tp is not None)
-            num_blocks = num_blocks_for_budget(config, self.kv_cache_dtype, block_size, self.device, kv_cache_gib,
-                                               gpu_memory_utilization, reserve)
+            self.kv_cache_dtype, num_blocks = kv_cache_plan(
+                self.model, config, self.dtype, self.device, kv_cache_dtype, block_size, kv_cache_gib,
+                gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, tensor_parallel=tp is not None)
             if self.workers is not None:
                 self.workers.send(num_blocks)
         except BaseException:
@@ -161,26 +150,8 @@ class Engine:
         if (failure := self.failure()) is not None:
             raise RuntimeError(f"the engine has stopped: {failure}")
         params.validate()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
-                                 "give the prompt as token ids")
-            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            prompt_ids = [int(t) for t in prompt]
-            bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        if not prompt_ids:
-            raise ValueError("prompt is empty (0 tokens)")
-        if params.stop_sequences and self.tokenizer is None:
-            raise ValueError("stop_sequences need a tokenizer; this model folder has none")
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > self.max_model_len:
-            limit = f"the KV cache holds {self.cache_tokens} tokens" if self.max_model_len == self.cache_tokens \
-                else f"max_model_len is {self.max_model_len}"
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-                             f"{total} tokens, but {limit}")
+        prompt_ids = checked_prompt_ids(prompt, params, self.tokenizer, self.model_dir, self.config.vocab_size,
+                                        self.max_model_len, self.cache_tokens)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)

@@ -9,9 +9,9 @@
 //                    cached positions of sequence s, keys read through its block table. Returns [S, H, d].
 // Grid: at::parallel_for over (sequence, KV head, chunk of keys): one task computes, for the H / Hkv query heads
 // that share the KV head, the max, exp-sum and exp-weighted sum of the values over its chunk's keys, a cache block
-// at a time with an online softmax (each key and value row read once for the whole group); then at::parallel_for over (sequence, query
-// head) merges the chunks (flash-decoding's split-K). Chunks of at least 32 keys, at most 16 per sequence, and no
-// more than it takes to give every thread ~4 tasks.
+// at a time with an online softmax (each key and value row read once for the whole group); then at::parallel_for
+// over (sequence, query head) merges the chunks (flash-decoding's split-K). The chunk count (decode_splits) is the
+// one that leaves the busiest thread the fewest keys, with at least 16 keys a chunk and at most 16 chunks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,9 +27,9 @@
 
 namespace llmengine_cpu {
 
-constexpr int64_t SPLIT_KEYS = 32;  // keys per chunk at least
-constexpr int64_t TASKS_PER_THREAD = 4;
+constexpr int64_t SPLIT_KEYS = 16;  // keys per chunk at least
 constexpr int64_t MAX_SPLITS = 16;
+constexpr int64_t TASK_KEYS = 4;  // what a task costs beyond its keys (setup, its share of the merge), in keys
 
 bool cache_type_ok(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   return (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
@@ -68,13 +68,20 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 }
 
 int64_t decode_splits(const int32_t* seq_lens, int64_t S, int64_t Hkv, int64_t threads) {
-  // Split each sequence's keys into chunks of at least SPLIT_KEYS so that short and long sequences alike give
-  // every thread work: each (sequence, KV head, chunk) keeps its unnormalised partial (max, exp-sum, sum of
-  // p v) per query head, and a second pass merges the chunks of each head.
+  // Each (sequence, KV head) splits its keys into `splits` chunks, and the tasks are dealt to the threads in
+  // equal runs: choose the count that gives the busiest thread the fewest keys (the longest sequence's, plus a
+  // task's fixed cost), the fewer chunks on a tie. A batch-1 step of 3 KV heads on 2 threads takes 2 or 4 chunks
+  // (6 or 12 tasks, 3 or 6 each) rather than 1 or 3 (3 or 9 tasks: one thread does 2 of 3, or 5 of 9).
   int64_t max_len = 0;
   for (int64_t s = 0; s < S; ++s) max_len = std::max<int64_t>(max_len, seq_lens[s]);
-  const int64_t wanted = (TASKS_PER_THREAD * threads + S * Hkv - 1) / (S * Hkv);
-  return std::max<int64_t>(1, std::min({MAX_SPLITS, max_len / SPLIT_KEYS, wanted}));
+  const int64_t most = std::max<int64_t>(1, std::min(MAX_SPLITS, max_len / SPLIT_KEYS));
+  int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
+  for (int64_t splits = 1; splits <= most; ++splits) {
+    const int64_t tasks_per_thread = (S * Hkv * splits + threads - 1) / threads;
+    const int64_t cost = tasks_per_thread * ((max_len + splits - 1) / splits + TASK_KEYS);
+    if (cost < best_cost) best = splits, best_cost = cost;
+  }
+  return best;
 }
 
 void check_block_tables(const int32_t* bt, const int32_t* lp, int64_t S, int64_t max_blocks, int64_t block_size,

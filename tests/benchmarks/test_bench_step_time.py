@@ -13,11 +13,12 @@ from tests.models.tiny import save_tiny
 @pytest.mark.slow  # loads and quantizes a model, decodes 20 steps
 def test_step_time_splits_a_fused_step(tmp_path):
     path = save_tiny("llama-gqa-tied-bias", tmp_path / "tiny")
-    args = Namespace(model=str(path), quantize="int4", threads=1, prompt_len=5, steps=6, repeats=2,
-                     no_progress=True)
+    args = Namespace(model=str(path), quantize="int4", kv_cache_dtype="auto", threads=1, prompt_len=5, steps=6,
+                     repeats=2, no_progress=True)
     report = step_time.run(args)
     parts = {key: value["median"] for key, value in report["parts"].items()}
     assert report["fused"] and parts["products"] > 0 and parts["attention"] > 0
+    assert report["kv_cache_dtype"] == "float16"  # "auto" with int4 weights on CPU
     assert parts["fused_step"] <= parts["forward"] <= parts["step"]
     inner = sum(parts[p] for p in step_time.KERNEL_PARTS) + parts["kernels_rest"]
     assert abs(inner - parts["fused_step"]) < 1e-9
