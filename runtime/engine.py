@@ -242,8 +242,9 @@ class Engine:
             if self.speculator is not None:
                 tokens, log_probs, tops = self.speculator.verify(sampling, logits, num_rows, draft_probs)
             else:
-                flat_tokens, flat_log_probs, flat_tops = self.sampler.sample(logits, sampling) if sampling \
-                    else ([], [], [])
+                need_log_probs = any(seq.params.return_token_log_probs for seq in sampling)
+                flat_tokens, flat_log_probs, flat_tops = self.sampler.sample(logits, sampling, need_log_probs) \
+                    if sampling else ([], [], [])
                 tokens, log_probs, tops = [[t] for t in flat_tokens], [[lp] for lp in flat_log_probs], \
                     [[top] for top in flat_tops]
             if tuning:

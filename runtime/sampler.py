@@ -85,14 +85,15 @@ class Sampler:
         tokens, log_probs, _ = self.sample(logits, seqs)
         return tokens, log_probs
 
-    def sample(self, logits: torch.Tensor,
-               seqs: list[RuntimeSequence]) -> tuple[list[int], list[float], list[TopLogProbs]]:
-        """As __call__, plus each row's top-N (token, log-prob) for N = its `top_log_probs` ([] for 0)."""
+    def sample(self, logits: torch.Tensor, seqs: list[RuntimeSequence],
+               need_log_probs: bool = True) -> tuple[list[int], list[float], list[TopLogProbs]]:
+        """As __call__, plus each row's top-N (token, log-prob) for N = its `top_log_probs` ([] for 0). With
+        `need_log_probs=False` a greedy batch on the CPU kernel may return NaN log-probs (it skips their pass)."""
         params = [seq.params for seq in seqs]
         greedy = all(p.greedy and not p.top_log_probs for p in params)
         if (greedy and self.cpu_greedy and logits.device.type == "cpu" and logits.dtype == torch.float32
                 and logits.stride(-1) == 1 and not any(p.presence_penalty or p.frequency_penalty for p in params)):
-            tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits)
+            tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits, need_log_probs)
             return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
         logits = final_logits(logits, params, [seq.output_token_ids for seq in seqs])
         if greedy:  # argmax and one log-sum-exp per row

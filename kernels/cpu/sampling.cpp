@@ -3,7 +3,7 @@
 // Layout: logits fp32 [B, V] (rows contiguous) -> tokens int64 [B], log_probs fp32 [B].
 // tokens[b] is the first index of row b's maximum (as torch.argmax; a NaN counts as the maximum, as there), and
 // log_probs[b] = x[b, t] - logsumexp(x[b]) = -log(sum_j exp(x[b, j] - max)) (NaN when the row has a NaN or is all
-// -inf, as torch's gather - logsumexp gives).
+// -inf, as torch's gather - logsumexp gives). With with_log_probs=false only the tokens are computed (log_probs NaN).
 // Grid: at::parallel_for over rows for the first maximum (per-lane max and first index, 8 values per AVX2 step),
 // then over (row, chunk of 8192 logits) for the exp-sums, so that a single row is spread over the threads too.
 #include <ATen/ATen.h>
@@ -79,7 +79,7 @@ constexpr int64_t VOCAB_CHUNK = 8192;  // a row's exp-sum is split over threads 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits) {
+std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits, bool with_log_probs) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2 &&
                   logits.stride(1) == 1, "greedy_sample: logits must be CPU fp32 [B, V] with contiguous rows");
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -94,6 +94,10 @@ std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) std::tie(tp[b], row_max[b]) = first_max(xp + b * stride, V);
   });
+  if (!with_log_probs) {  // the argmax alone: no exp pass (a third of the time)
+    log_probs.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {tokens, log_probs};
+  }
   // The exp-sums, over (row, chunk of the vocabulary) so that one row keeps every thread busy too.
   const int64_t chunks = (V + VOCAB_CHUNK - 1) / VOCAB_CHUNK;
   std::vector<float> partial(B * chunks, 0.f);
@@ -118,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits) {
 }  // namespace llmengine_cpu
 
 TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
-  lib.def("greedy_sample(Tensor logits) -> (Tensor, Tensor)");
+  lib.def("greedy_sample(Tensor logits, bool with_log_probs=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llmengine_cpu, CPU, lib) {

@@ -193,6 +193,8 @@ def test_greedy_sample_is_argmax_and_its_log_prob(vocab):
         logits[4, [vocab - 1, 0]] = 50.0  # a tie between the last and the first: the first
     tokens, log_probs = ops.greedy_sample(logits)
     assert tokens.tolist() == logits.argmax(-1).tolist()
+    tokens_only, no_log_probs = ops.greedy_sample(logits, False)  # the argmax pass alone
+    assert torch.equal(tokens_only, tokens) and no_log_probs.isnan().all()
     expected = torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1)
     # an fp32 sum of V exps (8 lanes of V / 8 terms): relative error up to ~V / 8 * 2^-24, 4e-4 at 49k; seen 5e-6
     torch.testing.assert_close(log_probs.double(), expected, rtol=2e-5, atol=2e-5)

@@ -82,3 +82,14 @@ def test_temperature_sampling_matches_the_distribution():
     s = seq(SamplingParams(temperature=1.0, seed=0))
     counts = torch.bincount(torch.tensor([Sampler()(logits, [s])[0][0] for _ in range(3000)]), minlength=3)
     assert torch.allclose(counts / 3000, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+
+
+def test_greedy_without_log_probs_gives_the_same_tokens():
+    """The engine asks for no log-probs when no request in the batch returns them: the C++ greedy kernel then skips
+    its exp pass (NaN log-probs), the tokens stay the argmax."""
+    logits = torch.randn(4, 1000) * 3
+    seqs = [seq(SamplingParams(temperature=0)) for _ in range(4)]
+    tokens, log_probs, _ = Sampler().sample(logits, seqs)
+    fast_tokens, fast_log_probs, _ = Sampler().sample(logits, seqs, need_log_probs=False)
+    assert tokens == fast_tokens == logits.argmax(-1).tolist()
+    assert all(lp == lp for lp in log_probs) and all(lp != lp for lp in fast_log_probs)  # NaN != NaN
