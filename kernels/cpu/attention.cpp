@@ -125,9 +125,9 @@ void PagedDecode::task_rows(int64_t task, float* scores, const T* k_rows, const 
       const float* qg = q_group + g * q_head_stride;
       const float slope = slopes ? slopes[kvh * G + g] : 0.f;
       float block_max = -std::numeric_limits<float>::infinity();
+      dot_rows(qg, kb, row_stride, take, d, sc);
       for (int64_t t = 0; t < take; ++t) {
-        sc[t] = dot(qg, kb + t * row_stride, d) * scale
-            + (slopes ? slope * static_cast<float>(j + t - (L - 1)) : 0.f);
+        sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(j + t - (L - 1)) : 0.f);
         block_max = std::max(block_max, sc[t]);
       }
       const float m_new = std::max(m_run[g], block_max), alpha = std::exp(m_run[g] - m_new);

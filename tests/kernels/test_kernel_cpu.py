@@ -140,6 +140,9 @@ ATTENTION_CASES = {
     "long-ragged-splits": (9, 3, 64, 16, [1000, 3, 257, 0], False),  # chunks of keys, some empty; an empty cache
     "long-alibi-splits": (4, 4, 32, 32, [700, 129], True),
     "one-short-seq-splits": (9, 3, 64, 16, [145], False),  # batch 1: chunks start mid-block to feed the threads
+    # head dims off the 4-row dots' 16 and the value sums' 64/32-lane runs: 32 + 8 lanes, and 3 x 8 lanes
+    "hd40": (4, 2, 40, 16, [37, 5], False),
+    "hd24-alibi": (6, 3, 24, 16, [70, 16], True),
 }
 
 
