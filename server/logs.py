@@ -93,7 +93,9 @@ def model_loaded(name: str, engine: Any, seconds: float, warmed_up: bool) -> Non
     try:
         stats = engine.stats()
         block_size = getattr(getattr(inner, "block_manager", None), "block_size", None)
-        facts.append(f"{stats['blocks_total']} KV blocks" + (f" of {block_size} tokens" if block_size else ""))
+        kv_dtype = getattr(inner, "kv_cache_dtype", None)  # said when it is not the model's (fp16 on CPU)
+        facts.append(f"{stats['blocks_total']} KV blocks" + (f" of {block_size} tokens" if block_size else "")
+                     + (f" in {str(kv_dtype).removeprefix('torch.')}" if kv_dtype not in (None, dtype) else ""))
     except Exception:  # an engine without stats: say less
         pass
     facts.append(f"context {engine.max_model_len} tokens")

@@ -118,9 +118,12 @@ def test_load_timings(server_log):
     inner = SimpleNamespace(dtype="torch.float32", device="cpu", block_manager=SimpleNamespace(block_size=16))
     engine = SimpleNamespace(engine=inner, max_model_len=128, stats=lambda: {"blocks_total": 9})
     logs.model_loaded("real", engine, 0.5, warmed_up=False)
-    assert messages(server_log)[-2:] == [
+    inner.kv_cache_dtype = "torch.float16"  # a cache type other than the model's is said
+    logs.model_loaded("quantized", engine, 0.5, warmed_up=False)
+    assert messages(server_log)[-3:] == [
         "fake loaded in 1.2 s (7 KV blocks, context 64 tokens, including the torch.compile warm-up)",
-        "real loaded in 0.5 s (float32 on cpu, 9 KV blocks of 16 tokens, context 128 tokens)"]
+        "real loaded in 0.5 s (float32 on cpu, 9 KV blocks of 16 tokens, context 128 tokens)",
+        "quantized loaded in 0.5 s (float32 on cpu, 9 KV blocks of 16 tokens in float16, context 128 tokens)"]
 
 
 def test_a_missing_model_is_logged_in_one_line_without_a_traceback(server_log, tmp_path):
