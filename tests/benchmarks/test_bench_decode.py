@@ -7,7 +7,8 @@ import json
 import pytest
 
 from benchmarks import cli, decode
-from benchmarks.decode import Run, compare_outputs, summarize_runs
+from benchmarks.decode import compare_outputs
+from benchmarks.decode_runners import Run, summarize_runs
 
 TINY = ["--model", "llama-7b", "--num-layers", "1", "--override", "hidden_size=64", "--override",
         "intermediate_size=128", "--override", "num_attention_heads=4", "--override", "num_key_value_heads=2",

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import decode, quality
+from benchmarks import decode, decode_runners, quality
 from models.attention import AttentionMetadata
 from models.loader import load_model
 from tests.benchmarks.test_bench_decode import TINY
@@ -25,10 +25,10 @@ def tiny_tied(tmp_path_factory):
 
 def test_decode_weight_bytes_count_integer_weights(tiny_tied):
     """hidden 64, q 64 + k 32 + v 32 rows with biases, o with bias, gate/up 2 x 96, down K = 96, vocab 128, tied."""
-    fp32 = decode.decode_weight_bytes(load_model(tiny_tied, progress=False))
+    fp32 = decode_runners.decode_weight_bytes(load_model(tiny_tied, progress=False))
     per_layer = 128 * 64 + 128 + 64 * 64 + 64 + 192 * 64 + 64 * 96 + 2 * 64
     assert fp32 == 4 * (2 * per_layer + 64 + 128 * 64)  # + final norm + the table, which is the head
-    int4 = decode.decode_weight_bytes(load_model(tiny_tied, progress=False, quantize="int4", group_size=32))
+    int4 = decode_runners.decode_weight_bytes(load_model(tiny_tied, progress=False, quantize="int4", group_size=32))
 
     def int4_bytes(n: int, k: int) -> int:  # half a byte per weight, a bf16 (scale, zero) pair per 32
         return n * k // 2 + (k // 32) * n * 2 * 2
@@ -39,11 +39,11 @@ def test_decode_weight_bytes_count_integer_weights(tiny_tied):
 
 
 def test_llamacpp_rows_are_one_sequence():
-    run = decode.run_llamacpp_batch(FakeLlama(), [[1, 2, 3]], 5)
+    run = decode_runners.run_llamacpp_batch(FakeLlama(), [[1, 2, 3]], 5)
     assert run.token_ids == [[7, 8, 9, 10, 11]] and run.output_tokens == 5 and run.decode_tokens == 4
     assert run.total_time == pytest.approx(run.ttft + run.decode_time)
     with pytest.raises(ValueError):
-        decode.run_llamacpp_batch(FakeLlama(), [[1], [2]], 5)
+        decode_runners.run_llamacpp_batch(FakeLlama(), [[1], [2]], 5)
 
 
 @pytest.mark.slow
