@@ -42,6 +42,7 @@ class FusedDecode:
     def __init__(self, model: nn.Module, norms: list[torch.Tensor], proj: list[torch.Tensor]):
         self.model, self.norms, self.proj = model, norms, proj
         self.decoder, self.bound_caches = None, None  # bound to the runner's KV caches at the first step
+        self.decoder_step = None  # the decoder's step method, looked up once (~3 us a lookup, more when cold)
 
     def bind(self, kv_caches: list[KVCache]) -> None:
         attn = self.model.layers[0].attn
@@ -49,6 +50,7 @@ class FusedDecode:
             self.model.embed.weight.detach(), self.norms, self.proj, [k for k, _ in kv_caches],
             [v for _, v in kv_caches], attn.num_heads, attn.num_kv_heads, attn.head_dim, self.model.norm.eps,
             attn.scale)
+        self.decoder_step = self.decoder.step
         self.bound_caches = kv_caches
 
     @staticmethod
@@ -86,5 +88,5 @@ class FusedDecode:
             self.bind(kv_caches)
         # The engine sized the table for its max model length (RotaryEmbedding.reserve); the step checks every
         # position against it and says so if one is outside.
-        return self.decoder.step(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+        return self.decoder_step(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                  self.model.rope.cos_sin_cache)
