@@ -91,8 +91,21 @@ at::Tensor decode_step_profile(bool enable) {
 
 // The model's weights and KV caches, bound once (models/fused_decode.py builds it at the first decode step), so
 // that a step passes only its own small inputs: marshalling ~660 tensors from Python lists cost ~0.5 ms a step.
+// What a step writes besides its output, kept from one step to the next so that a step allocates nothing else (a
+// dozen allocations, each cold after the last step's weight stream): the team's shared intermediates, and every
+// thread's own copies of the residual stream, the normed and quantized activations and its scratch.
+struct Scratch {
+  std::vector<float> x, qkv, q_rot, attn, o, act, part_max, part_sum, part_acc;
+};
+struct ThreadScratch {
+  std::vector<float> residual, normed, scores, gate_tmp, up_tmp, k_rotated;
+  QuantizedRows xr;
+};
+
 struct LlamaDecoder : torch::CustomClassHolder {
   std::vector<at::Tensor> norms, proj, k_caches, v_caches;
+  Scratch shared;
+  std::vector<ThreadScratch> per_thread;  // (a decoder steps on one thread at a time: the engine's)
   at::Tensor embedding;
   int64_t num_heads, num_kv_heads, head_dim;
   double eps, scale;
@@ -164,13 +177,15 @@ struct LlamaDecoder : torch::CustomClassHolder {
     const int64_t I = layers[2].N / 2, G = H / Hkv;
     const int nt_wanted = at::get_num_threads();
     const int64_t splits = decode_splits(lp, S, Hkv, nt_wanted), tasks = S * Hkv * splits;
-    const auto opts = embedding.options();
-    at::Tensor x = at::empty({S, hidden}, opts), out = at::empty({S, hidden}, opts);
-    at::Tensor qkv = at::empty({S, qkv_size}, opts), q_rot = at::empty({S, H, d}, opts);
-    at::Tensor attn = at::empty({S, H, d}, opts), o = at::empty({S, hidden}, opts), act = at::empty({S, I}, opts);
-    std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
-    float *xp = x.data_ptr<float>(), *qkvp = qkv.data_ptr<float>(), *qp = q_rot.data_ptr<float>();
-    float *ap = attn.data_ptr<float>(), *op = o.data_ptr<float>(), *actp = act.data_ptr<float>();
+    at::Tensor out = at::empty({S, hidden}, embedding.options());
+    Scratch& sh = shared;  // the team's intermediates, reused from the last step (resize only grows them)
+    for (auto [buffer, size] : {std::pair{&sh.x, S * hidden}, {&sh.qkv, S * qkv_size}, {&sh.q_rot, S * q_size},
+                                {&sh.attn, S * q_size}, {&sh.o, S * hidden}, {&sh.act, S * I},
+                                {&sh.part_max, tasks * G}, {&sh.part_sum, tasks * G}, {&sh.part_acc, tasks * G * d}})
+      buffer->resize(size);
+    float *xp = sh.x.data(), *qkvp = sh.qkv.data(), *qp = sh.q_rot.data();
+    float *ap = sh.attn.data(), *op = sh.o.data(), *actp = sh.act.data();
+    if (static_cast<int>(per_thread.size()) < nt_wanted) per_thread.resize(nt_wanted);
     const float* ep = embedding.data_ptr<float>();
     for (int64_t s = 0; s < S; ++s) std::copy(ep + idp[s] * hidden, ep + (idp[s] + 1) * hidden, xp + s * hidden);
     const float feps = static_cast<float>(eps);
@@ -196,9 +211,13 @@ struct LlamaDecoder : torch::CustomClassHolder {
       const bool timing = profiling && t == 0;
       // Every thread keeps its own copy of the residual stream and of each quantized activation: computing them
       // redundantly (a few microseconds) saves a barrier each, and the copies are equal bit for bit.
-      std::vector<float> residual(S * hidden), normed(S * hidden), scores(G * block_size);
-      std::vector<float> gate_tmp(S * ACT_BLOCK), up_tmp(S * ACT_BLOCK), k_rotated(kv_size);
-      QuantizedRows xr;
+      ThreadScratch& mine = per_thread[t];
+      std::vector<float>&residual = mine.residual, &normed = mine.normed, &scores = mine.scores;
+      std::vector<float>&gate_tmp = mine.gate_tmp, &up_tmp = mine.up_tmp, &k_rotated = mine.k_rotated;
+      QuantizedRows& xr = mine.xr;
+      for (auto [buffer, size] : {std::pair{&residual, S * hidden}, {&normed, S * hidden}, {&scores, G * block_size},
+                                  {&gate_tmp, S * ACT_BLOCK}, {&up_tmp, S * ACT_BLOCK}, {&k_rotated, kv_size}})
+        buffer->resize(size);
       auto quantize = [&](const float* a, int64_t K, const Projection& p) {
         quantize_rows_into(xr, a, S, K, p.w.nb, p.q4 && paired);
       };
@@ -236,7 +255,7 @@ struct LlamaDecoder : torch::CustomClassHolder {
         {
           PartTimer timer(timing ? ATTENTION : NUM_PARTS);
           const PagedDecode plan{qp, k_caches[l].data_ptr(), v_caches[l].data_ptr(), bt, lp, nullptr, ap,
-                                 part_max.data(), part_sum.data(), part_acc.data(), S, H, Hkv, d, block_size,
+                                 sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data(), S, H, Hkv, d, block_size,
                                  tables.size(1), q_size, d, splits, static_cast<float>(scale), half_cache};
           const auto [t0, t1] = share(tasks, t, nt);
           for (int64_t task = t0; task < t1; ++task) plan.task(task, scores.data());

@@ -32,7 +32,8 @@ inline void store_row(const float* src, Half* dst, int64_t n) {
   int64_t i = 0;
 #ifdef LLME_KV_VEC
   for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
 #endif
   for (; i < n; ++i) dst[i] = Half(src[i]);
 }
