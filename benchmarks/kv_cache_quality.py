@@ -9,7 +9,7 @@ is scored by a decode-shaped step instead: the engine computes the prompt's log-
 does, through the one-call CPU decode step where it applies. Text: benchmarks.quality's (CPython's
 `pydoc_data.topics`), its first `--tokens` (1024) tokens as one prompt. Reported: the perplexity with each cache
 type and the fp16 cache's change against the fp32 cache with the same weights; the `auto` cache type serves
-quantized weights on the CPU with fp16 (runtime/block_manager.resolve_kv_cache_dtype).
+quantized weights on the CPU with fp16 (runtime/engine_setup.resolve_kv_cache_dtype).
 """
 
 from __future__ import annotations

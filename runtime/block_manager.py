@@ -39,27 +39,6 @@ def kv_block_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int) -> 
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
 
 
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device, quantized: bool,
-                           tensor_parallel: bool = False) -> torch.dtype:
-    """The KV cache's element type for `kv_cache_dtype=name`. "auto": fp16 for an fp32 model with quantized
-    weights on the CPU (attention then reads half the bytes a step; llama.cpp's default cache type too), the
-    model's dtype otherwise. A type other than the model's is a CPU option of one process (the GPU kernels and
-    tensor-parallel workers keep the model's)."""
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype={name!r} is not accepted: one of {', '.join(KV_CACHE_DTYPES)}")
-    if name == "auto":
-        cpu_quantized = device.type == "cpu" and quantized and model_dtype == torch.float32 and not tensor_parallel
-        return torch.float16 if cpu_quantized else model_dtype
-    dtype = getattr(torch, name)
-    if dtype != model_dtype and (device.type != "cpu" or tensor_parallel):
-        raise ValueError(f"kv_cache_dtype={name!r} differs from the model's {str(model_dtype).removeprefix('torch.')}:"
-                         " accepted only on the CPU without tensor parallelism; use 'auto' there")
-    return dtype
-
-
 def num_blocks_for_budget(config: ModelConfig, dtype: torch.dtype, block_size: int, device: torch.device,
                           kv_cache_gib: float | None, gpu_memory_utilization: float,
                           reserve_bytes: int = 0) -> int:

@@ -73,7 +73,7 @@ class Engine:
         `quantize`: weight-only quantization, models.loader.load_model's (None/"none", "int8", "int4" in groups
         of `quant_group_size`, "gguf", "auto": a GGUF's own integers on CPU); "auto" with an explicit dtype
         means float weights of that dtype. Activations keep `dtype`; the KV cache holds `kv_cache_dtype`
-        ("auto": fp16 for quantized weights on CPU, else `dtype`; runtime/block_manager.resolve_kv_cache_dtype).
+        ("auto": fp16 for quantized weights on CPU, else `dtype`; runtime/engine_setup.resolve_kv_cache_dtype).
         `tensor_parallel_size` N > 1: the layers are split over N ranks, this process (rank 0: scheduler, sampler,
         detokenizer, logits) and N - 1 worker processes (runtime/tp_worker.py; one GPU each on CUDA), whose every
         collective waits at most `tp_timeout_s`. A worker that dies or hangs stops the engine (`failure()`).

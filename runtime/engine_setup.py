@@ -12,8 +12,28 @@ from models.config import ModelConfig
 from models.loader import DTYPES, parse_dtype
 from models.quantized_linear import QuantizedLinear
 from models.tokenizer import TOKENIZER_FILES, Tokenizer
-from runtime.block_manager import num_blocks_for_budget, resolve_kv_cache_dtype
+from runtime.block_manager import num_blocks_for_budget
 from runtime.params import SamplingParams
+
+KV_CACHE_DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device, quantized: bool,
+                           tensor_parallel: bool = False) -> torch.dtype:
+    """The KV cache's element type for `kv_cache_dtype=name`. "auto": fp16 for an fp32 model with quantized
+    weights on the CPU (attention then reads half the bytes a step; llama.cpp's default cache type too), the
+    model's dtype otherwise. A type other than the model's is a CPU option of one process (the GPU kernels and
+    tensor-parallel workers keep the model's)."""
+    if name not in KV_CACHE_DTYPE_NAMES:
+        raise ValueError(f"kv_cache_dtype={name!r} is not accepted: one of {', '.join(KV_CACHE_DTYPE_NAMES)}")
+    if name == "auto":
+        cpu_quantized = device.type == "cpu" and quantized and model_dtype == torch.float32 and not tensor_parallel
+        return torch.float16 if cpu_quantized else model_dtype
+    dtype = getattr(torch, name)
+    if dtype != model_dtype and (device.type != "cpu" or tensor_parallel):
+        raise ValueError(f"kv_cache_dtype={name!r} differs from the model's {str(model_dtype).removeprefix('torch.')}:"
+                         " accepted only on the CPU without tensor parallelism; use 'auto' there")
+    return dtype
 
 
 def compute_dtype(dtype: str, device: torch.device, config: ModelConfig) -> torch.dtype:

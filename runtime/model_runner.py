@@ -91,7 +91,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
-        self.kv_cache_dtype = kv_cache_dtype or self.dtype  # (fp16 for the model's fp32: runtime/block_manager.py)
+        self.kv_cache_dtype = kv_cache_dtype or self.dtype  # (fp16 for the model's fp32: runtime/engine_setup.py)
         self.kv_caches: list[KVCache] = allocate_kv_caches(model.shard_config, num_blocks, block_size,
                                                            self.kv_cache_dtype, self.device)
 

@@ -21,7 +21,7 @@ from typing import Any
 import uvicorn
 
 from models.zoo import DEFAULT_MODEL, parse_model_arg
-from runtime.block_manager import KV_CACHE_DTYPES
+from runtime.engine_setup import KV_CACHE_DTYPE_NAMES
 from server import logs
 from server.app import create_app
 
@@ -102,7 +102,7 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant-group-size", type=int, default=None, metavar="N",
                         help="int4 group size, 32, 64, 128 or 256 (default: 64, or 32 where 64 does not divide "
                              "a layer's inputs); with int8, per group instead of per channel")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPE_NAMES),
                         help="the KV cache's element type. auto (the default): float16 when the weights are "
                              "quantized on CPU (the default model as served: attention reads half the bytes, as "
                              "llama.cpp's default f16 cache), else --dtype. float16 with float32 activations is a "

@@ -1,10 +1,9 @@
 """The C++ CPU kernels with an fp16 KV cache (kernels/cpu/kv_rows.h): stores round as torch's `.to(float16)` does,
-bit for bit, and decode attention over fp16 rows matches the float64 reference over the same rows."""
+bit for bit, and mixed or unsupported cache types are refused or sent to the reference. (Decode attention over fp16
+rows is test_kernel_cpu.py's test_decode_attention, with both cache types.)"""
 
 import pytest
 import torch
-from kernel_testing import alibi_slopes
-from test_kernel_cpu import ATTENTION_CASES
 
 from kernels import cpu as cpu_kernels
 from kernels.decode_attention import decode_attention, decode_attention_ref
@@ -33,22 +32,6 @@ def test_store_kv_rounds_as_torch():
     assert torch.equal(k_cache.view(torch.int16), k_ref.view(torch.int16))
     assert torch.equal(v_cache.view(torch.int16), v_ref.view(torch.int16))
     assert k_cache.isinf().any() and (k_cache != 0).sum() > 0
-
-
-@pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_decode_attention_over_fp16_rows(case, threads):
-    heads, kv_heads, d, block_size, seq_lens, alibi = ATTENTION_CASES[case]
-    gen = torch.Generator().manual_seed(len(case) + 1)
-    q = torch.randn(len(seq_lens), heads, d, generator=gen)
-    k_cache, v_cache, block_tables = make_paged_cache(seq_lens, kv_heads, d, block_size, torch.float16, "cpu", gen)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    slopes = alibi_slopes(heads, "cpu") * d ** -0.5 if alibi else None
-    out = ops.decode_attention(q, k_cache, v_cache, block_tables, lens, d ** -0.5, slopes)
-    expected = decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), block_tables, lens, d ** -0.5,
-                                    None if slopes is None else slopes.double())
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    # the entry point takes the C++ kernel for fp16 caches too (the reference would equal it only to ~1e-6)
-    assert torch.equal(decode_attention(q, k_cache, v_cache, block_tables, lens, d ** -0.5, slopes), out)
 
 
 def test_fp16_cache_error_names_what_is_accepted():
