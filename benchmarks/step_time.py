@@ -4,9 +4,10 @@
     python -m benchmarks.step_time --threads 1 --steps 256
 
 One engine decodes `--steps` greedy tokens of one sequence after a warm-up, `--repeats` times. Each engine step is
-timed whole, and inside it: the model's forward, the head's product, the sampler; inside the forward, when the
-one-call decode step runs it (models/fused_decode.py), the C++ timers of kernels/cpu/step_profile.h split it into
-the weight products (with their activation quantization), attention, norms, rotary, KV store and activation.
+timed whole, and inside it: the model runner's step (its inputs, the forward, the head's product), the sampler;
+inside the forward, when the one-call decode step runs it (models/fused_decode.py, with the head when that is
+quantized too), the C++ timers of kernels/cpu/step_profile.h split it into the weight products (with their
+activation quantization), the head, attention, norms, rotary, KV store and activation.
 "Outside the products" is the step minus the layers' products and the head: what a leaner engine could remove.
 Reported per token in ms, the median (min-max) over the repeats.
 """
@@ -22,8 +23,9 @@ from tqdm import tqdm
 
 from benchmarks.common import OUT_DIR, machine_info, spread
 from benchmarks.report import new_figure, publish, save_figure
+from runtime.decode_buffers import DecodeBuffers
 
-KERNEL_PARTS = ["norms", "products", "rotary", "store_kv", "attention", "activation"]  # step_profile.h order
+KERNEL_PARTS = ["norms", "products", "rotary", "store_kv", "attention", "activation", "head_kernel"]  # step_profile.h
 
 
 def timed(fn, totals: dict, key: str):
@@ -52,7 +54,10 @@ def one_repeat(engine, prompt: list[int], params, steps: int) -> dict[str, float
     engine.add_request(prompt, params)
     engine.step()  # prefill
     model, runner = engine.model, engine.runner
-    runner.forward = timed(runner.forward, totals, "forward")
+    runner.run_scored = timed(runner.run_scored, totals, "model")
+    runner.prepare = timed(runner.prepare, totals, "inputs")
+    fill = DecodeBuffers.fill  # the fused step's inputs (its buffers are made at its first step)
+    DecodeBuffers.fill = timed(fill, totals, "inputs")
     model.compute_logits = timed(model.compute_logits, totals, "head")
     engine.sampler.sample = timed(engine.sampler.sample, totals, "sampler")
     kernel_profile(True)
@@ -64,14 +69,18 @@ def one_repeat(engine, prompt: list[int], params, steps: int) -> dict[str, float
             n += 1
         totals["step"] = time.perf_counter() - start
     finally:
-        del runner.forward, model.compute_logits, engine.sampler.sample
+        del runner.run_scored, runner.prepare, model.compute_logits, engine.sampler.sample
+        DecodeBuffers.fill = fill
         kernels = kernel_profile(False)
     while engine.has_unfinished():
         engine.step()
     if kernels and kernels["fused_steps"] == n:
         totals.update({k: v for k, v in kernels.items() if k != "fused_steps"})
     ms = {k: 1e3 * v / n for k, v in totals.items()}
-    ms["engine_rest"] = ms["step"] - ms["forward"] - ms["head"] - ms["sampler"]
+    head_python = ms.get("head", 0.0)  # the head's call from Python, when the fused step did not run it
+    ms["forward"] = ms["model"] - ms["inputs"] - head_python
+    ms["head"] = head_python + ms.get("head_kernel", 0.0)
+    ms["engine_rest"] = ms["step"] - ms["model"] - ms["sampler"]
     if "fused_step" in ms:
         ms["forward_python"] = ms["forward"] - ms["fused_step"]
         ms["kernels_rest"] = ms["fused_step"] - sum(ms[p] for p in KERNEL_PARTS)
@@ -97,13 +106,15 @@ def run(args: argparse.Namespace) -> dict:
             "fused": "fused_step" in runs[0], "parts": parts}
 
 
-ROWS = [("step", "engine step (per token)"), ("forward", "  model forward"),
-        ("forward_python", "    Python around the fused call"), ("fused_step", "    fused C++ step"),
-        ("products", "      weight products (+ activation quantization)"), ("attention", "      attention"),
-        ("norms", "      RMSNorms"), ("rotary", "      rotary"), ("store_kv", "      KV store"),
-        ("activation", "      SiLU-and-mul"), ("kernels_rest", "      rest of the C++ step"),
-        ("head", "  head product (logits)"), ("sampler", "  sampler"),
-        ("engine_rest", "  engine rest (scheduler, inputs, detokenizer)"),
+ROWS = [("step", "engine step (per token)"), ("model", "  model runner step"), ("inputs", "    input tensors"),
+        ("forward", "    model forward (with the head when fused)"),
+        ("forward_python", "      Python around the fused call"), ("fused_step", "      fused C++ step"),
+        ("products", "        weight products (+ activation quantization)"), ("attention", "        attention"),
+        ("norms", "        RMSNorms"), ("rotary", "        rotary"), ("store_kv", "        KV store"),
+        ("activation", "        SiLU-and-mul"), ("head_kernel", "        head product and argmax"),
+        ("kernels_rest", "        rest of the C++ step"),
+        ("head", "  head product (logits), in the fused step or not"), ("sampler", "  sampler"),
+        ("engine_rest", "  engine rest (scheduler, detokenizer, outputs)"),
         ("outside_products", "outside the products (step - products - head)")]
 
 
@@ -126,9 +137,9 @@ def plot(report: dict, path):
     plt, fig, ax = new_figure(1, (7, 3.5))
     parts = report["parts"]
     leaves = [k for k in ["products", "head", "attention", "norms", "rotary", "store_kv", "activation",
-                          "kernels_rest", "forward_python", "sampler", "engine_rest"] if k in parts]
+                          "kernels_rest", "inputs", "forward_python", "sampler", "engine_rest"] if k in parts]
     if "products" not in parts:
-        leaves = [k for k in ["forward", "head", "sampler", "engine_rest"] if k in parts]
+        leaves = [k for k in ["inputs", "forward", "head", "sampler", "engine_rest"] if k in parts]
     left = 0.0
     for key in leaves:
         width = max(parts[key]["median"], 0.0)

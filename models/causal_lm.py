@@ -92,12 +92,15 @@ class CausalLM(nn.Module):
 
     def fused_decode_for(self, meta: AttentionMetadata, kv_caches: list[KVCache] | None) -> FusedDecode | None:
         """The one-call decode step when this step can take it (built at the first decode step), else None."""
-        if not meta.is_decode or self.fused_decode is None:
+        return self.fused_decoder(kv_caches) if meta.is_decode else None
+
+    def fused_decoder(self, kv_caches: list[KVCache] | None) -> FusedDecode | None:
+        """The one-call decode step for decode steps over these caches (built at the first call), else None."""
+        if self.fused_decode is None:
             return None
         if self.fused_decode is False:
             self.fused_decode = FusedDecode.build(self)
-        return self.fused_decode if self.fused_decode is not None and self.fused_decode.applies(meta, kv_caches) \
-            else None
+        return self.fused_decode if self.fused_decode is not None and self.fused_decode.applies(kv_caches) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quantized_head is not None:

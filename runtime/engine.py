@@ -231,7 +231,7 @@ class Engine:
                 self.thread_tuner.before_decode_step()
                 started = time.perf_counter()
             try:
-                sampling, logits, num_rows = self.runner.execute(batch)
+                sampling, logits, num_rows, argmax = self.runner.execute(batch)
             except TensorParallelError as e:  # the ranks are out of step: no step can run any more
                 return outputs + self._stop(str(e))
             if any(seq.matcher is not None for seq in sampling):  # on the raw logits, before penalties & co
@@ -239,12 +239,13 @@ class Engine:
                 # proposal the constraint forbids (its probability is 0), so every emitted token is allowed.
                 drafts = [seq.draft_token_ids for seq in sampling] if any(n > 1 for n in num_rows) else None
                 apply_token_masks(logits, [seq.matcher for seq in sampling], drafts)
+                argmax = None  # (of the logits before the masks)
             if self.speculator is not None:
                 tokens, log_probs, tops = self.speculator.verify(sampling, logits, num_rows, draft_probs)
             else:
                 need_log_probs = any(seq.params.return_token_log_probs for seq in sampling)
-                flat_tokens, flat_log_probs, flat_tops = self.sampler.sample(logits, sampling, need_log_probs) \
-                    if sampling else ([], [], [])
+                flat_tokens, flat_log_probs, flat_tops = self.sampler.sample(logits, sampling, need_log_probs,
+                                                                             argmax) if sampling else ([], [], [])
                 tokens, log_probs, tops = [[t] for t in flat_tokens], [[lp] for lp in flat_log_probs], \
                     [[top] for top in flat_tops]
             if tuning:

@@ -28,11 +28,13 @@ import torch
 
 from models.attention import AttentionMetadata, KVCache, allocate_kv_caches
 from models.causal_lm import CausalLM
+from runtime.decode_buffers import DecodeBuffers
 from runtime.log_probs import TopLogProbs, score_positions
 from runtime.sequence import Sequence
 from runtime.tp_step import TensorParallelError
 
 if TYPE_CHECKING:
+    from models.fused_decode import FusedDecode
     from runtime.tp_worker import TPWorkers
 
 
@@ -94,6 +96,9 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype or self.dtype  # (fp16 for the model's fp32: runtime/engine_setup.py)
         self.kv_caches: list[KVCache] = allocate_kv_caches(model.shard_config, num_blocks, block_size,
                                                            self.kv_cache_dtype, self.device)
+        # The one-call CPU decode step with its head (models/fused_decode.py) and its buffers, made at its first step
+        self.fused_head_step: FusedDecode | None | bool = False  # False: not resolved yet
+        self.decode_buffers: DecodeBuffers | None = None
 
     def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """input_ids, positions, metadata, and the indices (into the packed tokens) whose logits are wanted."""
@@ -141,9 +146,32 @@ class ModelRunner:
         """Feed the chunks; fp32 logits `[sum(num_logits), vocab]`, chunk after chunk."""
         return self.run_scored(chunks)[0]
 
+    def run_scored(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[tuple[list[float], list[TopLogProbs]]],
+                                                       list[int] | None]:
+        """As run, plus per chunk the log-probs (and top-N) of its `score_targets` ([] for none), and each logits
+        row's argmax when the step took it on the way (the one-call decode step with its head), else None. The
+        logits of such a step are a view of the runner's buffers, which its next step overwrites."""
+        if self.workers is None and all(len(chunk.token_ids) == chunk.num_logits == 1 for chunk in chunks):
+            # A decode step that wants every row's logits (so no prompt scoring): the one-call step with its head,
+            # on buffers bound once (runtime/decode_buffers.py), when the model has it. (Outside inference mode,
+            # which costs ~80 us cold: no tensor is made on the way.)
+            fused = self.fused_head_step
+            if fused is False:  # resolved at the first decode step, once: it depends on the model and our caches only
+                fused = self.model.fused_decoder(self.kv_caches)
+                fused = self.fused_head_step = fused if fused is not None and fused.has_head else None
+            if fused is not None:
+                buffers = self.decode_buffers
+                if buffers is None:
+                    buffers = self.decode_buffers = DecodeBuffers(self.model.config.vocab_size)
+                buffers.fill(chunks, self.block_size)
+                fused.step_buffers(buffers, self.kv_caches, argmax=True)
+                return buffers.step_logits(), [([], [])] * len(chunks), buffers.step_argmax()
+        return self._run_scored_eager(chunks)
+
     @torch.inference_mode()
-    def run_scored(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[tuple[list[float], list[TopLogProbs]]]]:
-        """As run, plus per chunk the log-probs (and top-N) of its `score_targets` ([] for none)."""
+    def _run_scored_eager(self, chunks: list[Chunk]) -> tuple[torch.Tensor,
+                                                              list[tuple[list[float], list[TopLogProbs]]], None]:
+        """run_scored through the model's forward (and its head): every step but the fused ones."""
         input_ids, positions, meta, logit_index = self.prepare(chunks)
         if self.workers is None:
             hidden = self.forward(input_ids, positions, meta)
@@ -157,10 +185,10 @@ class ModelRunner:
                 raise self.workers.error(e) from e
         scores = self.score(chunks, hidden)
         if not logit_index:
-            return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device), scores
+            return torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device), scores, None
         if len(logit_index) < hidden.shape[0]:  # (increasing indices: as many as rows means every row, in order)
             hidden = hidden[torch.tensor(logit_index, dtype=torch.int64).to(self.device)]
-        return self.model.compute_logits(hidden).float(), scores
+        return self.model.compute_logits(hidden).float(), scores, None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's forward over the cache: hidden states `[num_tokens, hidden]` (decode steps compiled)."""
@@ -204,14 +232,16 @@ class ModelRunner:
             at += m
         return scores
 
-    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor, list[int]]:
+    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor, list[int],
+                                                                  list[int] | None]:
         """Run the engine's step: the sequences that sample, in batch order, their fp32 logits
-        `[sum(num_rows), vocab]` packed in that order, and `num_rows` (1 + proposals) for each."""
+        `[sum(num_rows), vocab]` packed in that order, `num_rows` (1 + proposals) for each, and the logits rows'
+        argmax when the step took it on the way (else None)."""
         chunks = [chunk_of(seq, n) for seq, n in batch]
         sampling = [seq for (seq, _), chunk in zip(batch, chunks) if chunk.num_logits]
         num_rows = [chunk.num_logits for chunk in chunks if chunk.num_logits]
-        logits, scores = self.run_scored(chunks)
+        logits, scores, argmax = self.run_scored(chunks)
         for (seq, _), (log_probs, tops) in zip(batch, scores):
             seq.prompt_log_probs += log_probs
             seq.prompt_top_log_probs += tops
-        return sampling, logits, num_rows
+        return sampling, logits, num_rows, argmax

@@ -85,16 +85,20 @@ class Sampler:
         tokens, log_probs, _ = self.sample(logits, seqs)
         return tokens, log_probs
 
-    def sample(self, logits: torch.Tensor, seqs: list[RuntimeSequence],
-               need_log_probs: bool = True) -> tuple[list[int], list[float], list[TopLogProbs]]:
+    def sample(self, logits: torch.Tensor, seqs: list[RuntimeSequence], need_log_probs: bool = True,
+               argmax: list[int] | None = None) -> tuple[list[int], list[float], list[TopLogProbs]]:
         """As __call__, plus each row's top-N (token, log-prob) for N = its `top_log_probs` ([] for 0). With
-        `need_log_probs=False` a greedy batch on the CPU kernel may return NaN log-probs (it skips their pass)."""
+        `need_log_probs=False` a greedy batch may return NaN log-probs (the argmax alone: no log-softmax pass);
+        `argmax`, the logits rows' argmax when the model step took it already, then stands for that pass."""
         params = [seq.params for seq in seqs]
         greedy = all(p.greedy and not p.top_log_probs for p in params)
-        if (greedy and self.cpu_greedy and logits.device.type == "cpu" and logits.dtype == torch.float32
-                and logits.stride(-1) == 1 and not any(p.presence_penalty or p.frequency_penalty for p in params)):
-            tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits, need_log_probs)
-            return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
+        if greedy and not any(p.presence_penalty or p.frequency_penalty for p in params):
+            if argmax is not None and not need_log_probs:
+                return argmax, [float("nan")] * len(params), [[] for _ in params]
+            if (self.cpu_greedy and logits.device.type == "cpu" and logits.dtype == torch.float32
+                    and logits.stride(-1) == 1):
+                tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits, need_log_probs)
+                return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
         logits = final_logits(logits, params, [seq.output_token_ids for seq in seqs])
         if greedy:  # argmax and one log-sum-exp per row
             tokens = logits.argmax(dim=-1)

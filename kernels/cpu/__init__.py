@@ -6,8 +6,9 @@ against the installed torch, loaded as `torch.ops.llmengine_cpu.*`.
 - layers.cpp: `rms_norm` (with the residual add), `silu_and_mul`, `rotary`.
 - attention.cpp: `store_kv` and paged `decode_attention`.
 - sampling.cpp: `greedy_sample`, argmax and its log-prob in one pass (runtime/sampler.py's greedy path).
-- decode_step.cpp: `LlamaDecoder`, a whole decode step of a quantized Llama through the above
-  (models/fused_decode.py decides when it applies).
+- decode_step.cpp, decoder.cpp: `LlamaDecoder`, a whole decode step of a quantized Llama through the above
+  (models/fused_decode.py decides when it applies), and its C entry point for the engine's steps
+  (`decode_step_function`, called through ctypes).
 
 `available()` builds (first time, ~1 minute, logged) or loads the library and says whether the ops are there;
 without a compiler, or with `LLMENGINE_CPU_KERNELS=0`, it is False and callers use the plain-torch references.
@@ -18,6 +19,7 @@ the sources, the compiler command, the torch version and this CPU's flags, so a 
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -139,6 +141,16 @@ def _register_fakes() -> None:
 def available() -> bool:
     """True when `torch.ops.llmengine_cpu` is loaded (built first if needed) and not disabled."""
     return enabled() and _load()
+
+
+@cache
+def decode_step_function() -> ctypes._CFuncPtr:
+    """decoder.cpp's `llme_decode_step(handle, rows, argmax, error, error_size) -> int` (0: done; 1: the message is in
+    `error`), from the library `available()` loaded: the engine's decode steps call it through ctypes."""
+    function = ctypes.CDLL(str(library_path())).llme_decode_step
+    function.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_char_p, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
 
 
 KV_CACHE_DTYPES = (torch.float32, torch.float16)  # what the C++ attention reads and stores (kv_rows.h)

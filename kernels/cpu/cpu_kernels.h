@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <utility>
 
 namespace llmengine_cpu {
 
@@ -27,6 +28,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 void rms_norm_row(const float* x, const float* res, const float* w, float* out, float* h, int64_t hidden, float eps);
 void silu_mul_row(const float* gate, const float* up, float* out, int64_t n);
 void rotate_heads(const float* src, int64_t head_stride, int64_t heads, int64_t d, const float* cs, float* dst);
+// x[0:n]'s first maximum: (its index, its value), or the first NaN's (as torch.argmax); (0, -inf) for n = 0.
+std::pair<int64_t, float> first_max(const float* x, int64_t n);
 
 // Paged decode attention (attention.cpp) as tasks: task(t) for t < S * Hkv * splits (each with a scratch of
 // (H / Hkv) * block_size floats), then merge(sh) for sh < S * H.

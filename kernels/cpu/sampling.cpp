@@ -17,11 +17,10 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "vec_math.h"
 
 namespace llmengine_cpu {
-
-namespace {
 
 // Row x's first maximum: its index and value, or the first NaN's index (then the value is NaN).
 std::pair<int64_t, float> first_max(const float* x, int64_t V) {
@@ -60,6 +59,8 @@ std::pair<int64_t, float> first_max(const float* x, int64_t V) {
   }
   return {arg, mx};
 }
+
+namespace {
 
 // sum_j exp(x[j] - mx) over x[0:n].
 float exp_sum(const float* x, int64_t n, float mx) {

@@ -8,7 +8,7 @@
 
 namespace llmengine_cpu {
 
-enum StepPart { NORM, PRODUCT, ROTARY, STORE_KV, ATTENTION, ACTIVATION, STEP, NUM_PARTS };
+enum StepPart { NORM, PRODUCT, ROTARY, STORE_KV, ATTENTION, ACTIVATION, HEAD, STEP, NUM_PARTS };  // HEAD: step_logits'
 
 struct StepProfile {
   std::atomic<bool> enabled{false};

@@ -19,10 +19,11 @@ def test_step_time_splits_a_fused_step(tmp_path):
     parts = {key: value["median"] for key, value in report["parts"].items()}
     assert report["fused"] and parts["products"] > 0 and parts["attention"] > 0
     assert report["kv_cache_dtype"] == "float16"  # "auto" with int4 weights on CPU
-    assert parts["fused_step"] <= parts["forward"] <= parts["step"]
+    assert parts["fused_step"] <= parts["forward"] <= parts["model"] <= parts["step"]
     inner = sum(parts[p] for p in step_time.KERNEL_PARTS) + parts["kernels_rest"]
     assert abs(inner - parts["fused_step"]) < 1e-9
+    assert parts["head_kernel"] > 0 and parts["head"] == parts["head_kernel"]  # the int4 head runs in the step
     assert abs(parts["outside_products"] - (parts["step"] - parts["products"] - parts["head"])) < 1e-9
     table = step_time.markdown(report)
-    assert "| . . . attention |" in table and "| outside the products" in table
+    assert "| . . . . attention |" in table and "| outside the products" in table
     assert step_time.plot(report, tmp_path / "step.png").stat().st_size > 1000

@@ -84,11 +84,11 @@ def test_decode_step_profile_times_the_parts(tiny_dirs, monkeypatch):
     torch.ops.llmengine_cpu.decode_step_profile(True)
     llm.generate([PROMPTS[0]], params, progress=False)  # a prefill, then 8 fused decode steps
     seconds = torch.ops.llmengine_cpu.decode_step_profile(False).tolist()
-    parts, step, steps = seconds[:6], seconds[6], seconds[7]
+    parts, step, steps = seconds[:7], seconds[7], seconds[8]  # the 7th part: the head, which int4 quantized too
     assert steps == 8
     assert all(p > 0 for p in parts) and sum(parts) <= step
     llm.generate([PROMPTS[0]], params, progress=False)
-    assert torch.ops.llmengine_cpu.decode_step_profile(False).tolist() == [0.0] * 8  # off: nothing counted
+    assert torch.ops.llmengine_cpu.decode_step_profile(False).tolist() == [0.0] * 9  # off: nothing counted
 
 
 def test_the_engine_sizes_the_rotary_table_once(tiny_dirs):
@@ -104,3 +104,56 @@ def test_the_engine_sizes_the_rotary_table_once(tiny_dirs):
     assert torch.equal(rope.cos_sin_cache[:before.shape[0]], before)
     table, _ = rope.cos_sin(torch.tensor([0]))
     assert table is rope.cos_sin_cache  # no growth, no copy, per step
+
+
+@pytest.mark.parametrize("mode", fast_subset(["int8", "int4"], ["int8"]))
+def test_fused_head_gives_compute_logits_numbers(tiny_dirs, mode, monkeypatch):
+    """The head's product in the step (a quantized head) against the step without it and `compute_logits` after:
+    tokens and log-probs bit for bit, and greedy requests without log-probs (the step's argmax) the same tokens."""
+    results = {}
+    for has_head in (True, False):
+        llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize=mode, block_size=16, cpu_threads=2)
+        model = llm.engine.model
+        model.fused_decode = FusedDecode.build(model)
+        assert model.fused_decode.has_head
+        model.fused_decode.has_head = has_head
+        out = []
+        for log_probs in (True, False):
+            params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True,
+                                    return_token_log_probs=log_probs)
+            out += [(r.token_ids, r.log_probs) for r in llm.generate(PROMPTS, params, progress=False)]
+        results[has_head] = out
+    assert results[True] == results[False]
+
+
+@pytest.mark.parametrize("threads", fast_subset([2, 3], [2]))
+@pytest.mark.parametrize("nan_rows", [(), (-1,), (2, -1)])
+def test_fused_head_argmax_is_torch_argmax(tiny_dirs, threads, nan_rows, monkeypatch):
+    """Each thread takes the argmax of its own head rows; merged, it is torch.argmax's: with every row equal (every
+    logit ties) the lowest index, across the threads' shares; with NaN rows, the first NaN."""
+    before = torch.get_num_threads()
+    try:
+        llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize="int8", block_size=16, cpu_threads=threads)
+        head = llm.engine.model.quantized_head
+        with torch.no_grad():
+            head.w_int8.copy_(head.w_int8[:1].expand_as(head.w_int8))
+            head.d.copy_(head.d[:1].expand_as(head.d))
+            for row in nan_rows:
+                head.d[row] = float("nan")
+        seen = []
+        step = FusedDecode.step_buffers
+
+        def recording(self, buffers, kv_caches, argmax):
+            step(self, buffers, kv_caches, argmax)
+            seen.append((buffers.step_logits().clone(), torch.tensor(buffers.step_argmax())))
+
+        monkeypatch.setattr(FusedDecode, "step_buffers", recording)
+        params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+        tokens = [r.token_ids for r in llm.generate(PROMPTS[:2], params, progress=False)]
+    finally:
+        torch.set_num_threads(before)
+    vocab = head.out_features
+    expected = sorted(r % vocab for r in nan_rows)[0] if nan_rows else 0
+    assert len(seen) == 5 and all(torch.equal(argmax, logits.argmax(-1)) for logits, argmax in seen)
+    assert all((argmax == expected).all() for _, argmax in seen)
+    assert tokens == [[expected] * 6] * 2

@@ -1,0 +1,221 @@
+// Binding the fused decode step (decode_step.cpp) to a model and to the engine: the LlamaDecoder's checks, its
+// TorchScript class, the step profile, and `llme_decode_step`, the C entry point of the engine's decode steps.
+//
+// `torch.classes.llmengine_cpu.LlamaDecoder(embedding, norms, proj, k_caches, v_caches, head, ...)` binds the model
+// once (layouts in decode_step.cpp). Its `step(input_ids, positions, slot_mapping, block_tables, seq_lens,
+// cos_sin_cache)` takes a step's inputs as tensors and returns the final-normed hidden states.
+// With a head bound, the engine's decode steps pass nothing: `bind_buffers(input_ids, positions, slot_mapping,
+// block_tables, seq_lens, cos_sin_cache, logits, tokens)` binds persistent tensors once (the same layouts with room
+// for `rows` rows; logits fp32 [rows, vocab], tokens int64 [rows]), the caller writes the first S rows of the inputs
+// in place, and `llme_decode_step(handle, S, argmax, error, error_size)` (through ctypes: runtime/decode_buffers.py)
+// runs the step into the bound logits and, with argmax != 0, each row's first maximum into tokens. It returns 0, or
+// 1 with the error's message in `error`. `handle()` is the decoder's number for it; a number whose decoder is gone
+// gives an error, not a crash. Why not a method call: on this CPU a TorchScript method call costs ~13 us plus ~1.5
+// us per tensor passed, and ~130 us right after a step's weight stream has evicted the caches (the JIT's call
+// path is long); a ctypes call, ~25 us cold, and a step then makes no tensor either.
+// `decode_step_profile(enable)` returns the seconds spent per part (step_profile.h) since its last call, and the
+// number of steps, and turns the timers on or off for the steps that follow.
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include "cpu_kernels.h"
+#include "decoder.h"
+#include "step_profile.h"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace llmengine_cpu {
+
+namespace {
+
+Projection projection(const std::vector<at::Tensor>& proj, int64_t index) {
+  const at::Tensor& qs = proj[PROJ_TENSORS * index];
+  const at::Tensor& d = proj[PROJ_TENSORS * index + 1];
+  const at::Tensor& m = proj[PROJ_TENSORS * index + 2];
+  const at::Tensor& bias = proj[PROJ_TENSORS * index + 3];
+  TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf && (!m.numel() || m.is_contiguous()),
+              "LlamaDecoder: projection ", index, " is not in quant_gemm.cpp's layout");
+  TORCH_CHECK(!bias.numel() || (bias.scalar_type() == at::kFloat && bias.is_contiguous()),
+              "LlamaDecoder: biases must be contiguous fp32");
+  const bool q4 = m.numel() > 0;
+  const QuantWeight w{reinterpret_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr()),
+                      q4 ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr,
+                      bias.numel() ? bias.data_ptr<float>() : nullptr, d.size(1), qs.size(1)};
+  return {w, qs.size(0), d.size(1) * QK, q4};
+}
+
+// The live decoders by number: `llme_decode_step` finds its decoder here, and a decoder leaves when it is freed.
+std::mutex registry_mutex;
+std::unordered_map<int64_t, LlamaDecoder*> registry;
+int64_t next_handle = 1;
+
+}  // namespace
+
+StepProfile& step_profile() {
+  static StepProfile profile;
+  return profile;
+}
+
+at::Tensor decode_step_profile(bool enable) {
+  StepProfile& profile = step_profile();
+  at::Tensor out = at::empty({NUM_PARTS + 1}, at::kDouble);
+  for (int i = 0; i < NUM_PARTS; ++i) out[i] = profile.seconds[i];
+  out[NUM_PARTS] = static_cast<double>(profile.steps);
+  profile.seconds.fill(0.0);
+  profile.steps = 0;
+  profile.enabled.store(enable);
+  return out;
+}
+
+LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_, std::vector<at::Tensor> proj_,
+                           std::vector<at::Tensor> k_caches_, std::vector<at::Tensor> v_caches_,
+                           std::vector<at::Tensor> head_tensors_, int64_t num_heads_, int64_t num_kv_heads_,
+                           int64_t head_dim_, double eps_, double scale_)
+    : norms(std::move(norms_)), proj(std::move(proj_)), k_caches(std::move(k_caches_)), v_caches(std::move(v_caches_)),
+      head_tensors(std::move(head_tensors_)), embedding(std::move(embedding_)), num_heads(num_heads_),
+      num_kv_heads(num_kv_heads_), head_dim(head_dim_), eps(eps_), scale(scale_) {
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(L > 0 && v_caches.size() == k_caches.size(), "LlamaDecoder: one v_cache per k_cache, at least one");
+  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * L + 1, "LlamaDecoder: expected ", 2 * L + 1,
+              " norm weights, got ", norms.size());
+  TORCH_CHECK(static_cast<int64_t>(proj.size()) == 4 * PROJ_TENSORS * L, "LlamaDecoder: expected ",
+              4 * PROJ_TENSORS * L, " projection tensors, got ", proj.size());
+  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == at::kFloat && embedding.is_contiguous(),
+              "LlamaDecoder: the embedding must be contiguous fp32 [vocab, hidden]");
+  const int64_t hidden = embedding.size(1), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  for (const at::Tensor& w : norms) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == hidden,
+                "LlamaDecoder: norm weights must be contiguous fp32 [hidden]");
+    norm_weights.push_back(w.data_ptr<float>());
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor &k = k_caches[l], &v = v_caches[l];
+    TORCH_CHECK(cache_type_ok(k, v) && k.scalar_type() == k_caches[0].scalar_type() && k.is_contiguous() &&
+                    v.is_contiguous() && k.sizes() == v.sizes() && k.sizes() == k_caches[0].sizes() && k.dim() == 4 &&
+                    k.size(2) == num_kv_heads && k.size(3) == head_dim,
+                "LlamaDecoder: layer ", l, "'s caches are not contiguous [blocks, block_size, ", num_kv_heads, ", ",
+                head_dim, "], all fp32 or all fp16");
+    k_data.push_back(k.data_ptr());
+    v_data.push_back(v.data_ptr());
+  }
+  half_cache = k_caches[0].scalar_type() == at::kHalf;
+  for (int64_t i = 0; i < 4 * L; ++i) layers.push_back(projection(proj, i));
+  for (int64_t l = 0; l < L; ++l) {
+    const Projection &qkv = layers[4 * l], &o = layers[4 * l + 1], &gu = layers[4 * l + 2], &dn = layers[4 * l + 3];
+    TORCH_CHECK(qkv.N == q_size + 2 * kv_size && o.N == hidden && gu.N % 2 == 0 && dn.N == hidden &&
+                    qkv.K >= hidden && o.K >= q_size && gu.K >= hidden && dn.K >= gu.N / 2,
+                "LlamaDecoder: layer ", l, "'s projection shapes do not fit the model");
+  }
+  TORCH_CHECK(head_tensors.empty() || static_cast<int64_t>(head_tensors.size()) == PROJ_TENSORS,
+              "LlamaDecoder: the head is ", PROJ_TENSORS, " tensors or none, got ", head_tensors.size());
+  if (!head_tensors.empty()) {
+    head = projection(head_tensors, 0);
+    TORCH_CHECK(head->K >= hidden && head->N > 0, "LlamaDecoder: the head's shape does not fit the model");
+  }
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  handle_id = next_handle++;
+  registry[handle_id] = this;
+}
+
+LlamaDecoder::~LlamaDecoder() {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry.erase(handle_id);
+}
+
+at::Tensor LlamaDecoder::step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& slot_mapping,
+                              const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                              const at::Tensor& cos_sin_cache) {
+  const at::Tensor ids = input_ids.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous(), cs = cos_sin_cache.to(at::kFloat).contiguous();
+  const at::Tensor tables = block_tables.to(at::kInt).contiguous(), lens = seq_lens.to(at::kInt).contiguous();
+  const int64_t S = ids.numel();
+  TORCH_CHECK(pos.numel() == S && slots.numel() == S && lens.numel() == S && tables.dim() == 2 && tables.size(0) == S,
+              "LlamaDecoder.step: one position, slot, length and block-table row per token");
+  TORCH_CHECK(cs.dim() == 2 && cs.size(1) == head_dim, "LlamaDecoder.step: cos_sin_cache must be [positions, head_dim]");
+  at::Tensor out = at::empty({S, embedding.size(1)}, embedding.options());
+  run({ids.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), tables.data_ptr<int32_t>(),
+       lens.data_ptr<int32_t>(), cs.data_ptr<float>(), S, tables.size(1), cs.size(0)},
+      out.data_ptr<float>(), nullptr, false);
+  return out;
+}
+
+void LlamaDecoder::bind_buffers(at::Tensor input_ids, at::Tensor positions, at::Tensor slot_mapping,
+                                at::Tensor block_tables, at::Tensor seq_lens, at::Tensor cos_sin_cache,
+                                at::Tensor logits, at::Tensor tokens) {
+  TORCH_CHECK(head.has_value(), "LlamaDecoder.bind_buffers: no head was bound, so there are no logits to write");
+  const int64_t rows = input_ids.numel();
+  TORCH_CHECK(input_ids.dim() == 1 && positions.dim() == 1 && slot_mapping.dim() == 1 && seq_lens.dim() == 1 &&
+                  block_tables.dim() == 2 && positions.numel() == rows && slot_mapping.numel() == rows &&
+                  seq_lens.numel() == rows && block_tables.size(0) == rows && tokens.numel() == rows &&
+                  logits.dim() == 2 && logits.size(0) == rows && logits.size(1) == head->N,
+              "LlamaDecoder.bind_buffers: one position, slot, length, block-table row, logits row [", head->N,
+              "] and token per row");
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim,
+              "LlamaDecoder.bind_buffers: cos_sin_cache must be [positions, head_dim]");
+  for (const at::Tensor* t : {&input_ids, &positions, &slot_mapping, &block_tables, &seq_lens, &cos_sin_cache,
+                              &logits, &tokens})
+    TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), "LlamaDecoder.bind_buffers: contiguous CPU tensors");
+  TORCH_CHECK(input_ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+                  slot_mapping.scalar_type() == at::kLong && block_tables.scalar_type() == at::kInt &&
+                  seq_lens.scalar_type() == at::kInt && cos_sin_cache.scalar_type() == at::kFloat &&
+                  logits.scalar_type() == at::kFloat && tokens.scalar_type() == at::kLong,
+              "LlamaDecoder.bind_buffers: int64 ids, positions, slots and tokens; int32 tables and lengths; fp32 "
+              "cos_sin and logits");
+  buffers = {input_ids, positions, slot_mapping, block_tables, seq_lens, cos_sin_cache, logits, tokens};
+  bound = {input_ids.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int64_t>(),
+           block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), cos_sin_cache.data_ptr<float>(), rows,
+           block_tables.size(1), cos_sin_cache.size(0)};
+  bound_logits = logits.data_ptr<float>();
+  bound_tokens = tokens.data_ptr<int64_t>();
+}
+
+void LlamaDecoder::step_bound(int64_t S, bool argmax) {
+  TORCH_CHECK(bound_logits != nullptr, "LlamaDecoder: step_bound before bind_buffers");
+  TORCH_CHECK(S >= 1 && S <= bound.S, "LlamaDecoder: a step of ", S, " rows, but ", bound.S, " are bound");
+  StepInputs in = bound;
+  in.S = S;
+  run(in, bound_logits, argmax ? bound_tokens : nullptr, true);
+}
+
+}  // namespace llmengine_cpu
+
+extern "C" int llme_decode_step(int64_t handle, int64_t rows, int32_t argmax, char* error, int64_t error_size) {
+  try {
+    llmengine_cpu::LlamaDecoder* decoder = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(llmengine_cpu::registry_mutex);
+      const auto found = llmengine_cpu::registry.find(handle);
+      TORCH_CHECK(found != llmengine_cpu::registry.end(), "llme_decode_step: no live decoder ", handle);
+      decoder = found->second;
+    }
+    decoder->step_bound(rows, argmax != 0);
+    return 0;
+  } catch (const std::exception& e) {
+    if (error_size > 0) {
+      const char* what = e.what();
+      // c10::Error's what() carries a C++ backtrace after the message: keep the message
+      const char* end = std::strstr(what, "\nException raised from");
+      const size_t n = std::min<size_t>(end ? end - what : std::strlen(what), error_size - 1);
+      std::memcpy(error, what, n);
+      error[n] = '\0';
+    }
+    return 1;
+  }
+}
+
+TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
+  lib.class_<llmengine_cpu::LlamaDecoder>("LlamaDecoder")
+      .def(torch::init<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double, double>())
+      .def("step", &llmengine_cpu::LlamaDecoder::step)
+      .def("bind_buffers", &llmengine_cpu::LlamaDecoder::bind_buffers)
+      .def("handle", &llmengine_cpu::LlamaDecoder::handle);
+  lib.def("decode_step_profile(bool enable) -> Tensor", &llmengine_cpu::decode_step_profile);  // no tensor in
+}

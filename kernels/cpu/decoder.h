@@ -1,0 +1,81 @@
+// The fused decode step's decoder (decode_step.cpp computes a step, decoder.cpp binds it): a Llama-architecture
+// model's weights and KV caches, bound once, and what a step keeps from one step to the next. Layouts in
+// decode_step.cpp's header comment.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <optional>
+#include <vector>
+
+#include "quant_common.h"
+
+namespace llmengine_cpu {
+
+constexpr int64_t PROJ_TENSORS = 4;  // qs, d, m, bias
+
+struct Projection {
+  QuantWeight w;
+  int64_t N, K;
+  bool q4;
+};
+
+// One step's inputs (the AttentionMetadata contract's layouts), as pointers: S tokens, one per sequence.
+struct StepInputs {
+  const int64_t *input_ids, *positions, *slot_mapping;  // [S] each
+  const int32_t *block_tables, *seq_lens;                // [S, max_blocks], [S]
+  const float* cos_sin;                                  // [cos_sin_rows, head_dim]
+  int64_t S, max_blocks, cos_sin_rows;
+};
+
+// What a step writes besides its output, kept from one step to the next so that a step allocates nothing else (a
+// dozen allocations, each cold after the last step's weight stream): the team's shared intermediates, and every
+// thread's own copies of the residual stream, the normed and quantized activations and its scratch.
+struct Scratch {
+  std::vector<float> x, qkv, q_rot, attn, o, act, part_max, part_sum, part_acc;
+  std::vector<int64_t> head_arg;  // each thread's argmax of its head rows [threads, S], and its value
+  std::vector<float> head_max;
+};
+struct ThreadScratch {
+  std::vector<float> residual, normed, scores, gate_tmp, up_tmp, k_rotated;
+  QuantizedRows xr;
+};
+
+struct LlamaDecoder : torch::CustomClassHolder {
+  // The bound tensors (kept alive here) and the pointers a step reads.
+  std::vector<at::Tensor> norms, proj, k_caches, v_caches, head_tensors, buffers;
+  at::Tensor embedding;
+  int64_t num_heads, num_kv_heads, head_dim;
+  double eps, scale;
+  std::vector<Projection> layers;  // 4 per layer: qkv, o, gate_up, down
+  std::optional<Projection> head;
+  std::vector<const float*> norm_weights;
+  std::vector<void*> k_data, v_data;
+  bool half_cache;
+  int64_t handle_id;  // this decoder's number for `llme_decode_step` (decoder.cpp)
+  // bind_buffers': the step's inputs, its logits [rows, vocab] and argmax [rows]; `bound` their pointers (S = rows)
+  StepInputs bound{};
+  float* bound_logits = nullptr;
+  int64_t* bound_tokens = nullptr;
+  Scratch shared;
+  std::vector<ThreadScratch> per_thread;  // (a decoder steps on one thread at a time: the engine's)
+
+  LlamaDecoder(at::Tensor embedding, std::vector<at::Tensor> norms, std::vector<at::Tensor> proj,
+               std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, std::vector<at::Tensor> head_tensors,
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale);
+  ~LlamaDecoder() override;
+  // input_ids int64 [S] -> the final-normed hidden states [S, hidden].
+  at::Tensor step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& slot_mapping,
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos_sin_cache);
+  void bind_buffers(at::Tensor input_ids, at::Tensor positions, at::Tensor slot_mapping, at::Tensor block_tables,
+                    at::Tensor seq_lens, at::Tensor cos_sin_cache, at::Tensor logits, at::Tensor tokens);
+  int64_t handle() const { return handle_id; }
+  // The step over the first S rows of the bound buffers, into the bound logits (and argmax).
+  void step_bound(int64_t S, bool argmax);
+  // The step itself (decode_step.cpp): the final-normed hidden states [S, hidden] into out, or with `logits` the
+  // head's [S, vocab], and then, when tokens is not null, each logits row's first maximum.
+  void run(const StepInputs& in, float* out, int64_t* tokens, bool logits);
+};
+
+}  // namespace llmengine_cpu
