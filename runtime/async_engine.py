@@ -63,14 +63,14 @@ class AsyncEngine:
                 raise RuntimeError("the engine has been shut down")
             self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
             self._thread.start()
-            if self._guided_thread is None and not self.engine.guided_ready():
+            if self._guided_thread is None and not self.engine.guided.ready():
                 self._guided_thread = threading.Thread(target=self._build_guided_view, daemon=True,
                                                        name=f"guided-view-{self.name}")
                 self._guided_thread.start()
 
     def _build_guided_view(self) -> None:
         try:
-            self.engine.guided_view()
+            self.engine.guided.view()
         except Exception:  # noqa: BLE001 - the first guided request builds it again and reports the error
             logger.exception("building the tokenizer's llguidance view failed")
 
@@ -80,7 +80,7 @@ class AsyncEngine:
         output with all of them, when it finishes)."""
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
-        deferred = params.guided is not None and not self.engine.guided_ready()
+        deferred = params.guided is not None and not self.engine.guided.ready()
         seq = self.engine.make_sequence(prompt, params, request_id, deadline, defer_guided=deferred)
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._cond:
@@ -101,7 +101,7 @@ class AsyncEngine:
         """Build a deferred guided request's matcher in a worker thread (it waits there for the tokenizer view),
         then hand the request to the engine thread; or the request's last output if that failed."""
         try:
-            seq.matcher = await asyncio.to_thread(self.engine.guided_matcher, seq.params.guided)
+            seq.matcher = await asyncio.to_thread(self.engine.guided.matcher, seq.params.guided)
         except Exception as e:  # noqa: BLE001 - only this request fails
             return RequestOutput(seq.request_id, "", [], None, True, "error", seq.num_prompt_tokens, 0,
                                  f"{type(e).__name__}: {e}")

@@ -31,9 +31,9 @@ from models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
 from runtime.block_manager import BlockManager
 from runtime.compile_warmup import persistent_compile_cache, warm_up
 from runtime.detokenizer import TextStream
+from runtime.engine_guided import EngineGuided
 from runtime.engine_setup import checked_prompt_ids, compute_dtype, kv_cache_plan
-from runtime.guided import GuidedMatcher, apply_token_masks, compile_constraint, validate_constraint
-from runtime.guided_tokenizer import TokenizerInfo, tokenizer_info, tokenizer_info_built
+from runtime.guided import apply_token_masks
 from runtime.log_probs import TopLogProbs, prompt_scores
 from runtime.model_runner import ModelRunner
 from runtime.params import SamplingParams
@@ -118,6 +118,7 @@ class Engine:
         has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
         self.tokenizer = Tokenizer.from_folder(model_dir) if has_tokenizer else None
         self.stop_token_ids = stop_token_ids(config, self.tokenizer)
+        self.guided = EngineGuided(self.tokenizer, model_dir, config.vocab_size, self.stop_token_ids)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching,
                                           cache_salt=f"{model_dir.resolve()}:{self.dtype}")
         self.runner = ModelRunner(self.model, num_blocks, block_size, compile_decode=compile, workers=self.workers,
@@ -145,7 +146,7 @@ class Engine:
                       deadline: float | None = None, defer_guided: bool = False) -> Sequence:
         """Validate a request and build its sequence (touches no engine state: safe from any thread). With
         `defer_guided`, a guided constraint is only validated (milliseconds, no tokenizer view needed) and
-        `seq.matcher` is left for the caller to set with `guided_matcher`, off a thread that must not wait.
+        `seq.matcher` is left for the caller to set with `guided.matcher`, off a thread that must not wait.
         RuntimeError once the engine has stopped (`failure()`)."""
         if (failure := self.failure()) is not None:
             raise RuntimeError(f"the engine has stopped: {failure}")
@@ -159,34 +160,10 @@ class Engine:
                           params.skip_special_tokens)
         seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, text, deadline, generator)
         if defer_guided and params.guided is not None:
-            self._require_tokenizer()
-            validate_constraint(*params.guided)
+            self.guided.validate(params.guided)
         else:
-            seq.matcher = self.guided_matcher(params.guided)
+            seq.matcher = self.guided.matcher(params.guided)
         return seq
-
-    def guided_ready(self) -> bool:
-        """Whether `guided_matcher` returns without building the tokenizer's llguidance view first (~1.5 s)."""
-        return self.tokenizer is None or tokenizer_info_built(self.tokenizer, self.config.vocab_size,
-                                                              self.stop_token_ids)
-
-    def guided_view(self) -> TokenizerInfo:
-        """The tokenizer's llguidance view: built on the first call (~1.5 s), then cached."""
-        self._require_tokenizer()
-        return tokenizer_info(self.tokenizer, self.config.vocab_size, self.stop_token_ids)
-
-    def _require_tokenizer(self) -> None:
-        if self.tokenizer is None:
-            raise ValueError(f"guided decoding needs a tokenizer; {self.model_dir} has none "
-                             f"({' or '.join(TOKENIZER_FILES)})")
-
-    def guided_matcher(self, guided: tuple[str, object] | None) -> GuidedMatcher | None:
-        """A fresh matcher for a request's guided-decoding constraint (None: unconstrained); ValueError naming
-        the problem for an invalid one, or a model without a tokenizer. The tokenizer's llguidance view is
-        built on the first guided request (~1.5 s) and cached; compiled constraints are cached too."""
-        if guided is None:
-            return None
-        return compile_constraint(guided[0], guided[1], self.guided_view()).matcher()
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import runtime.engine as engine_module
+import runtime.engine_guided as engine_module
 import runtime.guided_tokenizer as guided_tokenizer
 from models.config import load_config
 from models.tokenizer import Tokenizer, stop_token_ids
