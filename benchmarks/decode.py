@@ -35,7 +35,14 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import OUT_DIR, PeakMemory, copy_bandwidth, machine_info, rss_bytes
-from benchmarks.decode_runners import decode_weight_bytes, run_hf, run_llamacpp_batch, run_ours, summarize_runs
+from benchmarks.decode_runners import (
+    decode_weight_bytes,
+    hf_decode_weight_bytes,
+    run_hf,
+    run_llamacpp_batch,
+    run_ours,
+    summarize_runs,
+)
 from benchmarks.random_model import checkpoint_dir, make_random_checkpoint, parse_overrides, random_config
 from benchmarks.report import decode_markdown, decode_plot, publish
 
@@ -135,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 transformers.logging.disable_progress_bar()
                 model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype))
                 model = model.to(device).eval()
+                weight_bytes[key] = hf_decode_weight_bytes(model)  # (ours may have run quantized formats only)
                 generate = lambda ps: run_hf(model, ps, args.max_new_tokens, args.ignore_eos, stop, device)  # noqa: B023
             label = impl if quantize == "none" else f"{impl} {quantize}"
             outputs[label] = {}

@@ -107,6 +107,16 @@ def decode_weight_bytes(model) -> int:
     return total
 
 
+def hf_decode_weight_bytes(model) -> int:
+    """decode_weight_bytes for a transformers model: every parameter (a tied head's once), less the embedding
+    table when the head is a weight of its own."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    if head is not None and head.weight is not embedding:
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
 def run_llamacpp_batch(llm, prompts: list[list[int]], max_new_tokens: int) -> Run:
     """benchmarks/llamacpp.py's run as a Run."""
     from benchmarks.llamacpp import run_llamacpp

@@ -103,3 +103,17 @@ def test_random_checkpoint_shards_load_in_both(tmp_path, monkeypatch):
     assert torch.equal(ours.lm_head.weight, hf.lm_head.weight)
     assert ours.embed.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert random_model.make_random_checkpoint(config, folder) == folder  # complete: reused as is
+
+
+@pytest.mark.slow
+def test_quantized_formats_alone_against_transformers(tmp_path):
+    """`--quantize int8` without `none`: the transformers rows still get their weight bytes (they are not ours)."""
+    rc = cli.main(["decode", *TINY, "--dtype", "float32", "--quantize", "int8", "--batch-sizes", "1",
+                   "--max-new-tokens", "3", "--prompt-len", "4", "--warmup", "0", "--repeats", "1",
+                   "--out-dir", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "decode.json").read_text())
+    assert {r["impl"] for r in report["rows"]} == {"ours", "transformers"}
+    # the untied float model's decode bytes, as the float32 row of the end-to-end test counts them
+    assert report["weight_bytes"]["float32"] == 4 * (64 * (64 + 2 * 32 + 64) + 3 * 64 * 128 + 3 * 64 + 512 * 64)
+    assert 0 < report["weight_bytes"]["float32 int8"] < report["weight_bytes"]["float32"]
