@@ -106,7 +106,8 @@ def test_the_engine_sizes_the_rotary_table_once(tiny_dirs):
     assert table is rope.cos_sin_cache  # no growth, no copy, per step
 
 
-@pytest.mark.parametrize("mode", fast_subset(["int8", "int4"], ["int8"]))
+@pytest.mark.slow  # four engines; `make test-fast` checks the fused head against the eager path above
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_fused_head_gives_compute_logits_numbers(tiny_dirs, mode, monkeypatch):
     """The head's product in the step (a quantized head) against the step without it and `compute_logits` after:
     tokens and log-probs bit for bit, and greedy requests without log-probs (the step's argmax) the same tokens."""

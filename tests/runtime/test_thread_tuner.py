@@ -57,6 +57,7 @@ def test_make_thread_tuner():
             make_thread_tuner(bad, cpu)
 
 
+@pytest.mark.slow  # an engine decoding with both thread counts
 def test_an_engine_tuning_its_threads_gives_the_same_tokens(tiny_dir, cache_gib):
     folder = tiny_dir("llama-mha")
     prompts = [[5, 6, 7, 8] * 3, [20, 21, 22, 23, 24]]
