@@ -63,6 +63,7 @@ class FusedDecode:
         self.model, self.norms, self.proj, self.head = model, norms, proj, head
         self.rope = model.rope  # (a module attribute lookup goes through nn.Module.__getattr__: slow when cold)
         self.has_head = head is not None  # the head's product runs in the step too (`step_buffers`)
+        self.head_rows = head[0].shape[0] if head is not None else 0  # the logits' width (compute_logits')
         self.decoder, self.bound_caches = None, None  # bound to the runner's KV caches at the first step
         self.bound_buffers, self.bound_version, self.bound_cos_sin = None, 0, None  # and to its DecodeBuffers
         self.decoder_step = None  # the decoder's step method, looked up once (~3 us a lookup, more when cold)

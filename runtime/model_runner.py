@@ -162,7 +162,7 @@ class ModelRunner:
             if fused is not None:
                 buffers = self.decode_buffers
                 if buffers is None:
-                    buffers = self.decode_buffers = DecodeBuffers(self.model.config.vocab_size)
+                    buffers = self.decode_buffers = DecodeBuffers(fused.head_rows)
                 buffers.fill(chunks, self.block_size)
                 fused.step_buffers(buffers, self.kv_caches, argmax=True)
                 return buffers.step_logits(), [([], [])] * len(chunks), buffers.step_argmax()
