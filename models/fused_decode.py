@@ -118,7 +118,7 @@ class FusedDecode:
         # The engine sized the table for its max model length (RotaryEmbedding.reserve); the step checks every
         # position against it and says so if one is outside.
         return self.decoder_step(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                                 self.model.rope.cos_sin_cache)
+                                 self.rope.cos_sin_cache)
 
     def step_buffers(self, buffers: StepBuffers, kv_caches: list[KVCache], argmax: bool) -> None:
         """The step over `buffers`' filled rows and the head's product (`has_head` only), into `buffers`: the

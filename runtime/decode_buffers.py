@@ -43,11 +43,12 @@ class DecodeBuffers:
         self.version += 1
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """input_ids, positions, slot_mapping, block_tables, seq_lens, then logits and tokens (LlamaDecoder's
-        bind_buffers order, the rotary table between the two groups)."""
+        """The inputs: input_ids, positions, slot_mapping, block_tables, seq_lens (LlamaDecoder.bind_buffers takes
+        them, then the rotary table, then `outputs()`)."""
         return self.input_ids, self.positions, self.slot_mapping, self.block_tables, self.seq_lens
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs: logits `[rows, vocab]` and the argmax of each row."""
         return self.logits, self.tokens
 
     def fill(self, chunks: list[Chunk], block_size: int) -> int:
