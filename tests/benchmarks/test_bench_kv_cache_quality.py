@@ -9,7 +9,7 @@ from argparse import Namespace
 
 import pytest
 
-from benchmarks import kv_cache_quality
+from llmengine_runtime.benchmarks import kv_cache_quality
 
 
 @pytest.mark.slow  # four engines over the default model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from benchmarks.llamacpp import run_llamacpp
+from llmengine_runtime.benchmarks.llamacpp import run_llamacpp
 
 
 class FakeLlama:

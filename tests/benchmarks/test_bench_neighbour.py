@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import neighbour
+from llmengine_runtime.benchmarks import neighbour
 from tests.models.tiny import save_tiny
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import cli, products
+from llmengine_runtime.benchmarks import cli, products
 
 
 @pytest.mark.slow

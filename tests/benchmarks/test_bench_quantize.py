@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import decode, decode_runners, quality
-from models.attention import AttentionMetadata
-from models.loader import load_model
+from llmengine_runtime.benchmarks import decode, decode_runners, quality
+from llmengine_runtime.models.attention import AttentionMetadata
+from llmengine_runtime.models.loader import load_model
 from tests.benchmarks.test_bench_decode import TINY
 from tests.benchmarks.test_bench_llamacpp import FakeLlama
 from tests.models.tiny import save_tiny

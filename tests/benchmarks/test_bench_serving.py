@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fake_sse_server import PROMPT_TOKENS, FakeServer
 
-from benchmarks import serving
-from benchmarks.serving import RequestResult, compute_metrics, make_requests
+from llmengine_runtime.benchmarks import serving
+from llmengine_runtime.benchmarks.serving import RequestResult, compute_metrics, make_requests
 
 
 def test_compute_metrics_on_synthetic_timestamps():

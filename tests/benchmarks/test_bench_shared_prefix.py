@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import shared_prefix
+from llmengine_runtime.benchmarks import shared_prefix
 from tests.models.tiny import save_tiny
 
 

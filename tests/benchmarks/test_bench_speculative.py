@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from benchmarks import cli
-from benchmarks.speculative import compare
+from llmengine_runtime.benchmarks import cli
+from llmengine_runtime.benchmarks.speculative import compare
 from tests.benchmarks.test_bench_decode import TINY
 
 

@@ -6,7 +6,7 @@ from argparse import Namespace
 
 import pytest
 
-from benchmarks import step_time
+from llmengine_runtime.benchmarks import step_time
 from tests.models.tiny import save_tiny
 
 

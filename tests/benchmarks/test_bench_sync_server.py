@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks import serving, sync_server
-from benchmarks.common import spread
+from llmengine_runtime.benchmarks import serving, sync_server
+from llmengine_runtime.benchmarks.common import spread
 from tests.benchmarks import fake_sse_server
 
 

@@ -55,7 +55,7 @@ def device() -> str:
         return "cuda"
     from triton.runtime.interpreter import InterpretedFunction
 
-    from kernels.store_kv import store_kv_kernel
+    from llmengine_runtime.kernels.store_kv import store_kv_kernel
 
     if not isinstance(store_kv_kernel, InterpretedFunction):
         pytest.fail("triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1: "

@@ -28,10 +28,10 @@ def cases() -> dict:
     dtype come from the wrappers' own config functions."""
     import torch
 
-    from kernels.decode_attention import decode_launch_config
-    from kernels.norms import norm_launch_config
-    from kernels.prefill_attention import prefill_launch_config
-    from kernels.quant_matmul import quant_launch_config
+    from llmengine_runtime.kernels.decode_attention import decode_launch_config
+    from llmengine_runtime.kernels.norms import norm_launch_config
+    from llmengine_runtime.kernels.prefill_attention import prefill_launch_config
+    from llmengine_runtime.kernels.quant_matmul import quant_launch_config
 
     def split(config):
         options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
@@ -118,7 +118,7 @@ def compile_case(case) -> dict:
     from triton.backends.compiler import GPUTarget
 
     module, kernel, dtype, constexprs, options, arch = case
-    fn = getattr(importlib.import_module(f"kernels.{module}"), kernel)
+    fn = getattr(importlib.import_module(f"llmengine_runtime.kernels.{module}"), kernel)
     sig, attrs = signature(fn, dtype, constexprs)
     start = time.perf_counter()
     src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)

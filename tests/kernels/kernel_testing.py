@@ -4,7 +4,7 @@ import os
 
 import torch
 
-import models.layers
+from llmengine_runtime.models import layers
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -29,7 +29,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> No
 
 
 def alibi_slopes(num_heads: int, device) -> torch.Tensor:
-    return models.layers.alibi_slopes(num_heads).to(device)
+    return layers.alibi_slopes(num_heads).to(device)
 
 
 def randn(*shape, dtype, device, gen) -> torch.Tensor:

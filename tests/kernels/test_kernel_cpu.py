@@ -1,19 +1,23 @@
 """Our C++ CPU kernels (kernels/cpu/) against float64 references on fresh random inputs: ragged row counts and
 K's, block and chunk boundaries, GQA/MQA/ALiBi attention over shuffled paged caches, and their input checks."""
 
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from kernel_testing import alibi_slopes
 
-from kernels import cpu as cpu_kernels
-from kernels.activation import silu_and_mul_ref
-from kernels.cpu.reference import int8_blocks
-from kernels.decode_attention import decode_attention, decode_attention_ref
-from kernels.norms import rms_norm_ref
-from kernels.quant_matmul import pack_int4
-from kernels.rotary import rotary_ref
-from kernels.store_kv import store_kv_ref
-from kernels.testing import make_paged_cache
+from llmengine_runtime.kernels import cpu as cpu_kernels
+from llmengine_runtime.kernels.activation import silu_and_mul_ref
+from llmengine_runtime.kernels.cpu.reference import int8_blocks
+from llmengine_runtime.kernels.decode_attention import decode_attention, decode_attention_ref
+from llmengine_runtime.kernels.norms import rms_norm_ref
+from llmengine_runtime.kernels.quant_matmul import pack_int4
+from llmengine_runtime.kernels.rotary import rotary_ref
+from llmengine_runtime.kernels.store_kv import store_kv_ref
+from llmengine_runtime.kernels.testing import make_paged_cache
 
 ops = torch.ops.llmengine_cpu
 
@@ -22,6 +26,26 @@ ops = torch.ops.llmengine_cpu
 def built():
     # Not a skip: on a machine with a C++ compiler (CI's) the kernels must build.
     assert cpu_kernels.available(), "the C++ CPU kernels did not build (see the warning logged by kernels.cpu)"
+
+
+# Registers that a build for each lower target must not use (make test-isa reruns these tests against such builds on
+# a machine that has more): AVX-512's zmm and opmask registers above AVX2; any 256-bit register below it.
+FORBIDDEN_REGISTERS = {"x86-64-v3": r"%zmm|%k[1-7]\b", "x86-64-v2": r"%ymm|%zmm|%k[1-7]\b"}
+
+
+def test_the_build_holds_its_targets_instructions():
+    """The library under test was built for LLMENGINE_CPU_MARCH: a lower target's build uses none of the registers
+    above it, and a native build on an AVX2 machine has the AVX2 paths compiled in."""
+    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(cpu_kernels.library_path())],
+                                 capture_output=True, text=True, check=True).stdout
+    march = cpu_kernels.march()
+    if march in FORBIDDEN_REGISTERS:
+        used = sorted(set(re.findall(FORBIDDEN_REGISTERS[march], disassembly)))
+        assert not used, f"a -march={march} build uses {used}"
+    else:
+        assert march == "native"
+        has_avx2 = " avx2 " in Path("/proc/cpuinfo").read_text()
+        assert ("%ymm" in disassembly) == has_avx2
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +200,7 @@ def test_decode_attention_checks_the_block_table():
 
 def test_entry_points_take_the_cpu_kernels(monkeypatch):
     """fp32 CPU tensors go to the C++ kernels; LLMENGINE_CPU_KERNELS=0 sends them to the torch references."""
-    from kernels import rms_norm
+    from llmengine_runtime.kernels import rms_norm
 
     x, w = torch.randn(3, 64), torch.randn(64)
     calls = []

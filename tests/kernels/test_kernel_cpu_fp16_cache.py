@@ -5,10 +5,10 @@ rows is test_kernel_cpu.py's test_decode_attention, with both cache types.)"""
 import pytest
 import torch
 
-from kernels import cpu as cpu_kernels
-from kernels.decode_attention import decode_attention, decode_attention_ref
-from kernels.store_kv import store_kv, store_kv_ref
-from kernels.testing import make_paged_cache
+from llmengine_runtime.kernels import cpu as cpu_kernels
+from llmengine_runtime.kernels.decode_attention import decode_attention, decode_attention_ref
+from llmengine_runtime.kernels.store_kv import store_kv, store_kv_ref
+from llmengine_runtime.kernels.testing import make_paged_cache
 
 ops = torch.ops.llmengine_cpu
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from kernel_testing import ATTN_TOL, DTYPES, alibi_slopes, assert_close, randn
 
-from kernels.decode_attention import decode_attention_ref, decode_attention_triton
-from kernels.testing import make_paged_cache
+from llmengine_runtime.kernels.decode_attention import decode_attention_ref, decode_attention_triton
+from llmengine_runtime.kernels.testing import make_paged_cache
 from tests.fast import fast_subset
 
 CASES = {
@@ -55,7 +55,7 @@ def test_decode_attention_into_out(device):
 
 
 def test_decode_attention_default_tiles_through_entry_point(device, force_triton):
-    from kernels import decode_attention
+    from llmengine_runtime.kernels import decode_attention
 
     args = make_inputs(torch.bfloat16, 8, 2, 64, 16, [1, 65, 130], True, device)
     assert_close(decode_attention(*args), reference(*args), ATTN_TOL[torch.bfloat16])

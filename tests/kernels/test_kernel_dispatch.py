@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-import kernels
+from llmengine_runtime import kernels
 
 ENTRY_POINTS = {  # entry point -> (module, its Triton function, CPU arguments)
     "store_kv": ("store_kv", "store_kv_triton",
@@ -32,7 +32,7 @@ ENTRY_POINTS = {  # entry point -> (module, its Triton function, CPU arguments)
 @pytest.mark.parametrize("forced", [False, True])
 def test_dispatch(monkeypatch, name, forced):
     module_name, triton_fn, make_args = ENTRY_POINTS[name]
-    module = importlib.import_module(f"kernels.{module_name}")
+    module = importlib.import_module(f"llmengine_runtime.kernels.{module_name}")
     calls = []
     monkeypatch.setattr(module, triton_fn, lambda *args, **kwargs: calls.append(args) or "triton")
     if forced:

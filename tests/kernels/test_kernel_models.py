@@ -8,9 +8,9 @@ import importlib
 import pytest
 import torch
 
-from models.attention import AttentionMetadata
-from models.causal_lm import CausalLM
-from models.config import parse_config
+from llmengine_runtime.models.attention import AttentionMetadata
+from llmengine_runtime.models.causal_lm import CausalLM
+from llmengine_runtime.models.config import parse_config
 from tests.reference_generate import generate
 
 CONFIGS = {
@@ -23,7 +23,7 @@ CONFIGS = {
                             bias=True, alibi=True),
 }
 # (module, function): kernels/__init__ re-exports the entry points under the modules' own names
-TRITON_FUNCTIONS = [(importlib.import_module(f"kernels.{module}"), fn) for module, fn in [
+TRITON_FUNCTIONS = [(importlib.import_module(f"llmengine_runtime.kernels.{module}"), fn) for module, fn in [
     ("store_kv", "store_kv_triton"), ("prefill_attention", "prefill_attention_triton"),
     ("decode_attention", "decode_attention_triton"), ("rotary", "rotary_triton"),
     ("norms", "rms_norm_triton"), ("norms", "layer_norm_triton")]]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_testing import DTYPES, randn, rounding_tol
 
-from kernels.norms import layer_norm_ref, layer_norm_triton, rms_norm_ref, rms_norm_triton
+from llmengine_runtime.kernels.norms import layer_norm_ref, layer_norm_triton, rms_norm_ref, rms_norm_triton
 
 # Relative bounds: the output is rounded once to the dtype (rms_norm twice: before and after the weight).
 NORM_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from kernel_testing import ATTN_TOL, DTYPES, alibi_slopes, assert_close, randn
 
-from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
-from kernels.testing import make_paged_cache
+from llmengine_runtime.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+from llmengine_runtime.kernels.testing import make_paged_cache
 from tests.fast import fast_subset
 
 CASES = {
@@ -65,7 +65,7 @@ def test_prefill_attention_into_out_with_max_seqlen_hint(device):
 
 
 def test_prefill_attention_default_tiles_through_entry_point(device, force_triton):
-    from kernels import prefill_attention
+    from llmengine_runtime.kernels import prefill_attention
 
     args = make_inputs(torch.bfloat16, *CASES["gqa-alibi-prefix-fp16"][1:], device=device)
     assert_close(prefill_attention(*args), reference(*args), ATTN_TOL[torch.bfloat16])

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_testing import DTYPES, INTERPRETED, randn
 
-from kernels import quant_matmul
-from kernels.quant_matmul import (
+from llmengine_runtime.kernels import quant_matmul
+from llmengine_runtime.kernels.quant_matmul import (
     pack_int4,
     unpack_int4,
     w4a16_matmul,

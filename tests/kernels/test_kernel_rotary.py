@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_testing import DTYPES, randn
 
-from kernels.rotary import rotary_ref, rotary_triton
+from llmengine_runtime.kernels.rotary import rotary_ref, rotary_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

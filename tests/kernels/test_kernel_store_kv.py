@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_testing import DTYPES, randn, rounding_tol
 
-from kernels.store_kv import store_kv_ref, store_kv_triton
+from llmengine_runtime.kernels.store_kv import store_kv_ref, store_kv_triton
 
 
 @pytest.mark.parametrize(

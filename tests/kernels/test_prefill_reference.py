@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.prefill_attention import prefill_attention_ref
+from llmengine_runtime.kernels.prefill_attention import prefill_attention_ref
 
 
 @pytest.mark.parametrize("alibi", [False, True])
@@ -36,7 +36,7 @@ def test_cpu_reference_prompts_take_the_flash_kernel(ctx_len, alibi):
     The reference must feed 4-D ones (benchmarks/RESULTS.md, long prompts)."""
     from torch.profiler import profile
 
-    from kernels.prefill_attention import attention_ref
+    from llmengine_runtime.kernels.prefill_attention import attention_ref
 
     q, k, v = torch.randn(40, 6, 16), torch.randn(40 + ctx_len, 2, 16), torch.randn(40 + ctx_len, 2, 16)
     slopes = torch.rand(6) if alibi else None
@@ -52,8 +52,8 @@ def test_cpu_reference_decode_attends_bf16_in_fp32():
     equal the float64 result to bf16 rounding."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from kernels.decode_attention import decode_attention_ref
-    from kernels.prefill_attention import single_token_attention_ref
+    from llmengine_runtime.kernels.decode_attention import decode_attention_ref
+    from llmengine_runtime.kernels.prefill_attention import single_token_attention_ref
 
     class SdpaDtypes(TorchDispatchMode):
         def __init__(self):
@@ -85,7 +85,7 @@ def test_cpu_reference_decode_attends_bf16_in_fp32():
 def test_cpu_chunk_after_a_prefix_equals_the_masked_float64_attention(dtype, tol, heads, kv_heads, q_len, ctx_len):
     """A chunk after a cached prefix is two unmasked flash calls (the prefix; the chunk, causally) merged by their
     log-sum-exps: the same as one attention with the causal mask, computed in float64."""
-    from kernels.prefill_attention import attention_ref
+    from llmengine_runtime.kernels.prefill_attention import attention_ref
 
     gen = torch.Generator().manual_seed(q_len + ctx_len)
     q = torch.randn(q_len, heads, 32, generator=gen)

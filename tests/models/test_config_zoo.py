@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.config import parse_config
-from models.zoo import ZOO, list_models, resolve_model
+from llmengine_runtime.models.config import parse_config
+from llmengine_runtime.models.zoo import ZOO, list_models, resolve_model
 from tests.models.tiny import make_hf_model
 
 

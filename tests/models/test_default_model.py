@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from models.loader import load_model
-from models.tokenizer import Tokenizer
+from llmengine_runtime.models.loader import load_model
+from llmengine_runtime.models.tokenizer import Tokenizer
 from tests.reference_generate import generate
 
 PROMPTS = [
@@ -51,7 +51,7 @@ def test_cli_generate_prints_transformers_text(default_model_dir, hf_model_and_t
     expected = hf_tokenizer.decode(expected_ids, skip_special_tokens=True)
     # --dtype float32: the dequantized fp32 model, transformers' weights (the default, the GGUF's int4 with int8-rounded
     # activations, agrees with fp32 for a while and may then part at a near tie: benchmarks.quality measures how far)
-    out = subprocess.run([sys.executable, "-m", "llmengine_cli", "generate", "--model", "smollm2-135m-instruct",
+    out = subprocess.run([sys.executable, "-m", "llmengine_runtime.cli", "generate", "--model", "smollm2-135m-instruct",
                           "--prompt", prompt, "--max-new-tokens", "32", "--temperature", "0", "--dtype", "float32"],
                          capture_output=True, text=True, check=True)
     assert out.stdout == expected + "\n"

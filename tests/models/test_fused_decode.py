@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.fused_decode import FusedDecode
-from runtime import LLM, SamplingParams
+from llmengine_runtime.models.fused_decode import FusedDecode
+from llmengine_runtime.runtime import LLM, SamplingParams
 from tests.fast import fast_subset
 from tests.models.tiny import save_tiny
 

@@ -12,8 +12,8 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 from safetensors.numpy import load_file
 
-from models import gguf as gguf_import
-from models.gguf import convert_gguf, default_gguf_path
+from llmengine_runtime.models import gguf as gguf_import
+from llmengine_runtime.models.gguf import convert_gguf, default_gguf_path
 
 Q = GGMLQuantizationType
 HIDDEN, N_HEAD, N_KV_HEAD, FFN, N_LAYER = 64, 4, 2, 128, 2
@@ -223,7 +223,7 @@ def test_tiny_gguf_equals_transformers_and_reference(tmp_path, qtype):
 def test_tiny_gguf_tokenizer_equals_transformers(tmp_path, vocab):
     from transformers import AutoTokenizer
 
-    from models.tokenizer import Tokenizer
+    from llmengine_runtime.models.tokenizer import Tokenizer
 
     write_tiny_gguf(tmp_path / "tiny.gguf", vocab=vocab)
     ours = Tokenizer.from_folder(convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", progress=False))

@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from kernels.cpu.reference import fake_quantize_activations
-from models.attention import AttentionMetadata
-from models.gguf import SOURCE_RECORD, convert_gguf, gguf_source
-from models.gguf_model import quantized_projections
-from models.layers import Linear
-from models.loader import load_model
-from models.quantized_linear import QuantizedLinear
-from models.tokenizer import Tokenizer
-from models.zoo import resolve_model
+from llmengine_runtime.kernels.cpu.reference import fake_quantize_activations
+from llmengine_runtime.models.attention import AttentionMetadata
+from llmengine_runtime.models.gguf import SOURCE_RECORD, convert_gguf, gguf_source
+from llmengine_runtime.models.gguf_model import quantized_projections
+from llmengine_runtime.models.layers import Linear
+from llmengine_runtime.models.loader import load_model
+from llmengine_runtime.models.quantized_linear import QuantizedLinear
+from llmengine_runtime.models.tokenizer import Tokenizer
+from llmengine_runtime.models.zoo import resolve_model
 from tests.fast import fast_subset
 from tests.models.test_gguf import write_tiny_gguf
 
@@ -182,8 +182,8 @@ def test_moved_gguf_is_a_clear_error(tmp_path, models_dir):
 
 def test_mixed_kinds_in_one_fused_projection_stay_float():
     """q Q4_1 with k Q8_0 cannot share one integer layer: that qkv is dequantized; gate/up (both Q4_0) is kept."""
-    from models.causal_lm import CausalLM
-    from models.config import parse_config
+    from llmengine_runtime.models.causal_lm import CausalLM
+    from llmengine_runtime.models.config import parse_config
     from tests.models.tiny import LLAMA_BASE
 
     with torch.device("meta"):

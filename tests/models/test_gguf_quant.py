@@ -11,8 +11,13 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from models.gguf import to_hf_tensor
-from models.gguf_quant import concat_rows, gguf_int_weights, quantized_linear, quantized_linear_from_gguf
+from llmengine_runtime.models.gguf import to_hf_tensor
+from llmengine_runtime.models.gguf_quant import (
+    concat_rows,
+    gguf_int_weights,
+    quantized_linear,
+    quantized_linear_from_gguf,
+)
 
 TYPES = [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0]
 CONFIG = {"num_attention_heads": 4, "num_key_value_heads": 2}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.config import ConfigError, load_config
-from models.loader import WeightsError, load_model
-from models.zoo import ModelNotFoundError, resolve_model
+from llmengine_runtime.models.config import ConfigError, load_config
+from llmengine_runtime.models.loader import WeightsError, load_model
+from llmengine_runtime.models.zoo import ModelNotFoundError, resolve_model
 from tests.models.tiny import make_hf_model
 
 
@@ -115,8 +115,8 @@ def test_zoo_name_without_weights(tmp_path, monkeypatch):
 def test_packed_cpu_weights_give_the_same_logits(tiny_dir, dtype, tolerance):
     import gc
 
-    from models.attention import AttentionMetadata
-    from models.packed_linear import PACKED, can_pack
+    from llmengine_runtime.models.attention import AttentionMetadata
+    from llmengine_runtime.models.packed_linear import PACKED, can_pack
 
     if not can_pack(dtype):  # oneDNN's bf16 path needs AVX-512 (or AVX-NE-CONVERT); dense weights are used then
         pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")

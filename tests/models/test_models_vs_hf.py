@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attention import AttentionMetadata
-from models.loader import load_model
+from llmengine_runtime.models.attention import AttentionMetadata
+from llmengine_runtime.models.loader import load_model
 from tests.models.tiny import VARIANTS, make_hf_model
 from tests.reference_generate import generate
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention import AttentionMetadata
-from models.layers import Linear
-from models.loader import load_model
-from models.quantized_linear import QuantizedLinear, default_group_size, quantize_model
+from llmengine_runtime.models.attention import AttentionMetadata
+from llmengine_runtime.models.layers import Linear
+from llmengine_runtime.models.loader import load_model
+from llmengine_runtime.models.quantized_linear import QuantizedLinear, default_group_size, quantize_model
 from tests.fast import fast_subset
 from tests.models import tiny
 from tests.models.tiny import save_tiny
@@ -19,7 +19,7 @@ from tests.models.tiny import save_tiny
 try:
     from tests.reference_generate import generate
 except ImportError:  # before the layout refactor
-    from models.generate import generate
+    from llmengine_runtime.models.generate import generate
 
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
 FP16_U = 2.0 ** -11

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from models.gguf import default_gguf_path
-from models.tokenizer import Tokenizer
+from llmengine_runtime.models.gguf import default_gguf_path
+from llmengine_runtime.models.tokenizer import Tokenizer
 
 TEXTS = [
     "Suggest a name for an icecream shop",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from models.zoo import ModelNotFoundError, resolve_model
+from llmengine_runtime.models.zoo import ModelNotFoundError, resolve_model
 
 
 class _Tripwire:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import load_config
-from runtime import LLM
-from runtime.block_manager import kv_block_bytes
+from llmengine_runtime.models.config import load_config
+from llmengine_runtime.runtime import LLM
+from llmengine_runtime.runtime.block_manager import kv_block_bytes
 from tests.models.tiny import save_tiny
 
 

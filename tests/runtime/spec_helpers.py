@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import SamplingParams
-from runtime.engine import Engine
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.engine import Engine
 
 BS = 4
 # Prompts that repeat a pattern, so that n-gram proposals happen even on random tiny models.

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import cpu as cpu_kernels
-from models.fused_decode import FusedDecode
-from runtime import LLM, SamplingParams
-from runtime.decode_buffers import DecodeBuffers
-from runtime.model_runner import Chunk, ModelRunner
+from llmengine_runtime.kernels import cpu as cpu_kernels
+from llmengine_runtime.models.fused_decode import FusedDecode
+from llmengine_runtime.runtime import LLM, SamplingParams
+from llmengine_runtime.runtime.decode_buffers import DecodeBuffers
+from llmengine_runtime.runtime.model_runner import Chunk, ModelRunner
 from tests.models.tiny import save_tiny
 
 

@@ -12,15 +12,15 @@ import jsonschema
 import pytest
 import torch
 
-from models.config import load_config
-from models.tokenizer import Tokenizer, stop_token_ids
-from runtime.guided import (
+from llmengine_runtime.models.config import load_config
+from llmengine_runtime.models.tokenizer import Tokenizer, stop_token_ids
+from llmengine_runtime.runtime.guided import (
     GuidedDecodingError,
     apply_token_masks,
     compile_constraint,
     guided_spec,
 )
-from runtime.guided_tokenizer import tokenizer_info
+from llmengine_runtime.runtime.guided_tokenizer import tokenizer_info
 
 EXTRA_COLUMNS = 40  # the logits are wider than the tokenizer (and not a multiple of 32): never allowed
 

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-import runtime.engine_guided as engine_module
-import runtime.guided_tokenizer as guided_tokenizer
-from models.config import load_config
-from models.tokenizer import Tokenizer, stop_token_ids
-from runtime import AsyncEngine, SamplingParams
+import llmengine_runtime.runtime.engine_guided as engine_module
+import llmengine_runtime.runtime.guided_tokenizer as guided_tokenizer
+from llmengine_runtime.models.config import load_config
+from llmengine_runtime.models.tokenizer import Tokenizer, stop_token_ids
+from llmengine_runtime.runtime import AsyncEngine, SamplingParams
 from tests.models.tiny import write_tiny_llama as write_tiny
 
 BUILD_S = 2.0  # the stub makes the build at least this slow

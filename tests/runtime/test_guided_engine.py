@@ -10,8 +10,8 @@ import re
 import jsonschema
 import pytest
 
-from runtime import SamplingParams
-from runtime.engine import Engine
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.engine import Engine
 from tests.runtime.spec_helpers import run, spec_stats
 
 pytestmark = pytest.mark.slow

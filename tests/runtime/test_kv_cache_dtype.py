@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import LLM, SamplingParams
-from runtime.engine_setup import resolve_kv_cache_dtype
+from llmengine_runtime.runtime import LLM, SamplingParams
+from llmengine_runtime.runtime.engine_setup import resolve_kv_cache_dtype
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 PROMPTS = [[5, 17, 99, 3, 64, 8, 21, 40, 2, 11, 90, 13, 1, 8, 7, 66, 31, 20, 4, 9], [7, 100, 2, 45]]

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from models.attention import AttentionMetadata
-from runtime import SamplingParams
-from runtime.engine import Engine
-from runtime.log_probs import top_log_probs
-from runtime.sampler import Sampler, final_logits
+from llmengine_runtime.models.attention import AttentionMetadata
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.engine import Engine
+from llmengine_runtime.runtime.log_probs import top_log_probs
+from llmengine_runtime.runtime.sampler import Sampler, final_logits
 from tests.runtime.test_runtime_sampler import seq as make_seq
 
 BS = 4

@@ -11,12 +11,12 @@ import random
 
 import pytest
 
-import runtime.block_manager as block_manager
-from runtime.block_manager import BlockManager, block_hash
-from runtime.detokenizer import TextStream
-from runtime.params import SamplingParams
-from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence, Status
+import llmengine_runtime.runtime.block_manager as block_manager
+from llmengine_runtime.runtime.block_manager import BlockManager, block_hash
+from llmengine_runtime.runtime.detokenizer import TextStream
+from llmengine_runtime.runtime.params import SamplingParams
+from llmengine_runtime.runtime.scheduler import Scheduler
+from llmengine_runtime.runtime.sequence import Sequence, Status
 
 BS = 4
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from runtime import SamplingParams
-from runtime.engine import Engine
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.engine import Engine
 
 BS = 4
 PREFIX_BLOCKS = 5

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from runtime import SamplingParams
-from runtime.async_engine import AsyncEngine
-from runtime.engine import Engine
-from runtime.sequence import Status
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.async_engine import AsyncEngine
+from llmengine_runtime.runtime.engine import Engine
+from llmengine_runtime.runtime.sequence import Status
 
 BS = 4
 PROMPT = [(7 * i + 5) % 120 + 3 for i in range(5 * BS + 2)]  # 5 full blocks, then 2 tokens
@@ -30,7 +30,7 @@ def make_engine(folder, cache_gib, enable: bool, **kwargs) -> Engine:
 
 def choices(params: SamplingParams) -> list[SamplingParams]:
     """n choices as server/choices.py makes them: seeds seed + i."""
-    from server.choices import choice_params
+    from llmengine_runtime.server.choices import choice_params
 
     return choice_params(params, N)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from runtime import AsyncEngine, RequestOutput, SamplingParams
+from llmengine_runtime.runtime import AsyncEngine, RequestOutput, SamplingParams
 from tests.reference_generate import generate
 
 

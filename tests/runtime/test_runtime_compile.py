@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from runtime import LLM, SamplingParams
-from runtime.compile_warmup import persistent_compile_cache
+from llmengine_runtime.runtime import LLM, SamplingParams
+from llmengine_runtime.runtime.compile_warmup import persistent_compile_cache
 
 
 @pytest.mark.slow  # torch.compile

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.tokenizer import Tokenizer
-from runtime.detokenizer import IncrementalDetokenizer, TextStream
+from llmengine_runtime.models.tokenizer import Tokenizer
+from llmengine_runtime.runtime.detokenizer import IncrementalDetokenizer, TextStream
 
 TEXT = "It’s 🍦 naïve — 日本語! Done."
 

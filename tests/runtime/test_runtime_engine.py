@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from runtime import LLM, SamplingParams
+from llmengine_runtime.runtime import LLM, SamplingParams
 from tests.fast import fast_subset
 from tests.reference_generate import generate
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.quantized_linear import QuantizedLinear
-from runtime import LLM, SamplingParams
+from llmengine_runtime.models.quantized_linear import QuantizedLinear
+from llmengine_runtime.runtime import LLM, SamplingParams
 from tests.fast import fast_subset
 from tests.models.test_quantized_linear import assert_greedy_match
 from tests.models.tiny import VARIANTS
@@ -55,7 +55,7 @@ def test_auto_with_an_explicit_dtype_is_float(tiny_dir, tmp_path, monkeypatch):
     """quantize="auto" keeps a GGUF's integers only when the dtype is left to the engine too."""
     from gguf import GGMLQuantizationType
 
-    from models.zoo import resolve_model
+    from llmengine_runtime.models.zoo import resolve_model
     from tests.models.test_gguf import write_tiny_gguf
 
     monkeypatch.setenv("LLMENGINE_MODELS_DIR", str(tmp_path / "models"))

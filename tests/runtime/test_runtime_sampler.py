@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from runtime.detokenizer import TextStream
-from runtime.params import SamplingParams
-from runtime.sampler import Sampler, apply_penalties, apply_top_k_top_p
-from runtime.sequence import Sequence
+from llmengine_runtime.runtime.detokenizer import TextStream
+from llmengine_runtime.runtime.params import SamplingParams
+from llmengine_runtime.runtime.sampler import Sampler, apply_penalties, apply_top_k_top_p
+from llmengine_runtime.runtime.sequence import Sequence
 
 
 def seq(params: SamplingParams, output: list[int] = ()) -> Sequence:

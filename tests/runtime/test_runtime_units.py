@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.block_manager import BlockManager
-from runtime.detokenizer import TextStream
-from runtime.params import SamplingParams
-from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence, Status
+from llmengine_runtime.runtime.block_manager import BlockManager
+from llmengine_runtime.runtime.detokenizer import TextStream
+from llmengine_runtime.runtime.params import SamplingParams
+from llmengine_runtime.runtime.scheduler import Scheduler
+from llmengine_runtime.runtime.sequence import Sequence, Status
 
 
 @pytest.mark.parametrize("field,value,accepted", [

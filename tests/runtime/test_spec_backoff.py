@@ -3,10 +3,10 @@ MAX_WAIT); any acceptance resets it; and the engine uses it without changing a s
 
 from __future__ import annotations
 
-from runtime import SamplingParams
-from runtime.detokenizer import TextStream
-from runtime.sequence import Sequence
-from runtime.speculative.backoff import MAX_WAIT, may_propose, record_outcome
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.detokenizer import TextStream
+from llmengine_runtime.runtime.sequence import Sequence
+from llmengine_runtime.runtime.speculative.backoff import MAX_WAIT, may_propose, record_outcome
 from tests.runtime.spec_helpers import make_engine, run, spec_stats
 
 

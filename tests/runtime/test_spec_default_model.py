@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime import SamplingParams
-from runtime.engine import Engine
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.engine import Engine
 from tests.runtime.spec_helpers import record_verifications, run, spec_stats
 
 LIST_PROMPT = "1. apple\n2. banana\n3. cherry\n1. apple\n2. banana\n3. cherry\n1. apple\n"

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import runtime.speculative.verify as verify_module
-from models.attention import AttentionMetadata
-from runtime import SamplingParams
-from runtime.sampler import final_logits
+import llmengine_runtime.runtime.speculative.verify as verify_module
+from llmengine_runtime.models.attention import AttentionMetadata
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.sampler import final_logits
 from tests.runtime.spec_helpers import make_engine
 
 pytestmark = pytest.mark.slow  # thousands of seeded draws; test_spec_verify.py checks the rule fast

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runtime import SamplingParams
-from runtime.speculative.draft import DraftState, check_same_vocab
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.speculative.draft import DraftState, check_same_vocab
 from tests.fast import fast_subset
 from tests.models.tiny import LLAMA_BASE, VARIANTS
 from tests.runtime.spec_helpers import PATTERN_PROMPTS, make_engine, record_verifications, run, spec_stats

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from runtime import SamplingParams
+from llmengine_runtime.runtime import SamplingParams
 from tests.fast import fast_subset
 from tests.models.tiny import VARIANTS
 from tests.runtime.spec_helpers import PATTERN_PROMPTS, make_engine, record_verifications, run, spec_stats
@@ -181,7 +181,7 @@ def test_seeded_sampling_with_speculation_is_reproducible(folder, cache_gib):
 def test_the_async_engine_streams_several_tokens_per_delta(folder, cache_gib):
     import asyncio
 
-    from runtime import AsyncEngine
+    from llmengine_runtime.runtime import AsyncEngine
 
     params = SamplingParams(max_new_tokens=20, ignore_eos=True, return_token_log_probs=True)
     [want] = run(make_engine(folder, cache_gib), [PATTERN_PROMPTS[0]], params)

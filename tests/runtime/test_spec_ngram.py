@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from runtime.speculative import NgramProposer, TokenHistory
+from llmengine_runtime.runtime.speculative import NgramProposer, TokenHistory
 
 
 def reference(tokens: list[int], k: int, n_min: int, n_max: int, max_tokens: int | None = None) -> list[int]:

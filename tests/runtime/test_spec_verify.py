@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-import runtime.speculative.verify as verify_module
-from runtime.speculative import (
+import llmengine_runtime.runtime.speculative.verify as verify_module
+from llmengine_runtime.runtime.speculative import (
     accept_draft,
     draw_inverse_cdf,
     output_ids_per_row,

@@ -11,12 +11,12 @@ import os
 import pytest
 import torch
 
-from models.causal_lm import CausalLM
-from models.config import load_config, parse_config
-from models.loader import load_weights
-from models.parallel import TensorParallel
-from runtime import LLM, SamplingParams
-from runtime.model_runner import Chunk
+from llmengine_runtime.models.causal_lm import CausalLM
+from llmengine_runtime.models.config import load_config, parse_config
+from llmengine_runtime.models.loader import load_weights
+from llmengine_runtime.models.parallel import TensorParallel
+from llmengine_runtime.runtime import LLM, SamplingParams
+from llmengine_runtime.runtime.model_runner import Chunk
 from tests.models.tiny import LLAMA_BASE
 
 BLOCK = 4

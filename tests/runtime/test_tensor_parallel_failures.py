@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import LLM, SamplingParams
+from llmengine_runtime.runtime import LLM, SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=4, ignore_eos=True)
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_close_stops_every_worker(tiny_dir):
 
 SCRIPT = """
 import sys, time
-from runtime import LLM
+from llmengine_runtime.runtime import LLM
 llm = LLM(sys.argv[1], device="cpu", kv_cache_gib=0.01, tensor_parallel_size=2)
 print(*llm.engine.workers.pids, flush=True)
 time.sleep(600)
@@ -137,7 +137,7 @@ def test_a_script_without_a_main_guard_fails_at_once(tiny_dir, tmp_path):
     """spawn runs the main module again in each worker; without `if __name__ == "__main__":` the worker would start
     an engine of its own and fail, and the engine says so instead of waiting for it to join."""
     script = tmp_path / "unguarded.py"
-    script.write_text("from runtime import LLM\n"
+    script.write_text("from llmengine_runtime.runtime import LLM\n"
                       f"LLM({str(tiny_dir('llama-mha'))!r}, device='cpu', kv_cache_gib=0.01, tensor_parallel_size=2)\n")
     start = time.monotonic()
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import SamplingParams
-from runtime.thread_tuner import ThreadTuner, make_thread_tuner
+from llmengine_runtime.runtime import SamplingParams
+from llmengine_runtime.runtime.thread_tuner import ThreadTuner, make_thread_tuner
 from tests.runtime.spec_helpers import make_engine, run
 
 
@@ -73,7 +73,7 @@ def test_an_engine_tuning_its_threads_gives_the_same_tokens(tiny_dir, cache_gib)
 def test_the_threads_option():
     import argparse
 
-    from server.serve import add_parallel_args
+    from llmengine_runtime.server.serve import add_parallel_args
 
     parser = argparse.ArgumentParser()
     add_parallel_args(parser)

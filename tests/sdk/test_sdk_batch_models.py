@@ -22,7 +22,7 @@ from llmengine import (
     api_engine,
 )
 
-from server.app import create_app
+from llmengine_runtime.server.app import create_app
 from tests.server.fake_engine import FakeEngine
 from tests.server.live_server import serve
 

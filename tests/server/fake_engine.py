@@ -21,7 +21,7 @@ import threading
 import uuid
 from types import SimpleNamespace
 
-from runtime import RequestOutput, SamplingParams
+from llmengine_runtime.runtime import RequestOutput, SamplingParams
 
 
 class FakeTokenizer:

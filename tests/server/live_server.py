@@ -9,7 +9,7 @@ from typing import Any
 
 import uvicorn
 
-from server.serve import GracefulServer
+from llmengine_runtime.server.serve import GracefulServer
 
 LOG_LEVEL = "warning"
 MODEL = "smollm2-135m-instruct"

@@ -10,8 +10,8 @@ import yaml
 from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.serve import add_serve_args
+from llmengine_runtime.server.app import create_app
+from llmengine_runtime.server.serve import add_serve_args
 
 MANIFEST = Path(__file__).resolve().parents[2] / "docs" / "k8s" / "deployment.yaml"
 

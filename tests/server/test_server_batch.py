@@ -13,9 +13,9 @@ import pytest
 from fake_engine import FakeEngine
 from live_server import serve, wait_for
 
-from server import paths
-from server.app import create_app
-from server.batch_jobs import MAX_IN_FLIGHT
+from llmengine_runtime.server import paths
+from llmengine_runtime.server.app import create_app
+from llmengine_runtime.server.batch_jobs import MAX_IN_FLIGHT
 
 
 class CountingEngine(FakeEngine):

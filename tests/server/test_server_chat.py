@@ -13,7 +13,7 @@ import pytest
 from fake_engine import FakeEngine
 from live_server import MODEL, serve, wait_for
 
-from server.app import create_app
+from llmengine_runtime.server.app import create_app
 
 USER = [{"role": "user", "content": "hello there"}]
 

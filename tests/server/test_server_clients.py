@@ -15,7 +15,7 @@ import pytest
 from fake_engine import FakeEngine
 from live_server import MODEL, llm_body, serve
 
-from server.app import create_app
+from llmengine_runtime.server.app import create_app
 
 HERE = Path(__file__).resolve().parent
 OFFICIAL = HERE.parents[1] / ".venv" / "official-client"  # pip install --no-deps --target (see the Makefile)

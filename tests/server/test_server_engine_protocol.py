@@ -11,8 +11,8 @@ import pytest
 from fake_engine import FakeEngine
 from test_server_serve_cli import write_tiny_llama
 
-from runtime import AsyncEngine
-from server.state import ServedEngine
+from llmengine_runtime.runtime import AsyncEngine
+from llmengine_runtime.server.state import ServedEngine
 
 METHODS = sorted(name for name, value in vars(ServedEngine).items()
                  if callable(value) and not name.startswith("_"))

@@ -14,7 +14,7 @@ import pytest
 from fake_engine import FakeEngine
 from live_server import LiveServer, llm_body, serve, wait_for
 
-from server.app import create_app
+from llmengine_runtime.server.app import create_app
 from tests.fast import fast_subset
 
 SYNC = "/v1/llm/completions-sync?model_endpoint_name=fake"

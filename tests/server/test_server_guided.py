@@ -17,8 +17,8 @@ import jsonschema
 import pytest
 from live_server import MODEL, llm_body, serve
 
-from runtime import AsyncEngine
-from server.app import create_app
+from llmengine_runtime.runtime import AsyncEngine
+from llmengine_runtime.server.app import create_app
 from tests.models.tiny import write_tiny_llama as write_tiny
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},

@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 
-from models.attention import AttentionMetadata
+from llmengine_runtime.models.attention import AttentionMetadata
 from tests.server.live_server import MODEL
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is"

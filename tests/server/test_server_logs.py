@@ -15,9 +15,9 @@ import pytest
 from fake_engine import FakeEngine
 from live_server import llm_body, serve, wait_for
 
-from server import logs
-from server.app import create_app
-from server.state import ServerState
+from llmengine_runtime.server import logs
+from llmengine_runtime.server.app import create_app
+from llmengine_runtime.server.state import ServerState
 
 SYNC = "/v1/llm/completions-sync?model_endpoint_name=fake"
 STREAM = "/v1/llm/completions-stream?model_endpoint_name=fake"
@@ -127,7 +127,7 @@ def test_load_timings(server_log):
 
 
 def test_a_missing_model_is_logged_in_one_line_without_a_traceback(server_log, tmp_path):
-    from models.zoo import resolve_model
+    from llmengine_runtime.models.zoo import resolve_model
 
     state = ServerState(lambda: {"x": resolve_model(tmp_path / "nothing", {})}, max_queue=4)
     (tmp_path / "nothing").mkdir()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from server.metrics import Metrics
+from llmengine_runtime.server.metrics import Metrics
 
 
 def scrape(stats: dict) -> str:

@@ -17,9 +17,9 @@ import pytest
 from fake_engine import FakeEngine
 from live_server import llm_body, serve, wait_for
 
-from runtime import AsyncEngine
-from server import model_endpoints
-from server.app import create_app
+from llmengine_runtime.runtime import AsyncEngine
+from llmengine_runtime.server import model_endpoints
+from llmengine_runtime.server.app import create_app
 from tests.models.test_gguf import WORDS, write_tiny_gguf
 
 ROUTE = "/v1/llm/model-endpoints"

@@ -15,8 +15,8 @@ import httpx
 from live_server import MODEL, llm_body, serve, wait_for
 from test_server_clients import OFFICIAL, needs_official
 
-from runtime import AsyncEngine
-from server.app import create_app
+from llmengine_runtime.runtime import AsyncEngine
+from llmengine_runtime.server.app import create_app
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["Suggest a name for an icecream shop", "The capital of France is", "def fibonacci(n):",

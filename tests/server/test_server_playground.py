@@ -17,7 +17,7 @@ import pytest
 from fake_engine import FakeEngine
 from live_server import serve, wait_for
 
-from server.app import create_app
+from llmengine_runtime.server.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -51,15 +51,16 @@ def test_the_wheel_ships_the_page(tmp_path):
     for name in ("pyproject.toml", "setup.py", "README.md"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, src / name if src.exists() else (src.mkdir() or src / name))
-    for package in ("runtime", "kernels", "models", "server", "benchmarks", "llmengine_cli", "sdk/llmengine"):
+    for package in ("llmengine_runtime", "sdk/llmengine"):
         shutil.copytree(REPO / package, src / package, ignore=skip)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                              "--disable-pip-version-check", "-q", str(src), "-w", str(tmp_path / "dist")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "dist").glob("llmengine_runtime-*.whl")
+    page = "llmengine_runtime/server/static/playground.html"
     with zipfile.ZipFile(wheel) as z:
-        assert z.read("server/static/playground.html") == (REPO / "server/static/playground.html").read_bytes()
+        assert z.read(page) == (REPO / page).read_bytes()
 
 
 # ---- in a real browser -------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import torch
 from live_server import wait_for
 from safetensors.torch import save_file
 
-from server.serve import model_specs
+from llmengine_runtime.server.serve import model_specs
 
-RUN_SERVE = ("import argparse, sys; from server.serve import add_serve_args, run_serve; "
+RUN_SERVE = ("import argparse, sys; from llmengine_runtime.server.serve import add_serve_args, run_serve; "
              "p = argparse.ArgumentParser(); add_serve_args(p); sys.exit(run_serve(p.parse_args()))")
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.errors import ApiError
-from server.metrics import Metrics
-from server.schemas import (
+from llmengine_runtime.server.errors import ApiError
+from llmengine_runtime.server.metrics import Metrics
+from llmengine_runtime.server.schemas import (
     CompletionV1Request,
     OpenAICompletionRequest,
     parse_body,

@@ -13,7 +13,7 @@ import pytest
 from live_server import MODEL, wait_for
 from test_server_serve_cli import free_port, start_serve
 
-from runtime import LLM, SamplingParams
+from llmengine_runtime.runtime import LLM, SamplingParams
 
 PROMPT = "Suggest a name for an icecream shop"
 

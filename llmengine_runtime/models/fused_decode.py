@@ -1,0 +1,136 @@
+"""A whole decode step of a quantized Llama in one C++ call (kernels/cpu/decode_step.cpp), on the CPU.
+
+In eager PyTorch a batch-1 decode step of the default model is ~300 small op calls from Python (norms,
+rotary, cache store, attention, activation, the projections), ~10 us each on this CPU: about as much time as
+the weight products themselves. `LlamaDecoder.step` runs the same math, through the same C++ kernels the
+eager path calls one by one, in a single call per step; the decoder holds the weights and KV caches, bound once.
+
+It applies (`FusedDecode.build` returns None otherwise, and the model runs its eager blocks) when: the model
+is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP) without tensor
+parallelism; every projection is a QuantizedLinear on our CPU kernels (`backend == "cpu"`: int4 or int8);
+norms and the embedding are fp32, the KV caches fp32 or fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not
+"0". Only decode steps (one new token per sequence, with a KV cache) take it; prefill stays eager. The numbers
+are the eager path's: the same kernels in the same order (tests/models/test_fused_decode.py checks it).
+
+When the head is a QuantizedLinear on our kernels too (a quantized model's, or a GGUF's tied Q8_0 head), the step
+also runs the head's product, on the same threads, and takes each row's argmax as it goes (`step_buffers`): the
+runner then gets the logits without another Python call, and a greedy batch its tokens without the sampler's.
+Those steps take their inputs from, and write their outputs to, buffers bound once (runtime/decode_buffers.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from llmengine_runtime.kernels import cpu as cpu_kernels
+from llmengine_runtime.models.attention import AttentionMetadata, KVCache
+from llmengine_runtime.models.layers import RMSNorm
+from llmengine_runtime.models.quantized_linear import QuantizedLinear
+
+
+def _projection(layer: nn.Module) -> list[torch.Tensor] | None:
+    """(qs, d, m, bias) of a QuantizedLinear on our CPU kernels (empty m for int8, empty bias), else None."""
+    if not isinstance(layer, QuantizedLinear) or layer.backend != "cpu":
+        return None
+    empty = torch.empty(0)
+    if layer.mode == "int4":
+        qs, m = layer.w_int4, layer.m
+    else:
+        qs, m = layer.w_int8, empty
+    return [qs, layer.d, m, empty if layer.bias is None else layer.bias.float()]
+
+
+class StepBuffers(Protocol):
+    """What `step_buffers` binds (runtime/decode_buffers.py has the layouts): input tensors, then logits and argmax
+    outputs, whose first `rows` rows a step reads and writes; a new `version` means new tensors."""
+
+    rows: int
+    version: int
+
+    def tensors(self) -> tuple[torch.Tensor, ...]: ...
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class FusedDecode:
+    def __init__(self, model: nn.Module, norms: list[torch.Tensor], proj: list[torch.Tensor],
+                 head: list[torch.Tensor] | None):
+        self.model, self.norms, self.proj, self.head = model, norms, proj, head
+        self.rope = model.rope  # (a module attribute lookup goes through nn.Module.__getattr__: slow when cold)
+        self.has_head = head is not None  # the head's product runs in the step too (`step_buffers`)
+        self.head_rows = head[0].shape[0] if head is not None else 0  # the logits' width (compute_logits')
+        self.decoder, self.bound_caches = None, None  # bound to the runner's KV caches at the first step
+        self.bound_buffers, self.bound_version, self.bound_cos_sin = None, 0, None  # and to its DecodeBuffers
+        self.decoder_step = None  # the decoder's step method, looked up once (~3 us a lookup, more when cold)
+        self.handle = 0  # the decoder's number for decode_step, the C entry point of `step_buffers`
+        self.decode_step = cpu_kernels.decode_step_function() if self.has_head else None
+        self.error = ctypes.create_string_buffer(2048)
+
+    def bind(self, kv_caches: list[KVCache]) -> None:
+        attn = self.model.layers[0].attn
+        self.decoder = torch.classes.llmengine_cpu.LlamaDecoder(
+            self.model.embed.weight.detach(), self.norms, self.proj, [k for k, _ in kv_caches],
+            [v for _, v in kv_caches], self.head or [], attn.num_heads, attn.num_kv_heads, attn.head_dim,
+            self.model.norm.eps, attn.scale)
+        self.decoder_step, self.handle = self.decoder.step, self.decoder.handle()
+        self.bound_caches, self.bound_buffers = kv_caches, None
+
+    @staticmethod
+    def build(model: nn.Module) -> FusedDecode | None:
+        config = model.config
+        if (os.environ.get("LLMENGINE_FUSED_DECODE", "1") == "0" or config.arch == "falcon" or model.tp is not None
+                or model.rope is None or model.rope.rope_type == "dynamic" or config.alibi
+                or not cpu_kernels.available()):
+            return None
+        norms, proj = [], []
+        for block in model.layers:
+            attn, mlp = block.attn, block.mlp
+            if not hasattr(mlp, "gate_up_proj") or not isinstance(block.input_layernorm, RMSNorm):
+                return None
+            for layer in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                tensors = _projection(layer)
+                if tensors is None:
+                    return None
+                proj.extend(tensors)
+            norms += [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+        norms.append(model.norm.weight)
+        if not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in norms + [model.embed.weight]):
+            return None
+        # the head compute_logits uses: a quantized copy of a tied head first
+        head = _projection(model.quantized_head if model.quantized_head is not None else model.lm_head)
+        return FusedDecode(model, [w.detach() for w in norms], proj, head)
+
+    def applies(self, kv_caches: list[KVCache] | None) -> bool:
+        """Whether it can run decode steps over these caches."""
+        # (the caches bound already passed the check: a step runs cold, so every Python call saved counts)
+        return (kv_caches is not None and (kv_caches is self.bound_caches or cpu_kernels.cpu_kv_caches(*kv_caches[0]))
+                and not torch.compiler.is_compiling())
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 kv_caches: list[KVCache]) -> torch.Tensor:
+        if kv_caches is not self.bound_caches:
+            self.bind(kv_caches)
+        # The engine sized the table for its max model length (RotaryEmbedding.reserve); the step checks every
+        # position against it and says so if one is outside.
+        return self.decoder_step(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                 self.rope.cos_sin_cache)
+
+    def step_buffers(self, buffers: StepBuffers, kv_caches: list[KVCache], argmax: bool) -> None:
+        """The step over `buffers`' filled rows and the head's product (`has_head` only), into `buffers`: the
+        logits `[rows, vocab]` as `model.compute_logits` gives them, and with `argmax` each row's argmax (as
+        `logits.argmax(-1)`). Called through ctypes (kernels/cpu/decoder.cpp says why); RuntimeError with the
+        step's message if it fails."""
+        if kv_caches is not self.bound_caches:
+            self.bind(kv_caches)
+        cos_sin = self.rope.cos_sin_cache
+        if (buffers is not self.bound_buffers or buffers.version != self.bound_version
+                or cos_sin is not self.bound_cos_sin):
+            self.decoder.bind_buffers(*buffers.tensors(), cos_sin, *buffers.outputs())
+            self.bound_buffers, self.bound_version, self.bound_cos_sin = buffers, buffers.version, cos_sin
+        if self.decode_step(self.handle, buffers.rows, argmax, self.error, len(self.error)):
+            raise RuntimeError(self.error.value.decode(errors="replace"))
