@@ -23,6 +23,10 @@ Where it runs (chosen when the layer is built, from the weight's device; build i
 - CPU without our kernels (no compiler, LLMENGINE_CPU_KERNELS=0, or scales outside fp16), `backend == "torch"`:
   torch's weight-only kernels, which are vectorised only for bf16 activations, so x is cast to bf16
   for the call and the result back to x's dtype. int8: `aten._weight_int8pack_mm(x, q [N, K], scale [N])`.
+  Its AVX-512 kernel steps K by 16 with aligned 256-bit loads of x rows and 128-bit loads of q rows (AVX2: by 8),
+  and reads past the row or faults when K is not a multiple of 16 or a row is misaligned (torch 2.13,
+  int8mm_kernel.cpp). So q is stored with K padded by zero weights to a multiple of 32, and x is padded to
+  match and kept 64-byte aligned (`_torch_int8_input`).
   int4: `aten._convert_weight_to_int4pack_for_cpu` packs q once (rows padded to a multiple of 16),
   `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/group, N, 2])` per call; scales
   are bf16. int8 with per-group scales (GGUF Q8_0) is exact as two int4 planes: with `q + 128 = 16a + b`,
@@ -77,6 +81,13 @@ def _groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.repeat_interleave(group_size, dim=1)
 
 
+def _torch_int8_input(xb: torch.Tensor, k_padded: int) -> torch.Tensor:
+    """bf16 x `[M, K]` as torch's int8 kernel needs it: zero-padded to the stored q's K, 64-byte aligned."""
+    if xb.shape[1] != k_padded:
+        return torch.nn.functional.pad(xb, (0, k_padded - xb.shape[1]))  # a fresh, aligned tensor
+    return xb if xb.data_ptr() % 64 == 0 else xb.clone()
+
+
 class QuantizedLinear(nn.Module):
     """`y = x @ W^T (+ bias)` for x `[..., K]` in any float dtype, W int8 or int4 (see the module docstring).
 
@@ -116,7 +127,8 @@ class QuantizedLinear(nn.Module):
             else:
                 self._store(w_int8=q.to(torch.int8), scale=scale.t().to(_scale_dtype("triton", scale)))
         elif mode == "int8" and group_size == k:
-            self._store(w_int8=q.to(torch.int8).contiguous(), scale=scale[:, 0].to(torch.bfloat16))
+            self._store(w_int8=torch.nn.functional.pad(q.to(torch.int8), (0, -k % BLOCK)),
+                        scale=scale[:, 0].to(torch.bfloat16))
         elif mode == "int8":  # per-group int8 as two int4 planes along K
             u = q.to(torch.int32) + 128
             self.k_copies = 2
@@ -201,7 +213,8 @@ class QuantizedLinear(nn.Module):
         else:
             xb = x.to(torch.bfloat16).contiguous()
             if hasattr(self, "w_int8"):
-                y = torch.ops.aten._weight_int8pack_mm(xb, self.w_int8, self.scale)
+                y = torch.ops.aten._weight_int8pack_mm(_torch_int8_input(xb, self.w_int8.shape[1]), self.w_int8,
+                                                       self.scale)
             else:
                 xb = xb.repeat(1, self.k_copies) if self.k_copies > 1 else xb
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.w_int4, self.group_size,
@@ -228,7 +241,7 @@ class QuantizedLinear(nn.Module):
                 return unpack_int4(self.w_int4).float() * scale + _groups(self.min.float().t(), g)
             return self.w_int8.float() * scale
         if hasattr(self, "w_int8"):
-            return self.w_int8.float() * self.scale.float()[:, None]
+            return self.w_int8[:, :self.in_features].float() * self.scale.float()[:, None]
         sz = self.scales_and_zeros.float().transpose(0, 1)
         w = (self._cpu_int4_codes() - 8) * _groups(sz[..., 0], g) + _groups(sz[..., 1], g)
         w = w[:self.out_features]

@@ -88,6 +88,20 @@ def test_int8_per_channel_any_k(backend):
     assert (err <= forward_bound(x, w, backend)).all()
 
 
+@pytest.mark.parametrize("k", [8, 40, 72, 200])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_any_k_from_a_misaligned_bf16_view(k, rows, backend):
+    """torch's AVX-512 int8 kernel steps K by 16 with aligned loads: K = 8 mod 16 crashed it (K = 72, rows = 5)
+    or returned garbage (rows = 1), and so would x at an offset that is not a multiple of 64 bytes."""
+    weight = random_weight(24, k + 24, seed=k)[:, :k]
+    layer = QuantizedLinear.quantize(weight, None, "int8")
+    x = torch.randn(rows + 1, k).bfloat16()[1:]  # a contiguous view k * 2 bytes into its storage
+    assert x.is_contiguous() and (k * 2) % 64
+    w = layer.dequantize()
+    err = (layer(x).double() - x.double() @ w.double().t()).abs()
+    assert (err <= forward_bound(x, w, backend)).all(), f"max error {err.max():.3g}"
+
+
 def test_forward_bf16_and_leading_dims(backend):
     weight = random_weight(40, 64, seed=1)
     layer = QuantizedLinear.quantize(weight, None, "int4", 32)
