@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from llmengine_runtime.kernels import decode_attention, prefill_attention, store_kv
+from llmengine_runtime.kernels.cached_attention import cached_attention, cached_attention_applies
 from llmengine_runtime.models.config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, d]
@@ -61,5 +62,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.is_decode:
         return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, alibi_slopes)
+    if cached_attention_applies(q, k_cache, v_cache):  # each row as a decode step would attend it (batch-invariant)
+        return cached_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.block_tables, meta.seq_lens, scale,
+                                alibi_slopes)
     return prefill_attention(q, k, v, meta.cu_seqlens_q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                              scale, alibi_slopes, meta.max_seqlen_q)

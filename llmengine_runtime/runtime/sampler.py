@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from llmengine_runtime.kernels import cpu as cpu_kernels
+from llmengine_runtime.runtime.greedy import greedy_rows
 from llmengine_runtime.runtime.log_probs import TopLogProbs, top_log_probs
 from llmengine_runtime.runtime.params import SamplingParams
 from llmengine_runtime.runtime.sequence import Sequence as RuntimeSequence
@@ -101,8 +102,7 @@ class Sampler:
                 return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
         logits = final_logits(logits, params, [seq.output_token_ids for seq in seqs])
         if greedy:  # argmax and one log-sum-exp per row
-            tokens = logits.argmax(dim=-1)
-            token_log_probs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            tokens, token_log_probs = greedy_rows(logits)
             return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
         log_probs = torch.log_softmax(logits, dim=-1)
         tokens = log_probs.argmax(dim=-1)
@@ -112,5 +112,9 @@ class Sampler:
             draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]
             tokens[sampled] = torch.cat(draws)
         token_log_probs = log_probs.gather(1, tokens[:, None]).squeeze(1)
+        plain = [i for i, p in enumerate(params) if p.greedy and not p.top_log_probs]
+        if plain:  # greedy rows beside sampled ones: the numbers they get alone (runtime/greedy.py)
+            index = torch.tensor(plain, device=logits.device)
+            tokens[index], token_log_probs[index] = greedy_rows(logits[index].contiguous())
         tops = top_log_probs(log_probs, [p.top_log_probs for p in params])
         return tokens.tolist(), token_log_probs.tolist(), tops

@@ -1,17 +1,24 @@
-// Paged KV cache on the CPU: store the new tokens' K/V, and decode attention (one query per sequence). The caches
-// are fp32 or fp16 (kv_rows.h: read as fp32, stored rounded to nearest even); q, k, v and the output are fp32.
+// Paged KV cache on the CPU: store the new tokens' K/V, and attention of any query rows over it. The caches are fp32
+// or fp16 (kv_rows.h: read as fp32, stored rounded to nearest even); q, k, v and the output are fp32.
 //
 // store_kv:          k, v [T, Hkv, d] (last dim contiguous); k_cache, v_cache [num_blocks, block_size, Hkv, d]
 //                    contiguous; slot_mapping int64 [T] (block * block_size + offset; -1 = not stored).
-// decode_attention:  q [S, H, d] (last dim contiguous), the caches as above, block_tables int32 [S, max_blocks],
-//                    seq_lens int32 [S], optional ALiBi slopes fp32 [H] (already multiplied by the scale).
-//                    out[s, h] = softmax_j(scale q.k_j + slope (j - (L - 1))) . v_j over the L = seq_lens[s]
-//                    cached positions of sequence s, keys read through its block table. Returns [S, H, d].
-// Grid: at::parallel_for over (sequence, KV head, chunk of keys): one task computes, for the H / Hkv query heads
-// that share the KV head, the max, exp-sum and exp-weighted sum of the values over its chunk's keys, a cache block
-// at a time with an online softmax (each key and value row read once for the whole group); then at::parallel_for
-// over (sequence, query head) merges the chunks (flash-decoding's split-K). The chunk count (decode_splits) is the
-// one that leaves the busiest thread the fewest keys, with at least 16 keys a chunk and at most 16 chunks.
+// paged_attention:   q [T, H, d] (last dim contiguous): the new tokens of S sequences, packed as cu_seqlens_q int32
+//                    [S + 1] says, their K/V already in the cache; block_tables int32 [S, max_blocks]; seq_lens
+//                    int32 [S] (after this step); optional ALiBi slopes fp32 [H] (already multiplied by the scale).
+//                    Row r of sequence s sits at position p = seq_lens[s] - q_len + (r - cu_seqlens_q[s]) and
+//                    sees the L = p + 1 cached keys j <= p: out[r, h] = softmax_j(scale q.k_j + slope (j - p)) . v_j.
+// decode_attention:  the same with one row per sequence (q [S, H, d], no cu_seqlens_q).
+//
+// Batch invariance: a row's output depends only on its own q, its L keys and values, never on the other rows, the
+// batch, the thread count or whether it came from a prompt chunk, a decode step or a speculative verification.
+// Its keys are cut into chunks of CHUNK_KEYS (fixed), each chunk reduced by one function in one order (a cache block
+// at a time: the G = H / Hkv query heads' scores, then an online-softmax update of each head's max, exp-sum and
+// exp-weighted value sum), and the chunks' partials merged in chunk order. How the (row, KV head, chunk) pieces are
+// dealt to threads changes only who computes them.
+// Grid: PagedAttention::split (few rows: decode steps) runs each (row, KV head, chunk) as a task, then each (row,
+// head)'s merge as another; PagedAttention::rows (many rows: prompt chunks) runs each (row, KV head) as a task that
+// computes its chunks into its own scratch and merges them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,10 +33,6 @@
 #include <vector>
 
 namespace llmengine_cpu {
-
-constexpr int64_t SPLIT_KEYS = 16;  // keys per chunk at least
-constexpr int64_t MAX_SPLITS = 16;
-constexpr int64_t TASK_KEYS = 4;  // what a task costs beyond its keys (setup, its share of the merge), in keys
 
 bool cache_type_ok(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   return (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
@@ -67,23 +70,6 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   else store(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
 }
 
-int64_t decode_splits(const int32_t* seq_lens, int64_t S, int64_t Hkv, int64_t threads) {
-  // Each (sequence, KV head) splits its keys into `splits` chunks, and the tasks are dealt to the threads in
-  // equal runs: choose the count that gives the busiest thread the fewest keys (the longest sequence's, plus a
-  // task's fixed cost), the fewer chunks on a tie. A batch-1 step of 3 KV heads on 2 threads takes 2 or 4 chunks
-  // (6 or 12 tasks, 3 or 6 each) rather than 1 or 3 (3 or 9 tasks: one thread does 2 of 3, or 5 of 9).
-  int64_t max_len = 0;
-  for (int64_t s = 0; s < S; ++s) max_len = std::max<int64_t>(max_len, seq_lens[s]);
-  const int64_t most = std::max<int64_t>(1, std::min(MAX_SPLITS, max_len / SPLIT_KEYS));
-  int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
-  for (int64_t splits = 1; splits <= most; ++splits) {
-    const int64_t tasks_per_thread = (S * Hkv * splits + threads - 1) / threads;
-    const int64_t cost = tasks_per_thread * ((max_len + splits - 1) / splits + TASK_KEYS);
-    if (cost < best_cost) best = splits, best_cost = cost;
-  }
-  return best;
-}
-
 void check_block_tables(const int32_t* bt, const int32_t* lp, int64_t S, int64_t max_blocks, int64_t block_size,
                         int64_t num_blocks) {
   for (int64_t s = 0; s < S; ++s) {
@@ -95,31 +81,31 @@ void check_block_tables(const int32_t* bt, const int32_t* lp, int64_t S, int64_t
   }
 }
 
-void PagedDecode::task(int64_t task, float* scores) const {
-  if (half_cache) task_rows(task, scores, static_cast<const Half*>(k_cache), static_cast<const Half*>(v_cache));
-  else task_rows(task, scores, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache));
+int64_t num_chunks(int64_t keys) { return std::max<int64_t>(1, (keys + CHUNK_KEYS - 1) / CHUNK_KEYS); }
+
+void PagedAttention::chunk(int64_t r, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc) const {
+  if (half_cache) chunk_rows(r, kvh, c, scores, m, l, acc, static_cast<const Half*>(k_cache),
+                             static_cast<const Half*>(v_cache));
+  else chunk_rows(r, kvh, c, scores, m, l, acc, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache));
 }
 
-template <typename T>
-void PagedDecode::task_rows(int64_t task, float* scores, const T* k_rows, const T* v_rows) const {
-  const int64_t G = H / Hkv, row_stride = Hkv * d;
-  const int64_t split = task % splits, s = task / splits / Hkv, kvh = task / splits % Hkv, L = seq_lens[s];
-  const int64_t chunk = (L + splits - 1) / splits, j0 = std::min(L, split * chunk), j1 = std::min(L, j0 + chunk);
-  float* m_run = part_max + task * G;  // running max, exp-sum and sum of p v per query head
-  float* l_run = part_sum + task * G;  // (l stays 0 for an empty chunk)
-  float* acc = part_acc + task * G * d;
+template <typename E>
+void PagedAttention::chunk_rows(int64_t r, int64_t kvh, int64_t c, float* scores, float* m_run, float* l_run,
+                                float* acc, const E* k_rows, const E* v_rows) const {
+  const int64_t G = H / Hkv, row_stride = Hkv * d, s = row_seq[r], L = row_keys[r];
+  const int64_t j0 = std::min(L, c * CHUNK_KEYS), j1 = std::min(L, j0 + CHUNK_KEYS);
   std::fill(m_run, m_run + G, -std::numeric_limits<float>::infinity());
-  std::fill(l_run, l_run + G, 0.f);
+  std::fill(l_run, l_run + G, 0.f);  // (l stays 0 for an empty chunk)
   std::fill(acc, acc + G * d, 0.f);
-  const float* q_group = q + s * q_seq_stride + kvh * G * q_head_stride;
+  const float* q_group = q + r * q_row_stride + kvh * G * q_head_stride;
   // One block of keys at a time (one block-table lookup each): the G heads' scores, then an online-softmax
   // update of each head's state, its value sum kept in registers over the block's keys.
   for (int64_t j = j0; j < j1;) {
     const int64_t off = j % block_size, take = std::min(block_size - off, j1 - j);
     const int64_t block = block_tables[s * max_blocks + j / block_size];
     const int64_t first = ((block * block_size + off) * Hkv + kvh) * d;
-    const T* kb = k_rows + first;
-    const T* vb = v_rows + first;
+    const E* kb = k_rows + first;
+    const E* vb = v_rows + first;
     for (int64_t g = 0; g < G; ++g) {
       float* sc = scores + g * block_size;
       const float* qg = q_group + g * q_head_stride;
@@ -152,23 +138,19 @@ void PagedDecode::task_rows(int64_t task, float* scores, const T* k_rows, const 
   }
 }
 
-void PagedDecode::merge(int64_t sh) const {
-  const int64_t G = H / Hkv;
-  const int64_t s = sh / H, h = sh % H, kvh = h / G, g = h % G;
-  float* o = out + sh * d;
+void PagedAttention::merge(int64_t r, int64_t h, const float* m, const float* l, const float* acc) const {
+  const int64_t G = H / Hkv, g = h % G, chunks = num_chunks(row_keys[r]);
+  float* o = out + (r * H + h) * d;
   std::fill(o, o + d, 0.f);
   float mx = -std::numeric_limits<float>::infinity(), total = 0.f;
-  for (int64_t split = 0; split < splits; ++split) {
-    const int64_t task = (s * Hkv + kvh) * splits + split;
-    if (part_sum[task * G + g] > 0.f) mx = std::max(mx, part_max[task * G + g]);
-  }
-  for (int64_t split = 0; split < splits; ++split) {
-    const int64_t task = (s * Hkv + kvh) * splits + split;
-    const float l = part_sum[task * G + g];
-    if (l <= 0.f) continue;
-    const float w = std::exp(part_max[task * G + g] - mx);
-    total += w * l;
-    const float* a = part_acc + (task * G + g) * d;
+  for (int64_t c = 0; c < chunks; ++c)
+    if (l[c * G + g] > 0.f) mx = std::max(mx, m[c * G + g]);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float lc = l[c * G + g];
+    if (lc <= 0.f) continue;
+    const float w = std::exp(m[c * G + g] - mx);
+    total += w * lc;
+    const float* a = acc + (c * G + g) * d;
     #pragma omp simd
     for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
   }
@@ -178,47 +160,138 @@ void PagedDecode::merge(int64_t sh) const {
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                            const c10::optional<at::Tensor>& alibi_slopes) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && cache_type_ok(k_cache, v_cache),
-              "decode_attention: q fp32 and the caches both fp32 or both fp16");
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "decode_attention: q must be [S, H, d], last dim contiguous");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
-              "decode_attention: caches must be contiguous and alike");
-  const int64_t S = q.size(0), H = q.size(1), d = q.size(2);
-  const int64_t block_size = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == d && H % Hkv == 0, "decode_attention: heads/dim of q and the cache disagree");
-  const at::Tensor tables = block_tables.to(at::kInt).contiguous();
-  const at::Tensor lens = seq_lens.to(at::kInt).contiguous();
-  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S,
-              "decode_attention: block_tables [S, max_blocks] and seq_lens [S]");
-  const int64_t max_blocks = tables.size(1);
-  const int32_t* bt = tables.data_ptr<int32_t>();
-  const int32_t* lp = lens.data_ptr<int32_t>();
-  check_block_tables(bt, lp, S, max_blocks, block_size, k_cache.size(0));
+int64_t PagedAttention::plan_split(std::vector<int64_t>& row_task) const {
+  row_task.resize(T + 1);
+  row_task[0] = 0;
+  for (int64_t r = 0; r < T; ++r) row_task[r + 1] = row_task[r] + Hkv * num_chunks(row_keys[r]);
+  return row_task[T];
+}
+
+void PagedAttention::split_task(int64_t task, const int64_t* row_task, float* scores, float* part_max,
+                                float* part_sum, float* part_acc) const {
+  const int64_t G = H / Hkv;
+  const int64_t r = std::upper_bound(row_task, row_task + T + 1, task) - row_task - 1;
+  const int64_t chunks = num_chunks(row_keys[r]), kvh = (task - row_task[r]) / chunks,
+                c = (task - row_task[r]) % chunks;
+  chunk(r, kvh, c, scores, part_max + task * G, part_sum + task * G, part_acc + task * G * d);
+}
+
+void PagedAttention::split_merge(int64_t rh, const int64_t* row_task, const float* part_max, const float* part_sum,
+                                 const float* part_acc) const {
+  const int64_t G = H / Hkv, r = rh / H, h = rh % H;
+  const int64_t first = row_task[r] + (h / G) * num_chunks(row_keys[r]);  // the row's KV head's chunk 0
+  merge(r, h, part_max + first * G, part_sum + first * G, part_acc + first * G * d);
+}
+
+void PagedAttention::row(int64_t rk, float* scores, std::vector<float>& partial) const {
+  const int64_t G = H / Hkv, r = rk / Hkv, kvh = rk % Hkv, chunks = num_chunks(row_keys[r]);
+  partial.resize(chunks * G * (d + 2));
+  float *m = partial.data(), *l = m + chunks * G, *acc = l + chunks * G;
+  for (int64_t c = 0; c < chunks; ++c) chunk(r, kvh, c, scores, m + c * G, l + c * G, acc + c * G * d);
+  for (int64_t g = 0; g < G; ++g) merge(r, kvh * G + g, m, l, acc);
+}
+
+void PagedAttention::run(int threads) const {
+  const int64_t G = H / Hkv;
+  if (T * Hkv >= 4 * threads) {  // enough (row, KV head) tasks to share out whole
+    at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(G * block_size), partial;
+      for (int64_t rk = begin; rk < end; ++rk) row(rk, scores.data(), partial);
+    });
+    return;
+  }
+  std::vector<int64_t> row_task;
+  const int64_t tasks = plan_split(row_task);
+  std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * block_size);
+    for (int64_t task = begin; task < end; ++task)
+      split_task(task, row_task.data(), scores.data(), part_max.data(), part_sum.data(), part_acc.data());
+  });
+  at::parallel_for(0, T * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t rh = begin; rh < end; ++rh)
+      split_merge(rh, row_task.data(), part_max.data(), part_sum.data(), part_acc.data());
+  });
+}
+
+namespace {
+
+struct CheckedCaches {
+  int64_t H, d, block_size, Hkv;
+};
+
+// Checks shared by the two ops; returns the heads/dims. `what` names the op in messages.
+CheckedCaches check_attention_inputs(const char* what, const at::Tensor& q, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && cache_type_ok(k_cache, v_cache), what,
+              ": q fp32 and the caches both fp32 or both fp16");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, what, ": q must be [T, H, d], last dim contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(), what,
+              ": caches must be contiguous and alike");
+  const int64_t H = q.size(1), d = q.size(2), block_size = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == d && H % Hkv == 0, what, ": heads/dim of q and the cache disagree");
+  return {H, d, block_size, Hkv};
+}
+
+// The attention of q's rows, row r of sequence row_seq[r] seeing row_keys[r] keys.
+at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& tables, const std::vector<int64_t>& row_seq,
+                       const std::vector<int64_t>& row_keys, double scale,
+                       const c10::optional<at::Tensor>& alibi_slopes, const CheckedCaches& c) {
   at::Tensor slopes;
   if (alibi_slopes.has_value()) {
     slopes = alibi_slopes->to(at::kFloat).contiguous();
-    TORCH_CHECK(slopes.numel() == H, "decode_attention: one ALiBi slope per head");
+    TORCH_CHECK(slopes.numel() == c.H, "attention: one ALiBi slope per head");
   }
-  auto out = at::empty({S, H, d}, q.options());
-  const int64_t G = H / Hkv, splits = decode_splits(lp, S, Hkv, at::get_num_threads());
-  const int64_t tasks = S * Hkv * splits;
-  std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
-  const PagedDecode plan{q.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), bt, lp,
-                         slopes.defined() ? slopes.data_ptr<float>() : nullptr, out.data_ptr<float>(),
-                         part_max.data(), part_sum.data(), part_acc.data(), S, H, Hkv, d, block_size, max_blocks,
-                         q.stride(0), q.stride(1), splits, static_cast<float>(scale),
-                         k_cache.scalar_type() == at::kHalf};
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * block_size);
-    for (int64_t task = begin; task < end; ++task) plan.task(task, scores.data());
-  });
-  at::parallel_for(0, S * H, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t sh = begin; sh < end; ++sh) plan.merge(sh);
-  });
+  const int64_t T = q.size(0);
+  auto out = at::empty({T, c.H, c.d}, q.options());
+  if (T == 0) return out;
+  const PagedAttention plan{q.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr<int32_t>(),
+                            row_seq.data(), row_keys.data(), slopes.defined() ? slopes.data_ptr<float>() : nullptr,
+                            out.data_ptr<float>(), T, c.H, c.Hkv, c.d, c.block_size, tables.size(1), q.stride(0),
+                            q.stride(1), static_cast<float>(scale), k_cache.scalar_type() == at::kHalf};
+  plan.run(at::get_num_threads());
   return out;
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                           double scale, const c10::optional<at::Tensor>& alibi_slopes) {
+  const CheckedCaches c = check_attention_inputs("paged_attention", q, k_cache, v_cache);
+  const at::Tensor tables = block_tables.to(at::kInt).contiguous();
+  const at::Tensor lens = seq_lens.to(at::kInt).contiguous(), cu = cu_seqlens_q.to(at::kInt).contiguous();
+  const int64_t S = lens.numel(), T = q.size(0);
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && cu.numel() == S + 1,
+              "paged_attention: block_tables [S, max_blocks], seq_lens [S] and cu_seqlens_q [S + 1]");
+  const int32_t *lp = lens.data_ptr<int32_t>(), *cp = cu.data_ptr<int32_t>();
+  TORCH_CHECK(cp[0] == 0 && cp[S] == T, "paged_attention: cu_seqlens_q must run from 0 to the ", T, " rows of q");
+  check_block_tables(tables.data_ptr<int32_t>(), lp, S, tables.size(1), c.block_size, k_cache.size(0));
+  std::vector<int64_t> row_seq(T), row_keys(T);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t q_len = cp[s + 1] - cp[s];
+    TORCH_CHECK(q_len >= 0 && q_len <= lp[s], "paged_attention: sequence ", s, " has ", q_len,
+                " new tokens but ", lp[s], " in all");
+    for (int64_t i = 0; i < q_len; ++i) row_seq[cp[s] + i] = s, row_keys[cp[s] + i] = lp[s] - q_len + i + 1;
+  }
+  return attend_rows(q, k_cache, v_cache, tables, row_seq, row_keys, scale, alibi_slopes, c);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                            const c10::optional<at::Tensor>& alibi_slopes) {
+  const CheckedCaches c = check_attention_inputs("decode_attention", q, k_cache, v_cache);
+  const at::Tensor tables = block_tables.to(at::kInt).contiguous();
+  const at::Tensor lens = seq_lens.to(at::kInt).contiguous();
+  const int64_t S = q.size(0);
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S,
+              "decode_attention: block_tables [S, max_blocks] and seq_lens [S]");
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  check_block_tables(tables.data_ptr<int32_t>(), lp, S, tables.size(1), c.block_size, k_cache.size(0));
+  std::vector<int64_t> row_seq(S), row_keys(S);
+  for (int64_t s = 0; s < S; ++s) row_seq[s] = s, row_keys[s] = lp[s];
+  return attend_rows(q, k_cache, v_cache, tables, row_seq, row_keys, scale, alibi_slopes, c);
 }
 
 }  // namespace llmengine_cpu
@@ -227,9 +300,12 @@ TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
   lib.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   lib.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
           "float scale, Tensor? alibi_slopes) -> Tensor");
+  lib.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+          "Tensor cu_seqlens_q, float scale, Tensor? alibi_slopes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmengine_cpu, CPU, lib) {
   lib.impl("store_kv", &llmengine_cpu::store_kv);
   lib.impl("decode_attention", &llmengine_cpu::decode_attention);
+  lib.impl("paged_attention", &llmengine_cpu::paged_attention);
 }

@@ -5,6 +5,7 @@
 
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace llmengine_cpu {
 
@@ -31,26 +32,51 @@ void rotate_heads(const float* src, int64_t head_stride, int64_t heads, int64_t 
 // x[0:n]'s first maximum: (its index, its value), or the first NaN's (as torch.argmax); (0, -inf) for n = 0.
 std::pair<int64_t, float> first_max(const float* x, int64_t n);
 
-// Paged decode attention (attention.cpp) as tasks: task(t) for t < S * Hkv * splits (each with a scratch of
-// (H / Hkv) * block_size floats), then merge(sh) for sh < S * H.
-struct PagedDecode {
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                           double scale, const c10::optional<at::Tensor>& alibi_slopes);
+
+// Paged attention of T query rows (attention.cpp): row r belongs to sequence row_seq[r] (its block-table row) and
+// sees that sequence's first row_keys[r] cached keys. Each row's keys are reduced in chunks of CHUNK_KEYS, whose
+// partials merge in chunk order: the numbers depend on nothing but the row.
+constexpr int64_t CHUNK_KEYS = 128;
+int64_t num_chunks(int64_t keys);  // a row's chunks (at least one)
+
+struct PagedAttention {
   const float* q;
   const void *k_cache, *v_cache;  // fp32, or fp16 when half_cache
-  const int32_t *block_tables, *seq_lens;
+  const int32_t* block_tables;    // [S, max_blocks]
+  const int64_t *row_seq, *row_keys;
   const float* slopes;
-  float *out, *part_max, *part_sum, *part_acc;  // out [S, H, d]; partials [tasks, G (, d)]
-  int64_t S, H, Hkv, d, block_size, max_blocks, q_seq_stride, q_head_stride, splits;
+  float* out;  // [T, H, d]
+  int64_t T, H, Hkv, d, block_size, max_blocks, q_row_stride, q_head_stride;
   float scale;
   bool half_cache;
-  void task(int64_t task, float* scores) const;
-  void merge(int64_t sh) const;
+
+  // Chunk c of row r, KV head kvh: its G = H / Hkv query heads' max, exp-sum and exp-weighted value sum over the
+  // chunk's keys into m[G], l[G], acc[G * d]; `scores` is scratch of G * block_size floats.
+  void chunk(int64_t r, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc) const;
+  // out[r, h] from its KV head's chunk partials in chunk order (m, l [chunks, G]; acc [chunks, G, d]).
+  void merge(int64_t r, int64_t h, const float* m, const float* l, const float* acc) const;
+  // The whole attention on at::parallel_for's threads (`threads` of them), choosing `rows` or the split below.
+  void run(int threads) const;
+  // Row-and-KV-head task rk < T * Hkv: its chunks into `partial` (grown as needed), then its heads' outputs.
+  void row(int64_t rk, float* scores, std::vector<float>& partial) const;
+  // The split form for few rows: row_task [T + 1] numbers the (row, KV head, chunk) tasks (returns their count);
+  // split_task(task) writes its partials at `task` of part_max/part_sum [tasks, G] and part_acc [tasks, G, d];
+  // after every task, split_merge(rh) for rh < T * H writes out.
+  int64_t plan_split(std::vector<int64_t>& row_task) const;
+  void split_task(int64_t task, const int64_t* row_task, float* scores, float* part_max, float* part_sum,
+                  float* part_acc) const;
+  void split_merge(int64_t rh, const int64_t* row_task, const float* part_max, const float* part_sum,
+                   const float* part_acc) const;
 
  private:
-  template <typename T>
-  void task_rows(int64_t task, float* scores, const T* k_rows, const T* v_rows) const;
+  template <typename E>  // E: the caches' element type
+  void chunk_rows(int64_t r, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc, const E* k_rows,
+                  const E* v_rows) const;
 };
 bool cache_type_ok(const at::Tensor& k_cache, const at::Tensor& v_cache);  // both fp32 or both fp16
-int64_t decode_splits(const int32_t* seq_lens, int64_t S, int64_t Hkv, int64_t threads);
 void check_block_tables(const int32_t* block_tables, const int32_t* seq_lens, int64_t S, int64_t max_blocks,
                         int64_t block_size, int64_t num_blocks);
 

@@ -15,7 +15,8 @@
 // each row's first maximum int64 [S] (as torch.argmax: sampling.cpp's first_max).
 // Threads: one OpenMP team for the whole step (not a fork and join per op, ~150 a token): the products split
 // their weight rows (the head's too, each thread taking the argmax of its own rows, merged in thread order),
-// attention its (sequence, KV head, chunk) tasks, rotary and the KV store the tokens, with a barrier after each;
+// attention its (sequence, KV head, chunk of keys) tasks (attention.cpp: the chunks are fixed, so a row's numbers
+// are the same in any batch and on any number of threads), rotary and the KV store the tokens, with a barrier after each;
 // every thread computes the norms and quantizes the activations itself (its own copy of the residual stream) rather
 // than wait for one thread to. The gate/up product and SiLU-and-mul go together.
 // Each row or task is computed by the same functions as the eager ops', so the numbers are theirs, bit for bit.
@@ -70,10 +71,14 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
   check_block_tables(bt, lp, S, in.max_blocks, block_size, k_caches[0].size(0));
   const int64_t I = layers[2].N / 2, G = H / Hkv;
   const int nt_wanted = at::get_num_threads();
-  const int64_t splits = decode_splits(lp, S, Hkv, nt_wanted), tasks = S * Hkv * splits;
+  Scratch& sh = shared;  // the team's intermediates, reused from the last step (resize only grows them)
+  sh.row_seq.resize(S), sh.row_keys.resize(S);
+  for (int64_t s = 0; s < S; ++s) sh.row_seq[s] = s, sh.row_keys[s] = lp[s];
+  // Attention's (row, KV head, chunk) tasks; the plan's other fields are the layer's (see below).
+  const int64_t tasks = PagedAttention{nullptr, nullptr, nullptr, nullptr, sh.row_seq.data(), sh.row_keys.data(),
+                                       nullptr, nullptr, S, H, Hkv}.plan_split(sh.row_task);
   TORCH_CHECK(!logits || head.has_value(), "LlamaDecoder: no head was bound");
   const bool argmax = logits && tokens != nullptr;
-  Scratch& sh = shared;  // the team's intermediates, reused from the last step (resize only grows them)
   for (auto [buffer, size] : {std::pair{&sh.x, S * hidden}, {&sh.qkv, S * qkv_size}, {&sh.q_rot, S * q_size},
                               {&sh.attn, S * q_size}, {&sh.o, S * hidden}, {&sh.act, S * I},
                               {&sh.part_max, tasks * G}, {&sh.part_sum, tasks * G}, {&sh.part_acc, tasks * G * d},
@@ -150,14 +155,17 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       }
       {
         PartTimer timer(timing ? ATTENTION : NUM_PARTS);
-        const PagedDecode plan{qp, k_data[l], v_data[l], bt, lp, nullptr, ap,
-                               sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data(), S, H, Hkv, d, block_size,
-                               in.max_blocks, q_size, d, splits, static_cast<float>(scale), half_cache};
+        const PagedAttention plan{qp, k_data[l], v_data[l], bt, sh.row_seq.data(), sh.row_keys.data(), nullptr,
+                                  ap, S, H, Hkv, d, block_size, in.max_blocks, q_size, d, static_cast<float>(scale),
+                                  half_cache};
+        const int64_t* row_task = sh.row_task.data();
         const auto [t0, t1] = share(tasks, t, nt);
-        for (int64_t task = t0; task < t1; ++task) plan.task(task, scores.data());
+        for (int64_t task = t0; task < t1; ++task)
+          plan.split_task(task, row_task, scores.data(), sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data());
         barrier();
         const auto [m0, m1] = share(S * H, t, nt);
-        for (int64_t sh = m0; sh < m1; ++sh) plan.merge(sh);
+        for (int64_t rh = m0; rh < m1; ++rh)
+          plan.split_merge(rh, row_task, sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data());
         barrier();
       }
       {

@@ -34,6 +34,7 @@ struct StepInputs {
 // thread's own copies of the residual stream, the normed and quantized activations and its scratch.
 struct Scratch {
   std::vector<float> x, qkv, q_rot, attn, o, act, part_max, part_sum, part_acc;
+  std::vector<int64_t> row_seq, row_keys, row_task;  // attention's rows and tasks (PagedAttention)
   std::vector<int64_t> head_arg;  // each thread's argmax of its head rows [threads, S], and its value
   std::vector<float> head_max;
 };

@@ -26,6 +26,8 @@ from typing import TypeVar
 
 import torch
 
+from llmengine_runtime.runtime.greedy import greedy_rows
+
 T = TypeVar("T")
 
 
@@ -126,7 +128,10 @@ def verify_proposals(logits: torch.Tensor, draft_token_ids: list[list[int]], gre
                                                                                       uniforms_in_draw_order)
 
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    target_argmax = log_probs.argmax(dim=-1)
+    # A greedy row's token and log-prob as plain decoding takes them (runtime/greedy.py), so that greedy speculation
+    # is lossless to the bit; sampled rows draw from log_probs.
+    greedy_argmax, greedy_log_prob = greedy_rows(logits)
+    target_argmax = greedy_argmax.to(device)
     rows = torch.arange(num_rows, device=device)
     is_bonus = rows == seq_bonus[row_seq]
     p_x = log_probs[rows, row_draft].exp()
@@ -152,7 +157,7 @@ def verify_proposals(logits: torch.Tensor, draft_token_ids: list[list[int]], gre
         sampled = draw_inverse_cdf(residual_distribution(log_probs[stop_row].exp(), q_stop), uniforms[seq_bonus])
         final = torch.where(seq_greedy, final, sampled)
     row_token = row_draft.index_copy(0, stop_row, final)
-    row_log_prob = log_probs[rows, row_token]
+    row_log_prob = torch.where(seq_greedy[row_seq], greedy_log_prob.to(device), log_probs[rows, row_token])
 
     host = torch.cat([row_token.double(), row_log_prob.double(), stop_row.double()]).tolist()
     tokens, token_log_probs = host[:num_rows], host[num_rows:2 * num_rows]
