@@ -43,6 +43,7 @@ class AsyncEngine:
         self.engine = Engine(model, **engine_kwargs)
         self.name = name or (Path(model).name if Path(model).is_dir() else str(model))
         self.config = self.engine.config
+        self.model_dir = self.engine.model_dir
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self._cond = threading.Condition()

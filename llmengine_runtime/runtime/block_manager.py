@@ -167,6 +167,8 @@ class BlockManager:
         seq.block_table.extend(prefix)
         seq.num_hashed_blocks = len(prefix)
         seq.num_computed_tokens = len(prefix) * self.block_size
+        if seq.num_cached_tokens is None:  # its first admission (not a resumption after preemption)
+            seq.num_cached_tokens = seq.num_computed_tokens
         if self.enable_prefix_caching:
             self.num_queried_tokens += seq.num_tokens
             self.num_hit_tokens += seq.num_computed_tokens

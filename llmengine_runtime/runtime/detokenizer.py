@@ -64,12 +64,17 @@ class TextStream:
         self.text = ""  # everything decoded so far
         self.emitted = 0  # text[:emitted] went out in deltas
         self.stopped = False
+        self.stop_reason: str | None = None  # the stop string that ended the text
 
-    def add(self, token_id: int) -> tuple[str, bool]:
+    def add(self, token_id: int, check_stops: bool = True) -> tuple[str, bool]:
+        """(new text, stopped). With check_stops False (before min_tokens) stop strings neither end the text nor
+        hold text back; later checks look only at text that ends after that."""
         if self.detokenizer is None or self.stopped:
             return "", self.stopped
         start = len(self.text)
         self.text += self.detokenizer.add(token_id)
+        if not check_stops:
+            return self._emit(len(self.text)), False
         if self.stops:
             # A stop string that ends in the new text may start up to len(stop) - 1 chars before it.
             window = max(0, start - max(map(len, self.stops)) + 1)
@@ -77,7 +82,7 @@ class TextStream:
             if hits:
                 index, stop = min(hits)
                 self.text = self.text[:index + len(stop) if self.include_stop else index]
-                self.stopped = True
+                self.stopped, self.stop_reason = True, stop
                 return self._emit(len(self.text)), True
         return self._emit(len(self.text) - self._held_back()), False
 

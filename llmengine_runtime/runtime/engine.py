@@ -35,6 +35,7 @@ from llmengine_runtime.runtime.engine_guided import EngineGuided
 from llmengine_runtime.runtime.engine_setup import checked_prompt_ids, compute_dtype, kv_cache_plan
 from llmengine_runtime.runtime.guided import apply_token_masks
 from llmengine_runtime.runtime.log_probs import TopLogProbs, prompt_scores
+from llmengine_runtime.runtime.logits_processors import logits_processing
 from llmengine_runtime.runtime.model_runner import ModelRunner
 from llmengine_runtime.runtime.params import SamplingParams
 from llmengine_runtime.runtime.request_output import FINISH_REASONS, RequestOutput
@@ -42,6 +43,7 @@ from llmengine_runtime.runtime.sampler import Sampler
 from llmengine_runtime.runtime.scheduler import Scheduler
 from llmengine_runtime.runtime.sequence import Sequence
 from llmengine_runtime.runtime.spec_step import make_speculator
+from llmengine_runtime.runtime.stopping import after_token
 from llmengine_runtime.runtime.thread_tuner import make_thread_tuner
 from llmengine_runtime.runtime.tp_step import TensorParallelError
 from llmengine_runtime.runtime.tp_worker import TPWorkers, rank_zero
@@ -159,6 +161,7 @@ class Engine:
         text = TextStream(self.tokenizer, prompt_ids, params.stop_sequences, params.include_stop_str_in_output,
                           params.skip_special_tokens)
         seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, text, deadline, generator)
+        seq.processing = logits_processing(params, self.tokenizer, self.config.vocab_size, self.stop_token_ids)
         if defer_guided and params.guided is not None:
             self.guided.validate(params.guided)
         else:
@@ -261,32 +264,18 @@ class Engine:
     def _append_tokens(self, seq: Sequence, tokens: list[int], log_probs: list[float],
                        tops: list[TopLogProbs]) -> RequestOutput:
         """Append a step's emitted tokens one by one: the first that ends the request (stop token, stop
-        string, max_new_tokens) drops the rest. Then give back the blocks past the K/V still valid, register
-        the full ones in the prefix cache, and free them all if the request ended."""
+        string, max_new_tokens: runtime/stopping.py) drops the rest. Then give back the blocks past the K/V still
+        valid, register the full ones in the prefix cache, and free them all if the request ended."""
         p = seq.params
-        text, reason, kept = "", None, 0
+        text, reason, stop_reason, kept = "", None, None, 0
         for token in tokens:
             seq.output_token_ids.append(token)
             self.counters["tokens_generated"] += 1
             kept += 1
             if seq.matcher is not None:
                 seq.matcher.advance(token)
-            if token in self.stop_token_ids and not p.ignore_eos:
-                # The stop token's own text only with include_stop_str_in_output (and specials not skipped).
-                text += seq.text.add(token)[0] if p.include_stop_str_in_output else ""
-                text += seq.text.flush()
-                reason = "stop"
-            else:
-                delta, stopped = seq.text.add(token)
-                text += delta
-                if stopped:
-                    reason = "stop"
-                elif seq.matcher is not None and seq.matcher.is_finished():  # the constraint allows nothing more
-                    text += seq.text.flush()
-                    reason = "stop"
-                elif len(seq.output_token_ids) >= p.max_new_tokens:
-                    text += seq.text.flush()
-                    reason = "length"
+            end = after_token(seq, token, self.stop_token_ids)  # runtime/stopping.py
+            text, reason, stop_reason = text + end.text, end.reason, end.stop_reason
             if reason is not None:
                 break
         # Accepted proposals after a stop were computed but are not tokens of the sequence.
@@ -298,7 +287,8 @@ class Engine:
         return RequestOutput(seq.request_id, text, tokens[:kept],
                              log_probs[:kept] if p.return_token_log_probs else None, reason is not None, reason,
                              seq.num_prompt_tokens, len(seq.output_token_ids),
-                             top_log_probs=tops[:kept] if p.top_log_probs else None, **prompt_scores(seq))
+                             top_log_probs=tops[:kept] if p.top_log_probs else None, **prompt_scores(seq),
+                             stop_reason=stop_reason, num_cached_tokens=seq.num_cached_tokens or 0)
 
     def _release(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -314,7 +304,8 @@ class Engine:
             text = ""
         return RequestOutput(seq.request_id, text, [], [] if seq.params.return_token_log_probs else None, True,
                              reason, seq.num_prompt_tokens, len(seq.output_token_ids), error,
-                             [] if seq.params.top_log_probs else None, **prompt_scores(seq))
+                             [] if seq.params.top_log_probs else None, **prompt_scores(seq),
+                             num_cached_tokens=seq.num_cached_tokens or 0)
 
     def _stop(self, reason: str) -> list[RequestOutput]:
         """Stop for good after a tensor-parallel failure: fail every request, stop the workers."""

@@ -63,7 +63,8 @@ def kv_cache_plan(model: nn.Module, config: ModelConfig, dtype: torch.dtype, dev
 
 def checked_prompt_ids(prompt: str | list[int], params: SamplingParams, tokenizer: Tokenizer | None, model_dir: Path,
                        vocab_size: int, max_model_len: int, cache_tokens: int) -> list[int]:
-    """The prompt's token ids (a string encoded by the model's tokenizer); ValueError naming what is wrong for
+    """The prompt's token ids (a string encoded by the model's tokenizer; only its last
+    `params.truncate_prompt_tokens`, if set); ValueError naming what is wrong for
     an empty prompt, ids outside the vocabulary, text or stop strings without a tokenizer, or a prompt plus
     max_new_tokens longer than the model or the KV cache holds."""
     if isinstance(prompt, str):
@@ -78,6 +79,8 @@ def checked_prompt_ids(prompt: str | list[int], params: SamplingParams, tokenize
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     if not prompt_ids:
         raise ValueError("prompt is empty (0 tokens)")
+    if params.truncate_prompt_tokens is not None:  # vLLM's: keep the last N tokens
+        prompt_ids = prompt_ids[-params.truncate_prompt_tokens:]
     if params.stop_sequences and tokenizer is None:
         raise ValueError("stop_sequences need a tokenizer; this model folder has none")
     total = len(prompt_ids) + params.max_new_tokens

@@ -28,6 +28,16 @@ class SamplingParams:
     # Guided decoding: (kind, spec), kind "json" | "regex" | "choice" | "grammar" (runtime/guided.py); the engine
     # compiles it in make_sequence (ValueError naming the problem).
     guided: tuple[str, Any] | None = None
+    # vLLM's extra fields (runtime/logits_processors.py, runtime/stopping.py). A request that uses any of the logits
+    # processing ones (`processes_logits`) does not speculate.
+    min_tokens: int = 0  # neither stop tokens nor stop strings end the request before this many tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # end the request as the model's stop tokens do
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output (Hugging Face's rule)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these tokens may be generated
+    bad_words: list[str] = field(default_factory=list)  # these words are never generated
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the first field out of its accepted range; returns self."""
@@ -58,11 +68,45 @@ class SamplingParams:
             raise bad("guided", "None or (kind, spec) with kind json, regex, choice or grammar")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "an integer or None")
+        self._validate_extras(bad)
         if isinstance(self.stop_sequences, str):
             self.stop_sequences = [self.stop_sequences]
         if any(not isinstance(s, str) or not s for s in self.stop_sequences):
             raise bad("stop_sequences", "a list of non-empty strings")
         return self
+
+    def _validate_extras(self, bad: Any) -> None:
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= max(self.max_new_tokens, 0):
+            raise bad("min_tokens", f"an integer from 0 to max_new_tokens ({self.max_new_tokens})")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "[0, 1]")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "> 0 (1 = off)")
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of token ids (integers >= 0)")
+        if self.logit_bias is not None and any(not is_int(t) or t < 0 or not -100 <= v <= 100
+                                               for t, v in self.logit_bias.items()):
+            raise bad("logit_bias", "token id -> bias in [-100, 100]")
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or any(
+                not is_int(t) or t < 0 for t in self.allowed_token_ids)):
+            raise bad("allowed_token_ids", "a non-empty list of token ids")
+        if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise bad("bad_words", "a list of non-empty strings")
+        if self.truncate_prompt_tokens is not None and (not is_int(self.truncate_prompt_tokens)
+                                                        or self.truncate_prompt_tokens < 1):
+            raise bad("truncate_prompt_tokens", "an integer >= 1, or None")
+        if self.processes_logits:
+            self.speculate = False  # the speculative verifier knows only penalties, temperature, top-k and top-p
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the sampler has more to do than penalties, temperature, top-k and top-p
+        (runtime/logits_processors.py)."""
+        return bool(self.min_tokens or self.min_p or self.repetition_penalty != 1 or self.logit_bias
+                    or self.allowed_token_ids is not None or self.bad_words)
 
     @property
     def greedy(self) -> bool:

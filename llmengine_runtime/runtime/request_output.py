@@ -33,3 +33,5 @@ class RequestOutput:
     first_token_time: float | None = None
     # ... and each of its tokens' text as its own delta would have credited it (the delta's text on its last token)
     token_texts: list[str] | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop_token_ids token or the stop string that ended it
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held (vLLM's usage.prompt_tokens_details)

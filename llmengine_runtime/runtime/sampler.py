@@ -1,9 +1,10 @@
 """Next tokens for a batch of requests, each with its own sampling parameters, in batched tensor ops.
 
-Order: penalties (presence, frequency) -> temperature -> top-k -> top-p -> draw. Greedy requests
-(temperature 0) take the argmax of the penalised logits. Token log-probs are the log-softmax of the final
-distribution: for sampled requests that is the one actually drawn from (penalised, divided by the
-temperature, truncated by top-k/top-p and renormalised), so a log-prob is the log of the probability
+Order: a request's logits processing (runtime/logits_processors.py: logit_bias, allowed_token_ids, bad_words,
+min_tokens, repetition_penalty) -> penalties (presence, frequency) -> temperature -> top-k -> top-p -> min_p ->
+draw. Greedy requests (temperature 0) take the argmax of the penalised logits. Token log-probs are the
+log-softmax of the final distribution: for sampled requests that is the one actually drawn from (penalised,
+divided by the temperature, truncated by top-k/top-p and renormalised), so a log-prob is the log of the probability
 with which its token was drawn; for greedy requests it is the penalised logits at temperature 1. A request with
 `top_log_probs` N also gets the N most likely tokens of that same distribution (runtime/log_probs.py).
 """
@@ -17,6 +18,7 @@ import torch
 from llmengine_runtime.kernels import cpu as cpu_kernels
 from llmengine_runtime.runtime.greedy import greedy_rows
 from llmengine_runtime.runtime.log_probs import TopLogProbs, top_log_probs
+from llmengine_runtime.runtime.logits_processors import apply_logits_processing, apply_min_p
 from llmengine_runtime.runtime.params import SamplingParams
 from llmengine_runtime.runtime.sequence import Sequence as RuntimeSequence
 
@@ -74,6 +76,8 @@ def final_logits(logits: torch.Tensor, params: list[SamplingParams], output_ids:
             top_k = column([vocab if p.greedy or p.top_k == -1 else p.top_k for p in params], torch.int64)
             top_p = column([1.0 if p.greedy else p.top_p for p in params])
             logits = apply_top_k_top_p(logits, top_k, top_p)
+        if any(p.min_p for p in params):
+            logits = apply_min_p(logits, column([0.0 if p.greedy else p.min_p for p in params]))
     return logits
 
 
@@ -93,13 +97,16 @@ class Sampler:
         `argmax`, the logits rows' argmax when the model step took it already, then stands for that pass."""
         params = [seq.params for seq in seqs]
         greedy = all(p.greedy and not p.top_log_probs for p in params)
-        if greedy and not any(p.presence_penalty or p.frequency_penalty for p in params):
+        processed = any(seq.processing is not None for seq in seqs)
+        if greedy and not processed and not any(p.presence_penalty or p.frequency_penalty for p in params):
             if argmax is not None and not need_log_probs:
                 return argmax, [float("nan")] * len(params), [[] for _ in params]
             if (self.cpu_greedy and logits.device.type == "cpu" and logits.dtype == torch.float32
                     and logits.stride(-1) == 1):
                 tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits, need_log_probs)
                 return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
+        if processed:
+            logits = apply_logits_processing(logits, seqs)
         logits = final_logits(logits, params, [seq.output_token_ids for seq in seqs])
         if greedy:  # argmax and one log-sum-exp per row
             tokens, token_log_probs = greedy_rows(logits)

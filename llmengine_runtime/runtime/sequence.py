@@ -54,6 +54,9 @@ class Sequence:
     prompt_log_probs: list[float] = field(default_factory=list)
     prompt_top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_log_probs_sent: bool = False
+    # vLLM's extra logits processing (runtime/logits_processors.py), built in make_sequence; None: none asked
+    processing: Any = None
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first admitted
     status: Status = Status.WAITING
     finish_reason: str | None = None
 
