@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from llmengine_runtime.server import (
     batch_api,
     chat_api,
+    completions_api,
     llm_engine_api,
     model_endpoints,
     openai_api,
@@ -116,6 +117,7 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
 
     llm_engine_api.add_routes(app, state)
     openai_api.add_routes(app, state)
+    completions_api.add_routes(app, state)
     chat_api.add_routes(app, state)
     model_endpoints.add_routes(app, state, models_dir, engine_factory)
     batch_api.add_routes(app, state, batch_dir)

@@ -3,8 +3,10 @@ same body and answer, the model named in the body), enough for the `openai` clie
 `chat.completions.create(...)`, plain and streamed, with `n` choices.
 
 The messages go through the model's own chat template (tokenizer_config.json or the GGUF metadata), and the
-templated text is tokenized without adding special tokens again: the template already wrote them. A model
-without a template gets a 400 saying so. The body's rules are in chat_schemas.py.
+templated text is tokenized without adding special tokens again (unless `add_special_tokens`): the template already
+wrote them. A model without a template gets a 400 saying so. The body's rules are in chat_schemas.py. vLLM's
+`continue_final_message` leaves the last message open for the model to go on with (instead of
+`add_generation_prompt`), and `echo` puts that message's content before the answer's.
 
 A stream sends `chat.completion.chunk` events: per choice first a delta with `role: "assistant"`, then the
 content deltas, then an empty delta with its `finish_reason`; with `stream_options.include_usage` every chunk
@@ -14,7 +16,7 @@ has `usage: null` and a last chunk has `choices: []` and the usage. It ends with
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -25,31 +27,57 @@ from fastapi.responses import JSONResponse, Response
 from llmengine_runtime.server.chat_schemas import (
     ChatCompletionRequest,
     chat_sampling_params,
-    refuse_unsupported,
+    template_kwargs,
     template_messages,
 )
 from llmengine_runtime.server.choices import ChoiceGroup, start_choices
 from llmengine_runtime.server.errors import ApiError, ClientGone, GenerationError, bad_request
 from llmengine_runtime.server.log_probs_format import chat_content
+from llmengine_runtime.server.middleware import use_request_id
 from llmengine_runtime.server.openai_api import openai_frames
+from llmengine_runtime.server.sampling_fields import num_choices
 from llmengine_runtime.server.schemas import parse_body
 from llmengine_runtime.server.sse import CLIENT_CLOSED, open_stream
 from llmengine_runtime.server.state import ServedEngine, ServerState
 
 
-def chat_prompt(engine: ServedEngine, model: str, messages: list[dict[str, Any]]) -> list[int]:
-    """The messages through the model's chat template, as token ids (no special tokens added again)."""
+def chat_prompt(engine: ServedEngine, model: str, req: ChatCompletionRequest) -> list[int]:
+    """The messages through the model's chat template, as token ids (no special tokens added again, unless
+    add_special_tokens)."""
     tokenizer = engine.tokenizer
     if tokenizer is None or not tokenizer.chat_template:
         why = "has no tokenizer" if tokenizer is None else "has no chat template"
         raise bad_request(f"model {model!r} {why} (tokenizer_config.json chat_template or the GGUF's "
                           "tokenizer.chat_template), so it cannot serve chat completions: use /v1/completions "
                           "with a prompt of your own")
+    messages = template_messages(req.messages)
+    continuing = bool(req.continue_final_message)
+    if continuing and req.add_generation_prompt:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true: set "
+                          "add_generation_prompt to false to continue the last message")
+    if continuing and messages[-1]["role"] != "assistant":
+        raise bad_request("continue_final_message needs the last message to be the assistant's")
     try:
-        text = tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=bool(req.add_generation_prompt),
+                                             **template_kwargs(req))
     except (jinja2.TemplateError, TypeError, ValueError) as e:
         raise bad_request(f"the model's chat template rejected the messages: {e}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    if continuing:  # cut what the template writes after the last message's content (its end-of-turn marker)
+        final = messages[-1]["content"].rstrip()
+        end = text.rfind(final) if final else -1
+        if end < 0:
+            raise bad_request("continue_final_message: the chat template did not write the last message's content "
+                              "as it was given, so it cannot be continued")
+        text = text[:end + len(final)]
+    return tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+
+
+def echo_text(req: ChatCompletionRequest) -> str:
+    """vLLM's chat echo: the last message's content when it is the assistant's (the answer goes on from it)."""
+    last = req.messages[-1] if req.messages else {}
+    if not req.echo or last.get("role") != "assistant" or last.get("content") is None:
+        return ""
+    return template_messages([last])[0]["content"]
 
 
 def chat_logprobs(out: Any, tokenizer: Any = None, top: int = 0) -> dict:
@@ -58,39 +86,56 @@ def chat_logprobs(out: Any, tokenizer: Any = None, top: int = 0) -> dict:
     return {"content": chat_content(out, tokenizer, top), "refusal": None}
 
 
+class _Reply:
+    """What one chat answer needs beside the deltas: the echo, log-probs, token ids and usage options."""
+
+    def __init__(self, req: ChatCompletionRequest, engine: ServedEngine, prompt: list[int], want_log_probs: bool,
+                 top: int, n: int) -> None:
+        self.n, self.echo, self.want_log_probs = n, echo_text(req), want_log_probs
+        self.logprobs = partial(chat_logprobs, tokenizer=engine.tokenizer, top=top)
+        self.token_ids = bool(req.return_token_ids)
+        self.prompt_ids = prompt
+        options = req.stream_options
+        self.include_usage = bool(options and options.include_usage)
+        self.continuous_usage = self.include_usage and bool(options.continuous_usage_stats)
+
+
 def add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     @app.post("/v2/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = parse_body(await request.body(), ChatCompletionRequest)
-        engine = state.engine(req.model)
-        refuse_unsupported(req)
-        prompt = chat_prompt(engine, req.model, req.messages)
+        use_request_id(request, req.request_id)
+        model = state.model_name(req.model)
+        engine = state.engine(model)
+        prompt = chat_prompt(engine, model, req)
         params = chat_sampling_params(req, len(prompt), engine.max_model_len)
-        n = 1 if req.n is None else req.n
-        group = start_choices(state, request, req.model, prompt, params, n, stream=bool(req.stream))
-        head = {"id": f"chatcmpl-{request.state.request_id.replace('-', '')}", "created": int(time.time()),
-                "model": req.model, "system_fingerprint": None}
-        want_log_probs = params.return_token_log_probs
-        logprobs = partial(chat_logprobs, tokenizer=engine.tokenizer, top=params.top_log_probs)
+        n = num_choices(req)
+        group = start_choices(state, request, model, [prompt], params, n, stream=bool(req.stream))
+        head = {"id": f"chatcmpl-{request.state.request_id}", "created": int(time.time()), "model": model,
+                "system_fingerprint": None}
+        keep = params.truncate_prompt_tokens
+        reply = _Reply(req, engine, prompt[-keep:] if keep else prompt, params.return_token_log_probs,
+                       params.top_log_probs, n)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            frames = openai_frames(_chunks(group, head, want_log_probs, include_usage, n, logprobs))
+            frames = openai_frames(_chunks(group, head, reply))
             return await open_stream(group, state, frames) or Response(status_code=CLIENT_CLOSED)
-        return await _answer(group, head, want_log_probs, n, logprobs)
+        return await _answer(group, head, reply)
 
 
-async def _answer(group: ChoiceGroup, head: dict, want_log_probs: bool, n: int,
-                  logprobs: Callable[[Any], dict] = chat_logprobs) -> Response:
-    text: list[list[str]] = [[] for _ in range(n)]
+async def _answer(group: ChoiceGroup, head: dict, reply: _Reply) -> Response:
+    n = reply.n
+    text: list[list[str]] = [[reply.echo] for _ in range(n)]
     log_probs: list[list[dict]] = [[] for _ in range(n)]
-    finish_reason: list[str | None] = [None] * n
+    token_ids: list[list[int]] = [[] for _ in range(n)]
+    last: list[Any] = [None] * n
     try:
         async for i, out in group.outputs():
             text[i].append(out.text)
-            if want_log_probs:
-                log_probs[i] += logprobs(out)["content"]
-            finish_reason[i] = out.finish_reason
+            token_ids[i] += out.token_ids
+            if reply.want_log_probs:
+                log_probs[i] += reply.logprobs(out)["content"]
+            last[i] = out
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     except GenerationError as e:
@@ -98,27 +143,33 @@ async def _answer(group: ChoiceGroup, head: dict, want_log_probs: bool, n: int,
     finally:
         group.close()
     choices = [{"index": i, "message": {"role": "assistant", "content": "".join(text[i]), "refusal": None},
-                "logprobs": {"content": log_probs[i], "refusal": None} if want_log_probs else None,
-                "finish_reason": finish_reason[i]} for i in range(n)]
-    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": group.usage()})
+                "logprobs": {"content": log_probs[i], "refusal": None} if reply.want_log_probs else None,
+                "finish_reason": last[i].finish_reason, "stop_reason": last[i].stop_reason,
+                **({"token_ids": token_ids[i]} if reply.token_ids else {})} for i in range(n)]
+    ids = {"prompt_token_ids": reply.prompt_ids} if reply.token_ids else {}
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": group.usage(), **ids})
 
 
-async def _chunks(group: ChoiceGroup, head: dict, want_log_probs: bool, include_usage: bool,
-                  n: int, logprobs: Callable[[Any], dict] = chat_logprobs) -> AsyncIterator[dict]:
-    head = {**head, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
+async def _chunks(group: ChoiceGroup, head: dict, reply: _Reply) -> AsyncIterator[dict]:
+    head = {**head, "object": "chat.completion.chunk", **({"usage": None} if reply.include_usage else {})}
 
-    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                     "finish_reason": finish_reason}]}
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None,
+              stop_reason: int | str | None = None, token_ids: list[int] | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                  "stop_reason": stop_reason, **({"token_ids": token_ids or []} if reply.token_ids else {})}
+        usage = {"usage": group.choice_usage(index)} if reply.continuous_usage else {}
+        return {**head, "choices": [choice], **usage}
 
-    started = [False] * n
+    started = [False] * reply.n
     async for i, out in group.outputs():
         if not started[i]:  # sent with the choice's first delta, so a failure before it is still a status
             started[i] = True
-            yield chunk(i, {"role": "assistant", "content": ""})
-        if out.text or (want_log_probs and out.token_ids):
-            yield chunk(i, {"content": out.text}, logprobs=logprobs(out) if want_log_probs else None)
+            first = chunk(i, {"role": "assistant", "content": reply.echo})
+            yield {**first, "prompt_token_ids": reply.prompt_ids} if reply.token_ids else first
+        if out.text or ((reply.want_log_probs or reply.token_ids) and out.token_ids):
+            yield chunk(i, {"content": out.text}, logprobs=reply.logprobs(out) if reply.want_log_probs else None,
+                        token_ids=out.token_ids)
         if out.finished:
-            yield chunk(i, {}, out.finish_reason)
-    if include_usage:
+            yield chunk(i, {}, out.finish_reason, stop_reason=out.stop_reason)
+    if reply.include_usage:
         yield {**head, "choices": [], "usage": group.usage()}

@@ -1,81 +1,95 @@
 """The body of `POST /v1/chat/completions` (and LLM Engine's `/v2/chat/completions`): its schema, the fields
 we refuse, the messages as the chat template wants them, and the runtime's SamplingParams.
 
-Unknown fields are ignored, as elsewhere; but a known OpenAI field that would change the answer and that we
-cannot honour (tools, images, audio, logit_bias, ...) is a 400 naming it, never silently dropped. Nulls count as
-absent. `response_format` text, json_object and json_schema, and vLLM's guided_* extra fields, constrain the
-answer (guided decoding; server/schemas.py `guided`).
+The fields it shares with completions, and the rule every field follows (honoured or refused with a 400 naming
+it, never dropped; unknown fields refused too), are in sampling_fields.py and field_policy.py. Nulls count as
+absent. Chat's own honoured fields: messages, max_tokens / max_completion_tokens, logprobs, top_logprobs, and
+vLLM's echo, add_generation_prompt, continue_final_message, add_special_tokens, documents, chat_template_kwargs
+and reasoning_effort (the last three reach the chat template, as vLLM passes them).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from llmengine_runtime.runtime import SamplingParams
 from llmengine_runtime.server.errors import bad_request
-from llmengine_runtime.server.schemas import StreamOptions, _Body, check_seed, guided, openai_sampling
+from llmengine_runtime.server.field_policy import NO_EFFECT_COMMON, REFUSED_COMMON
+from llmengine_runtime.server.sampling_fields import SamplingFields, sampling_params
 
 ROLES = {"system", "user", "assistant", "developer"}  # developer: OpenAI's newer name for system
 MAX_TOP_LOGPROBS = 20
 
-# field -> why it is refused; a field is refused when present and not null (or not its harmless value below)
-UNSUPPORTED = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
-    "audio": "audio output is not supported",
-    "modalities": "only text output is supported",
-    "logit_bias": "logit_bias is not supported",
-    "prediction": "predicted outputs are not supported",
-    "web_search_options": "web search is not supported",
+# field -> (accepted values, why); refused when present, not null and not accepted (field_policy.py)
+REFUSED_CHAT: dict[str, tuple[list[Any], str]] = {
+    **REFUSED_COMMON,
+    "tools": ([[]], "tool calling is not supported"),
+    "tool_choice": (["none"], "tool calling is not supported"),
+    "functions": ([[]], "function calling is not supported"),
+    "function_call": (["none"], "function calling is not supported"),
+    "audio": ([], "audio output is not supported"),
+    "modalities": ([["text"]], "only text output is supported"),
+    "prediction": ([], "predicted outputs are not supported"),
+    "web_search_options": ([], "web search is not supported"),
+    "chat_template": ([], "per-request chat templates are not accepted: the model's own template is used"),
+    "verbosity": ([], "the models served here have no verbosity setting"),
 }
-HARMLESS = {"modalities": [["text"]], "logit_bias": [{}]}
+NO_EFFECT_CHAT = {
+    **NO_EFFECT_COMMON,
+    "parallel_tool_calls": "without tools (refused) there is no tool call to make in parallel",
+    "include_reasoning": "the models served here have no reasoning parser: their whole answer is the content",
+    "mm_processor_kwargs": "only text is accepted: there is no media to process",
+    "media_io_kwargs": "only text is accepted: there is no media to read",
+}
+TEMPLATE_OWN = {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "documents"}
 
 
-class ChatCompletionRequest(_Body):
-    model: str
+class ChatCompletionRequest(SamplingFields):
+    REFUSED: ClassVar[dict[str, tuple[list[Any], str]]] = REFUSED_CHAT
+    NO_EFFECT: ClassVar[dict[str, str]] = NO_EFFECT_CHAT
+
     messages: list[dict[str, Any]]
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    n: int | None = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    user: str | None = None
-    ignore_eos: bool | None = False  # vLLM's extension, as on the other routes
-    response_format: Any = None  # text, json_object or json_schema (guided decoding)
-    guided_json: Any = None  # vLLM's guided decoding extra fields
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    # refused unless null (see UNSUPPORTED)
+    # vLLM's chat fields
+    echo: bool | None = False  # the last message's content first, when it is the assistant's
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = False
+    documents: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    # refused unless null or accepted (REFUSED_CHAT), or of no effect (NO_EFFECT_CHAT)
     tools: Any = None
     tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
     modalities: Any = None
-    logit_bias: Any = None
     prediction: Any = None
     web_search_options: Any = None
+    chat_template: Any = None
+    verbosity: Any = None
+    parallel_tool_calls: Any = None
+    include_reasoning: Any = None
+    mm_processor_kwargs: Any = None
+    media_io_kwargs: Any = None
 
 
-def refuse_unsupported(req: ChatCompletionRequest) -> None:
-    """400 naming the first OpenAI field of the request that we would otherwise have to ignore."""
-    for field, why in UNSUPPORTED.items():
-        value = getattr(req, field)
-        if value is not None and value not in HARMLESS.get(field, []):
-            raise bad_request(f"{field} is not supported: {why}")
+def template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+    """The extra variables the chat template sees: chat_template_kwargs, documents and reasoning_effort."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    clash = sorted(TEMPLATE_OWN & set(kwargs))
+    if clash:
+        raise bad_request(f"chat_template_kwargs.{clash[0]} is not accepted: the server sets it "
+                          f"(accepted: any other name, e.g. enable_thinking)")
+    if req.documents is not None:
+        kwargs["documents"] = req.documents
+    if req.reasoning_effort is not None:
+        kwargs["reasoning_effort"] = req.reasoning_effort
+    return kwargs
 
 
 def _text(content: Any, where: str) -> str:
@@ -121,14 +135,11 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 def chat_sampling_params(req: ChatCompletionRequest, prompt_tokens: int, max_model_len: int) -> SamplingParams:
     """SamplingParams for one choice (seed as given). Without max_tokens, the answer may fill the context."""
-    if req.stream_options is not None and not req.stream:
-        raise bad_request("stream_options is only allowed with stream: true")
     top = req.top_logprobs
     if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
         raise bad_request(f"top_logprobs={top} is out of range: accepted 0 to {MAX_TOP_LOGPROBS}")
     if top and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true")
-    check_seed(req.seed)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
         max_tokens = max_model_len - prompt_tokens
@@ -136,8 +147,5 @@ def chat_sampling_params(req: ChatCompletionRequest, prompt_tokens: int, max_mod
             raise bad_request(f"the prompt is {prompt_tokens} tokens after the chat template, but the model's "
                               f"context is {max_model_len} tokens: no room for an answer")
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    return openai_sampling(max_tokens=max_tokens, max_tokens_name=name, temperature=req.temperature,
-                           top_p=req.top_p, stop=req.stop, presence_penalty=req.presence_penalty,
-                           frequency_penalty=req.frequency_penalty, seed=req.seed,
-                           log_probs=bool(req.logprobs), ignore_eos=bool(req.ignore_eos),
-                           guided=guided(req, req.response_format), top_log_probs=top or 0)
+    return sampling_params(req, max_tokens=max_tokens, max_tokens_name=name, log_probs=bool(req.logprobs),
+                           top_log_probs=top or 0, max_model_len=max_model_len)

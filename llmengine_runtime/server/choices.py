@@ -1,16 +1,19 @@
-"""OpenAI's `n`: the n engine requests behind one HTTP request, admitted, watched and ended together.
+"""OpenAI's `n` and batches of prompts: the engine requests behind one HTTP request, admitted, watched and ended
+together.
 
-    group = start_choices(state, request, model, prompt, params, n)
+    group = start_choices(state, request, model, prompts, params, n)
     try:
-        async for index, out in group.outputs():  # deltas of all n choices, as they come
+        async for index, out in group.outputs():  # deltas of every choice, as they come
             ...
     finally:
         group.close()
 
-Each choice is its own engine request (`<request id>-<i>` when n > 1), with its own seed derived from the
-request's (`seed + i`), so one seeded request always gives the same n choices. One task watches the
-client's connection for all of them. When the client leaves, or one choice fails, `outputs()` raises and
-`close()` aborts every choice still running, so none keeps its KV blocks.
+Choice `index = i * n + j` is sample j of prompt i (vLLM's order). Each is its own engine request
+(`<request id>-<index>` when there is more than one), with its own seed derived from the request's (`seed + j`), so
+one seeded request always gives the same n choices of a prompt. All are admitted before any answer is read, so
+they batch, and all or none: a refusal of one (429, or a 400 naming the prompt's index) ends those already
+admitted. One task watches the client's connection for all of them. When the client leaves, or one choice fails,
+`outputs()` raises and `close()` aborts every choice still running, so none keeps its KV blocks.
 
 `state.finish_job(group)` closes a group too, which is how `sse.open_stream` ends a streamed one.
 """
@@ -42,8 +45,9 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 class ChoiceGroup:
-    def __init__(self, state: ServerState, request: Request) -> None:
+    def __init__(self, state: ServerState, request: Request, n: int = 1) -> None:
         self.state = state
+        self.n = n  # choices per prompt: job `index` is sample index % n of prompt index // n
         self.jobs: list[Job] = []
         self._gone = asyncio.Event()
         self._watch_task = asyncio.create_task(self._watch(request.receive))
@@ -59,17 +63,30 @@ class ChoiceGroup:
         await self._gone.wait()
         return {"type": "http.disconnect"}
 
+    def prompt_jobs(self) -> list[list[Job]]:
+        return [self.jobs[i:i + self.n] for i in range(0, len(self.jobs), self.n)]
+
     @property
     def num_prompt_tokens(self) -> int:
-        return max((job.num_prompt_tokens for job in self.jobs), default=0)
+        """Each prompt counted once, however many choices it has."""
+        return sum(max(job.num_prompt_tokens for job in jobs) for jobs in self.prompt_jobs())
 
     @property
     def num_completion_tokens(self) -> int:
         return sum(job.num_completion_tokens for job in self.jobs)
 
     def usage(self) -> dict:
-        """OpenAI's usage object: the prompt counted once, the completions of every choice."""
+        """OpenAI's usage object: each prompt counted once, the completions of every choice, and (vLLM's
+        prompt_tokens_details) the prompt tokens the prefix cache held."""
         prompt, completion = self.num_prompt_tokens, self.num_completion_tokens
+        cached = sum(max(job.num_cached_tokens for job in jobs) for jobs in self.prompt_jobs())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def choice_usage(self, index: int) -> dict:
+        """vLLM's continuous_usage_stats: one choice's usage so far."""
+        job = self.jobs[index]
+        prompt, completion = job.num_prompt_tokens, job.num_completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -110,18 +127,27 @@ class ChoiceGroup:
             self.state.finish_job(job)
 
 
-def start_choices(state: ServerState, request: Request, model: str, prompt: str | list[int],
+def start_choices(state: ServerState, request: Request, model: str, prompts: list[str | list[int]],
                   params: SamplingParams, n: int, stream: bool = True) -> ChoiceGroup:
-    """Admit n engine requests, all or none (a refusal of one, 429 or 400, ends those already admitted)."""
+    """Admit n engine requests per prompt, all or none (a refusal of one, 429 or 400, ends those already admitted;
+    with several prompts a 400 names the prompt's index)."""
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n={n} is out of range: accepted 1 to {MAX_N}")
-    group = ChoiceGroup(state, request)
+    group = ChoiceGroup(state, request, n)
     base_id = request.state.request_id
+    single = len(prompts) * n == 1
     try:
-        for i, choice in enumerate(choice_params(params, n)):
-            request_id = base_id if n == 1 else f"{base_id}-{i}"
-            group.jobs.append(state.start_job(request, model, prompt, choice, request_id=request_id,
-                                              receive=group.client_gone, stream=stream))
+        for i, prompt in enumerate(prompts):
+            for j, choice in enumerate(choice_params(params, n)):
+                index = i * n + j
+                try:
+                    group.jobs.append(state.start_job(request, model, prompt, choice,
+                                                      request_id=base_id if single else f"{base_id}-{index}",
+                                                      receive=group.client_gone, stream=stream))
+                except ApiError as e:
+                    if e.status != 400 or len(prompts) == 1:
+                        raise
+                    raise ApiError(400, f"prompt[{i}]: {e.detail}") from None
     except BaseException:
         group.close()
         raise

@@ -33,6 +33,7 @@ class Job:
         self.finished = False
         self.num_prompt_tokens = 0
         self.num_completion_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens the prefix cache held (vLLM's cached_tokens)
         # for the log's summary line (server/logs.py): perf_counter times, and how it ended
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -75,6 +76,7 @@ class Job:
                 self.first_token_at = first_at if first_at is not None else now
             self.num_prompt_tokens = item.num_prompt_tokens
             self.num_completion_tokens = item.num_completion_tokens
+            self.num_cached_tokens = getattr(item, "num_cached_tokens", 0)
             if item.token_ids and self._on_token:
                 if first_at is not None and self._first:  # the first token, then the others
                     self._on_token(True, 1, first_at - self._last)

@@ -1,5 +1,8 @@
 """The ASGI layer in front of every route: request id, auth, body size limit, request counting.
 
+The request id is the client's `X-Request-Id` header when it sends one (as vLLM), else a fresh UUID; a route may
+replace it (vLLM's `request_id` body field: `use_request_id`). The response's `x-request-id` header says it.
+
 A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which buffers streams and hides disconnects).
 The body is read here, up to the limit, and replayed to the route; after it, `receive` is the server's own
 again, so a route still sees the client's disconnect.
@@ -10,16 +13,29 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from starlette.routing import Match
 
+from llmengine_runtime.server.errors import ApiError
 from llmengine_runtime.server.logs import RefusalLog
 from llmengine_runtime.server.openai_api import error_object, is_openai_path
 
 OPEN_PATHS = {"/healthcheck", "/healthz", "/readyz", "/"}  # "/": the playground page (its API calls need the key)
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: it goes into headers, logs and engine ids
+REQUEST_ID_RULE = "accepted 1 to 128 visible ASCII characters (no spaces)"
+
+
+def use_request_id(request: Any, request_id: str | None) -> None:
+    """Make a body's `request_id` (vLLM's field) the request's id; 400 if it is not a usable id."""
+    if request_id is None:
+        return
+    if not REQUEST_ID.fullmatch(request_id):
+        raise ApiError(400, f"request_id={request_id[:40]!r} is not a usable id: {REQUEST_ID_RULE}")
+    request.state.request_id = request_id
 
 
 def presented_keys(headers: dict[bytes, bytes]) -> list[bytes]:
@@ -77,9 +93,10 @@ class Gatekeeper:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = str(uuid.uuid4())
-        scope.setdefault("state", {})["request_id"] = request_id
-        id_header = (b"x-request-id", request_id.encode())
+        given = dict(scope["headers"]).get(b"x-request-id")
+        request_id = given.decode("latin-1") if given is not None else str(uuid.uuid4())
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         status = [500]
         refusal = RefusalLog(scope, request_id)  # logs why a 4xx was given, whoever gave it
 
@@ -87,10 +104,16 @@ class Gatekeeper:
             refusal.see(message)
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                id_header = (b"x-request-id", state["request_id"].encode("latin-1"))  # a route may replace it
                 message = {**message, "headers": [*message.get("headers", []), id_header]}
             await send(message)
 
         try:
+            if given is not None and not REQUEST_ID.fullmatch(request_id):
+                state["request_id"] = request_id = str(uuid.uuid4())
+                await send_json(send_with_id, 400, {"detail": f"x-request-id header: {REQUEST_ID_RULE}",
+                                                    "request_id": request_id}, path=scope["path"])
+                return
             await self._guarded(scope, receive, send_with_id, request_id)
         finally:
             self.metrics.requests.labels(self._route_label(scope), str(status[0])).inc()

@@ -115,6 +115,17 @@ class ServerState:
             raise ApiError(503, "the models are still loading" if not self.load_error
                            else f"the models failed to load: {self.load_error}")
 
+    def model_name(self, name: str | None) -> str:
+        """The model an OpenAI-style request names, or the one served when it names none (as vLLM); 400 when it
+        names none and several are served."""
+        self.require_ready()
+        engines = self.engines
+        if name:
+            return name
+        if len(engines) == 1:
+            return next(iter(engines))
+        raise ApiError(400, f"model is required: this server serves {len(engines)} models ({', '.join(engines)})")
+
     def engine(self, name: str | None) -> ServedEngine:
         """The engine serving `name`, or ApiError (503 still loading, 400 no name, 404 unknown)."""
         self.require_ready()

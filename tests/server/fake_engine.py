@@ -11,7 +11,8 @@ Each request holds 1 block, plus 1 per 4 tokens, until it finishes or is aborted
 steers it as the words they encode (FakeTokenizer: one id per distinct word).
 
 `FakeEngine(chat_template="fake")` has a chat template: each message renders as "CONTENT <|ROLE|>", then
-"<|assistant|>"; without one, apply_chat_template raises as the real tokenizer does.
+"<|assistant|>"; without one, apply_chat_template raises as the real tokenizer does. It records the extra
+template variables it was given (`tokenizer.template_kwargs`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class FakeTokenizer:
         self.eos_token_id = 0
         self._ids: dict[str, int] = {}
         self.special_tokens_added: list[bool] = []  # add_special_tokens of every encode() call
+        self.template_kwargs: list[dict] = []  # the extra variables of every apply_chat_template() call
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.special_tokens_added.append(add_special_tokens)
@@ -39,9 +41,10 @@ class FakeTokenizer:
         words = {i: w for w, i in self._ids.items()}
         return " ".join(words[i] for i in ids if i in words)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.chat_template:
             raise ValueError("this fake tokenizer has no chat_template")
+        self.template_kwargs.append(kwargs)
         text = " ".join(f"{m['content']} <|{m['role']}|>" for m in messages)
         return text + " <|assistant|>" if add_generation_prompt else text
 

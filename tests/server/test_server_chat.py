@@ -85,7 +85,8 @@ def test_stream_chunks_usage_and_done(chat_server):
     assert r.status_code == 200 and events[-1] == "[DONE]" and r.text.endswith("data: [DONE]\n\n")
     first, *_, last = [json.loads(e) for e in events[:-1]]
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length",
+                                  "stop_reason": None}
     assert "usage" not in last
 
 
@@ -96,8 +97,9 @@ def test_v2_chat_plain_matches_v1(chat_server):
     for answer in (v1, v2):
         assert answer["choices"] == [{"index": 0, "message": {"role": "assistant", "content": " w0 w1",
                                                               "refusal": None},
-                                      "logprobs": None, "finish_reason": "length"}]
-        assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+                                      "logprobs": None, "finish_reason": "length", "stop_reason": None}]
+        assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                                   "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_logprobs_of_the_chosen_token(chat_server):
@@ -141,7 +143,8 @@ def test_n_choices_with_seeds(chat_server):
     ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"five": 1}}, "logit_bias"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
@@ -155,7 +158,10 @@ def test_n_choices_with_seeds(chat_server):
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"n": 0}, "n=0"),
     ({"seed": 2 ** 64}, "seed"),
-    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"extra_body": {"top_k": -2}}, "top_k"),
+    ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
+    ({"stream_options": {"include_usage": True, "nope": 1}, "stream": True}, "stream_options.nope"),
 ])
 def test_unsupported_or_bad_fields_are_400_naming_them(chat_server, extra, field):
     engine = chat_server.engine
@@ -298,7 +304,8 @@ def test_real_chat_equals_completions_of_the_templated_prompt(llm_server):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage == chat.usage
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat.usage.total_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: from the prefix cache
     assert wait_for(lambda: idle(llm_server.engine), timeout=5)
 
 

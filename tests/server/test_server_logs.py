@@ -58,7 +58,7 @@ AUTH = {"x-api-key": "k"}
 def test_each_4xx_logs_its_status_route_and_detail(fake_server, server_log):
     url = fake_server.url
     cases = [
-        (httpx.post(url + "/v1/completions", headers=AUTH, json={"model": "fake", "prompt": "a", "temperature": 9}),
+        (httpx.post(url + "/v1/completions", headers=AUTH, json={"model": "fake", "prompt": "a", "temperature": -1}),
          "400 POST /v1/completions: ", "temperature"),
         (httpx.post(url + "/v1/llm/completions-sync?model_endpoint_name=ghost", headers=AUTH, json=llm_body()),
          "404 POST /v1/llm/completions-sync: ", "model 'ghost' is not served here"),

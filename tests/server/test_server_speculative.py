@@ -7,15 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from llmengine_runtime.server.completion_schemas import OpenAICompletionRequest, sampling_params_openai
 from llmengine_runtime.server.errors import ApiError
 from llmengine_runtime.server.metrics import Metrics
-from llmengine_runtime.server.schemas import (
-    CompletionV1Request,
-    OpenAICompletionRequest,
-    parse_body,
-    sampling_params_openai,
-    sampling_params_v1,
-)
+from llmengine_runtime.server.schemas import CompletionV1Request, parse_body, sampling_params_v1
 
 V1 = {"prompt": "hi", "max_new_tokens": 4, "temperature": 0}
 OPENAI = {"model": "m", "prompt": "hi", "max_tokens": 4}
