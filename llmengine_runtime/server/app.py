@@ -33,6 +33,7 @@ from llmengine_runtime.server import (
     model_endpoints,
     openai_api,
     playground,
+    tokenize_api,
     unsupported_api,
 )
 from llmengine_runtime.server.errors import ApiError
@@ -119,6 +120,7 @@ def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: 
     openai_api.add_routes(app, state)
     completions_api.add_routes(app, state)
     chat_api.add_routes(app, state)
+    tokenize_api.add_routes(app, state)  # vLLM's /tokenize, /detokenize, /health, /ping, /version
     model_endpoints.add_routes(app, state, models_dir, engine_factory)
     batch_api.add_routes(app, state, batch_dir)
     unsupported_api.add_routes(app)

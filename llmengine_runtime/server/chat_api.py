@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 
 from llmengine_runtime.server.chat_schemas import (
     ChatCompletionRequest,
+    ChatTemplateFields,
     chat_sampling_params,
     template_kwargs,
     template_messages,
@@ -41,7 +42,7 @@ from llmengine_runtime.server.sse import CLIENT_CLOSED, open_stream
 from llmengine_runtime.server.state import ServedEngine, ServerState
 
 
-def chat_prompt(engine: ServedEngine, model: str, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt(engine: ServedEngine, model: str, req: ChatTemplateFields) -> list[int]:
     """The messages through the model's chat template, as token ids (no special tokens added again, unless
     add_special_tokens)."""
     tokenizer = engine.tokenizer

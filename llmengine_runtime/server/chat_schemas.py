@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from llmengine_runtime.runtime import SamplingParams
 from llmengine_runtime.server.errors import bad_request
-from llmengine_runtime.server.field_policy import NO_EFFECT_COMMON, REFUSED_COMMON
+from llmengine_runtime.server.field_policy import NO_EFFECT_COMMON, REFUSED_COMMON, OpenAIBody
 from llmengine_runtime.server.sampling_fields import SamplingFields, sampling_params
 
 ROLES = {"system", "user", "assistant", "developer"}  # developer: OpenAI's newer name for system
@@ -44,25 +44,31 @@ NO_EFFECT_CHAT = {
 TEMPLATE_OWN = {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "documents"}
 
 
-class ChatCompletionRequest(SamplingFields):
-    REFUSED: ClassVar[dict[str, tuple[list[Any], str]]] = REFUSED_CHAT
-    NO_EFFECT: ClassVar[dict[str, str]] = NO_EFFECT_CHAT
+class ChatTemplateFields(OpenAIBody):
+    """The fields that say how the messages become a prompt: chat completions' and /tokenize's."""
 
     messages: list[dict[str, Any]]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
-    # vLLM's chat fields
-    echo: bool | None = False  # the last message's content first, when it is the assistant's
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     add_special_tokens: bool | None = False
     documents: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    chat_template: Any = None  # refused
+    tools: Any = None  # refused (REFUSED_CHAT)
+    mm_processor_kwargs: Any = None  # no effect
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
+    REFUSED: ClassVar[dict[str, tuple[list[Any], str]]] = REFUSED_CHAT
+    NO_EFFECT: ClassVar[dict[str, str]] = NO_EFFECT_CHAT
+
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    echo: bool | None = False  # vLLM's: the last message's content first, when it is the assistant's
     # refused unless null or accepted (REFUSED_CHAT), or of no effect (NO_EFFECT_CHAT)
-    tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
@@ -70,15 +76,13 @@ class ChatCompletionRequest(SamplingFields):
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
-    chat_template: Any = None
     verbosity: Any = None
     parallel_tool_calls: Any = None
     include_reasoning: Any = None
-    mm_processor_kwargs: Any = None
     media_io_kwargs: Any = None
 
 
-def template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+def template_kwargs(req: ChatTemplateFields) -> dict[str, Any]:
     """The extra variables the chat template sees: chat_template_kwargs, documents and reasoning_effort."""
     kwargs = dict(req.chat_template_kwargs or {})
     clash = sorted(TEMPLATE_OWN & set(kwargs))

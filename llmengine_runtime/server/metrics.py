@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app, in a registry of its own (two apps in one process never collide)."""
+"""Prometheus metrics of one app, in a registry of its own (two apps in one process never collide), and their
+`vllm:`-named aliases (metrics_vllm.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from llmengine_runtime.server.metrics_vllm import VllmMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0, 10.0, 30.0)
 
@@ -78,18 +81,26 @@ class Metrics:
         self.in_flight = Gauge("llmengine_requests_in_flight",
                                "generation requests in the server (waiting + running)", registry=r)
         r.register(_EngineCollector(engines))
+        self.vllm = VllmMetrics(r, engines)
 
     def token_observer(self, model: str) -> Callable[[bool, int, float], None]:
         tokens, ttft, tpot = self.tokens.labels(model), self.ttft.labels(model), self.tpot.labels(model)
+        vllm_tokens, vllm_ttft = self.vllm.generation_tokens.labels(model), self.vllm.ttft.labels(model)
 
         def observe(first: bool, n: int, seconds: float) -> None:
             tokens.inc(n)
+            vllm_tokens.inc(n)
             if first:
                 ttft.observe(seconds)
+                vllm_ttft.observe(seconds)
             else:
                 for _ in range(n):
                     tpot.observe(seconds / n)
         return observe
+
+    def request_finished(self, job: Any) -> None:
+        """An engine request ended (server.generation.Job): its prompt tokens and latency."""
+        self.vllm.request_finished(job)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

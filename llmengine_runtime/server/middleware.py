@@ -24,7 +24,8 @@ from llmengine_runtime.server.errors import ApiError
 from llmengine_runtime.server.logs import RefusalLog
 from llmengine_runtime.server.openai_api import error_object, is_openai_path
 
-OPEN_PATHS = {"/healthcheck", "/healthz", "/readyz", "/"}  # "/": the playground page (its API calls need the key)
+# "/": the playground page (its API calls need the key); /health, /ping and /version: vLLM's, open as there
+OPEN_PATHS = {"/healthcheck", "/healthz", "/readyz", "/", "/health", "/ping", "/version"}
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: it goes into headers, logs and engine ids
 REQUEST_ID_RULE = "accepted 1 to 128 visible ASCII characters (no spaces)"
 

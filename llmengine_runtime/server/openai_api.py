@@ -23,8 +23,10 @@ DONE = b"data: [DONE]\n\n"
 
 def is_openai_path(path: str) -> bool:
     """Paths whose errors carry OpenAI's error object: all of /v1/ (the openai client's base URL, so an
-    unknown route there too) except LLM Engine's /v1/llm/, and LLM Engine's OpenAI-style /v2/."""
-    return path.startswith(("/v1/", "/v2/")) and not path.startswith("/v1/llm/")
+    unknown route there too) except LLM Engine's /v1/llm/, LLM Engine's OpenAI-style /v2/, and vLLM's
+    /tokenize and /detokenize."""
+    return (path.startswith(("/v1/", "/v2/")) and not path.startswith("/v1/llm/")) \
+        or path in ("/tokenize", "/detokenize")
 
 
 def error_object(status: int, message: str) -> dict:

@@ -165,6 +165,7 @@ class ServerState:
         job.close()
         if job in self.jobs:  # once per engine request (a choice group closes its jobs through here too)
             logs.request_finished(job)
+            self.metrics.request_finished(job)
         self.jobs.discard(job)
         self.metrics.in_flight.set(len(self.jobs))
 
