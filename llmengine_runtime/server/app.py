@@ -39,15 +39,20 @@ from llmengine_runtime.server import (
 from llmengine_runtime.server.errors import ApiError
 from llmengine_runtime.server.middleware import Gatekeeper
 from llmengine_runtime.server.state import EngineSource, ServerState
+from llmengine_runtime.server.tools import TOOL_PARSERS
 
 
 def create_app(engines: EngineSource, *, api_key: str | None = None, max_queue: int = 256,
                max_body_bytes: int = 1_000_000, batch_dir: Path | None = None, models_dir: Path | None = None,
-               engine_factory: model_endpoints.EngineFactory | None = None) -> FastAPI:
+               engine_factory: model_endpoints.EngineFactory | None = None,
+               tool_call_parser: str | None = None) -> FastAPI:
     """`batch_dir`: where batch jobs read and write (default ~/.cache/llmengine/batch); `models_dir`: where
     `POST /v1/llm/model-endpoints` may load checkpoints from (default the local models folder);
-    `engine_factory(name, folder, max_model_len)` builds those engines (default a runtime.AsyncEngine)."""
-    state = ServerState(engines, max_queue=max_queue)
+    `engine_factory(name, folder, max_model_len)` builds those engines (default a runtime.AsyncEngine);
+    `tool_call_parser` ("hermes") serves chat's tool_choice "auto" (server/tools.py)."""
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"tool_call_parser={tool_call_parser!r}: accepted {', '.join(TOOL_PARSERS)}")
+    state = ServerState(engines, max_queue=max_queue, tool_call_parser=tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -40,18 +40,30 @@ from llmengine_runtime.server.sampling_fields import num_choices
 from llmengine_runtime.server.schemas import parse_body
 from llmengine_runtime.server.sse import CLIENT_CLOSED, open_stream
 from llmengine_runtime.server.state import ServedEngine, ServerState
+from llmengine_runtime.server.tool_calls import ToolCallOutput
+from llmengine_runtime.server.tools import ToolPlan, check_history, plan_tools, template_takes_tools
 
 
-def chat_prompt(engine: ServedEngine, model: str, req: ChatTemplateFields) -> list[int]:
-    """The messages through the model's chat template, as token ids (no special tokens added again, unless
-    add_special_tokens)."""
+def chat_template(engine: ServedEngine, model: str) -> str:
+    """The model's chat template, or a 400 saying why there is none."""
     tokenizer = engine.tokenizer
     if tokenizer is None or not tokenizer.chat_template:
         why = "has no tokenizer" if tokenizer is None else "has no chat template"
         raise bad_request(f"model {model!r} {why} (tokenizer_config.json chat_template or the GGUF's "
                           "tokenizer.chat_template), so it cannot serve chat completions: use /v1/completions "
                           "with a prompt of your own")
+    return tokenizer.chat_template
+
+
+def chat_prompt(engine: ServedEngine, model: str, req: ChatTemplateFields, tools: list | None = None) -> list[int]:
+    """The messages through the model's chat template (with `tools` when it takes them), as token ids (no special
+    tokens added again, unless add_special_tokens)."""
+    tokenizer, template = engine.tokenizer, chat_template(engine, model)
     messages = template_messages(req.messages)
+    check_history(messages, template)
+    kwargs = template_kwargs(req)
+    if tools is not None and template_takes_tools(template):
+        kwargs["tools"] = tools
     continuing = bool(req.continue_final_message)
     if continuing and req.add_generation_prompt:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true: set "
@@ -60,7 +72,7 @@ def chat_prompt(engine: ServedEngine, model: str, req: ChatTemplateFields) -> li
         raise bad_request("continue_final_message needs the last message to be the assistant's")
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=bool(req.add_generation_prompt),
-                                             **template_kwargs(req))
+                                             **kwargs)
     except (jinja2.TemplateError, TypeError, ValueError) as e:
         raise bad_request(f"the model's chat template rejected the messages: {e}") from None
     if continuing:  # cut what the template writes after the last message's content (its end-of-turn marker)
@@ -91,8 +103,9 @@ class _Reply:
     """What one chat answer needs beside the deltas: the echo, log-probs, token ids and usage options."""
 
     def __init__(self, req: ChatCompletionRequest, engine: ServedEngine, prompt: list[int], want_log_probs: bool,
-                 top: int, n: int) -> None:
+                 top: int, n: int, plan: ToolPlan) -> None:
         self.n, self.echo, self.want_log_probs = n, echo_text(req), want_log_probs
+        self.tools = [ToolCallOutput(plan) for _ in range(n)] if plan.choice != "none" else None
         self.logprobs = partial(chat_logprobs, tokenizer=engine.tokenizer, top=top)
         self.token_ids = bool(req.return_token_ids)
         self.prompt_ids = prompt
@@ -109,15 +122,22 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         use_request_id(request, req.request_id)
         model = state.model_name(req.model)
         engine = state.engine(model)
-        prompt = chat_prompt(engine, model, req)
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, chat_template(engine, model),
+                          state.tool_call_parser)
+        prompt = chat_prompt(engine, model, req, plan.tools)
         params = chat_sampling_params(req, len(prompt), engine.max_model_len)
+        if plan.constraint is not None:  # tool_choice required or named: the guided-JSON path enforces the call
+            if params.guided is not None:
+                raise bad_request(f"tool_choice {req.tool_choice!r} constrains the answer already: it cannot be "
+                                  "combined with response_format, structured_outputs or guided_*")
+            params.guided = ("json", plan.constraint)
         n = num_choices(req)
         group = start_choices(state, request, model, [prompt], params, n, stream=bool(req.stream))
         head = {"id": f"chatcmpl-{request.state.request_id}", "created": int(time.time()), "model": model,
                 "system_fingerprint": None}
         keep = params.truncate_prompt_tokens
         reply = _Reply(req, engine, prompt[-keep:] if keep else prompt, params.return_token_log_probs,
-                       params.top_log_probs, n)
+                       params.top_log_probs, n, plan)
         if req.stream:
             frames = openai_frames(_chunks(group, head, reply))
             return await open_stream(group, state, frames) or Response(status_code=CLIENT_CLOSED)
@@ -143,10 +163,18 @@ async def _answer(group: ChoiceGroup, head: dict, reply: _Reply) -> Response:
         raise ApiError(e.status, e.message) from None
     finally:
         group.close()
-    choices = [{"index": i, "message": {"role": "assistant", "content": "".join(text[i]), "refusal": None},
-                "logprobs": {"content": log_probs[i], "refusal": None} if reply.want_log_probs else None,
-                "finish_reason": last[i].finish_reason, "stop_reason": last[i].stop_reason,
-                **({"token_ids": token_ids[i]} if reply.token_ids else {})} for i in range(n)]
+    choices = []
+    for i in range(n):
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text[i]), "refusal": None}
+        finish_reason = last[i].finish_reason
+        if reply.tools is not None:
+            fields, called = reply.tools[i].message("".join(text[i][1:]))  # (no echo before a tool call)
+            message.update(fields)
+            finish_reason = reply.tools[i].finish_reason(finish_reason, called)
+        choices.append({"index": i, "message": message,
+                        "logprobs": {"content": log_probs[i], "refusal": None} if reply.want_log_probs else None,
+                        "finish_reason": finish_reason, "stop_reason": last[i].stop_reason,
+                        **({"token_ids": token_ids[i]} if reply.token_ids else {})})
     ids = {"prompt_token_ids": reply.prompt_ids} if reply.token_ids else {}
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": group.usage(), **ids})
 
@@ -167,9 +195,19 @@ async def _chunks(group: ChoiceGroup, head: dict, reply: _Reply) -> AsyncIterato
             started[i] = True
             first = chunk(i, {"role": "assistant", "content": reply.echo})
             yield {**first, "prompt_token_ids": reply.prompt_ids} if reply.token_ids else first
+        logprobs = reply.logprobs(out) if reply.want_log_probs else None
+        if reply.tools is not None:
+            deltas, called = reply.tools[i].deltas(out.text, out.finished)
+            ids = out.token_ids
+            for delta in deltas:
+                yield chunk(i, delta, logprobs=logprobs, token_ids=ids)
+                logprobs, ids = None, []  # sent once, with the first delta
+            if out.finished:
+                yield chunk(i, {}, reply.tools[i].finish_reason(out.finish_reason, called),
+                            stop_reason=out.stop_reason)
+            continue
         if out.text or ((reply.want_log_probs or reply.token_ids) and out.token_ids):
-            yield chunk(i, {"content": out.text}, logprobs=reply.logprobs(out) if reply.want_log_probs else None,
-                        token_ids=out.token_ids)
+            yield chunk(i, {"content": out.text}, logprobs=logprobs, token_ids=out.token_ids)
         if out.finished:
             yield chunk(i, {}, out.finish_reason, stop_reason=out.stop_reason)
     if reply.include_usage:

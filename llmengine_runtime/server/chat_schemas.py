@@ -5,7 +5,8 @@ The fields it shares with completions, and the rule every field follows (honoure
 it, never dropped; unknown fields refused too), are in sampling_fields.py and field_policy.py. Nulls count as
 absent. Chat's own honoured fields: messages, max_tokens / max_completion_tokens, logprobs, top_logprobs, and
 vLLM's echo, add_generation_prompt, continue_final_message, add_special_tokens, documents, chat_template_kwargs
-and reasoning_effort (the last three reach the chat template, as vLLM passes them).
+and reasoning_effort (the last three reach the chat template, as vLLM passes them); tools, tool_choice and
+parallel_tool_calls (tools.py, tool_calls.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from llmengine_runtime.runtime import SamplingParams
 from llmengine_runtime.server.errors import bad_request
 from llmengine_runtime.server.field_policy import NO_EFFECT_COMMON, REFUSED_COMMON, OpenAIBody
 from llmengine_runtime.server.sampling_fields import SamplingFields, sampling_params
+from llmengine_runtime.server.tools import history_tool_calls
 
 ROLES = {"system", "user", "assistant", "developer"}  # developer: OpenAI's newer name for system
 MAX_TOP_LOGPROBS = 20
@@ -23,8 +25,6 @@ MAX_TOP_LOGPROBS = 20
 # field -> (accepted values, why); refused when present, not null and not accepted (field_policy.py)
 REFUSED_CHAT: dict[str, tuple[list[Any], str]] = {
     **REFUSED_COMMON,
-    "tools": ([[]], "tool calling is not supported"),
-    "tool_choice": (["none"], "tool calling is not supported"),
     "functions": ([[]], "function calling is not supported"),
     "function_call": (["none"], "function calling is not supported"),
     "audio": ([], "audio output is not supported"),
@@ -36,7 +36,6 @@ REFUSED_CHAT: dict[str, tuple[list[Any], str]] = {
 }
 NO_EFFECT_CHAT = {
     **NO_EFFECT_COMMON,
-    "parallel_tool_calls": "without tools (refused) there is no tool call to make in parallel",
     "include_reasoning": "the models served here have no reasoning parser: their whole answer is the content",
     "mm_processor_kwargs": "only text is accepted: there is no media to process",
     "media_io_kwargs": "only text is accepted: there is no media to read",
@@ -54,8 +53,8 @@ class ChatTemplateFields(OpenAIBody):
     documents: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    tools: list[Any] | None = None  # function tools (tools.py)
     chat_template: Any = None  # refused
-    tools: Any = None  # refused (REFUSED_CHAT)
     mm_processor_kwargs: Any = None  # no effect
 
 
@@ -68,8 +67,9 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     echo: bool | None = False  # vLLM's: the last message's content first, when it is the assistant's
+    tool_choice: str | dict[str, Any] | None = None  # tools.py
+    parallel_tool_calls: bool | None = None
     # refused unless null or accepted (REFUSED_CHAT), or of no effect (NO_EFFECT_CHAT)
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -77,7 +77,6 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     prediction: Any = None
     web_search_options: Any = None
     verbosity: Any = None
-    parallel_tool_calls: Any = None
     include_reasoning: Any = None
     media_io_kwargs: Any = None
 
@@ -115,25 +114,40 @@ def _text(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The request's messages as chat templates read them: [{"role", "content": str}], or 400 naming the
-    message that is wrong."""
+MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's messages as chat templates read them: {"role", "content": str} plus `name`, an assistant's
+    `tool_calls` (arguments parsed) and a tool result's `tool_call_id`; or 400 naming the message that is wrong."""
     if not messages:
         raise bad_request("messages must be a non-empty list")
     out = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.get("role")
-        if role not in ROLES:
-            raise bad_request(f"{where}.role {role!r} is not supported: accepted system, user, assistant"
-                              + (" (tool calling is not supported)" if role in ("tool", "function") else ""))
-        for field in ("tool_calls", "function_call", "audio"):
-            if message.get(field) is not None:
-                raise bad_request(f"{where}.{field} is not supported")
-        if message.get("content") is None:
+        if role not in ROLES and role != "tool":
+            raise bad_request(f"{where}.role {role!r} is not supported: accepted system, developer, user, assistant, "
+                              "tool")
+        unknown = sorted(k for k, v in message.items() if k not in MESSAGE_KEYS and v is not None)
+        if unknown:
+            raise bad_request(f"{where}.{unknown[0]} is not supported")
+        calls = message.get("tool_calls")
+        if message.get("content") is None and not (role == "assistant" and calls):
             raise bad_request(f"{where}.content is required")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _text(message["content"], where)})
+        item: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                "content": _text(message.get("content") or "", where)}
+        if isinstance(message.get("name"), str):
+            item["name"] = message["name"]
+        if calls:
+            if role != "assistant":
+                raise bad_request(f"{where}.tool_calls: only assistant messages make tool calls")
+            item["tool_calls"] = history_tool_calls(calls, where)
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise bad_request(f"{where}.tool_call_id is required (the id of the call it answers)")
+            item["tool_call_id"] = message["tool_call_id"]
+        out.append(item)
     return out
 
 

@@ -24,6 +24,7 @@ from llmengine_runtime.models.zoo import DEFAULT_MODEL, parse_model_arg
 from llmengine_runtime.runtime.engine_setup import KV_CACHE_DTYPE_NAMES
 from llmengine_runtime.server import logs
 from llmengine_runtime.server.app import create_app
+from llmengine_runtime.server.tools import TOOL_PARSERS
 
 GRACE_SECONDS = 10.0
 
@@ -116,6 +117,9 @@ def quantize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_speculative_args(parser: argparse.ArgumentParser) -> None:
     """Speculative decoding's options (`llmengine serve` and `llmengine generate`)."""
+    parser.add_argument("--tool-call-parser", default=None, choices=list(TOOL_PARSERS),
+                        help="serve chat's tool_choice 'auto' (OpenAI's default with tools): read the model's "
+                             "<tool_call>{json}</tool_call> blocks (hermes: Qwen2.5, Hermes and others) as tool calls")
     parser.add_argument("--speculative", default=None, metavar="ngram|MODEL",
                         help="speculative decoding: n-gram proposals from the sequence's own tokens, or a draft model "
                              "(zoo name or folder) sharing the tokenizer; greedy output is unchanged (default: off)")
@@ -203,7 +207,8 @@ def run_serve(args: argparse.Namespace) -> int:
                            cpu_threads=args.threads, **quantize_kwargs(args))
 
     app = create_app(load_engines, api_key=api_key, max_queue=args.max_queue, batch_dir=args.batch_dir,
-                     models_dir=args.models_dir, engine_factory=load_at_run_time)
+                     models_dir=args.models_dir, engine_factory=load_at_run_time,
+                     tool_call_parser=args.tool_call_parser)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=3, timeout_keep_alive=30)
     logs.configure("info")  # our lines (server/logs.py) in uvicorn's format, beside its own

@@ -54,8 +54,9 @@ EngineSource = dict[str, ServedEngine] | Callable[[], dict[str, ServedEngine]]
 
 
 class ServerState:
-    def __init__(self, source: EngineSource, *, max_queue: int) -> None:
+    def __init__(self, source: EngineSource, *, max_queue: int, tool_call_parser: str | None = None) -> None:
         self.source = source
+        self.tool_call_parser = tool_call_parser  # "hermes": tool_choice "auto" reads tool calls out of answers
         self.engines: dict[str, ServedEngine] = {}
         self.ready = False
         self.load_error: str | None = None

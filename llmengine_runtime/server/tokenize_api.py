@@ -19,12 +19,13 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from llmengine_runtime.server.chat_api import chat_prompt
+from llmengine_runtime.server.chat_api import chat_prompt, chat_template
 from llmengine_runtime.server.chat_schemas import REFUSED_CHAT, ChatTemplateFields
 from llmengine_runtime.server.errors import bad_request
 from llmengine_runtime.server.field_policy import NO_EFFECT_COMMON, OpenAIBody
 from llmengine_runtime.server.schemas import parse_body
 from llmengine_runtime.server.state import ServedEngine, ServerState
+from llmengine_runtime.server.tools import plan_tools
 
 
 class TokenizePromptRequest(OpenAIBody):
@@ -35,8 +36,7 @@ class TokenizePromptRequest(OpenAIBody):
 
 
 class TokenizeChatRequest(ChatTemplateFields):
-    REFUSED: ClassVar[dict[str, tuple[list[Any], str]]] = {
-        name: REFUSED_CHAT[name] for name in ("chat_template", "tools")}
+    REFUSED: ClassVar[dict[str, tuple[list[Any], str]]] = {"chat_template": REFUSED_CHAT["chat_template"]}
     NO_EFFECT: ClassVar[dict[str, str]] = {
         "mm_processor_kwargs": "only text is accepted: there is no media to process"}
 
@@ -77,7 +77,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         engine = state.engine(model)
         tokenizer = _tokenizer(engine, model)
         if chat:
-            tokens = chat_prompt(engine, model, req)
+            plan = plan_tools(req.tools, "none", None, chat_template(engine, model), None)
+            tokens = chat_prompt(engine, model, req, plan.tools)
         else:
             tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
         strs = [tokenizer.decode([t], skip_special_tokens=False) for t in tokens] if req.return_token_strs else None

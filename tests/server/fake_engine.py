@@ -7,6 +7,7 @@ Prompts that steer it:
 - "raise-after K ...": K tokens, then the iterator raises RuntimeError;
 - "fail-others-after K ...": as fail-after, but a request whose id ends in "-0" (choice 0 of n) runs on;
 - "quiet ...": every other delta has a token but no text (the detokenizer holding bytes back).
+`engine.reply = [text, ...]` scripts the answer instead: one delta per text, then finish reason "stop".
 Each request holds 1 block, plus 1 per 4 tokens, until it finishes or is aborted. A prompt of token ids
 steers it as the words they encode (FakeTokenizer: one id per distinct word).
 
@@ -32,6 +33,7 @@ class FakeTokenizer:
         self._ids: dict[str, int] = {}
         self.special_tokens_added: list[bool] = []  # add_special_tokens of every encode() call
         self.template_kwargs: list[dict] = []  # the extra variables of every apply_chat_template() call
+        self.messages: list[list[dict]] = []  # the messages of every apply_chat_template() call
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.special_tokens_added.append(add_special_tokens)
@@ -45,6 +47,7 @@ class FakeTokenizer:
         if not self.chat_template:
             raise ValueError("this fake tokenizer has no chat_template")
         self.template_kwargs.append(kwargs)
+        self.messages.append(messages)
         text = " ".join(f"{m['content']} <|{m['role']}|>" for m in messages)
         return text + " <|assistant|>" if add_generation_prompt else text
 
@@ -67,6 +70,7 @@ class FakeEngine:
         self.started = False
         self.shut_down = False
         self.failed: str | None = None  # set it to play an engine whose tensor-parallel worker died
+        self.reply: list[str] | None = None  # a scripted answer: one delta per text, then "stop"
 
     def start(self) -> None:
         self.started = True
@@ -128,12 +132,16 @@ class FakeEngine:
                     yield RequestOutput(rid, "", [], None, True, "error", n_prompt, n, "boom")
                     return
                 text = "" if words and words[0] == "quiet" and n % 2 == 0 else f" w{n}"
+                if self.reply is not None:
+                    text = self.reply[n]
                 n += 1
                 with self._lock:
                     self._blocks[rid] = 1 + n // 4
-                done = n >= params.max_new_tokens
+                said = self.reply is not None and n >= len(self.reply)
+                done = n >= params.max_new_tokens or said
                 log_probs = [-0.5 * n] if params.return_token_log_probs else None
-                yield RequestOutput(rid, text, [n], log_probs, done, "length" if done else None, n_prompt, n, None)
+                reason = ("stop" if said else "length") if done else None
+                yield RequestOutput(rid, text, [n], log_probs, done, reason, n_prompt, n, None)
                 if done:
                     return
         finally:

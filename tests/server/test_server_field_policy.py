@@ -113,6 +113,8 @@ COMPLETION: dict[str, tuple[dict, object]] = {
 }
 
 ASSISTANT_LAST = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure,"}]
+X_SCHEMA = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": X_SCHEMA}}]
 
 
 def template_got(name: str, want: object) -> Check:
@@ -131,9 +133,12 @@ CHAT: dict[str, tuple[dict, object]] = {
     "top_logprobs": ({"logprobs": True, "top_logprobs": 2}, param("top_log_probs", 2)),
     "max_tokens": ({"max_tokens": 2}, param("max_new_tokens", 2)),
     "max_completion_tokens": ({"max_completion_tokens": 2}, param("max_new_tokens", 2)),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, REFUSED),
-    "tool_choice": ({"tool_choice": "required"}, REFUSED),
-    "parallel_tool_calls": ({"parallel_tool_calls": False}, NO_EFFECT),
+    "tools": ({"tools": TOOLS, "tool_choice": "required"},
+              lambda e, p, r: p.guided[1]["items"]["anyOf"][0]["properties"]["parameters"] == X_SCHEMA),
+    "tool_choice": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+                    param("guided", ("json", X_SCHEMA))),
+    "parallel_tool_calls": ({"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
+                            lambda e, p, r: p.guided[1]["maxItems"] == 1),
     "reasoning_effort": ({"reasoning_effort": "low"}, template_got("reasoning_effort", "low")),
     "include_reasoning": ({"include_reasoning": False}, NO_EFFECT),
     "echo": ({"echo": True, "messages": ASSISTANT_LAST},
@@ -165,6 +170,7 @@ BASE = {"/v1/completions": {"model": "fake", "prompt": "a b", "max_tokens": 3},
 ROUTES = {"/v1/completions": (COMPLETION, OpenAICompletionRequest),
           "/v1/chat/completions": (CHAT, ChatCompletionRequest)}
 CASES = [(path, field) for path, (fields, _) in ROUTES.items() for field in fields]
+IDS = [f"{'chat' if 'chat' in path else 'completions'}-{field}" for path, field in CASES]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +181,7 @@ def live():
         yield server
 
 
-@pytest.mark.parametrize("path, field", CASES, ids=[f"{p.split('/')[-1]}-{f}" for p, f in CASES])
+@pytest.mark.parametrize("path, field", CASES, ids=IDS)
 def test_each_vllm_field_is_honoured_or_refused_by_name(live, path, field):
     fields, model = ROUTES[path]
     body, expect = fields[field]
