@@ -113,14 +113,18 @@ def logits_processing(params: SamplingParams, tokenizer: Any, vocab_size: int,
 
 def apply_logits_processing(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
     """`logits` `[B, V]` with each row processed as its sequence's `processing` says (row i is seqs[i]'s); the
-    same tensor when no row has any."""
+    same tensor when no row has any. A row the processing would leave without any finite logit (its allowed tokens
+    all banned, or all forbidden by its guided constraint) keeps its unprocessed logits for this step: a row of
+    -inf would make NaN probabilities, and the draw would fail the whole batch."""
     rows = [i for i, seq in enumerate(seqs) if getattr(seq, "processing", None) is not None]
     if not rows:
         return logits
     out = logits.float().clone()
     for i in rows:
         seq = seqs[i]
-        out[i] = seq.processing.apply(out[i], seq.prompt_token_ids, seq.output_token_ids)
+        row = seq.processing.apply(out[i], seq.prompt_token_ids, seq.output_token_ids)
+        if bool(torch.isfinite(row).any()):
+            out[i] = row
     return out
 
 

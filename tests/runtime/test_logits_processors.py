@@ -44,6 +44,14 @@ def test_rows_without_processing_are_untouched_in_a_mixed_batch():
     assert log_probs[1] == pytest.approx(plain)
 
 
+def test_a_row_left_with_nothing_allowed_keeps_its_logits_and_the_batch_goes_on():
+    logits = torch.tensor([[0.0, 1.0, 3.0, 0, 0, 0, 0, 0]] * 2)
+    stuck = seq(SamplingParams(temperature=1.0, seed=1, allowed_token_ids=[2]))
+    stuck.processing.bad_words = [[2]]  # the one allowed token banned too
+    tokens, log_probs = Sampler()(logits, [stuck, seq(SamplingParams())])
+    assert tokens[1] == 2 and all(lp == lp for lp in log_probs)  # no NaN; the other row is served
+
+
 def test_min_tokens_masks_the_stop_tokens_until_reached():
     logits = torch.tensor([[0.0, 1.0, 0, 0, 0, 0, 0, 9.0]])  # 7 is the model's stop token here
     params = SamplingParams(max_new_tokens=5, min_tokens=2, stop_token_ids=[1])
