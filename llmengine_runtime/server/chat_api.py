@@ -65,13 +65,14 @@ def chat_prompt(engine: ServedEngine, model: str, req: ChatTemplateFields, tools
     if tools is not None and template_takes_tools(template):
         kwargs["tools"] = tools
     continuing = bool(req.continue_final_message)
-    if continuing and req.add_generation_prompt:
+    generation_prompt = req.add_generation_prompt is not False  # null: the default, true
+    if continuing and generation_prompt:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true: set "
                           "add_generation_prompt to false to continue the last message")
     if continuing and messages[-1]["role"] != "assistant":
         raise bad_request("continue_final_message needs the last message to be the assistant's")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=bool(req.add_generation_prompt),
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
                                              **kwargs)
     except (jinja2.TemplateError, TypeError, ValueError) as e:
         raise bad_request(f"the model's chat template rejected the messages: {e}") from None
