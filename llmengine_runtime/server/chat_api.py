@@ -94,10 +94,10 @@ def echo_text(req: ChatCompletionRequest) -> str:
     return template_messages([last])[0]["content"]
 
 
-def chat_logprobs(out: Any, tokenizer: Any = None, top: int = 0) -> dict:
+def chat_logprobs(out: Any, tokenizer: Any = None, top: int = 0, by_id: bool = False) -> dict:
     """OpenAI's chat `logprobs` for a delta's tokens, each with its `top` most likely alternatives
     (server/log_probs_format.py)."""
-    return {"content": chat_content(out, tokenizer, top), "refusal": None}
+    return {"content": chat_content(out, tokenizer, top, by_id), "refusal": None}
 
 
 class _Reply:
@@ -107,7 +107,8 @@ class _Reply:
                  top: int, n: int, plan: ToolPlan) -> None:
         self.n, self.echo, self.want_log_probs = n, echo_text(req), want_log_probs
         self.tools = [ToolCallOutput(plan) for _ in range(n)] if plan.choice != "none" else None
-        self.logprobs = partial(chat_logprobs, tokenizer=engine.tokenizer, top=top)
+        self.logprobs = partial(chat_logprobs, tokenizer=engine.tokenizer, top=top,
+                                by_id=bool(req.return_tokens_as_token_ids))
         self.token_ids = bool(req.return_token_ids)
         self.prompt_ids = prompt
         options = req.stream_options

@@ -50,10 +50,12 @@ class _Echo:
         self.text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt) if tokenizer else ""
         self.top = req.logprobs
         self.tokenizer = tokenizer
+        self.by_id = bool(req.return_tokens_as_token_ids)  # vLLM's: tokens named token_id:N
         self.started: set[int] = set()
 
     def log_probs(self) -> LegacyLogProbs:
-        return LegacyLogProbs(self.tokenizer, self.top, per_token_text=bool(self.top) or self.on)
+        return LegacyLogProbs(None if self.by_id else self.tokenizer, self.top,
+                              per_token_text=bool(self.top) or self.on or self.by_id)
 
     def first(self, i: int, out: Any, log_probs: LegacyLogProbs) -> str:
         """The text to put before choice i's output `out`: the prompt on its first output, else ""."""

@@ -49,7 +49,6 @@ REFUSED_COMMON: dict[str, tuple[list[Any], str]] = {
     "guided_whitespace_pattern": ([], "JSON's whitespace is fixed here (at most one newline and 32 blanks in a "
                                       "row); a schema's own x-guidance settings replace it"),
     "structural_tag": ([], "structural tags are not supported: use guided_json, guided_regex or guided_grammar"),
-    "return_tokens_as_token_ids": ([False], "tokens in log-probs are always named by their text"),
 }
 
 

@@ -70,13 +70,16 @@ class LegacyLogProbs:
                 "text_offset": self.text_offset[start:]}
 
 
-def chat_content(out: Any, tokenizer: Any, top: int) -> list[dict]:
+def chat_content(out: Any, tokenizer: Any, top: int, by_id: bool = False) -> list[dict]:
     """OpenAI's chat `logprobs.content` entries for a delta's tokens; with `top` > 0 each has its top_logprobs
-    [{token, logprob, bytes}] and tokens are named by decoding each alone."""
+    [{token, logprob, bytes}] and tokens are named by decoding each alone; with `by_id` (vLLM's
+    return_tokens_as_token_ids) every token is named `token_id:N`."""
     tops = out.top_log_probs or [[] for _ in out.token_ids]
+    if by_id:
+        tokenizer = None
     entries = []
     for (delta_text, lp), token_id, top_ids in zip(token_entries(out), out.token_ids, tops):
-        text = token_text(tokenizer, token_id) if top else delta_text
+        text = token_text(tokenizer, token_id) if top or by_id else delta_text
         alternatives = [{"token": t, "logprob": v, "bytes": list(t.encode())}
                         for t, v in _top_dict(tokenizer, top_ids[:top]).items()] if top else []
         entries.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": alternatives})

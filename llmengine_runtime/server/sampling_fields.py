@@ -56,6 +56,7 @@ class SamplingFields(OpenAIBody):
     bad_words: list[str] | None = None
     return_token_ids: bool | None = None
     request_id: str | None = None  # vLLM's: the request's id (as the X-Request-Id header)
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: log-probs name tokens token_id:N
     speculative: bool | None = None  # our extension: false opts out of speculative decoding where it is on
     # guided decoding: vLLM's fields and OpenAI's response_format
     response_format: Any = None
@@ -75,7 +76,6 @@ class SamplingFields(OpenAIBody):
     priority: Any = None
     guided_whitespace_pattern: Any = None
     structural_tag: Any = None
-    return_tokens_as_token_ids: Any = None
     user: Any = None
     metadata: Any = None
     service_tier: Any = None

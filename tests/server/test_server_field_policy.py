@@ -87,7 +87,6 @@ SHARED: dict[str, tuple[dict, object]] = {
     "request_id": ({"request_id": "my-own-id"},
                    lambda e, p, r: e.request_ids[-1] == "my-own-id" and r.headers["x-request-id"] == "my-own-id"),
     "logits_processors": ({"logits_processors": ["my.Processor"]}, REFUSED),
-    "return_tokens_as_token_ids": ({"return_tokens_as_token_ids": True}, REFUSED),
     "return_token_ids": ({"return_token_ids": True}, answer(lambda a: a["choices"][0]["token_ids"] == [1, 2, 3])),
     "cache_salt": ({"cache_salt": "salt"}, REFUSED),
     "kv_transfer_params": ({"kv_transfer_params": {"do_remote_prefill": True}}, REFUSED),
@@ -109,6 +108,8 @@ COMPLETION: dict[str, tuple[dict, object]] = {
     "logprobs": ({"logprobs": 2}, param("top_log_probs", 2)),
     "max_tokens": ({"max_tokens": 2}, param("max_new_tokens", 2)),
     "suffix": ({"suffix": "the end"}, REFUSED),
+    "return_tokens_as_token_ids": ({"return_tokens_as_token_ids": True, "logprobs": 1}, answer(
+        lambda a: a["choices"][0]["logprobs"]["tokens"] == ["token_id:1", "token_id:2", "token_id:3"])),
     "add_special_tokens": ({"add_special_tokens": False}, lambda e, p, r: not e.tokenizer.special_tokens_added[-1]),
 }
 
@@ -133,6 +134,9 @@ CHAT: dict[str, tuple[dict, object]] = {
     "top_logprobs": ({"logprobs": True, "top_logprobs": 2}, param("top_log_probs", 2)),
     "max_tokens": ({"max_tokens": 2}, param("max_new_tokens", 2)),
     "max_completion_tokens": ({"max_completion_tokens": 2}, param("max_new_tokens", 2)),
+    "return_tokens_as_token_ids": ({"return_tokens_as_token_ids": True, "logprobs": True}, answer(
+        lambda a: [t["token"] for t in a["choices"][0]["logprobs"]["content"]] == ["token_id:1", "token_id:2",
+                                                                                   "token_id:3"])),
     "tools": ({"tools": TOOLS, "tool_choice": "required"},
               lambda e, p, r: p.guided[1]["items"]["anyOf"][0]["properties"]["parameters"] == X_SCHEMA),
     "tool_choice": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "f"}}},
