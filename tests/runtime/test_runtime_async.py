@@ -150,7 +150,7 @@ def test_a_failing_step_or_request_does_not_stop_the_loop(tiny_engine, monkeypat
     def make_sequence(prompt, params, request_id=None, deadline=None, **kwargs):
         seq = real_make(prompt, params, request_id, deadline, **kwargs)
         if request_id == "bad":
-            seq.text.add = lambda token: 1 / 0
+            seq.text.add = lambda token, check_stops=True: 1 / 0
         return seq
 
     monkeypatch.setattr(tiny_engine.engine, "make_sequence", make_sequence)
