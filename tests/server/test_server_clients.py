@@ -106,7 +106,7 @@ def test_openai_client_completions(llm_server):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="a", max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.completions.create(model=MODEL, prompt="a", max_tokens=1, temperature=2.5)
+        client.completions.create(model=MODEL, prompt="a", max_tokens=1, temperature=-1)
     with pytest.raises(openai.BadRequestError, match="best_of=3 is not supported"):
         client.completions.create(model=MODEL, prompt="a", max_tokens=1, n=2, best_of=3)
 
