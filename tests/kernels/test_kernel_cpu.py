@@ -30,7 +30,8 @@ def built():
 
 # Registers that a build for each lower target must not use (make test-isa reruns these tests against such builds on
 # a machine that has more): AVX-512's zmm and opmask registers above AVX2; any 256-bit register below it.
-FORBIDDEN_REGISTERS = {"x86-64-v3": r"%zmm|%k[1-7]\b", "x86-64-v2": r"%ymm|%zmm|%k[1-7]\b"}
+# VNNI's vpdpbusd is above both.
+FORBIDDEN_REGISTERS = {"x86-64-v3": r"%zmm|%k[1-7]\b|vpdpbusd", "x86-64-v2": r"%ymm|%zmm|%k[1-7]\b|vpdpbusd"}
 
 
 def test_the_build_holds_its_targets_instructions():
@@ -44,8 +45,11 @@ def test_the_build_holds_its_targets_instructions():
         assert not used, f"a -march={march} build uses {used}"
     else:
         assert march == "native"
-        has_avx2 = " avx2 " in Path("/proc/cpuinfo").read_text()
-        assert ("%ymm" in disassembly) == has_avx2
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split())
+        assert ("%ymm" in disassembly) == ("avx2" in flags)
+        # the quantized products' dot products take vpdpbusd where the CPU has it
+        assert ("vpdpbusd" in disassembly) == bool({"avx512_vnni", "avx_vnni"} & flags)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,11 +9,32 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LLME_AVX2 1
+// VNNI's vpdpbusd does AVX2's maddubs + madd (u8 x s8, four products summed into each int32 lane) in one
+// instruction: AVX-512 VNNI on 256-bit registers (with VL), or AVX-VNNI. The sums are exact either way.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLME_VNNI 512
+#elif defined(__AVXVNNI__)
+#define LLME_VNNI 256
+#endif
 #endif
 
 namespace llmengine_cpu {
 
 constexpr int64_t QK = 32;  // values per quantization block
+
+#ifdef LLME_AVX2
+// acc + (u8 w . s8 x per int32 lane j: bytes 4j..4j+3). Exact: maddubs' pair sums stay within int16 for our
+// operands (|w| <= 128 after the sign trick, |x| <= 127), so both forms give the same lanes, bit for bit.
+inline __m256i dot_u8_s8_add(__m256i acc, __m256i w, __m256i x) {
+#if LLME_VNNI == 512
+  return _mm256_dpbusd_epi32(acc, w, x);
+#elif LLME_VNNI == 256
+  return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
+#endif
 
 inline float half_to_float(uint16_t h) {
 #ifdef LLME_AVX2

@@ -8,8 +8,9 @@
 // x fp32 [M, K] is quantized per block of 32 (llama.cpp's Q8_1): xd = max|x| / 127, xq = round(x / xd) in
 // -127..127 (zeros past K), xs = xd * sum(xq). Then y[i, n] = sum_b d[n,b] xd[i,b] (q . xq)[b] (+ m[n,b] xs[i,b]).
 // Grid: at::parallel_for over output rows n; one task holds a run of rows and, for each chunk of 64
-// activation rows, computes tiles of one weight row x up to 4 activation rows with AVX2
-// (maddubs: u8 x s8 -> pairs of s16, madd -> s32, fma into fp32 lanes). Without AVX2 a scalar loop does it.
+// activation rows, computes tiles of one weight row x up to 4 activation rows with AVX2 (maddubs: u8 x s8 -> pairs
+// of s16, madd -> s32; or VNNI's vpdpbusd, the same exact lanes in one instruction), fma into fp32 lanes. Without
+// AVX2 a scalar loop does it. A row's sums go in the same order whatever the tile, the chunk or the thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,7 +40,7 @@ inline __m256i q4_block(const uint8_t* p) {
 
 // u8 w (0..15) . s8 x -> 8 fp32 partial sums.
 inline __m256 dot_u8_s8(__m256i w, __m256i x) {
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  return _mm256_cvtepi32_ps(dot_u8_s8_add(_mm256_setzero_si256(), w, x));
 }
 
 // s8 w . s8 x through |w| (as u8, so w = -128 gives 128) and x * sign(w) (x is in -127..127, so negating it
@@ -58,7 +59,7 @@ inline __m256 dot_s8_s8(__m256i w, __m256i x) {
 template <int MT>
 void q4_row_tile_paired(const uint8_t* wq, const uint16_t* wd, const uint16_t* wm, int64_t nb,
                         const QuantizedRows& xr, int64_t i0, float* y, int64_t ldy) {
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[MT], macc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps(), macc[t] = _mm256_setzero_ps();
   auto pair = [&](int64_t b, const __m256 (&scale)[MT]) {
@@ -68,8 +69,8 @@ void q4_row_tile_paired(const uint8_t* wq, const uint16_t* wd, const uint16_t* w
       const int8_t* x = xr.q.data() + ((i0 + t) * nb + b) * QK;
       const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
       const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + QK));
-      const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(w_lo, x_lo), _mm256_maddubs_epi16(w_hi, x_hi));
-      acc[t] = _mm256_fmadd_ps(scale[t], _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones)), acc[t]);
+      const __m256i sum32 = dot_u8_s8_add(dot_u8_s8_add(_mm256_setzero_si256(), w_lo, x_lo), w_hi, x_hi);
+      acc[t] = _mm256_fmadd_ps(scale[t], _mm256_cvtepi32_ps(sum32), acc[t]);
     }
   };
   int64_t b = 0;
