@@ -16,9 +16,10 @@
 // at a time: the G = H / Hkv query heads' scores, then an online-softmax update of each head's max, exp-sum and
 // exp-weighted value sum), and the chunks' partials merged in chunk order. How the (row, KV head, chunk) pieces are
 // dealt to threads changes only who computes them.
-// Grid: PagedAttention::split (few rows: decode steps) runs each (row, KV head, chunk) as a task, then each (row,
-// head)'s merge as another; PagedAttention::rows (many rows: prompt chunks) runs each (row, KV head) as a task that
-// computes its chunks into its own scratch and merges them.
+// Grid: the split form (few rows: decode steps) runs each (row, KV head, chunk) as a task, then each (row, head)'s
+// merge as another; the tiled form (many rows: prompt chunks) runs each (tile of up to ROW_TILE consecutive rows of
+// one sequence, KV head) as a task that takes each block of keys through all the tile's rows while it is in cache,
+// keeps each row's chunk partials in its own scratch and merges them. Each row's arithmetic is the same in both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -83,58 +84,68 @@ void check_block_tables(const int32_t* bt, const int32_t* lp, int64_t S, int64_t
 
 int64_t num_chunks(int64_t keys) { return std::max<int64_t>(1, (keys + CHUNK_KEYS - 1) / CHUNK_KEYS); }
 
-void PagedAttention::chunk(int64_t r, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc) const {
-  if (half_cache) chunk_rows(r, kvh, c, scores, m, l, acc, static_cast<const Half*>(k_cache),
+void PagedAttention::chunk(int64_t r0, int64_t nr, int64_t kvh, int64_t c, float* scores, float* m, float* l,
+                           float* acc) const {
+  if (half_cache) chunk_rows(r0, nr, kvh, c, scores, m, l, acc, static_cast<const Half*>(k_cache),
                              static_cast<const Half*>(v_cache));
-  else chunk_rows(r, kvh, c, scores, m, l, acc, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache));
+  else chunk_rows(r0, nr, kvh, c, scores, m, l, acc, static_cast<const float*>(k_cache),
+                  static_cast<const float*>(v_cache));
 }
 
 template <typename E>
-void PagedAttention::chunk_rows(int64_t r, int64_t kvh, int64_t c, float* scores, float* m_run, float* l_run,
-                                float* acc, const E* k_rows, const E* v_rows) const {
-  const int64_t G = H / Hkv, row_stride = Hkv * d, s = row_seq[r], L = row_keys[r];
-  const int64_t j0 = std::min(L, c * CHUNK_KEYS), j1 = std::min(L, j0 + CHUNK_KEYS);
-  std::fill(m_run, m_run + G, -std::numeric_limits<float>::infinity());
-  std::fill(l_run, l_run + G, 0.f);  // (l stays 0 for an empty chunk)
-  std::fill(acc, acc + G * d, 0.f);
-  const float* q_group = q + r * q_row_stride + kvh * G * q_head_stride;
-  // One block of keys at a time (one block-table lookup each): the G heads' scores, then an online-softmax
-  // update of each head's state, its value sum kept in registers over the block's keys.
-  for (int64_t j = j0; j < j1;) {
-    const int64_t off = j % block_size, take = std::min(block_size - off, j1 - j);
+void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, float* scores, float* m_all,
+                                float* l_all, float* acc_all, const E* k_rows, const E* v_rows) const {
+  const int64_t G = H / Hkv, row_stride = Hkv * d, s = row_seq[r0], j0 = c * CHUNK_KEYS;
+  int64_t j_end = j0;  // the furthest key any row of the tile sees in this chunk
+  for (int64_t i = 0; i < nr; ++i) j_end = std::max(j_end, std::min(row_keys[r0 + i], j0 + CHUNK_KEYS));
+  std::fill(m_all, m_all + nr * G, -std::numeric_limits<float>::infinity());
+  std::fill(l_all, l_all + nr * G, 0.f);  // (l stays 0 for an empty chunk)
+  std::fill(acc_all, acc_all + nr * G * d, 0.f);
+  // One block of keys at a time (one block-table lookup each), for every row of the tile while the block is in
+  // cache. A row's pieces are the same whatever the tile: from j0 to each block's end, the last one to its own end.
+  for (int64_t j = j0; j < j_end;) {
+    const int64_t off = j % block_size, block_take = std::min(block_size - off, j_end - j);
     const int64_t block = block_tables[s * max_blocks + j / block_size];
     const int64_t first = ((block * block_size + off) * Hkv + kvh) * d;
     const E* kb = k_rows + first;
     const E* vb = v_rows + first;
-    for (int64_t g = 0; g < G; ++g) {
-      float* sc = scores + g * block_size;
-      const float* qg = q_group + g * q_head_stride;
-      const float slope = slopes ? slopes[kvh * G + g] : 0.f;
-      float block_max = -std::numeric_limits<float>::infinity();
-      dot_rows(qg, kb, row_stride, take, d, sc);
-      for (int64_t t = 0; t < take; ++t) {
-        sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(j + t - (L - 1)) : 0.f);
-        block_max = std::max(block_max, sc[t]);
-      }
-      const float m_new = std::max(m_run[g], block_max), alpha = std::exp(m_run[g] - m_new);
-      int64_t t = 0;
-      float block_sum = 0.f;
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t L = row_keys[r0 + i], j1 = std::min(L, j0 + CHUNK_KEYS);
+      if (j >= j1) continue;
+      const int64_t take = std::min(block_size - off, j1 - j);
+      const float* q_group = q + (r0 + i) * q_row_stride + kvh * G * q_head_stride;
+      float *m_run = m_all + i * G, *l_run = l_all + i * G, *acc = acc_all + i * G * d;
+      // the G heads' scores, then an online-softmax update of each head's state, its value sum in registers
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = scores + g * block_size;
+        const float* qg = q_group + g * q_head_stride;
+        const float slope = slopes ? slopes[kvh * G + g] : 0.f;
+        float block_max = -std::numeric_limits<float>::infinity();
+        dot_rows(qg, kb, row_stride, take, d, sc);
+        for (int64_t t = 0; t < take; ++t) {
+          sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(j + t - (L - 1)) : 0.f);
+          block_max = std::max(block_max, sc[t]);
+        }
+        const float m_new = std::max(m_run[g], block_max), alpha = std::exp(m_run[g] - m_new);
+        int64_t t = 0;
+        float block_sum = 0.f;
 #ifdef LLME_VEC_MATH
-      const __m256 m8 = _mm256_set1_ps(m_new);
-      __m256 sum8 = _mm256_setzero_ps();
-      for (; t + 8 <= take; t += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m8));
-        _mm256_storeu_ps(sc + t, e);
-        sum8 = _mm256_add_ps(sum8, e);
-      }
-      block_sum = hsum256(sum8);
+        const __m256 m8 = _mm256_set1_ps(m_new);
+        __m256 sum8 = _mm256_setzero_ps();
+        for (; t + 8 <= take; t += 8) {
+          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m8));
+          _mm256_storeu_ps(sc + t, e);
+          sum8 = _mm256_add_ps(sum8, e);
+        }
+        block_sum = hsum256(sum8);
 #endif
-      for (; t < take; ++t) block_sum += (sc[t] = std::exp(sc[t] - m_new));
-      l_run[g] = l_run[g] * alpha + block_sum;
-      m_run[g] = m_new;
-      accumulate_values(acc + g * d, alpha, sc, vb, row_stride, take, d);
+        for (; t < take; ++t) block_sum += (sc[t] = std::exp(sc[t] - m_new));
+        l_run[g] = l_run[g] * alpha + block_sum;
+        m_run[g] = m_new;
+        accumulate_values(acc + g * d, alpha, sc, vb, row_stride, take, d);
+      }
     }
-    j += take;
+    j += block_take;
   }
 }
 
@@ -173,7 +184,7 @@ void PagedAttention::split_task(int64_t task, const int64_t* row_task, float* sc
   const int64_t r = std::upper_bound(row_task, row_task + T + 1, task) - row_task - 1;
   const int64_t chunks = num_chunks(row_keys[r]), kvh = (task - row_task[r]) / chunks,
                 c = (task - row_task[r]) % chunks;
-  chunk(r, kvh, c, scores, part_max + task * G, part_sum + task * G, part_acc + task * G * d);
+  chunk(r, 1, kvh, c, scores, part_max + task * G, part_sum + task * G, part_acc + task * G * d);
 }
 
 void PagedAttention::split_merge(int64_t rh, const int64_t* row_task, const float* part_max, const float* part_sum,
@@ -183,20 +194,49 @@ void PagedAttention::split_merge(int64_t rh, const int64_t* row_task, const floa
   merge(r, h, part_max + first * G, part_sum + first * G, part_acc + first * G * d);
 }
 
-void PagedAttention::row(int64_t rk, float* scores, std::vector<float>& partial) const {
-  const int64_t G = H / Hkv, r = rk / Hkv, kvh = rk % Hkv, chunks = num_chunks(row_keys[r]);
-  partial.resize(chunks * G * (d + 2));
-  float *m = partial.data(), *l = m + chunks * G, *acc = l + chunks * G;
-  for (int64_t c = 0; c < chunks; ++c) chunk(r, kvh, c, scores, m + c * G, l + c * G, acc + c * G * d);
-  for (int64_t g = 0; g < G; ++g) merge(r, kvh * G + g, m, l, acc);
+int64_t PagedAttention::plan_tiles(std::vector<int64_t>& tile_start) const {
+  tile_start.clear();
+  for (int64_t r = 0; r < T; ++r)
+    if (r == 0 || row_seq[r] != row_seq[r - 1] || r - tile_start.back() == ROW_TILE) tile_start.push_back(r);
+  const int64_t tiles = static_cast<int64_t>(tile_start.size());
+  tile_start.push_back(T);
+  return tiles;
+}
+
+void PagedAttention::tile(int64_t r0, int64_t nr, int64_t kvh, float* scores, std::vector<float>& partial) const {
+  const int64_t G = H / Hkv;
+  int64_t chunks = 1;
+  for (int64_t i = 0; i < nr; ++i) chunks = std::max(chunks, num_chunks(row_keys[r0 + i]));
+  const int64_t per_chunk = nr * G * (d + 2);
+  partial.resize(chunks * per_chunk);
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* m = partial.data() + c * per_chunk;
+    chunk(r0, nr, kvh, c, scores, m, m + nr * G, m + 2 * nr * G);
+  }
+  // Row i's chunk-c partials sit at chunk c's block, row i: gather them into the [chunks, G (, d)] form merge reads.
+  std::vector<float> m(chunks * G), l(chunks * G), acc(chunks * G * d);
+  for (int64_t i = 0; i < nr; ++i) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* base = partial.data() + c * per_chunk;
+      std::copy(base + i * G, base + (i + 1) * G, m.data() + c * G);
+      std::copy(base + nr * G + i * G, base + nr * G + (i + 1) * G, l.data() + c * G);
+      std::copy(base + 2 * nr * G + i * G * d, base + 2 * nr * G + (i + 1) * G * d, acc.data() + c * G * d);
+    }
+    for (int64_t g = 0; g < G; ++g) merge(r0 + i, kvh * G + g, m.data(), l.data(), acc.data());
+  }
 }
 
 void PagedAttention::run(int threads) const {
   const int64_t G = H / Hkv;
-  if (T * Hkv >= 4 * threads) {  // enough (row, KV head) tasks to share out whole
-    at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> tile_start;
+  const int64_t tiles = plan_tiles(tile_start);
+  if (tiles * Hkv >= 4 * threads) {  // enough (tile of rows, KV head) tasks to share out whole: prompt chunks
+    at::parallel_for(0, tiles * Hkv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(G * block_size), partial;
-      for (int64_t rk = begin; rk < end; ++rk) row(rk, scores.data(), partial);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t t = task / Hkv;
+        tile(tile_start[t], tile_start[t + 1] - tile_start[t], task % Hkv, scores.data(), partial);
+      }
     });
     return;
   }

@@ -40,6 +40,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 // sees that sequence's first row_keys[r] cached keys. Each row's keys are reduced in chunks of CHUNK_KEYS, whose
 // partials merge in chunk order: the numbers depend on nothing but the row.
 constexpr int64_t CHUNK_KEYS = 128;
+constexpr int64_t ROW_TILE = 8;  // rows that share each block of keys while it is in cache (prompt chunks)
 int64_t num_chunks(int64_t keys);  // a row's chunks (at least one)
 
 struct PagedAttention {
@@ -53,15 +54,19 @@ struct PagedAttention {
   float scale;
   bool half_cache;
 
-  // Chunk c of row r, KV head kvh: its G = H / Hkv query heads' max, exp-sum and exp-weighted value sum over the
-  // chunk's keys into m[G], l[G], acc[G * d]; `scores` is scratch of G * block_size floats.
-  void chunk(int64_t r, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc) const;
+  // Chunk c of the nr rows r0.. (one sequence's), KV head kvh: each row's G = H / Hkv query heads' max, exp-sum and
+  // exp-weighted value sum over its keys in the chunk, into m[nr, G], l[nr, G], acc[nr, G, d]; `scores` is scratch of
+  // G * block_size floats. A row's numbers are the same for any nr.
+  void chunk(int64_t r0, int64_t nr, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc) const;
   // out[r, h] from its KV head's chunk partials in chunk order (m, l [chunks, G]; acc [chunks, G, d]).
   void merge(int64_t r, int64_t h, const float* m, const float* l, const float* acc) const;
   // The whole attention on at::parallel_for's threads (`threads` of them), choosing `rows` or the split below.
   void run(int threads) const;
-  // Row-and-KV-head task rk < T * Hkv: its chunks into `partial` (grown as needed), then its heads' outputs.
-  void row(int64_t rk, float* scores, std::vector<float>& partial) const;
+  // The tiled form: tile_start numbers the tiles of up to ROW_TILE consecutive rows of one sequence (returns their
+  // count; tile_start gets a last entry T); tile(r0, nr, kvh) computes a tile's chunks into `partial` (grown as
+  // needed) and writes its rows' outputs.
+  int64_t plan_tiles(std::vector<int64_t>& tile_start) const;
+  void tile(int64_t r0, int64_t nr, int64_t kvh, float* scores, std::vector<float>& partial) const;
   // The split form for few rows: row_task [T + 1] numbers the (row, KV head, chunk) tasks (returns their count);
   // split_task(task) writes its partials at `task` of part_max/part_sum [tasks, G] and part_acc [tasks, G, d];
   // after every task, split_merge(rh) for rh < T * H writes out.
@@ -73,8 +78,8 @@ struct PagedAttention {
 
  private:
   template <typename E>  // E: the caches' element type
-  void chunk_rows(int64_t r, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc, const E* k_rows,
-                  const E* v_rows) const;
+  void chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc,
+                  const E* k_rows, const E* v_rows) const;
 };
 bool cache_type_ok(const at::Tensor& k_cache, const at::Tensor& v_cache);  // both fp32 or both fp16
 void check_block_tables(const int32_t* block_tables, const int32_t* seq_lens, int64_t S, int64_t max_blocks,
