@@ -114,3 +114,12 @@ def test_beside_seeded_sampled_requests(case, cache_gib):
     mixed = run(engine, ids + [ids[3]], [greedy] * len(ids) + [sampled])
     assert [(r.token_ids, r.log_probs) for r in mixed[:-1]] == alone
     assert (mixed[-1].token_ids, mixed[-1].log_probs) == (sampled_alone.token_ids, sampled_alone.log_probs)
+
+
+def test_draft_model_speculation(case, cache_gib, tiny_dir):
+    """Another tiny model of the same vocabulary proposes; the target's verification keeps each row's numbers."""
+    folder, quantize, ids, alone = case
+    draft = tiny_dir("llama-mha" if "mha" not in str(folder) else "llama-gqa-tied-bias")
+    results, engine = generate(folder, cache_gib, quantize, ids, speculative=str(draft), num_speculative_tokens=3)
+    assert engine.counters["spec_proposed_tokens"] > 0
+    assert results == alone
