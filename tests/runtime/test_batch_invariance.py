@@ -1,11 +1,11 @@
 """Same request, same numbers: a sequence's greedy tokens and their log-probs are bit-identical (`==`) whatever the
 other sequences in its steps, its row, how its prompt was chunked, whether its prefix came from the cache, whether it
-was preempted and recomputed, whether n-gram speculation verified it, and the thread count.
+was preempted and recomputed, whether n-gram or draft-model speculation verified it, and the thread count.
 
-This holds where every op of the step reduces each row in an order that depends on the row alone: the quantized
-Llama on our C++ CPU kernels (int4/int8 products, norms, rotary, paged attention in fixed key chunks; the fused
-decode step computes the same rows). Float weights still go through torch's products (oneDNN), whose blocking may
-depend on the number of rows: not covered here (README, "Same request, same text")."""
+This holds where every op of the step reduces each row in an order that depends on the row alone: quantized Llamas
+and Falcons on our C++ CPU kernels (int4/int8 products, norms, rotary, paged attention in fixed key chunks; the
+fused decode step computes the same rows). Float weights still go through torch's products (oneDNN), whose blocking
+may depend on the number of rows: not covered here (README, "Same request, same text")."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tests.runtime.spec_helpers import PATTERN_PROMPTS, make_engine, run
 
 pytestmark = pytest.mark.slow  # a dozen engines on tiny models, each generating for eight prompts
 
-VARIANTS = [("llama-gqa-tied-bias", "int4"), ("llama-mha", "int8"), ("llama3-rope", "int4")]
+VARIANTS = [("llama-gqa-tied-bias", "int4"), ("llama-mha", "int8"), ("llama3-rope", "int4"), ("falcon-7b-like", "int4"),
+            ("falcon-rw-like", "int8")]  # Falcon: multi-query and parallel blocks; ALiBi with biases
 MAX_NEW = 20
 
 
