@@ -251,4 +251,5 @@ def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
         prompt_log_probs=first.prompt_log_probs if first.prompt_log_probs is not None else then.prompt_log_probs,
         prompt_top_log_probs=first.prompt_top_log_probs if first.prompt_top_log_probs is not None
         else then.prompt_top_log_probs,
+        prompt_ranks=first.prompt_ranks if first.prompt_ranks is not None else then.prompt_ranks,
         prompt_token_ids=first.prompt_token_ids if first.prompt_token_ids is not None else then.prompt_token_ids)

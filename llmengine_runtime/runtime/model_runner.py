@@ -13,7 +13,7 @@ proposal j - 1), so 1 + k rows for a speculating sequence. A sequence mid-prefil
 request that only scores its prompt (max_new_tokens 0).
 
 A request with `prompt_log_probs` also has each of its prompt positions scored as its chunks go through: the
-log-prob of the next prompt token (and its top-N) is appended to `seq.prompt_log_probs` (runtime/log_probs.py:
+log-prob of the next prompt token (its rank and its top-N) is appended to `seq.prompt_log_probs` (runtime/log_probs.py:
 only those numbers are kept, never the full rows), so chunked prefill accumulates them over several steps and a
 preempted sequence does not score a position twice.
 """
@@ -29,7 +29,7 @@ import torch
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache, allocate_kv_caches
 from llmengine_runtime.models.causal_lm import CausalLM
 from llmengine_runtime.runtime.decode_buffers import DecodeBuffers
-from llmengine_runtime.runtime.log_probs import TopLogProbs, score_positions
+from llmengine_runtime.runtime.log_probs import Scores, score_positions
 from llmengine_runtime.runtime.sequence import Sequence
 from llmengine_runtime.runtime.tp_step import TensorParallelError
 
@@ -74,7 +74,7 @@ def chunk_of(seq: Sequence, n: int) -> Chunk:
         if last > first:
             chunk.score_from = first - start
             chunk.score_targets = seq.prompt_token_ids[first + 1:last + 1]
-            chunk.score_top = seq.params.top_log_probs
+            chunk.score_top = seq.params.prompt_top_n
     return chunk
 
 
@@ -146,9 +146,8 @@ class ModelRunner:
         """Feed the chunks; fp32 logits `[sum(num_logits), vocab]`, chunk after chunk."""
         return self.run_scored(chunks)[0]
 
-    def run_scored(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[tuple[list[float], list[TopLogProbs]]],
-                                                       list[int] | None]:
-        """As run, plus per chunk the log-probs (and top-N) of its `score_targets` ([] for none), and each logits
+    def run_scored(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Scores], list[int] | None]:
+        """As run, plus per chunk the log-probs, ranks and top-N of its `score_targets` ([] for none), and each logits
         row's argmax when the step took it on the way (the one-call decode step with its head), else None. The
         logits of such a step are a view of the runner's buffers, which its next step overwrites."""
         if self.workers is None and all(len(chunk.token_ids) == chunk.num_logits == 1 for chunk in chunks):
@@ -165,12 +164,11 @@ class ModelRunner:
                     buffers = self.decode_buffers = DecodeBuffers(fused.head_rows)
                 buffers.fill(chunks, self.block_size)
                 fused.step_buffers(buffers, self.kv_caches, argmax=True)
-                return buffers.step_logits(), [([], [])] * len(chunks), buffers.step_argmax()
+                return buffers.step_logits(), [([], [], [])] * len(chunks), buffers.step_argmax()
         return self._run_scored_eager(chunks)
 
     @torch.inference_mode()
-    def _run_scored_eager(self, chunks: list[Chunk]) -> tuple[torch.Tensor,
-                                                              list[tuple[list[float], list[TopLogProbs]]], None]:
+    def _run_scored_eager(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Scores], None]:
         """run_scored through the model's forward (and its head): every step but the fused ones."""
         input_ids, positions, meta, logit_index = self.prepare(chunks)
         if self.workers is None:
@@ -208,10 +206,10 @@ class ModelRunner:
                 torch._dynamo.maybe_mark_dynamic(meta.block_tables, 0)
         return forward(input_ids, positions, meta, self.kv_caches)
 
-    def score(self, chunks: list[Chunk], hidden: torch.Tensor) -> list[tuple[list[float], list[TopLogProbs]]]:
+    def score(self, chunks: list[Chunk], hidden: torch.Tensor) -> list[Scores]:
         """The chunks' prompt scores from the packed hidden states, all chunks' positions in one pass."""
         if not any(chunk.score_targets for chunk in chunks):
-            return [([], []) for _ in chunks]
+            return [([], [], []) for _ in chunks]
         rows: list[int] = []
         targets: list[int] = []
         ns: list[int] = []
@@ -223,12 +221,13 @@ class ModelRunner:
             ns += [chunk.score_top] * len(chunk.score_targets)
             offset += len(chunk.token_ids)
         if not rows:
-            return [([], []) for _ in chunks]
-        log_probs, tops = score_positions(self.model, hidden[torch.tensor(rows).to(self.device)], targets, ns)
-        scores, at = [], 0
+            return [([], [], []) for _ in chunks]
+        log_probs, ranks, tops = score_positions(self.model, hidden[torch.tensor(rows).to(self.device)], targets, ns)
+        scores: list[Scores] = []
+        at = 0
         for chunk in chunks:
             m = len(chunk.score_targets)
-            scores.append((log_probs[at:at + m], tops[at:at + m]))
+            scores.append((log_probs[at:at + m], ranks[at:at + m], tops[at:at + m]))
             at += m
         return scores
 
@@ -241,7 +240,8 @@ class ModelRunner:
         sampling = [seq for (seq, _), chunk in zip(batch, chunks) if chunk.num_logits]
         num_rows = [chunk.num_logits for chunk in chunks if chunk.num_logits]
         logits, scores, argmax = self.run_scored(chunks)
-        for (seq, _), (log_probs, tops) in zip(batch, scores):
+        for (seq, _), (log_probs, ranks, tops) in zip(batch, scores):
             seq.prompt_log_probs += log_probs
+            seq.prompt_ranks += ranks
             seq.prompt_top_log_probs += tops
         return sampling, logits, num_rows, argmax

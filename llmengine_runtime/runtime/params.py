@@ -24,7 +24,8 @@ class SamplingParams:
     ignore_eos: bool = False
     speculate: bool = True  # with an engine that speculates (Engine(speculative=...)): False opts this request out
     top_log_probs: int = 0  # 0..MAX_TOP_LOG_PROBS: also the top-N (token id, log-prob) of each token's distribution
-    prompt_log_probs: bool = False  # the log-prob of each prompt token given those before it (and its top-N)
+    prompt_log_probs: bool = False  # the log-prob of each prompt token given those before it (its rank, its top-N)
+    prompt_top_log_probs: int = -1  # that top-N: -1 = as top_log_probs, else 0..MAX_TOP_LOG_PROBS
     # Guided decoding: (kind, spec), kind "json" | "regex" | "choice" | "grammar" (runtime/guided.py); the engine
     # compiles it in make_sequence (ValueError naming the problem).
     guided: tuple[str, Any] | None = None
@@ -52,6 +53,9 @@ class SamplingParams:
         if isinstance(self.top_log_probs, bool) or not isinstance(self.top_log_probs, int) \
                 or not 0 <= self.top_log_probs <= MAX_TOP_LOG_PROBS:
             raise bad("top_log_probs", f"an integer from 0 to {MAX_TOP_LOG_PROBS}")
+        if isinstance(self.prompt_top_log_probs, bool) or not isinstance(self.prompt_top_log_probs, int) \
+                or not -1 <= self.prompt_top_log_probs <= MAX_TOP_LOG_PROBS:
+            raise bad("prompt_top_log_probs", f"-1 (as top_log_probs) or an integer from 0 to {MAX_TOP_LOG_PROBS}")
         if not self.temperature >= 0:
             raise bad("temperature", ">= 0 (0 = greedy)")
         if not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
@@ -107,6 +111,11 @@ class SamplingParams:
         (runtime/logits_processors.py)."""
         return bool(self.min_tokens or self.min_p or self.repetition_penalty != 1 or self.logit_bias
                     or self.allowed_token_ids is not None or self.bad_words)
+
+    @property
+    def prompt_top_n(self) -> int:
+        """The top-N kept of each scored prompt position's distribution (with prompt_log_probs)."""
+        return self.top_log_probs if self.prompt_top_log_probs == -1 else self.prompt_top_log_probs
 
     @property
     def greedy(self) -> bool:

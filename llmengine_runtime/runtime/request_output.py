@@ -26,7 +26,8 @@ class RequestOutput:
     top_log_probs: list[TopLogProbs] | None = None  # with params.top_log_probs: one list per token in token_ids
     # With params.prompt_log_probs, in the first output only: one per prompt token (the first None)
     prompt_log_probs: list[float | None] | None = None
-    prompt_top_log_probs: list[TopLogProbs | None] | None = None
+    prompt_top_log_probs: list[TopLogProbs | None] | None = None  # params.prompt_top_n of each (None when 0)
+    prompt_ranks: list[int | None] | None = None  # each prompt token's rank: 1 + the tokens more likely than it
     prompt_token_ids: list[int] | None = None  # beside prompt_log_probs: the tokens they score
     # On the one output of a stream=False request (runtime/async_engine.py): when its first token was ready
     # (time.perf_counter), so the server can still report time to first token

@@ -50,8 +50,9 @@ class Sequence:
     # output token, so after preemption it is already where the recomputed sequence resumes.
     matcher: Any = None
     # Prompt scoring (params.prompt_log_probs): entry i is prompt token i + 1's log-prob given those before it
-    # (and its top-N), accumulated chunk by chunk (model_runner.py); sent once, in the first output.
+    # (and its rank and top-N), accumulated chunk by chunk (model_runner.py); sent once, in the first output.
     prompt_log_probs: list[float] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)
     prompt_top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_log_probs_sent: bool = False
     # vLLM's extra logits processing (runtime/logits_processors.py), built in make_sequence; None: none asked

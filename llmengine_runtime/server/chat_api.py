@@ -6,7 +6,8 @@ The messages go through the model's own chat template (tokenizer_config.json or 
 templated text is tokenized without adding special tokens again (unless `add_special_tokens`): the template already
 wrote them. A model without a template gets a 400 saying so. The body's rules are in chat_schemas.py. vLLM's
 `continue_final_message` leaves the last message open for the model to go on with (instead of
-`add_generation_prompt`), and `echo` puts that message's content before the answer's.
+`add_generation_prompt`), and `echo` puts that message's content before the answer's. vLLM's `prompt_logprobs` N
+(0..20, not streamed) puts the templated prompt's log-probs, ranks and top-N at the answer's top level.
 
 A stream sends `chat.completion.chunk` events: per choice first a delta with `role: "assistant"`, then the
 content deltas, then an empty delta with its `finish_reason`; with `stream_options.include_usage` every chunk
@@ -33,7 +34,7 @@ from llmengine_runtime.server.chat_schemas import (
 )
 from llmengine_runtime.server.choices import ChoiceGroup, start_choices
 from llmengine_runtime.server.errors import ApiError, ClientGone, GenerationError, bad_request
-from llmengine_runtime.server.log_probs_format import chat_content
+from llmengine_runtime.server.log_probs_format import chat_content, prompt_logprobs
 from llmengine_runtime.server.middleware import use_request_id
 from llmengine_runtime.server.openai_api import openai_frames
 from llmengine_runtime.server.sampling_fields import num_choices
@@ -111,6 +112,8 @@ class _Reply:
                                 by_id=bool(req.return_tokens_as_token_ids))
         self.token_ids = bool(req.return_token_ids)
         self.prompt_ids = prompt
+        self.prompt_top = req.prompt_logprobs  # vLLM's prompt_logprobs N (None: not asked; never streamed)
+        self.tokenizer = engine.tokenizer
         options = req.stream_options
         self.include_usage = bool(options and options.include_usage)
         self.continuous_usage = self.include_usage and bool(options.continuous_usage_stats)
@@ -152,8 +155,11 @@ async def _answer(group: ChoiceGroup, head: dict, reply: _Reply) -> Response:
     log_probs: list[list[dict]] = [[] for _ in range(n)]
     token_ids: list[list[int]] = [[] for _ in range(n)]
     last: list[Any] = [None] * n
+    prompt_lps: list | None = None
     try:
         async for i, out in group.outputs():
+            if reply.prompt_top is not None and prompt_lps is None and out.prompt_log_probs is not None:
+                prompt_lps = prompt_logprobs(out, reply.tokenizer, reply.prompt_top)  # (every choice's prompt)
             text[i].append(out.text)
             token_ids[i] += out.token_ids
             if reply.want_log_probs:
@@ -178,6 +184,8 @@ async def _answer(group: ChoiceGroup, head: dict, reply: _Reply) -> Response:
                         "finish_reason": finish_reason, "stop_reason": last[i].stop_reason,
                         **({"token_ids": token_ids[i]} if reply.token_ids else {})})
     ids = {"prompt_token_ids": reply.prompt_ids} if reply.token_ids else {}
+    if reply.prompt_top is not None:
+        ids["prompt_logprobs"] = prompt_lps
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": group.usage(), **ids})
 
 

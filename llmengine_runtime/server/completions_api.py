@@ -8,9 +8,11 @@ served fails the whole request with a 400 naming its index, before anything is g
 
 `logprobs` N (0..20) gives each token's log-prob and its N most likely alternatives; `echo` returns the prompt
 before the completion, with its tokens' log-probs (the first null) when `logprobs` is set, and with `max_tokens` 0
-scores a text without generating (log_probs_format.py). vLLM's outputs: `stop_reason` (the stop string or
-`stop_token_ids` token that ended a choice), `token_ids` and `prompt_token_ids` with `return_token_ids`, usage in
-every chunk with `stream_options.continuous_usage_stats`, and `usage.prompt_tokens_details.cached_tokens`.
+scores a text without generating (log_probs_format.py). vLLM's `prompt_logprobs` N (0..20, not streamed) gives
+each choice its prompt's tokens' log-probs, ranks and top-N (log_probs_format.prompt_logprobs). vLLM's outputs:
+`stop_reason` (the stop string or `stop_token_ids` token that ended a choice), `token_ids` and `prompt_token_ids`
+with `return_token_ids`, usage in every chunk with `stream_options.continuous_usage_stats`, and
+`usage.prompt_tokens_details.cached_tokens`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from llmengine_runtime.server.completion_schemas import (
     sampling_params_openai,
 )
 from llmengine_runtime.server.errors import ApiError, ClientGone, GenerationError
-from llmengine_runtime.server.log_probs_format import LegacyLogProbs
+from llmengine_runtime.server.log_probs_format import LegacyLogProbs, prompt_logprobs
 from llmengine_runtime.server.middleware import use_request_id
 from llmengine_runtime.server.openai_api import openai_frames
 from llmengine_runtime.server.sampling_fields import num_choices
@@ -79,6 +81,14 @@ class _Choices:
         self.token_ids = bool(req.return_token_ids)
         keep = params.truncate_prompt_tokens  # the engine keeps only these last prompt tokens
         self.prompt_ids = [(p[-keep:] if keep else p) if isinstance(p, list) else None for p in engine_prompts]
+        self.prompt_top = req.prompt_logprobs  # vLLM's prompt_logprobs N (None: not asked; never streamed)
+        self.tokenizer = engine.tokenizer
+        self.prompt_logprobs: list[list | None] = [None] * (len(prompts) * n)
+
+    def add_prompt_logprobs(self, i: int, out: Any) -> None:
+        """Choice i's prompt_logprobs, from the output that carries its prompt's scores."""
+        if self.prompt_top is not None and out.prompt_log_probs is not None:
+            self.prompt_logprobs[i] = prompt_logprobs(out, self.tokenizer, self.prompt_top)
 
     def text(self, i: int, out: Any) -> str:
         return self.echoes[i // self.n].first(i, out, self.log_probs[i]) + out.text
@@ -132,6 +142,7 @@ async def _answer(group: ChoiceGroup, head: dict, choices: _Choices) -> Response
             text[i].append(choices.text(i, out))
             choices.log_probs[i].add(out)
             token_ids[i] += out.token_ids
+            choices.add_prompt_logprobs(i, out)
             last[i] = out
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
@@ -142,6 +153,7 @@ async def _answer(group: ChoiceGroup, head: dict, choices: _Choices) -> Response
     answer = [{"index": i, "text": "".join(text[i]), "finish_reason": last[i].finish_reason,
                "stop_reason": last[i].stop_reason,
                "logprobs": choices.log_probs[i].since(0) if choices.want_log_probs else None,
+               **({"prompt_logprobs": choices.prompt_logprobs[i]} if choices.prompt_top is not None else {}),
                **choices.extra(i, token_ids[i], first=True)} for i in range(count)]
     return JSONResponse({**head, "choices": answer, "usage": group.usage(), "system_fingerprint": None})
 

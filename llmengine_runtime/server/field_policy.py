@@ -39,7 +39,6 @@ NO_EFFECT_COMMON = {
 # Fields refused unless null or one of the listed values, and why (shared by completions and chat).
 REFUSED_COMMON: dict[str, tuple[list[Any], str]] = {
     "use_beam_search": ([False], "beam search is not supported: use n (with best_of equal to n)"),
-    "prompt_logprobs": ([], "use echo with logprobs to score the prompt"),
     "logits_processors": ([[]], "this server loads no custom logits processors"),
     "cache_salt": ([], "the prefix cache is shared by all requests here, not salted per request"),
     "kv_transfer_params": ([{}], "disaggregated serving (KV transfer) is not supported"),

@@ -1,5 +1,7 @@
 """OpenAI's log-prob objects from the runtime's outputs: the legacy completions `logprobs` (with `echo`, the
-prompt's tokens first) and the chat `logprobs.content` entries with their `top_logprobs`.
+prompt's tokens first), the chat `logprobs.content` entries with their `top_logprobs`, and vLLM's
+`prompt_logprobs` (one entry per prompt token, the first null: {token id: {logprob, rank, decoded_token}} for the
+prompt's own token and the N most likely ones; -inf written as -9999.0, as vLLM clamps it).
 
 Token texts: with top-N or echo asked, each token id is decoded alone (`tokenizer.decode([id])`, special tokens
 kept), as OpenAI names tokens, so a token in `tokens` and the same token among `top_logprobs` have the same
@@ -55,8 +57,9 @@ class LegacyLogProbs:
         """The prompt's tokens (echo), from the first output: the first token's log-prob (and top) are null."""
         tops = out.prompt_top_log_probs or [None] * len(out.prompt_token_ids)
         for token_id, lp, top in zip(out.prompt_token_ids, out.prompt_log_probs, tops):
-            text = token_text(self.tokenizer, token_id)
-            self._append(text, lp, None if lp is None or self.top is None else _top_dict(self.tokenizer, top, text, lp))
+            text = token_text(self.tokenizer, token_id)  # (the prompt's top-N may be prompt_logprobs' larger N)
+            self._append(text, lp, None if lp is None or self.top is None
+                         else _top_dict(self.tokenizer, (top or [])[:self.top], text, lp))
 
     def add(self, out: Any) -> None:
         tops = out.top_log_probs or [None] * len(out.token_ids)
@@ -84,3 +87,28 @@ def chat_content(out: Any, tokenizer: Any, top: int, by_id: bool = False) -> lis
                         for t, v in _top_dict(tokenizer, top_ids[:top]).items()] if top else []
         entries.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": alternatives})
     return entries
+
+
+def prompt_logprobs(out: Any, tokenizer: Any, n: int) -> list[dict[str, dict] | None] | None:
+    """vLLM's `prompt_logprobs` from an output that carries the prompt's scores (None when it does not): per prompt
+    token None for the first, else {str(token id): {"logprob", "rank", "decoded_token"}} holding the token itself
+    (its rank: 1 + the tokens more likely than it) and the n most likely tokens (ranks 1..n)."""
+    if out.prompt_log_probs is None or out.prompt_token_ids is None:
+        return None
+    count = len(out.prompt_token_ids)
+    ranks = out.prompt_ranks or [None] * count
+    tops = out.prompt_top_log_probs or [None] * count
+
+    def entry(token_id: int, lp: float, rank: int | None) -> dict:
+        return {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": token_text(tokenizer, token_id)}
+
+    result: list[dict[str, dict] | None] = []
+    for token_id, lp, rank, top in zip(out.prompt_token_ids, out.prompt_log_probs, ranks, tops):
+        if lp is None:
+            result.append(None)
+            continue
+        entries = {str(token_id): entry(token_id, lp, rank)}
+        for r, (top_id, top_lp) in enumerate((top or [])[:n], start=1):
+            entries.setdefault(str(top_id), entry(top_id, top_lp, r))
+        result.append(entries)
+    return result

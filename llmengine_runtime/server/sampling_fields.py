@@ -3,7 +3,8 @@ the runtime's SamplingParams with OpenAI's and vLLM's ranges and defaults.
 
 Honoured here: temperature (any value >= 0; 0 = greedy), top_p, top_k (-1 or 0 = off), min_p, presence, frequency
 and repetition penalties, seed, stop, stop_token_ids, min_tokens, ignore_eos, logit_bias, allowed_token_ids,
-bad_words, include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens and the guided-decoding fields
+bad_words, include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens, prompt_logprobs (0..20; not with
+stream: true, as vLLM for N > 0; log_probs_format.prompt_logprobs formats them) and the guided-decoding fields
 (guided_*, response_format, structured_outputs). The routes honour the rest (n, stream, stream_options,
 return_token_ids, request_id, model, ...). Refused and no-effect fields: field_policy.py.
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from llmengine_runtime.runtime import SamplingParams
 from llmengine_runtime.runtime.guided import guided_spec
+from llmengine_runtime.runtime.params import MAX_TOP_LOG_PROBS
 from llmengine_runtime.server.errors import bad_request
 from llmengine_runtime.server.field_policy import OpenAIBody
 
@@ -57,6 +59,7 @@ class SamplingFields(OpenAIBody):
     return_token_ids: bool | None = None
     request_id: str | None = None  # vLLM's: the request's id (as the X-Request-Id header)
     return_tokens_as_token_ids: bool | None = None  # vLLM's: log-probs name tokens token_id:N
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-prob, rank and top-N (0..20)
     speculative: bool | None = None  # our extension: false opts out of speculative decoding where it is on
     # guided decoding: vLLM's fields and OpenAI's response_format
     response_format: Any = None
@@ -67,7 +70,6 @@ class SamplingFields(OpenAIBody):
     guided_grammar: Any = None
     # declared to be refused or to have no effect (field_policy.py)
     use_beam_search: Any = None
-    prompt_logprobs: Any = None
     logits_processors: Any = None
     cache_salt: Any = None
     kv_transfer_params: Any = None
@@ -147,6 +149,17 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise bad_request("logit_bias keys must be token ids (integers as strings), e.g. {\"50256\": -100}") from None
 
 
+def prompt_top(req: SamplingFields) -> int | None:
+    """vLLM's `prompt_logprobs` N (0..20), or None when not asked; 400 naming it out of range or with stream."""
+    n = req.prompt_logprobs
+    check_range("prompt_logprobs", n, n is not None and 0 <= n <= MAX_TOP_LOG_PROBS,
+                f"an integer from 0 to {MAX_TOP_LOG_PROBS} (-1, the whole vocabulary, is not supported)")
+    if n is not None and req.stream:
+        raise bad_request("prompt_logprobs is not available with stream: true (vLLM refuses it too for N > 0): ask "
+                          "without streaming, or use echo with logprobs, which streams the prompt's log-probs")
+    return n
+
+
 def num_choices(req: SamplingFields) -> int:
     """`n`; `best_of` may only repeat it (candidates are not ranked)."""
     n = 1 if req.n is None else req.n
@@ -159,17 +172,23 @@ def num_choices(req: SamplingFields) -> int:
 def sampling_params(req: SamplingFields, *, max_tokens: int, max_tokens_name: str = "max_tokens",
                     log_probs: bool = False, top_log_probs: int = 0, prompt_log_probs: bool = False,
                     max_model_len: int | None = None) -> SamplingParams:
-    """SamplingParams for one choice (seed as given). max_tokens 0 only with prompt_log_probs (echo: score the
-    prompt without generating)."""
+    """SamplingParams for one choice (seed as given). max_tokens 0 only with prompt_log_probs (echo) or
+    prompt_logprobs: score the prompt without generating. The prompt's top-N is the larger of echo's (top_log_probs,
+    with prompt_log_probs) and prompt_logprobs' N; each answer keeps its own."""
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream: true")
+    asked = prompt_top(req)
+    prompt_top_log_probs = -1
+    if asked is not None:
+        prompt_top_log_probs = max(asked, top_log_probs) if prompt_log_probs else asked
+        prompt_log_probs = True
     t = 1.0 if req.temperature is None else req.temperature
     check_range("temperature", t, t >= 0, ">= 0 (0 = greedy)")
     if prompt_log_probs:
         check_range(max_tokens_name, max_tokens, max_tokens >= 0, "an integer >= 0")
     else:
         check_range(max_tokens_name, max_tokens, max_tokens >= 1,
-                    "an integer >= 1 (0 only with echo: true, which scores the prompt)")
+                    "an integer >= 1 (0 only with echo: true or prompt_logprobs, which score the prompt)")
     check_seed(req.seed)
     k = req.top_k
     check_range("top_k", k, k is None or k in (-1, 0) or k >= 1, "-1 or 0 (off) or an integer >= 1")
@@ -193,6 +212,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int, max_tokens_name: st
         logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids,
         bad_words=list(req.bad_words or []), truncate_prompt_tokens=truncate,
         return_token_log_probs=log_probs, top_log_probs=top_log_probs, prompt_log_probs=prompt_log_probs,
+        prompt_top_log_probs=prompt_top_log_probs,
         guided=guided(req, req.response_format))
     if req.speculative is False:
         params.speculate = False

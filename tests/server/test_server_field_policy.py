@@ -43,6 +43,11 @@ def last_usage(r: httpx.Response) -> dict:
     return events[-1].get("usage") or {}
 
 
+def prompt_logprobs_holder(answer: dict) -> dict:
+    """Where vLLM puts prompt_logprobs: each completions choice, the chat answer itself."""
+    return answer["choices"][0] if answer["object"] == "text_completion" else answer
+
+
 # Fields both routes share: field -> (body fields to send, expectation)
 SHARED: dict[str, tuple[dict, object]] = {
     "model": ({"model": "fake"}, answer(lambda a: a["model"] == "fake")),
@@ -73,7 +78,8 @@ SHARED: dict[str, tuple[dict, object]] = {
     "truncate_prompt_tokens": ({"truncate_prompt_tokens": 1}, param("truncate_prompt_tokens", 1)),
     "allowed_token_ids": ({"allowed_token_ids": [1, 2]}, param("allowed_token_ids", [1, 2])),
     "bad_words": ({"bad_words": ["w1"]}, param("bad_words", ["w1"])),
-    "prompt_logprobs": ({"prompt_logprobs": 1}, REFUSED),
+    "prompt_logprobs": ({"prompt_logprobs": 1}, lambda e, p, r: p.prompt_log_probs and p.prompt_top_log_probs == 1
+                        and "prompt_logprobs" in prompt_logprobs_holder(r.json())),
     "response_format": ({"response_format": {"type": "json_object"}}, param("guided", ("json", {"type": "object"}))),
     "structured_outputs": ({"structured_outputs": {"regex": "a+"}}, param("guided", ("regex", "a+"))),
     "guided_json": ({"guided_json": {"type": "integer"}}, param("guided", ("json", {"type": "integer"}))),
