@@ -149,19 +149,20 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
   }
 }
 
-void PagedAttention::merge(int64_t r, int64_t h, const float* m, const float* l, const float* acc) const {
+void PagedAttention::merge(int64_t r, int64_t h, const float* m, const float* l, const float* acc, int64_t stride,
+                           int64_t stride_acc) const {
   const int64_t G = H / Hkv, g = h % G, chunks = num_chunks(row_keys[r]);
   float* o = out + (r * H + h) * d;
   std::fill(o, o + d, 0.f);
   float mx = -std::numeric_limits<float>::infinity(), total = 0.f;
   for (int64_t c = 0; c < chunks; ++c)
-    if (l[c * G + g] > 0.f) mx = std::max(mx, m[c * G + g]);
+    if (l[c * stride + g] > 0.f) mx = std::max(mx, m[c * stride + g]);
   for (int64_t c = 0; c < chunks; ++c) {
-    const float lc = l[c * G + g];
+    const float lc = l[c * stride + g];
     if (lc <= 0.f) continue;
-    const float w = std::exp(m[c * G + g] - mx);
+    const float w = std::exp(m[c * stride + g] - mx);
     total += w * lc;
-    const float* a = acc + (c * G + g) * d;
+    const float* a = acc + c * stride_acc + g * d;
     #pragma omp simd
     for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
   }
@@ -191,7 +192,7 @@ void PagedAttention::split_merge(int64_t rh, const int64_t* row_task, const floa
                                  const float* part_acc) const {
   const int64_t G = H / Hkv, r = rh / H, h = rh % H;
   const int64_t first = row_task[r] + (h / G) * num_chunks(row_keys[r]);  // the row's KV head's chunk 0
-  merge(r, h, part_max + first * G, part_sum + first * G, part_acc + first * G * d);
+  merge(r, h, part_max + first * G, part_sum + first * G, part_acc + first * G * d, G, G * d);
 }
 
 int64_t PagedAttention::plan_tiles(std::vector<int64_t>& tile_start) const {
@@ -213,17 +214,12 @@ void PagedAttention::tile(int64_t r0, int64_t nr, int64_t kvh, float* scores, st
     float* m = partial.data() + c * per_chunk;
     chunk(r0, nr, kvh, c, scores, m, m + nr * G, m + 2 * nr * G);
   }
-  // Row i's chunk-c partials sit at chunk c's block, row i: gather them into the [chunks, G (, d)] form merge reads.
-  std::vector<float> m(chunks * G), l(chunks * G), acc(chunks * G * d);
-  for (int64_t i = 0; i < nr; ++i) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* base = partial.data() + c * per_chunk;
-      std::copy(base + i * G, base + (i + 1) * G, m.data() + c * G);
-      std::copy(base + nr * G + i * G, base + nr * G + (i + 1) * G, l.data() + c * G);
-      std::copy(base + 2 * nr * G + i * G * d, base + 2 * nr * G + (i + 1) * G * d, acc.data() + c * G * d);
-    }
-    for (int64_t g = 0; g < G; ++g) merge(r0 + i, kvh * G + g, m.data(), l.data(), acc.data());
-  }
+  // Row i's chunk-c partials sit in chunk c's block, at row i: merge reads them a chunk block apart.
+  const float* m = partial.data();
+  for (int64_t i = 0; i < nr; ++i)
+    for (int64_t g = 0; g < G; ++g)
+      merge(r0 + i, kvh * G + g, m + i * G, m + nr * G + i * G, m + 2 * nr * G + i * G * d, per_chunk,
+            per_chunk);
 }
 
 void PagedAttention::run(int threads) const {

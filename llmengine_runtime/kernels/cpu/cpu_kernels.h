@@ -58,8 +58,10 @@ struct PagedAttention {
   // exp-weighted value sum over its keys in the chunk, into m[nr, G], l[nr, G], acc[nr, G, d]; `scores` is scratch of
   // G * block_size floats. A row's numbers are the same for any nr.
   void chunk(int64_t r0, int64_t nr, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc) const;
-  // out[r, h] from its KV head's chunk partials in chunk order (m, l [chunks, G]; acc [chunks, G, d]).
-  void merge(int64_t r, int64_t h, const float* m, const float* l, const float* acc) const;
+  // out[r, h] from its KV head's chunk partials in chunk order: chunk c's G maxima and exp-sums at m, l + c * stride,
+  // its G value sums [G, d] at acc + c * stride_acc.
+  void merge(int64_t r, int64_t h, const float* m, const float* l, const float* acc, int64_t stride,
+             int64_t stride_acc) const;
   // The whole attention on at::parallel_for's threads (`threads` of them), choosing `rows` or the split below.
   void run(int threads) const;
   // The tiled form: tile_start numbers the tiles of up to ROW_TILE consecutive rows of one sequence (returns their
