@@ -7,7 +7,8 @@ templated text is tokenized without adding special tokens again (unless `add_spe
 wrote them. A model without a template gets a 400 saying so. The body's rules are in chat_schemas.py. vLLM's
 `continue_final_message` leaves the last message open for the model to go on with (instead of
 `add_generation_prompt`), and `echo` puts that message's content before the answer's. vLLM's `prompt_logprobs` N
-(0..20, not streamed) puts the templated prompt's log-probs, ranks and top-N at the answer's top level.
+(0..20) puts the templated prompt's log-probs, ranks and top-N at the answer's top level; streamed, at the top level
+of each choice's first chunk, beside `prompt_token_ids` (vLLM refuses N > 0 with stream and drops N = 0).
 
 A stream sends `chat.completion.chunk` events: per choice first a delta with `role: "assistant"`, then the
 content deltas, then an empty delta with its `finish_reason`; with `stream_options.include_usage` every chunk
@@ -112,7 +113,7 @@ class _Reply:
                                 by_id=bool(req.return_tokens_as_token_ids))
         self.token_ids = bool(req.return_token_ids)
         self.prompt_ids = prompt
-        self.prompt_top = req.prompt_logprobs  # vLLM's prompt_logprobs N (None: not asked; never streamed)
+        self.prompt_top = req.prompt_logprobs  # vLLM's prompt_logprobs N (None: not asked)
         self.tokenizer = engine.tokenizer
         options = req.stream_options
         self.include_usage = bool(options and options.include_usage)
@@ -204,7 +205,11 @@ async def _chunks(group: ChoiceGroup, head: dict, reply: _Reply) -> AsyncIterato
         if not started[i]:  # sent with the choice's first delta, so a failure before it is still a status
             started[i] = True
             first = chunk(i, {"role": "assistant", "content": reply.echo})
-            yield {**first, "prompt_token_ids": reply.prompt_ids} if reply.token_ids else first
+            if reply.token_ids:
+                first["prompt_token_ids"] = reply.prompt_ids
+            if reply.prompt_top is not None:  # the choice's first output carries its prompt's scores
+                first["prompt_logprobs"] = prompt_logprobs(out, reply.tokenizer, reply.prompt_top)
+            yield first
         logprobs = reply.logprobs(out) if reply.want_log_probs else None
         if reply.tools is not None:
             deltas, called = reply.tools[i].deltas(out.text, out.finished)

@@ -8,8 +8,9 @@ served fails the whole request with a 400 naming its index, before anything is g
 
 `logprobs` N (0..20) gives each token's log-prob and its N most likely alternatives; `echo` returns the prompt
 before the completion, with its tokens' log-probs (the first null) when `logprobs` is set, and with `max_tokens` 0
-scores a text without generating (log_probs_format.py). vLLM's `prompt_logprobs` N (0..20, not streamed) gives
-each choice its prompt's tokens' log-probs, ranks and top-N (log_probs_format.prompt_logprobs). vLLM's outputs:
+scores a text without generating (log_probs_format.py). vLLM's `prompt_logprobs` N (0..20) gives each choice its
+prompt's tokens' log-probs, ranks and top-N (log_probs_format.prompt_logprobs); streamed, in the choice's first
+chunk (where vLLM refuses N > 0 with stream and drops N = 0). vLLM's outputs:
 `stop_reason` (the stop string or `stop_token_ids` token that ended a choice), `token_ids` and `prompt_token_ids`
 with `return_token_ids`, usage in every chunk with `stream_options.continuous_usage_stats`, and
 `usage.prompt_tokens_details.cached_tokens`.
@@ -81,7 +82,7 @@ class _Choices:
         self.token_ids = bool(req.return_token_ids)
         keep = params.truncate_prompt_tokens  # the engine keeps only these last prompt tokens
         self.prompt_ids = [(p[-keep:] if keep else p) if isinstance(p, list) else None for p in engine_prompts]
-        self.prompt_top = req.prompt_logprobs  # vLLM's prompt_logprobs N (None: not asked; never streamed)
+        self.prompt_top = req.prompt_logprobs  # vLLM's prompt_logprobs N (None: not asked)
         self.tokenizer = engine.tokenizer
         self.prompt_logprobs: list[list | None] = [None] * (len(prompts) * n)
 
@@ -94,10 +95,13 @@ class _Choices:
         return self.echoes[i // self.n].first(i, out, self.log_probs[i]) + out.text
 
     def extra(self, i: int, token_ids: list[int], first: bool) -> dict:
-        """vLLM's return_token_ids fields: the choice's (new) token ids, and its prompt's ids (streamed: first)."""
+        """vLLM's return_token_ids fields: the choice's (new) token ids, and its prompt's ids (streamed: first);
+        prompt_logprobs when asked (streamed: first)."""
+        scores = {"prompt_logprobs": self.prompt_logprobs[i]} if first and self.prompt_top is not None else {}
         if not self.token_ids:
-            return {}
-        return {"token_ids": token_ids, **({"prompt_token_ids": self.prompt_ids[i // self.n]} if first else {})}
+            return scores
+        return {"token_ids": token_ids, **({"prompt_token_ids": self.prompt_ids[i // self.n]} if first else {}),
+                **scores}
 
 
 def engine_prompts(req: OpenAICompletionRequest, prompts: list[Prompt], engine: ServedEngine) -> list[Prompt]:
@@ -153,7 +157,6 @@ async def _answer(group: ChoiceGroup, head: dict, choices: _Choices) -> Response
     answer = [{"index": i, "text": "".join(text[i]), "finish_reason": last[i].finish_reason,
                "stop_reason": last[i].stop_reason,
                "logprobs": choices.log_probs[i].since(0) if choices.want_log_probs else None,
-               **({"prompt_logprobs": choices.prompt_logprobs[i]} if choices.prompt_top is not None else {}),
                **choices.extra(i, token_ids[i], first=True)} for i in range(count)]
     return JSONResponse({**head, "choices": answer, "usage": group.usage(), "system_fingerprint": None})
 
@@ -166,6 +169,7 @@ async def _stream(group: ChoiceGroup, head: dict, choices: _Choices, include_usa
         start = len(log_probs.tokens)
         text = choices.text(i, out)
         log_probs.add(out)
+        choices.add_prompt_logprobs(i, out)  # (sent with the choice's first chunk)
         if not text and not out.finished and not ((choices.want_log_probs or choices.token_ids) and out.token_ids):
             continue
         choice = {"index": i, "text": text, "finish_reason": out.finish_reason if out.finished else None,

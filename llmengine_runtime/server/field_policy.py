@@ -32,8 +32,14 @@ NO_EFFECT_COMMON = {
     "prompt_cache_key": "the prefix cache finds shared prefixes by their tokens",
     "length_penalty": "it weighs beam search's candidates only, and beam search is refused",
     "guided_decoding_backend": "one backend (llguidance) serves every constraint",
+    # vLLM reads it only in its slow-tokenizer detokenizer (a transformers PreTrainedTokenizer with added tokens,
+    # --tokenizer-mode slow), joining added tokens' texts with a space; its default fast tokenizers ignore it.
+    # Ours decode through the `tokenizers` library (tokenizer.json, and GGUF vocabularies made into one) as those
+    # fast tokenizers do, or through sentencepiece with special tokens written in place, without spaces, as the
+    # fast tokenizer converted from the same tokenizer.model decodes them: with either value, vLLM's default text.
     "spaces_between_special_tokens": "our tokenizers decode as Hugging Face's fast tokenizers do, which vLLM "
-                                     "leaves unchanged by this field too",
+                                     "leaves unchanged by this field too (it only changes vLLM's slow, "
+                                     "--tokenizer-mode slow, detokenizer)",
 }
 
 # Fields refused unless null or one of the listed values, and why (shared by completions and chat).

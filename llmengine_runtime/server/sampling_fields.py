@@ -3,8 +3,8 @@ the runtime's SamplingParams with OpenAI's and vLLM's ranges and defaults.
 
 Honoured here: temperature (any value >= 0; 0 = greedy), top_p, top_k (-1 or 0 = off), min_p, presence, frequency
 and repetition penalties, seed, stop, stop_token_ids, min_tokens, ignore_eos, logit_bias, allowed_token_ids,
-bad_words, include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens, prompt_logprobs (0..20; not with
-stream: true, as vLLM for N > 0; log_probs_format.prompt_logprobs formats them) and the guided-decoding fields
+bad_words, include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens, prompt_logprobs (0..20, streamed or
+not; log_probs_format.prompt_logprobs formats them) and the guided-decoding fields
 (guided_*, response_format, structured_outputs). The routes honour the rest (n, stream, stream_options,
 return_token_ids, request_id, model, ...). Refused and no-effect fields: field_policy.py.
 """
@@ -150,13 +150,11 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 
 
 def prompt_top(req: SamplingFields) -> int | None:
-    """vLLM's `prompt_logprobs` N (0..20), or None when not asked; 400 naming it out of range or with stream."""
+    """vLLM's `prompt_logprobs` N (0..20), or None when not asked; 400 naming it out of range. Streamed too (each
+    choice's first chunk carries them), where vLLM refuses N > 0 and drops N = 0."""
     n = req.prompt_logprobs
     check_range("prompt_logprobs", n, n is not None and 0 <= n <= MAX_TOP_LOG_PROBS,
                 f"an integer from 0 to {MAX_TOP_LOG_PROBS} (-1, the whole vocabulary, is not supported)")
-    if n is not None and req.stream:
-        raise bad_request("prompt_logprobs is not available with stream: true (vLLM refuses it too for N > 0): ask "
-                          "without streaming, or use echo with logprobs, which streams the prompt's log-probs")
     return n
 
 
