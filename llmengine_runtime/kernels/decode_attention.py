@@ -3,9 +3,9 @@
 Layout: q `[num_seqs, num_heads, head_dim]`; k_cache, v_cache `[num_blocks, block_size, num_kv_heads,
 head_dim]` already holding the new token; block_tables int32 `[num_seqs, max_blocks]`; seq_lens int32
 `[num_seqs]`. The query of sequence i sits at position `seq_lens[i] - 1` and sees positions
-`0 .. seq_lens[i] - 1`. Query head h reads KV head `h // (num_heads // num_kv_heads)`. Scores:
-`scale * q.k + alibi_slopes[h] * (k_pos - q_pos)` when slopes are given. Returns
-`[num_seqs, num_heads, head_dim]`.
+`0 .. seq_lens[i] - 1`, or with a sliding `window` > 0 the last `window` of them. Query head h reads
+KV head `h // (num_heads // num_kv_heads)`. Scores: `scale * q.k + alibi_slopes[h] * (k_pos - q_pos)` when
+slopes are given. Returns `[num_seqs, num_heads, head_dim]`.
 """
 
 import torch
@@ -15,10 +15,15 @@ import triton.language as tl
 
 from llmengine_runtime.kernels.cpu import cpu_kv_caches, use_cpu_kernel
 from llmengine_runtime.kernels.dispatch import use_triton
-from llmengine_runtime.kernels.prefill_attention import load_kv_tile, online_softmax_step, reference_dtype
+from llmengine_runtime.kernels.prefill_attention import (
+    kernel_window,
+    load_kv_tile,
+    online_softmax_step,
+    reference_dtype,
+)
 
 
-def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes=None):
+def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes=None, window=0):
     num_seqs, num_heads, head_dim = q.shape
     compute = reference_dtype(q)
     # Every block the tables name (the runner sizes them to the longest sequence), gathered in one go;
@@ -27,7 +32,7 @@ def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, ali
     values = v_cache[block_tables].flatten(1, 2).transpose(1, 2).to(compute)
     k_pos = torch.arange(keys.shape[2], device=q.device)
     rel = k_pos - (seq_lens[:, None].long() - 1)  # [num_seqs, width]: key position - query position
-    mask = (rel <= 0)[:, None, None, :]
+    mask = ((rel <= 0) & (rel > -window if window > 0 else True))[:, None, None, :]
     if alibi_slopes is not None:
         bias = alibi_slopes.to(compute)[None, :, None, None] * rel[:, None, None, :].to(compute)
         mask = bias.masked_fill(~mask, float("-inf"))
@@ -42,7 +47,7 @@ def decode_attention_split_kernel(
     mid_out_ptr, mid_lse_ptr,
     stride_q_seq, stride_q_head, stride_c_block, stride_c_slot, stride_c_head, stride_bt_seq,
     stride_mo_seq, stride_mo_head, stride_mo_split, stride_ml_seq, stride_ml_head,
-    scale, num_queries_per_kv, head_dim, block_size, num_splits,
+    scale, num_queries_per_kv, head_dim, block_size, num_splits, window,
     HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -54,16 +59,19 @@ def decode_attention_split_kernel(
     `[num_seqs, num_heads, num_splits]`. Grid: `(num_seqs, num_kv_heads, num_splits)`.
     Program (i, g, s) stacks the `num_queries_per_kv` query heads of KV head g as the rows of one
     `[BLOCK_G >= 16, BLOCK_D]` tile (padded rows masked, so tl.dot gets >= 16 rows and each K/V tile is
-    loaded once for the whole group), runs an fp32 online softmax over split s of sequence i (split
-    length `cdiv(seq_len, num_splits)` rounded up to BLOCK_N, keys gathered through the block table),
+    loaded once for the whole group), runs an fp32 online softmax over split s of the keys
+    sequence i's query sees (positions `max(seq_len - window, 0) .. seq_len - 1`; the wrapper passes window
+    2^30 for none; split length `cdiv(keys, num_splits)` rounded up to BLOCK_N, keys gathered through the
+    block table),
     and writes the split's normalised output and its log2-sum-exp (-inf for an empty split).
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    first_key = tl.maximum(seq_len - window, 0)
+    split_len = tl.cdiv(tl.cdiv(seq_len - first_key, num_splits), BLOCK_N) * BLOCK_N
+    start = first_key + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -150,9 +158,9 @@ def decode_launch_config(dtype: torch.dtype, num_queries_per_kv: int) -> dict:
 
 
 def decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes=None,
-                            out=None, num_splits=None, block_n=None):
+                            out=None, num_splits=None, block_n=None, window=0):
     """Triton path of `decode_attention`. `out` (optional) receives the result; `num_splits` and
-    `block_n` (keys per tile) override the defaults."""
+    `block_n` (keys per tile) override the defaults; `window` > 0: sliding-window attention."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -176,7 +184,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, 
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         mid_out.stride(0), mid_out.stride(1), mid_out.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        scale, group, head_dim, k_cache.shape[1], num_splits,
+        scale, group, head_dim, k_cache.shape[1], num_splits, kernel_window(window),
         HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         BLOCK_D=block_d, **config,
@@ -198,11 +206,13 @@ def decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """One query token per sequence over its paged cache (see module docstring)."""
     if use_triton(q):
-        return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes)
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes,
+                                       window=window)
     if use_cpu_kernel(q) and cpu_kv_caches(k_cache, v_cache):
         return torch.ops.llmengine_cpu.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                                        alibi_slopes)
-    return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes)
+                                                        alibi_slopes, window)
+    return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes, window)

@@ -6,7 +6,8 @@ tokens, packed sequence after sequence as `cu_seqlens_q` int32 `[num_seqs + 1]` 
 seq_lens int32 `[num_seqs]`, the total length of each sequence after this step. Sequence i has
 `q_len = cu_seqlens_q[i+1] - cu_seqlens_q[i]` new tokens at positions `seq_lens[i] - q_len ...` and
 `ctx_len = seq_lens[i] - q_len` earlier tokens that are read from the cache (the new ones come from k, v).
-A new token at position p sees every position <= p. num_heads is a multiple of num_kv_heads: query
+A new token at position p sees every position <= p, or with a sliding `window` > 0 the positions
+p - window + 1 .. p (Mistral's convention, as transformers masks it). num_heads is a multiple of num_kv_heads: query
 head h reads KV head `h // (num_heads // num_kv_heads)` (GQA, MQA), never a repeated copy.
 Scores: `scale * q.k + alibi_slopes[h] * (k_pos - q_pos)` when slopes are given (callers fold any
 1/sqrt(d) of their ALiBi convention into the slopes). Returns `[num_tokens, num_heads, head_dim]`.
@@ -29,24 +30,30 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float,
-                  alibi_slopes: torch.Tensor | None) -> torch.Tensor:
-    """q `[q_len, H, d]` at positions q_start.. over k, v `[k_len, Hkv, d]` at positions 0..; causal."""
+                  alibi_slopes: torch.Tensor | None, window: int = 0) -> torch.Tensor:
+    """q `[q_len, H, d]` at positions q_start.. over k, v `[k_len, Hkv, d]` at positions 0..; causal, and with
+    `window` > 0 each query sees only its last `window` positions."""
     q_len, num_heads, _ = q.shape
     k_len, num_kv_heads, _ = k.shape
     # 4-D `[1, heads, len, d]` inputs: on CPU only those reach SDPA's flash kernel (3-D and 5-D ones take the
     # math path, 4x slower for a 1k-token prompt and quadratic in memory).
     q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))
     gqa = num_heads != num_kv_heads
-    if q_start == 0 and alibi_slopes is None:  # a whole prompt: plain causal attention, no mask to build
+    if window > 0 and q_start + q_len <= window:  # no query reaches past its window
+        window = 0
+    if q_start == 0 and alibi_slopes is None and window <= 0:  # a whole prompt: plain causal attention, no mask
         out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=gqa)
         return out[0].transpose(0, 1)
-    if alibi_slopes is None and q.device.type == "cpu" and q.dtype != torch.float64 and k_len == q_start + q_len:
+    if (alibi_slopes is None and window <= 0 and q.device.type == "cpu" and q.dtype != torch.float64
+            and k_len == q_start + q_len):
         return chunk_after_prefix(q4, k4, v4, q_start, scale)
     q_pos = torch.arange(q_start, q_start + q_len, device=q.device)
     k_pos = torch.arange(k_len, device=q.device)
     rel = (k_pos[None, :] - q_pos[:, None]).to(q.dtype if q.is_floating_point() else torch.float32)
     mask = torch.zeros(q_len, k_len, dtype=q.dtype, device=q.device)
     mask.masked_fill_(rel > 0, float("-inf"))
+    if window > 0:
+        mask.masked_fill_(rel <= -window, float("-inf"))
     if alibi_slopes is not None:
         mask = (mask[None] + alibi_slopes.to(q.dtype)[:, None, None] * rel[None])[None]  # [1, H, q_len, k_len]
     out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -76,7 +83,8 @@ def reference_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if low and q.device.type == "cpu" else q.dtype
 
 
-def single_token_attention_ref(q, k, v, k_cache, v_cache, block_tables, ctx_lens, scale, alibi_slopes=None):
+def single_token_attention_ref(q, k, v, k_cache, v_cache, block_tables, ctx_lens, scale, alibi_slopes=None,
+                               window=0):
     """Sequences with one new token each, all at once: the cached prefix gathered from every block of the
     tables, the new token's own K/V appended as the last key. q `[S, H, d]`, k/v `[S, Hkv, d]`."""
     num_seqs, num_heads, head_dim = q.shape
@@ -86,7 +94,8 @@ def single_token_attention_ref(q, k, v, k_cache, v_cache, block_tables, ctx_lens
     width = keys.shape[1] - 1
     k_pos = torch.arange(width + 1, device=q.device)
     rel = torch.where(k_pos == width, 0, k_pos - ctx_lens[:, None])  # [S, width + 1]; the query sits at ctx_len
-    mask = ((k_pos < ctx_lens[:, None]) | (k_pos == width))[:, None, None, :]
+    seen = (k_pos < ctx_lens[:, None]) & (rel > -window if window > 0 else True)
+    mask = (seen | (k_pos == width))[:, None, None, :]
     if alibi_slopes is not None:
         bias = alibi_slopes.to(compute)[None, :, None, None] * rel[:, None, None, :].to(compute)
         mask = bias.masked_fill(~mask, float("-inf"))
@@ -96,7 +105,7 @@ def single_token_attention_ref(q, k, v, k_cache, v_cache, block_tables, ctx_lens
 
 
 def prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, scale,
-                          alibi_slopes=None) -> torch.Tensor:
+                          alibi_slopes=None, window=0) -> torch.Tensor:
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     lengths = seq_lens.tolist()
@@ -108,7 +117,7 @@ def prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables,
         ctx = torch.tensor([lengths[i] - 1 for i in single], device=q.device)
         out[rows] = single_token_attention_ref(q[rows], k[rows], v[rows], k_cache, v_cache,
                                                block_tables[torch.tensor(single, device=q.device)], ctx, scale,
-                                               alibi_slopes)
+                                               alibi_slopes, window)
     done = set(single) if len(single) > 1 else set()
     for i, total in enumerate(lengths):
         if i in done:
@@ -119,7 +128,7 @@ def prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables,
         if ctx_len > 0:
             k_i = torch.cat([gather_context(k_cache, block_tables[i], ctx_len).to(k.dtype), k_i])
             v_i = torch.cat([gather_context(v_cache, block_tables[i], ctx_len).to(v.dtype), v_i])
-        out[start:end] = attention_ref(q[start:end], k_i, v_i, ctx_len, scale, alibi_slopes)
+        out[start:end] = attention_ref(q[start:end], k_i, v_i, ctx_len, scale, alibi_slopes, window)
     return out
 
 
@@ -139,10 +148,12 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, k_pos, n_mask,
 @triton.jit
 def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     """Fold one tile of log2-domain scores s `[M, N]` (masked entries -inf) and values v `[N, D]` into
-    the running max m_i, denominator l_i and unnormalised output acc (all fp32)."""
+    the running max m_i, denominator l_i and unnormalised output acc (all fp32). A row with no key seen yet
+    (a sliding window's rows before their window) keeps m_i = -inf, l_i = 0 and acc = 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # exp2(-inf - -inf) would be NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -154,7 +165,7 @@ def prefill_attention_kernel(
     k_cache_ptr, v_cache_ptr, block_tables_ptr, alibi_slopes_ptr,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_o_tok, stride_o_head, stride_c_block, stride_c_slot, stride_c_head, stride_bt_seq,
-    scale, num_queries_per_kv, head_dim, block_size,
+    scale, num_queries_per_kv, head_dim, block_size, window,
     HAS_CACHE: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -168,7 +179,10 @@ def prefill_attention_kernel(
     `m*BLOCK_M ...` of sequence i and head h (KV head `h // num_queries_per_kv`) and runs an fp32 online
     softmax over (1) the `ctx_len = seq_len - q_len` cached tokens, gathered BLOCK_N at a time through
     the block table, all visible, then (2) the sequence's new tokens from k, v up to its last row, with
-    the causal mask. Scores are kept in the log2 domain (`scale * log2(e)` folded in). Head-dim is
+    the causal mask. A row at position p also masks keys at positions <= p - window (sliding window; the
+    wrapper passes NO_WINDOW, 2^30, for none), and both loops start at the first tile that any of the
+    program's rows sees. Scores are kept
+    in the log2 domain (`scale * log2(e)` folded in). Head-dim is
     padded to the power of two BLOCK_D with masks. Programs past the end of a sequence exit at once.
     """
     m_block = tl.program_id(0)
@@ -197,10 +211,12 @@ def prefill_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    q_pos = ctx_len + offs_m
+    # the first key position any row of this program sees (0 without a window)
+    first_key = tl.maximum(ctx_len + m_block * BLOCK_M - window + 1, 0)
     if HAS_CACHE:
         # (1) the cached prefix: every key precedes every query, no causal mask.
-        q_pos = ctx_len + offs_m
-        for start in range(0, ctx_len, BLOCK_N):
+        for start in range((first_key // BLOCK_N) * BLOCK_N, ctx_len, BLOCK_N):
             k_pos = start + offs_n
             n_mask = k_pos < ctx_len
             k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, k_pos, n_mask, kv_head, offs_d,
@@ -209,12 +225,14 @@ def prefill_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if HAS_ALIBI:
                 s += slope * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
-            s = tl.where(n_mask[None, :], s, float("-inf"))
+            seen = n_mask[None, :] & (k_pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(seen, s, float("-inf"))
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     # (2) the new tokens, causal; keys beyond this block's last query row are never needed.
     end = tl.minimum(q_len, (m_block + 1) * BLOCK_M)
-    for start in range(0, end, BLOCK_N):
+    first_new = tl.maximum(first_key - ctx_len, 0)
+    for start in range((first_new // BLOCK_N) * BLOCK_N, end, BLOCK_N):
         k_idx = start + offs_n
         n_mask = k_idx < q_len
         k_rows = (q_start + k_idx).to(tl.int64)
@@ -226,12 +244,22 @@ def prefill_attention_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_ALIBI:
             s += slope * (k_idx[None, :] - offs_m[:, None]).to(tl.float32)
-        s = tl.where((k_idx[None, :] <= offs_m[:, None]) & n_mask[None, :], s, float("-inf"))
+        rel = k_idx[None, :] - offs_m[:, None]
+        seen = (rel <= 0) & (rel > -window) & n_mask[None, :]
+        s = tl.where(seen, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+NO_WINDOW = 1 << 30  # the kernels' `window` when there is none: every key is within it
+
+
+def kernel_window(window: int) -> int:
+    """The `window` argument of the Triton kernels: `window` keys, or NO_WINDOW for 0 (none)."""
+    return int(window) if window > 0 else NO_WINDOW
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +276,7 @@ def prefill_launch_config(dtype: torch.dtype, head_dim: int) -> dict:
 
 def prefill_attention_triton(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, scale,
                              alibi_slopes=None, max_seqlen_q=None, out=None, block_m=None,
-                             block_n=None) -> torch.Tensor:
+                             block_n=None, window=0) -> torch.Tensor:
     """Triton path of `prefill_attention`. `out` (optional) receives the result; `block_m`, `block_n`
     override the tile sizes (tests use small tiles to keep the interpreter fast)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -280,7 +308,7 @@ def prefill_attention_triton(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tabl
         alibi_slopes if alibi_slopes is not None else q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), *cache_strides,
-        scale, num_heads // num_kv_heads, head_dim, block_size,
+        scale, num_heads // num_kv_heads, head_dim, block_size, kernel_window(window),
         HAS_CACHE=has_cache, HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         BLOCK_D=triton.next_power_of_2(head_dim), **config,
@@ -300,13 +328,15 @@ def prefill_attention(
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Attention of packed new tokens over their cached prefix and themselves (see module docstring).
 
-    `k_cache` may be None when no sequence has a cached prefix. `max_seqlen_q` is a hint for the grid.
+    `k_cache` may be None when no sequence has a cached prefix. `max_seqlen_q` is a hint for the grid. `window` > 0:
+    sliding-window attention over the last `window` positions.
     """
     if use_triton(q):
         return prefill_attention_triton(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens,
-                                        scale, alibi_slopes, max_seqlen_q)
+                                        scale, alibi_slopes, max_seqlen_q, window=window)
     return prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                 alibi_slopes)
+                                 alibi_slopes, window)

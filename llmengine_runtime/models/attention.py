@@ -52,18 +52,20 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None,
-                    meta: AttentionMetadata, scale: float,
-                    alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """Store the new K/V in the cache, then attend: q `[T, H, d]`, k/v `[T, Hkv, d]` -> `[T, H, d]`."""
+                    meta: AttentionMetadata, scale: float, alibi_slopes: torch.Tensor | None = None,
+                    window: int = 0) -> torch.Tensor:
+    """Store the new K/V in the cache, then attend: q `[T, H, d]`, k/v `[T, Hkv, d]` -> `[T, H, d]`. `window` > 0:
+    a query at position p sees keys p - window + 1 .. p only (sliding-window attention); 0: every key up to p."""
     if kv_cache is None:
         return prefill_attention(q, k, v, meta.cu_seqlens_q, None, None, None, meta.seq_lens, scale,
-                                 alibi_slopes, meta.max_seqlen_q)
+                                 alibi_slopes, meta.max_seqlen_q, window=window)
     k_cache, v_cache = kv_cache
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.is_decode:
-        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, alibi_slopes)
+        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, alibi_slopes,
+                                window=window)
     if cached_attention_applies(q, k_cache, v_cache):  # each row as a decode step would attend it (batch-invariant)
         return cached_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.block_tables, meta.seq_lens, scale,
-                                alibi_slopes)
+                                alibi_slopes, window=window)
     return prefill_attention(q, k, v, meta.cu_seqlens_q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                             scale, alibi_slopes, meta.max_seqlen_q)
+                             scale, alibi_slopes, meta.max_seqlen_q, window=window)

@@ -1,4 +1,7 @@
-"""The decoder-only language model both families share: embed -> blocks -> final norm -> tied or own head."""
+"""The decoder-only language model every family shares: embed -> blocks -> final norm -> tied or own head.
+
+What differs per family (its block, final norm and checkpoint names) comes from its entry in models/families.py.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,8 @@ from torch import nn
 
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache
 from llmengine_runtime.models.config import ModelConfig
-from llmengine_runtime.models.falcon import FalconBlock, falcon_targets
-from llmengine_runtime.models.fused_decode import FusedDecode
-from llmengine_runtime.models.layers import LayerNorm, Linear, RMSNorm, alibi_slopes
-from llmengine_runtime.models.llama import LlamaBlock, llama_targets
+from llmengine_runtime.models.families import family
+from llmengine_runtime.models.layers import Linear, alibi_slopes
 from llmengine_runtime.models.packed_linear import pack, pack_linear, packed_linear
 from llmengine_runtime.models.parallel import RowParallel, TensorParallel
 from llmengine_runtime.models.rope import RotaryEmbedding
@@ -28,15 +29,14 @@ class CausalLM(nn.Module):
         self.tp = tp
         # The sizes of this rank's layers and KV cache (its heads, its part of the MLP); `config` without tp.
         self.shard_config = config if tp is None else tp.shard_config(config)
-        falcon = config.arch == "falcon"
-        block = FalconBlock if falcon else LlamaBlock
+        self.family = family(config.arch)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(block(self.shard_config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(self.family.block(self.shard_config, i) for i in range(config.num_layers))
         if tp is not None:  # o_proj and down_proj sum their partial products over the ranks
             for layer in self.layers:
                 layer.attn.o_proj = RowParallel(layer.attn.o_proj)
                 layer.mlp.down_proj = RowParallel(layer.mlp.down_proj)
-        self.norm = (LayerNorm if falcon else RMSNorm)(config.hidden_size, config.norm_eps)
+        self.norm = self.family.final_norm(config.hidden_size, config.norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                       bias=False)
         self.rope = None
@@ -45,9 +45,6 @@ class CausalLM(nn.Module):
         # stays a float table for the lookups, and `lm_head is None` still means "tied".
         self.quantized_head: nn.Module | None = None
         self.quantization: str | None = None  # what the loader did, e.g. "int4 g64" (None: float weights)
-        # The one-call CPU decode step (models/fused_decode.py), decided at the first decode step, once the
-        # loader has quantized the weights; False: not decided yet.
-        self.fused_decode: FusedDecode | None | bool = False
         if self.embed.weight.device.type != "meta":  # the loader builds on meta, then calls init_buffers
             self.init_buffers(self.embed.weight.device)
 
@@ -70,14 +67,11 @@ class CausalLM(nn.Module):
             self.head_packed_index = pack(self.embed.weight.data, self)
 
     def checkpoint_targets(self) -> dict[str, ParamTarget]:
-        return (falcon_targets if self.config.arch == "falcon" else llama_targets)(self, self.config)
+        return self.family.targets(self, self.config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache] | None = None) -> torch.Tensor:
         """input_ids, positions `[num_tokens]` -> hidden `[num_tokens, hidden]` (after the final norm)."""
-        fused = self.fused_decode_for(meta, kv_caches)
-        if fused is not None:
-            return fused(input_ids, positions, meta, kv_caches)
         rope = None
         if self.rope is not None:
             rope = self.rope.cos_sin(positions, meta.seq_len_per_token() if self.rope.rope_type == "dynamic"
@@ -89,18 +83,6 @@ class CausalLM(nn.Module):
             x, _ = self.norm(x, residual)
             return x
         return self.norm(x)
-
-    def fused_decode_for(self, meta: AttentionMetadata, kv_caches: list[KVCache] | None) -> FusedDecode | None:
-        """The one-call decode step when this step can take it (built at the first decode step), else None."""
-        return self.fused_decoder(kv_caches) if meta.is_decode else None
-
-    def fused_decoder(self, kv_caches: list[KVCache] | None) -> FusedDecode | None:
-        """The one-call decode step for decode steps over these caches (built at the first call), else None."""
-        if self.fused_decode is None:
-            return None
-        if self.fused_decode is False:
-            self.fused_decode = FusedDecode.build(self)
-        return self.fused_decode if self.fused_decode is not None and self.fused_decode.applies(kv_caches) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quantized_head is not None:

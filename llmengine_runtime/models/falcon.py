@@ -1,4 +1,5 @@
-"""Falcon decoder block in its three variants (docs/architecture.md, "Model variants") and its checkpoint names.
+"""Falcon: its config.json, its decoder block in three variants (docs/architecture.md, "Model variants") and its
+checkpoint names.
 
 - falcon-7b: multi-query, parallel attention + MLP, one `input_layernorm`, RoPE, no biases.
 - falcon-40b/180B (`new_decoder_architecture`): grouped KV, parallel, `ln_attn` + `ln_mlp`
@@ -9,19 +10,67 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache
-from llmengine_runtime.models.config import ModelConfig
+from llmengine_runtime.models.config import ConfigError, ModelConfig, dtype_name, eos_ids, rope_settings
+from llmengine_runtime.models.families import Family
 from llmengine_runtime.models.layers import Attention, GeluMLP, LayerNorm
 from llmengine_runtime.models.parallel import Reader, TensorParallel, merge_runs, read_rows, shard_readers
 from llmengine_runtime.models.weights import ParamTarget
 
 
+def parse_falcon(raw: dict[str, Any]) -> ModelConfig:
+    model_type = raw.get("model_type", "falcon")
+    num_heads = raw.get("num_attention_heads") or raw.get("n_head")
+    num_layers = raw.get("num_hidden_layers") or raw.get("n_layer")
+    new_arch = raw.get("new_decoder_architecture", model_type == "RefinedWeb")
+    multi_query = raw.get("multi_query", True)
+    if new_arch:
+        num_kv_heads = raw.get("num_kv_heads") or raw.get("n_head_kv") or num_heads
+    elif multi_query:
+        num_kv_heads = 1
+    else:
+        num_kv_heads = num_heads
+    hidden = raw["hidden_size"]
+    act = raw.get("activation", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"unsupported activation {act!r} for Falcon; supported: 'gelu'")
+    alibi = raw.get("alibi", False)
+    theta, scaling = rope_settings(raw)
+    num_ln = raw.get("num_ln_in_parallel_attn")
+    return ModelConfig(
+        arch="falcon",
+        vocab_size=raw["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=raw.get("ffn_hidden_size") or 4 * hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=raw.get("head_dim") or hidden // num_heads,
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        use_rope=not alibi,
+        tie_word_embeddings=raw.get("tie_word_embeddings", True),
+        parallel_attn=raw.get("parallel_attn", True),
+        new_decoder_architecture=new_arch,
+        num_ln_in_parallel_attn=2 if num_ln is None else int(num_ln),
+        multi_query=multi_query,
+        alibi=alibi,
+        bias=raw.get("bias", False),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=eos_ids(raw),
+        torch_dtype=dtype_name(raw),
+    )
+
+
 class FalconBlock(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         hidden, eps = config.hidden_size, config.norm_eps
         self.parallel = config.parallel_attn
@@ -115,3 +164,8 @@ def falcon_targets(model: nn.Module, config: ModelConfig) -> dict[str, ParamTarg
             for kind in ("weight", "bias"):
                 targets[f"{pre}{name}.{kind}"] = ParamTarget(getattr(getattr(block, name), kind))
     return targets
+
+
+FAMILY = Family("falcon", frozenset({"FalconForCausalLM", "RWForCausalLM"}),
+                frozenset({"falcon", "RefinedWebModel", "RefinedWeb"}), parse_falcon, FalconBlock, LayerNorm,
+                falcon_targets)

@@ -6,8 +6,9 @@ the weight products themselves. `LlamaDecoder.step` runs the same math, through 
 eager path calls one by one, in a single call per step; the decoder holds the weights and KV caches, bound once.
 
 It applies (`FusedDecode.build` returns None otherwise, and the model runs its eager blocks) when: the model
-is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP) without tensor
-parallelism; every projection is a QuantizedLinear on our CPU kernels (`backend == "cpu"`: int4 or int8);
+is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP; no per-head q/k norm, no
+sliding window) without tensor parallelism; every projection is a QuantizedLinear on our CPU kernels
+(`backend == "cpu"`: int4 or int8);
 norms and the embedding are fp32, the KV caches fp32 or fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not
 "0". Only decode steps (one new token per sequence, with a KV cache) take it; prefill stays eager. The numbers
 are the eager path's: the same kernels in the same order (tests/models/test_fused_decode.py checks it).
@@ -83,9 +84,11 @@ class FusedDecode:
     @staticmethod
     def build(model: nn.Module) -> FusedDecode | None:
         config = model.config
+        # (the step has no per-head q/k norm (Qwen3) and no sliding window (Mistral, Qwen2 with windows): those
+        # keep the eager blocks; per-projection biases it adds as the eager layers do: Qwen2's q/k/v without o)
         if (os.environ.get("LLMENGINE_FUSED_DECODE", "1") == "0" or config.arch == "falcon" or model.tp is not None
-                or model.rope is None or model.rope.rope_type == "dynamic" or config.alibi
-                or not cpu_kernels.available()):
+                or model.rope is None or model.rope.rope_type == "dynamic" or config.alibi or config.qk_norm
+                or any(config.layer_windows) or not cpu_kernels.available()):
             return None
         norms, proj = [], []
         for block in model.layers:

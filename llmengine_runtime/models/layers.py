@@ -1,4 +1,4 @@
-"""Building blocks shared by Llama and Falcon: norms, attention with fused QKV, the two MLPs."""
+"""Building blocks the model families share: norms, attention with fused QKV, the two MLPs."""
 
 from __future__ import annotations
 
@@ -59,10 +59,14 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Fused QKV projection (rows [q heads; k heads; v heads]) -> RoPE or ALiBi -> paged attention -> o_proj."""
+    """Fused QKV projection (rows [q heads; k heads; v heads]) -> per-head q/k RMSNorm (`qk_norm`, Qwen3) -> RoPE
+    or ALiBi -> paged attention (each query sees its last `window` keys when `window` > 0) -> o_proj."""
 
-    def __init__(self, config: ModelConfig, bias: bool, out_bias: bool):
+    def __init__(self, config: ModelConfig, bias: bool, out_bias: bool, qk_norm: bool = False, window: int = 0):
         super().__init__()
+        self.window = window
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -87,10 +91,13 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # over each head's head_dim, before rotary
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
         if rope is not None:
             cos_sin_cache, index = rope
             q, k = rotary(q, k, index, cos_sin_cache)
-        out = paged_attention(q, k, v.contiguous(), kv_cache, meta, self.scale, self.alibi_slopes)
+        out = paged_attention(q, k, v.contiguous(), kv_cache, meta, self.scale, self.alibi_slopes, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

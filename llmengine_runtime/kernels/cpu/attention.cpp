@@ -7,14 +7,17 @@
 //                    [S + 1] says, their K/V already in the cache; block_tables int32 [S, max_blocks]; seq_lens
 //                    int32 [S] (after this step); optional ALiBi slopes fp32 [H] (already multiplied by the scale).
 //                    Row r of sequence s sits at position p = seq_lens[s] - q_len + (r - cu_seqlens_q[s]) and
-//                    sees the L = p + 1 cached keys j <= p: out[r, h] = softmax_j(scale q.k_j + slope (j - p)) . v_j.
+//                    sees the L = p + 1 cached keys j <= p: out[r, h] = softmax_j(scale q.k_j + slope (j - p)) . v_j;
+//                    with a sliding `window` W > 0 only the keys p - W < j <= p (0 or -1: no window).
 // decode_attention:  the same with one row per sequence (q [S, H, d], no cu_seqlens_q).
 //
 // Batch invariance: a row's output depends only on its own q, its L keys and values, never on the other rows, the
 // batch, the thread count or whether it came from a prompt chunk, a decode step or a speculative verification.
 // Its keys are cut into chunks of CHUNK_KEYS (fixed), each chunk reduced by one function in one order (a cache block
 // at a time: the G = H / Hkv query heads' scores, then an online-softmax update of each head's max, exp-sum and
-// exp-weighted value sum), and the chunks' partials merged in chunk order. How the (row, KV head, chunk) pieces are
+// exp-weighted value sum), and the chunks' partials merged in chunk order. A window leaves the chunks where they are
+// (multiples of CHUNK_KEYS from key 0): a row's keys before its window are in no chunk's sums, chunks wholly before
+// it are empty and weigh nothing in the merge. How the (row, KV head, chunk) pieces are
 // dealt to threads changes only who computes them.
 // Grid: the split form (few rows: decode steps) runs each (row, KV head, chunk) as a task, then each (row, head)'s
 // merge as another; the tiled form (many rows: prompt chunks) runs each (tile of up to ROW_TILE consecutive rows of
@@ -96,23 +99,28 @@ template <typename E>
 void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, float* scores, float* m_all,
                                 float* l_all, float* acc_all, const E* k_rows, const E* v_rows) const {
   const int64_t G = H / Hkv, row_stride = Hkv * d, s = row_seq[r0], j0 = c * CHUNK_KEYS;
-  int64_t j_end = j0;  // the furthest key any row of the tile sees in this chunk
-  for (int64_t i = 0; i < nr; ++i) j_end = std::max(j_end, std::min(row_keys[r0 + i], j0 + CHUNK_KEYS));
+  int64_t j_begin = j0 + CHUNK_KEYS, j_end = j0;  // the first and furthest keys any row of the tile sees here
+  for (int64_t i = 0; i < nr; ++i) {
+    j_begin = std::min(j_begin, std::max(j0, first_key(r0 + i)));
+    j_end = std::max(j_end, std::min(row_keys[r0 + i], j0 + CHUNK_KEYS));
+  }
   std::fill(m_all, m_all + nr * G, -std::numeric_limits<float>::infinity());
   std::fill(l_all, l_all + nr * G, 0.f);  // (l stays 0 for an empty chunk)
   std::fill(acc_all, acc_all + nr * G * d, 0.f);
   // One block of keys at a time (one block-table lookup each), for every row of the tile while the block is in
-  // cache. A row's pieces are the same whatever the tile: from j0 to each block's end, the last one to its own end.
-  for (int64_t j = j0; j < j_end;) {
+  // cache. A row's pieces are the same whatever the tile: from its first key in the chunk (j0, or where its window
+  // starts) to that block's end, then block by block, the last one to its own end.
+  for (int64_t j = j_begin; j < j_end;) {
     const int64_t off = j % block_size, block_take = std::min(block_size - off, j_end - j);
     const int64_t block = block_tables[s * max_blocks + j / block_size];
     const int64_t first = ((block * block_size + off) * Hkv + kvh) * d;
-    const E* kb = k_rows + first;
-    const E* vb = v_rows + first;
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t L = row_keys[r0 + i], j1 = std::min(L, j0 + CHUNK_KEYS);
-      if (j >= j1) continue;
-      const int64_t take = std::min(block_size - off, j1 - j);
+      const int64_t ja = std::max(j, first_key(r0 + i));  // this row's first key in the block
+      if (ja >= j1 || ja >= j + block_take) continue;
+      const int64_t take = std::min(j + block_take, j1) - ja;
+      const E* kb = k_rows + first + (ja - j) * row_stride;
+      const E* vb = v_rows + first + (ja - j) * row_stride;
       const float* q_group = q + (r0 + i) * q_row_stride + kvh * G * q_head_stride;
       float *m_run = m_all + i * G, *l_run = l_all + i * G, *acc = acc_all + i * G * d;
       // the G heads' scores, then an online-softmax update of each head's state, its value sum in registers
@@ -123,7 +131,7 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
         float block_max = -std::numeric_limits<float>::infinity();
         dot_rows(qg, kb, row_stride, take, d, sc);
         for (int64_t t = 0; t < take; ++t) {
-          sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(j + t - (L - 1)) : 0.f);
+          sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(ja + t - (L - 1)) : 0.f);
           block_max = std::max(block_max, sc[t]);
         }
         const float m_new = std::max(m_run[g], block_max), alpha = std::exp(m_run[g] - m_new);
@@ -273,7 +281,7 @@ CheckedCaches check_attention_inputs(const char* what, const at::Tensor& q, cons
 at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& tables, const std::vector<int64_t>& row_seq,
                        const std::vector<int64_t>& row_keys, double scale,
-                       const c10::optional<at::Tensor>& alibi_slopes, const CheckedCaches& c) {
+                       const c10::optional<at::Tensor>& alibi_slopes, int64_t window, const CheckedCaches& c) {
   at::Tensor slopes;
   if (alibi_slopes.has_value()) {
     slopes = alibi_slopes->to(at::kFloat).contiguous();
@@ -285,7 +293,8 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at:
   const PagedAttention plan{q.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr<int32_t>(),
                             row_seq.data(), row_keys.data(), slopes.defined() ? slopes.data_ptr<float>() : nullptr,
                             out.data_ptr<float>(), T, c.H, c.Hkv, c.d, c.block_size, tables.size(1), q.stride(0),
-                            q.stride(1), static_cast<float>(scale), k_cache.scalar_type() == at::kHalf};
+                            q.stride(1), static_cast<float>(scale), k_cache.scalar_type() == at::kHalf,
+                            std::max<int64_t>(window, 0)};
   plan.run(at::get_num_threads());
   return out;
 }
@@ -294,7 +303,7 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at:
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
-                           double scale, const c10::optional<at::Tensor>& alibi_slopes) {
+                           double scale, const c10::optional<at::Tensor>& alibi_slopes, int64_t window) {
   const CheckedCaches c = check_attention_inputs("paged_attention", q, k_cache, v_cache);
   const at::Tensor tables = block_tables.to(at::kInt).contiguous();
   const at::Tensor lens = seq_lens.to(at::kInt).contiguous(), cu = cu_seqlens_q.to(at::kInt).contiguous();
@@ -311,12 +320,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                 " new tokens but ", lp[s], " in all");
     for (int64_t i = 0; i < q_len; ++i) row_seq[cp[s] + i] = s, row_keys[cp[s] + i] = lp[s] - q_len + i + 1;
   }
-  return attend_rows(q, k_cache, v_cache, tables, row_seq, row_keys, scale, alibi_slopes, c);
+  return attend_rows(q, k_cache, v_cache, tables, row_seq, row_keys, scale, alibi_slopes, window, c);
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                            const c10::optional<at::Tensor>& alibi_slopes) {
+                            const c10::optional<at::Tensor>& alibi_slopes, int64_t window) {
   const CheckedCaches c = check_attention_inputs("decode_attention", q, k_cache, v_cache);
   const at::Tensor tables = block_tables.to(at::kInt).contiguous();
   const at::Tensor lens = seq_lens.to(at::kInt).contiguous();
@@ -327,7 +336,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   check_block_tables(tables.data_ptr<int32_t>(), lp, S, tables.size(1), c.block_size, k_cache.size(0));
   std::vector<int64_t> row_seq(S), row_keys(S);
   for (int64_t s = 0; s < S; ++s) row_seq[s] = s, row_keys[s] = lp[s];
-  return attend_rows(q, k_cache, v_cache, tables, row_seq, row_keys, scale, alibi_slopes, c);
+  return attend_rows(q, k_cache, v_cache, tables, row_seq, row_keys, scale, alibi_slopes, window, c);
 }
 
 }  // namespace llmengine_cpu
@@ -335,9 +344,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
   lib.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   lib.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-          "float scale, Tensor? alibi_slopes) -> Tensor");
+          "float scale, Tensor? alibi_slopes, int window=0) -> Tensor");
   lib.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-          "Tensor cu_seqlens_q, float scale, Tensor? alibi_slopes) -> Tensor");
+          "Tensor cu_seqlens_q, float scale, Tensor? alibi_slopes, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmengine_cpu, CPU, lib) {

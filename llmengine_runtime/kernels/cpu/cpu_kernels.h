@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -22,7 +23,7 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
               const at::Tensor& slot_mapping);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                            const c10::optional<at::Tensor>& alibi_slopes);
+                            const c10::optional<at::Tensor>& alibi_slopes, int64_t window);
 
 // The pieces the fused decode step (decode_step.cpp) calls on its own threads; each computes rows or tasks that do
 // not depend on how the work is split, so the step's numbers are the ops' above.
@@ -34,7 +35,7 @@ std::pair<int64_t, float> first_max(const float* x, int64_t n);
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
-                           double scale, const c10::optional<at::Tensor>& alibi_slopes);
+                           double scale, const c10::optional<at::Tensor>& alibi_slopes, int64_t window);
 
 // Paged attention of T query rows (attention.cpp): row r belongs to sequence row_seq[r] (its block-table row) and
 // sees that sequence's first row_keys[r] cached keys. Each row's keys are reduced in chunks of CHUNK_KEYS, whose
@@ -53,6 +54,10 @@ struct PagedAttention {
   int64_t T, H, Hkv, d, block_size, max_blocks, q_row_stride, q_head_stride;
   float scale;
   bool half_cache;
+  int64_t window = 0;  // sliding window: a row sees only its last `window` keys (0: all of them)
+
+  // The first key row r sees: with a window, keys before it lie in no chunk's sums (chunks stay where they are).
+  int64_t first_key(int64_t r) const { return window > 0 ? std::max<int64_t>(0, row_keys[r] - window) : 0; }
 
   // Chunk c of the nr rows r0.. (one sequence's), KV head kvh: each row's G = H / Hkv query heads' max, exp-sum and
   // exp-weighted value sum over its keys in the chunk, into m[nr, G], l[nr, G], acc[nr, G, d]; `scores` is scratch of
