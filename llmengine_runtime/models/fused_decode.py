@@ -9,7 +9,7 @@ It applies (`FusedDecode.build` returns None otherwise, and the model runs its e
 is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP; no per-head q/k norm, no
 sliding window) without tensor parallelism; every projection is a QuantizedLinear on our CPU kernels
 (`backend == "cpu"`: int4 or int8);
-norms and the embedding are fp32, the KV caches fp32 or fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not
+norms and the embedding table are fp32 (an nn.Embedding: not a GGUF table kept as its bytes), the KV caches fp32 or fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not
 "0". Only decode steps (one new token per sequence, with a KV cache) take it; prefill stays eager. The numbers
 are the eager path's: the same kernels in the same order (tests/models/test_fused_decode.py checks it).
 
@@ -102,6 +102,8 @@ class FusedDecode:
                 proj.extend(tensors)
             norms += [block.input_layernorm.weight, block.post_attention_layernorm.weight]
         norms.append(model.norm.weight)
+        if type(model.embed) is not nn.Embedding:  # a GGUF table kept as its bytes (models/gguf_linear.py)
+            return None
         if not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in norms + [model.embed.weight]):
             return None
         # the head compute_logits uses: a quantized copy of a tied head first

@@ -15,6 +15,10 @@ rms weight, 1.7x Q8_0's own; a caller who prefers that can `QuantizedLinear.quan
 
 q and k weights are in llama.cpp's rotary row order; `rotary_heads` permutes the rows of q, scale and zero
 back per head, exactly as models/gguf.py does to the float weights.
+
+Every other type of models/gguf_types.py's table (Q5_0, Q5_1, the K types; and any mix of types in one fused
+projection) is kept as the file's bytes instead: `gguf_raw_weights` reads a tensor's rows (whole rows permuted
+back the same way, which keeps every byte) and `gguf_projection` makes the models/gguf_linear.py layer.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llmengine_runtime.models.gguf import unpermute_rotary
+from llmengine_runtime.models.gguf_linear import GGUFLinear, GGUFRowParts
+from llmengine_runtime.models.gguf_types import raw_rows
 from llmengine_runtime.models.quantized_linear import QuantizedLinear
 
 BLOCK = 32
@@ -115,3 +121,38 @@ def quantized_linear_from_gguf(tensor, config: dict | None = None, bias: torch.T
     if heads is None and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
         raise ValueError(f"{tensor.name}: pass the model config to undo llama.cpp's rotary row order")
     return quantized_linear(gguf_int_weights(tensor, heads), bias, device)
+
+
+@dataclass
+class GGUFRawWeights:
+    """One GGUF tensor `[N, K]` as its file bytes: uint8 `[N, row_bytes]` of type `qtype`, rows in HF order."""
+    raw: torch.Tensor
+    qtype: GGMLQuantizationType
+    k: int
+
+
+def gguf_raw_weights(tensor, rotary_heads: int | None = None) -> GGUFRawWeights:
+    """A GGUFReader tensor of any type in models/gguf_types.py's table as its bytes (UnsupportedGGUFType, naming
+    it, for the others); with `rotary_heads`, its rows permuted back from llama.cpp's rotary order."""
+    raw = raw_rows(tensor)
+    if rotary_heads is not None:
+        raw = unpermute_rotary(raw, rotary_heads).contiguous()
+    return GGUFRawWeights(raw, GGMLQuantizationType(tensor.tensor_type), int(tensor.shape[0]))
+
+
+def gguf_projection(parts: list[GGUFRawWeights], bias: torch.Tensor | None = None,
+                    device: str | torch.device = "cpu") -> GGUFLinear | GGUFRowParts:
+    """The layer of one projection made of `parts` stacked along N (q; k; v or gate; up): one GGUFLinear when the
+    parts share a type (their rows concatenated), else a GGUFRowParts of one GGUFLinear per run of equal types."""
+    if len({p.k for p in parts}) != 1:
+        raise ValueError(f"cannot stack rows of {[p.k for p in parts]} columns into one projection")
+    runs: list[list[GGUFRawWeights]] = []
+    for part in parts:
+        if runs and runs[-1][0].qtype == part.qtype:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    layers = [GGUFLinear(torch.cat([p.raw for p in run]).to(device), run[0].qtype, run[0].k) for run in runs]
+    if len(layers) == 1:
+        return GGUFLinear(layers[0].raw, layers[0].ggml_type, layers[0].in_features, bias)
+    return GGUFRowParts(layers, bias)

@@ -221,19 +221,23 @@ def tensor_shape(tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(tensor.shape))
 
 
-@cache
 def has_cpu_product(qtype: GGMLQuantizationType) -> bool:
-    """Whether `torch.ops.llmengine_cpu.gguf_linear` exists (built and loaded) and takes this type: it is asked
-    to multiply one zero row by one zero block, and an error means no."""
+    """Whether `torch.ops.llmengine_cpu.gguf_linear` exists (built, loaded, not disabled by LLMENGINE_CPU_KERNELS=0)
+    and takes this type: it is asked once per type to multiply one zero row by one row of zero blocks, and an
+    error means no."""
     from llmengine_runtime.kernels import cpu as cpu_kernels
 
-    if qtype not in TYPES or not cpu_kernels.available() or not hasattr(torch.ops.llmengine_cpu, "gguf_linear"):
+    return qtype in TYPES and cpu_kernels.available() and _op_takes(qtype)
+
+
+@cache
+def _op_takes(qtype: GGMLQuantizationType) -> bool:
+    if not hasattr(torch.ops.llmengine_cpu, "gguf_linear"):
         return False
-    entry = TYPES[qtype]
     k = 256
     try:
-        y = torch.ops.llmengine_cpu.gguf_linear(torch.zeros(1, k), torch.zeros(1, entry.row_bytes(k),
+        y = torch.ops.llmengine_cpu.gguf_linear(torch.zeros(1, k), torch.zeros(1, TYPES[qtype].row_bytes(k),
                                                 dtype=torch.uint8), int(qtype), k, None)
     except (RuntimeError, ValueError, TypeError):
         return False
-    return tuple(y.shape) == (1, 1)
+    return tuple(y.shape) == (1, 1) and bool((y == 0).all())
