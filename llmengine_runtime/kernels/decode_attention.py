@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from llmengine_runtime.kernels.cpu import cpu_kv_caches, use_cpu_kernel
+from llmengine_runtime.kernels.deterministic import deterministic
 from llmengine_runtime.kernels.dispatch import use_triton
 from llmengine_runtime.kernels.prefill_attention import (
     kernel_window,
@@ -209,6 +210,9 @@ def decode_attention(
     window: int = 0,
 ) -> torch.Tensor:
     """One query token per sequence over its paged cache (see module docstring)."""
+    if use_triton(q) and deterministic():  # --deterministic: fixed key splits, as prompt rows take them
+        from llmengine_runtime.kernels.deterministic_attention import fixed_split_attention
+        return fixed_split_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes, window)
     if use_triton(q):
         return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes,
                                        window=window)

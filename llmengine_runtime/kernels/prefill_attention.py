@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmengine_runtime.kernels.deterministic import deterministic
 from llmengine_runtime.kernels.dispatch import use_triton
 
 
@@ -335,6 +336,10 @@ def prefill_attention(
     `k_cache` may be None when no sequence has a cached prefix. `max_seqlen_q` is a hint for the grid. `window` > 0:
     sliding-window attention over the last `window` positions.
     """
+    if use_triton(q) and deterministic():  # --deterministic: each token as a decode row (deterministic_attention)
+        from llmengine_runtime.kernels.deterministic_attention import deterministic_prefill_attention
+        return deterministic_prefill_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens,
+                                               scale, alibi_slopes, max_seqlen_q, window)
     if use_triton(q):
         return prefill_attention_triton(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens,
                                         scale, alibi_slopes, max_seqlen_q, window=window)

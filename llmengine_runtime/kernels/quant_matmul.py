@@ -12,13 +12,15 @@ x is fp16, bf16 or fp32 (row stride free, last dim contiguous); y has x's dtype.
 inside one scale group, multiply x by the integer q exactly (q is exact in every activation dtype) with fp32
 accumulation, and apply the group's scale (and min times the step's sum of x) to the step's partial sums.
 Two program shapes: a GEMV-shaped one for a few rows (decode) that multiplies and sums in fp32 on the CUDA
-cores, and a tiled `tl.dot` one for many rows (prefill).
+cores, and a tiled `tl.dot` one for many rows (prefill). Under `--deterministic` (kernels/deterministic.py) every
+row count takes the tiled one with BLOCK_M 16, so a row's result does not depend on how many rows there are.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from llmengine_runtime.kernels.deterministic import deterministic
 from llmengine_runtime.kernels.dispatch import use_triton
 
 GEMV_MAX_ROWS = 4  # up to this many rows the GEMV-shaped programs; more take the tl.dot ones
@@ -228,8 +230,9 @@ def _launch(gemv_kernel, dot_kernel, x, weights, scale, n, group_size, k, gemv):
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows == 0 or n == 0:
         return y
-    gemv = rows <= GEMV_MAX_ROWS if gemv is None else gemv
-    config = quant_launch_config(gemv, rows, group_size, k, x.dtype)
+    fixed = deterministic() and gemv is None  # --deterministic: the tiled program with BLOCK_M 16 for any M
+    gemv = False if fixed else rows <= GEMV_MAX_ROWS if gemv is None else gemv
+    config = quant_launch_config(gemv, 1 if fixed else rows, group_size, k, x.dtype)
     block_rows = config["BLOCK_T"] if gemv else config["BLOCK_M"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(rows, block_rows))
     if not gemv:

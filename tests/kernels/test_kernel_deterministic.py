@@ -137,3 +137,46 @@ def test_prompt_rows_equal_decode_rows_for_any_chunking(device, case):
                                               scale, slopes, window=window, split_keys=SPLIT, block_n=TILE)
         assert torch.equal(out[:chunk], decode[0][done:end]), (done, chunk)
         assert torch.equal(out[chunk:], decode[1][done1:]), (done, chunk)
+
+
+@pytest.fixture
+def deterministic_mode(monkeypatch, force_triton):
+    """--deterministic, with CPU tensors sent to the Triton paths (the interpreter)."""
+    monkeypatch.setenv("LLMENGINE_DETERMINISTIC", "1")
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_rows_do_not_depend_on_the_row_count(device, deterministic_mode, mode):
+    """By default rows <= 4 take the GEMV-shaped program and BLOCK_M follows M; under --deterministic one tiled
+    program with one BLOCK_M: a decode row (M = 1) equals its row in a prompt's product."""
+    from llmengine_runtime.kernels.quant_matmul import w4a16_matmul, w8a16_matmul
+    from tests.kernels.test_kernel_quant_matmul import make_weights
+
+    gen = torch.Generator().manual_seed(5)
+    weights, w = make_weights(mode, 80, 128, 32, device, gen)
+    x = randn(37, 128, dtype=torch.float32, device=device, gen=gen)  # fp32 out: the default paths' rows differ
+    product = w4a16_matmul if mode == "int4" else w8a16_matmul
+    y = product(x, *weights, 32)
+    assert_close(y, (x.double().cpu() @ w.T), 1e-3)
+    for rows in ([3], [0, 36, 7], list(range(20))):
+        assert torch.equal(product(x[rows], *weights, 32), y[rows]), rows
+
+
+def test_entry_points_take_the_deterministic_paths(device, deterministic_mode):
+    """decode_attention, prefill_attention and deterministic_matmul.linear under the switch: the fixed-split
+    attention and the fixed-tile product (default splits and tiles)."""
+    from llmengine_runtime.kernels import decode_attention, prefill_attention
+    from llmengine_runtime.kernels.deterministic_matmul import linear
+
+    args, _ = decode_inputs("gqa-fp32", device)
+    q, k_cache, v_cache, tables, lens, scale, slopes, window = args
+    assert torch.equal(decode_attention(q, k_cache, v_cache, tables, lens, scale, slopes),
+                       fixed_split_attention(q, k_cache, v_cache, tables, lens, scale, slopes))
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)  # one new token per sequence
+    assert torch.equal(prefill_attention(q, q[:, :2], q[:, :2], cu, k_cache, v_cache, tables, lens, scale, slopes),
+                       fixed_split_attention(q, k_cache, v_cache, tables, lens, scale, slopes))
+    gen = torch.Generator().manual_seed(2)
+    x, weight = randn(9, 48, dtype=torch.float32, device=device, gen=gen), randn(20, 48, dtype=torch.float32,
+                                                                                  device=device, gen=gen)
+    assert torch.equal(linear(x, weight), fixed_tile_matmul_triton(x, weight))
+    assert torch.equal(linear(x[4:5], weight), linear(x, weight)[4:5])
