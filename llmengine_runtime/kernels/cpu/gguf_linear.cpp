@@ -1,0 +1,144 @@
+#pragma GCC optimize("fp-contract=off")  // the float sums as written (gguf_blocks.h): same bits on every path
+// `gguf_linear(x, w, ggml_type, k, bias)`: y = x @ dequant(w).T + bias with w in one of GGUF's quantized formats,
+// exactly the file's bytes, and x quantized to int8 blocks on the way in (gguf_blocks.h).
+//
+// Layout: x fp32 [M, K] (rows contiguous); w uint8 [N, row_bytes], row n = its K / block_elems blocks as in the file;
+// y fp32 [M, N]. Grid: the activations are quantized once per call (at::parallel_for over rows), then
+// at::parallel_for splits the N output rows (never K): a task takes a run of weight rows and, for each chunk of 64
+// activation rows, computes tiles of one weight row x 4 activation rows (then 3, 2, 1), reading each weight block
+// once per tile. Every output's sums go in one order whatever M, the tile, the chunk or the thread count.
+// `gguf_linear_portable` is the same product through the scalar loops only (what a CPU without AVX2 runs): tests
+// check it gives the same bits.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "gguf_blocks.h"
+
+namespace llmengine_cpu::gguf {
+
+constexpr int64_t M_CHUNK = 64;
+
+const TypeTraits* type_traits(int type) {
+  const TypeTraits* t = legacy_traits(type);
+  return t ? t : k_traits(type);
+}
+
+// One row's blocks: xd = max|x| / 127, xq = round-half-even(x * (1 / xd)), and the integer sums.
+static void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, float* d, float* s, int32_t* sum,
+                         int16_t* sum16) {
+  for (int64_t b = 0; b < k / block; ++b) {
+    const float* xb = x + b * block;
+    float amax = 0.f;
+    for (int64_t j = 0; j < block; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+    int8_t* qb = q + b * block;
+    for (int64_t j = 0; j < block; ++j) qb[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+    int32_t total = 0;
+    for (int64_t g = 0; g < block / 16; ++g) {
+      int32_t part = 0;
+      for (int64_t j = 16 * g; j < 16 * g + 16; ++j) part += qb[j];
+      sum16[b * (block / 16) + g] = static_cast<int16_t>(part);
+      total += part;
+    }
+    d[b] = scale;
+    sum[b] = total;
+    s[b] = scale * static_cast<float>(total);
+  }
+}
+
+void quantize_activations(Activations& a, const float* x, int64_t rows, int64_t k, int64_t block) {
+  const int64_t nb = k / block;
+  a.block = block, a.nb = nb;
+  a.q.resize(rows * k), a.d.resize(rows * nb), a.s.resize(rows * nb), a.sum.resize(rows * nb);
+  a.sum16.resize(rows * k / 16);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      quantize_row(x + i * k, k, block, a.q.data() + i * k, a.d.data() + i * nb, a.s.data() + i * nb,
+                   a.sum.data() + i * nb, a.sum16.data() + i * k / 16);
+  });
+}
+
+// Weight rows n0 .. n1 - 1 against all M activation rows; y points at column n0 of [M, N].
+static void weight_rows(RowTile tile, const uint8_t* w, int64_t row_bytes, int64_t nb, const Activations& x,
+                        int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t c0 = 0; c0 < M; c0 += M_CHUNK) {
+    const int64_t c1 = std::min(M, c0 + M_CHUNK);
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t i = c0; i < c1; i += 4)
+        tile(w + n * row_bytes, nb, x, i, static_cast<int>(std::min<int64_t>(4, c1 - i)), y + i * ldy + (n - n0),
+             ldy);
+  }
+}
+
+static std::string supported_names() {
+  std::string names;
+  for (int t : {Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
+    names += (names.empty() ? "" : ", ") + std::string(type_traits(t)->name) + " (" + std::to_string(t) + ")";
+  return names;
+}
+
+static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, int64_t ggml_type, int64_t k,
+                         const c10::optional<at::Tensor>& bias, bool portable) {
+  const TypeTraits* traits = type_traits(static_cast<int>(ggml_type));
+  TORCH_CHECK(traits, "gguf_linear: ggml type ", ggml_type, " is not supported; supported: ", supported_names());
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "gguf_linear: x must be [M, K=", k, "], got ", x_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), "gguf_linear: x and w must be CPU tensors");
+  TORCH_CHECK(k > 0 && k % traits->block_elems == 0, "gguf_linear: K=", k, " is not a multiple of ", traits->name,
+              "'s block of ", traits->block_elems);
+  const int64_t nb = k / traits->block_elems, row_bytes = nb * traits->block_bytes;
+  TORCH_CHECK(w_in.scalar_type() == at::kByte && w_in.dim() == 2 && w_in.size(1) == row_bytes, "gguf_linear: w must be "
+              "uint8 [N, ", row_bytes, "] (", nb, " ", traits->name, " blocks of ", traits->block_bytes,
+              " bytes per row), got ", w_in.scalar_type(), " ", w_in.sizes());
+  const at::Tensor x = x_in.to(at::kFloat).contiguous(), w = w_in.contiguous();
+  const int64_t M = x.size(0), N = w.size(0);
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "gguf_linear: bias must be [N=", N, "], got ", bias->sizes());
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  Activations acts;
+  quantize_activations(acts, x.data_ptr<float>(), M, k, traits->block_elems);
+  const RowTile tile = portable ? traits->portable : traits->fast;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    weight_rows(tile, wp, row_bytes, nb, acts, M, n0, n1, yp + n0, N);
+    if (bp)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t n = n0; n < n1; ++n) yp[i * N + n] += bp[n];
+  });
+  return y;
+}
+
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t ggml_type, int64_t k,
+                       const c10::optional<at::Tensor>& bias) {
+  return linear(x, w, ggml_type, k, bias, false);
+}
+
+at::Tensor gguf_linear_portable(const at::Tensor& x, const at::Tensor& w, int64_t ggml_type, int64_t k,
+                                const c10::optional<at::Tensor>& bias) {
+  return linear(x, w, ggml_type, k, bias, true);
+}
+
+bool gguf_linear_supported(int64_t ggml_type) { return type_traits(static_cast<int>(ggml_type)) != nullptr; }
+
+}  // namespace llmengine_cpu::gguf
+
+TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
+  lib.def("gguf_linear(Tensor x, Tensor w, int ggml_type, int k, Tensor? bias) -> Tensor");
+  lib.def("gguf_linear_portable(Tensor x, Tensor w, int ggml_type, int k, Tensor? bias) -> Tensor");
+  // no tensor argument, so a catch-all kernel
+  lib.def("gguf_linear_supported(int ggml_type) -> bool", &llmengine_cpu::gguf::gguf_linear_supported);
+}
+
+TORCH_LIBRARY_IMPL(llmengine_cpu, CPU, lib) {
+  lib.impl("gguf_linear", &llmengine_cpu::gguf::gguf_linear);
+  lib.impl("gguf_linear_portable", &llmengine_cpu::gguf::gguf_linear_portable);
+}
