@@ -24,12 +24,15 @@ from __future__ import annotations
 import os
 
 ENV = "LLMENGINE_DETERMINISTIC"
+_on = os.environ.get(ENV, "0") == "1"  # a plain global: torch.compile guards on it without reading the environment
 
 
 def set_deterministic(on: bool) -> None:
     """Turn the batch-invariant Triton paths on or off for this process (and processes it starts later)."""
+    global _on
+    _on = bool(on)
     os.environ[ENV] = "1" if on else "0"
 
 
 def deterministic() -> bool:
-    return os.environ.get(ENV, "0") == "1"
+    return _on

@@ -6,9 +6,9 @@ What differs per family (its block, final norm and checkpoint names) comes from 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from llmengine_runtime.kernels.deterministic_matmul import linear
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache
 from llmengine_runtime.models.config import ModelConfig
 from llmengine_runtime.models.families import family
@@ -91,4 +91,4 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)
         if self.head_packed_index is not None:
             return packed_linear(hidden, self.head_packed_index, self.config.vocab_size)
-        return F.linear(hidden, self.embed.weight)
+        return linear(hidden, self.embed.weight)  # F.linear; under --deterministic on CUDA fixed tiles

@@ -20,10 +20,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from llmengine_runtime.kernels.deterministic_matmul import linear
 from llmengine_runtime.models.gguf_types import gguf_type, has_cpu_product
 
 
@@ -77,7 +77,7 @@ class GGUFLinear(nn.Module):
                                                      self.in_features, bias).to(x.dtype)
         else:
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = F.linear(x2, self.dense_weight(x.dtype), bias)
+            y = linear(x2, self.dense_weight(x.dtype), bias)  # F.linear, or --deterministic's product
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

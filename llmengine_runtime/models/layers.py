@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmengine_runtime.kernels import layer_norm, rms_norm, rotary, silu_and_mul
+from llmengine_runtime.kernels.deterministic_matmul import linear
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache, paged_attention
 from llmengine_runtime.models.config import ModelConfig
 from llmengine_runtime.models.packed_linear import packed_linear
@@ -21,7 +22,7 @@ class Linear(nn.Linear):
         if self.packed_index is not None:
             y = packed_linear(x, self.packed_index, self.out_features)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)  # F.linear; under --deterministic on CUDA fixed tiles
 
 
 class RMSNorm(nn.Module):

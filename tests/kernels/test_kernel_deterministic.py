@@ -142,7 +142,12 @@ def test_prompt_rows_equal_decode_rows_for_any_chunking(device, case):
 @pytest.fixture
 def deterministic_mode(monkeypatch, force_triton):
     """--deterministic, with CPU tensors sent to the Triton paths (the interpreter)."""
-    monkeypatch.setenv("LLMENGINE_DETERMINISTIC", "1")
+    from llmengine_runtime.kernels.deterministic import ENV, set_deterministic
+
+    monkeypatch.setenv(ENV, "0")  # restored after the test, as set_deterministic writes it
+    set_deterministic(True)
+    yield
+    set_deterministic(False)
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
