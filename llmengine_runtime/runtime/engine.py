@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from llmengine_runtime.kernels.deterministic import set_deterministic
 from llmengine_runtime.models.config import load_config
 from llmengine_runtime.models.loader import load_model, resolve_device
 from llmengine_runtime.models.tokenizer import TOKENIZER_FILES, Tokenizer, stop_token_ids
@@ -69,7 +70,7 @@ class Engine:
                  speculative: str | Path | None = None, num_speculative_tokens: int = 4, prompt_lookup_min: int = 1,
                  prompt_lookup_max: int = 4, quantize: str | None = None, quant_group_size: int | None = None,
                  tensor_parallel_size: int = 1, tp_timeout_s: float = 60.0, cpu_threads: int | str | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", deterministic: bool = False):
         """`speculative`: None, "ngram" (prompt lookup, `prompt_lookup_min..max`-token patterns) or a draft
         model's zoo name or folder; up to `num_speculative_tokens` proposals per sequence and step.
         `quantize`: weight-only quantization, models.loader.load_model's (None/"none", "int8", "int4" in groups
@@ -81,7 +82,10 @@ class Engine:
         collective waits at most `tp_timeout_s`. A worker that dies or hangs stops the engine (`failure()`).
         Call `close()` to stop the workers (they also stop when this process exits).
         `cpu_threads` (CPU): None leaves torch's thread count, N sets it, "auto" times decode steps with 1 thread
-        and with torch's count and keeps the faster (runtime/thread_tuner.py: a busy neighbour process)."""
+        and with torch's count and keeps the faster (runtime/thread_tuner.py: a busy neighbour process).
+        `deterministic` (`--deterministic`): the batch-invariant Triton paths on CUDA, slower (kernels/deterministic.py;
+        process-wide, and on before any tensor-parallel worker starts, which inherits it). On the CPU it changes
+        nothing: our C++ kernels are batch-invariant always; float-weight products (torch's F.linear) are not."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -92,6 +96,8 @@ class Engine:
         if compile:
             persistent_compile_cache()  # before anything (this process or a worker) compiles
         self.device = resolve_device(device)
+        if deterministic:
+            set_deterministic(True)
         self.thread_tuner = make_thread_tuner(cpu_threads, self.device, tensor_parallel_size)
         if quantize == "auto" and dtype != "auto":
             quantize = None
