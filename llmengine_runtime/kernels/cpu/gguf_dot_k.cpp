@@ -138,6 +138,45 @@ inline __m256i chunk(const BlockQ6_K& b, int c) {
   return _mm256_or_si256(low, _mm256_slli_epi16(bits_at(load32(b.qh + 32 * h), 2 * j, 3), 4));
 }
 
+// The 16 scales and mins (one per 16 values, natural order) as int8 vectors, from 32-bit words of the packed fields
+// (the same numbers as Tn::scales, which the portable path uses).
+inline uint32_t word(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline void scales_simd(const BlockQ2_K& b, __m128i& sc, __m128i& mn) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales)), low = _mm_set1_epi8(15);
+  sc = _mm_and_si128(raw, low);
+  mn = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+}
+inline void scales_simd(const BlockQ3_K& b, __m128i& sc, __m128i& mn) {
+  const uint32_t a = word(b.scales), c = word(b.scales + 4), h = word(b.scales + 8);
+  constexpr uint32_t L4 = 0x0f0f0f0f, L2 = 0x03030303;
+  const __m128i u = _mm_setr_epi32(static_cast<int>((a & L4) | ((h & L2) << 4)),
+                                   static_cast<int>((c & L4) | (((h >> 2) & L2) << 4)),
+                                   static_cast<int>(((a >> 4) & L4) | (((h >> 4) & L2) << 4)),
+                                   static_cast<int>(((c >> 4) & L4) | (((h >> 6) & L2) << 4)));
+  sc = _mm_sub_epi8(u, _mm_set1_epi8(32));
+  mn = _mm_setzero_si128();
+}
+// Q4_K / Q5_K: 8 scales and 8 mins per 32 values, each repeated for both halves.
+inline void scales_min_k4_simd(const uint8_t* s, __m128i& sc, __m128i& mn) {
+  const uint32_t a = word(s), c = word(s + 4), h = word(s + 8);
+  constexpr uint32_t L6 = 0x3f3f3f3f, L4 = 0x0f0f0f0f, L2 = 0x03030303;
+  const __m128i u = _mm_setr_epi32(static_cast<int>(a & L6), static_cast<int>((h & L4) | (((a >> 6) & L2) << 4)),
+                                   static_cast<int>(c & L6),
+                                   static_cast<int>(((h >> 4) & L4) | (((c >> 6) & L2) << 4)));
+  sc = _mm_unpacklo_epi8(u, u);
+  mn = _mm_unpackhi_epi8(u, u);
+}
+inline void scales_simd(const BlockQ4_K& b, __m128i& sc, __m128i& mn) { scales_min_k4_simd(b.scales, sc, mn); }
+inline void scales_simd(const BlockQ5_K& b, __m128i& sc, __m128i& mn) { scales_min_k4_simd(b.scales, sc, mn); }
+inline void scales_simd(const BlockQ6_K& b, __m128i& sc, __m128i& mn) {
+  sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
+  mn = _mm_setzero_si128();
+}
+
 // acc + a . b per int32 lane (int16 pairs), exact.
 inline __m256i madd_add(__m256i acc, __m256i a, __m256i b) {
 #if LLME_VNNI == 512
@@ -160,25 +199,26 @@ template <class T, int MT>
 void tile_avx2(const uint8_t* wp, int64_t nb, const Activations& x, int64_t i0, float* y, int64_t ldy) {
   const auto* w = reinterpret_cast<const typename T::Block*>(wp);
   float lanes[MT][8] = {};
+  // scales as int16, the even ones in the low 128-bit lane and the odd ones in the high one: one in-lane byte
+  // shuffle then gives chunk c's [sc_2c x 8 | sc_2c+1 x 8].
+  const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int64_t b = 0; b < nb; ++b) {
-    int8_t sc[16], mn[16];
-    T::scales(w[b], sc, mn);
-    const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc));
+    __m128i sc8, mn8;
+    scales_simd(w[b], sc8, mn8);
+    const __m256i sc_split = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, split));
     __m256i acc[MT];
     for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
     for (int c = 0; c < 8; ++c) {
       const __m256i q = chunk(w[b], c);
-      // [sc_2c x 8 | sc_2c+1 x 8] as int16
-      const __m128i pick = _mm_set_epi64x(0x0101010101010101LL * (2 * c + 1), 0x0101010101010101LL * (2 * c));
-      const __m256i scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick));
+      const __m256i pick = _mm256_set1_epi16(static_cast<int16_t>(0x0100 * (2 * c + 1) + 2 * c));
+      const __m256i scale = _mm256_shuffle_epi8(sc_split, pick);
       for (int t = 0; t < MT; ++t) {
         const int8_t* xq = x.q.data() + ((i0 + t) * nb + b) * QK_K + 32 * c;
         const __m256i pairs = _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
         acc[t] = madd_add(acc[t], pairs, scale);
       }
     }
-    const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
-    const __m256i mn16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn)));
+    const __m256i sc16 = _mm256_cvtepi8_epi16(sc8), mn16 = _mm256_cvtepi8_epi16(mn8);
     const float d = f16(w[b].d), dmin = T::dmin(w[b]);
     for (int t = 0; t < MT; ++t) {
       const int64_t r = (i0 + t) * nb + b;
