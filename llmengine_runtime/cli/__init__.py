@@ -31,7 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     name, mapping = parse_model_arg(args.model)
     llm = LLM(resolve_model(name, mapping), dtype=args.dtype, device=args.device, progress=True,
               tensor_parallel_size=args.tensor_parallel_size, cpu_threads=args.threads, **speculative_kwargs(args),
-              **quantize_kwargs(args))
+              **quantize_kwargs(args), deterministic=args.deterministic)
     prompt: str | list[int] = args.prompt
     if args.chat:
         text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="auto")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--deterministic", action="store_true",
+                     help="batch-invariant kernels on CUDA (slower; on CPU always so, a no-op)")
     add_speculative_args(gen)
     add_quantize_args(gen)
     add_parallel_args(gen)

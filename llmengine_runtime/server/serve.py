@@ -59,6 +59,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="requests in flight (waiting + running) beyond which new ones get 429")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="recompute every prompt (default: reuse the KV of prompt prefixes seen before)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="batch-invariant kernels on CUDA: a request's numbers do not depend on the other "
+                             "requests in the step (slower; untested on a GPU so far; on CPU always so, a no-op)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster decoding on CPU; ~1 min to start the first time)")
     parser.add_argument("--batch-dir", type=Path, default=None,
@@ -189,6 +192,7 @@ def run_serve(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             engines[name] = AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name,
                                         compile=args.compile, enable_prefix_caching=args.prefix_caching,
+                                        deterministic=args.deterministic,
                                         progress=True,  # a tqdm bar over the weights on stderr
                                         tensor_parallel_size=args.tensor_parallel_size, cpu_threads=args.threads,
                                         **speculative_kwargs(args), **quantize_kwargs(args))
@@ -204,6 +208,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logs.log.info("loading %s from %s (Model.create)", name, folder)
         return AsyncEngine(folder, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, name=name, compile=args.compile,
                            enable_prefix_caching=args.prefix_caching, max_model_len=max_model_len,
+                           deterministic=args.deterministic,
                            cpu_threads=args.threads, **quantize_kwargs(args))
 
     app = create_app(load_engines, api_key=api_key, max_queue=args.max_queue, batch_dir=args.batch_dir,
