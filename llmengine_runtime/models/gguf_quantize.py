@@ -23,7 +23,10 @@ The 256-weight k-quants (Q2_K..Q6_K) and their scale searches are in gguf_quanti
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -69,7 +72,7 @@ def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
 def rdiv(numerator: float, t: torch.Tensor) -> torch.Tensor:
     """`numerator / t`, correctly rounded: torch computes `scalar / tensor` as `scalar * (1 / tensor)`, which is
     one float32 ulp off now and then (`tensor / scalar` is a true division)."""
-    return torch.full_like(t, numerator) / t
+    return torch.tensor(numerator, dtype=t.dtype) / t
 
 
 def reciprocal_or_zero(d: torch.Tensor) -> torch.Tensor:
@@ -77,11 +80,13 @@ def reciprocal_or_zero(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
 
 
-def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """`s = 0; for i: s += terms[i]` in float32, for `[n, B]` terms: the C loops' order and rounding."""
-    acc = torch.zeros_like(terms[0])
-    for term in terms:
-        acc += term
+def sequential_sum(terms: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`s = 0; for i: s += terms[i]` in float32, for `[n, B]` terms (or their rows, `terms.unbind(0)`, made once
+    for a buffer summed again and again): the C loops' order and rounding."""
+    rows = terms.unbind(0) if isinstance(terms, torch.Tensor) else terms
+    acc = torch.zeros_like(rows[0])
+    for row in rows:
+        acc.add_(row)
     return acc
 
 
@@ -157,7 +162,7 @@ def _block_quantizers() -> dict[GGMLQuantizationType, Callable[[torch.Tensor], t
 
 QUANTIZABLE_TYPES = tuple(GGMLQuantizationType[name] for name in
                           ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
-CHUNK_WEIGHTS = 1 << 18  # weights per vectorized step: its [n, B] temporaries stay in cache
+CHUNK_WEIGHTS = 1 << 17  # weights per vectorized step: its [n, B] temporaries stay in cache
 
 
 def row_bytes(qtype: GGMLQuantizationType | str, k: int) -> int:
@@ -188,8 +193,24 @@ def quantize_rows(weight: torch.Tensor, qtype: GGMLQuantizationType | str, progr
     blocks, out_blocks = w.view(-1, block), out.view(-1, size)
     step = max(1, CHUNK_WEIGHTS // block)
     starts = range(0, blocks.shape[0], step)
-    for start in tqdm(starts, desc=desc or f"quantizing to {qtype.name}", unit="chunk",
-                      disable=not progress or len(starts) < 4, leave=False):
-        x = blocks[start:start + step].t().contiguous()  # [block, B]: element-major
-        out_blocks[start:start + step] = quantizers[qtype](x)
+
+    def run(start: int) -> None:  # [block, B]: element-major
+        out_blocks[start:start + step] = quantizers[qtype](blocks[start:start + step].t().contiguous())
+
+    with single_threaded_ops(), ThreadPoolExecutor(max(1, min(len(starts), os.cpu_count() or 1))) as pool:
+        for _ in tqdm(pool.map(run, starts), total=len(starts), desc=desc or f"quantizing to {qtype.name}",
+                      unit="chunk", disable=not progress or len(starts) < 4, leave=False):
+            pass
     return out
+
+
+@contextmanager
+def single_threaded_ops():
+    """torch ops on one thread each while quantizing: the chunks run in parallel instead. The ops are small (a
+    few hundred kB), and OpenMP's per-op barriers cost more than they save; on a busy machine, 10-20x more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

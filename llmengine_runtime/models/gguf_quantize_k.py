@@ -72,11 +72,13 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     lo = torch.where(lo > 0, torch.zeros_like(lo), lo)
     flat = hi == lo
     codes, wl, term = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    wl_rows, term_rows = wl.unbind(0), term.unbind(0)
 
     def error_of(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         torch.mul(codes, scale, out=term).add_(offset).sub_(x)
         term.abs_() if use_mad else term.mul_(term)
-        return sequential_sum(term.mul_(w))
+        term.mul_(w)
+        return sequential_sum(term_rows)
 
     best_iscale = rdiv(nmax, hi - lo)
     scale, best_lo = rdiv(1.0, best_iscale), lo
@@ -87,9 +89,11 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         iscale = rdiv(_f32_chain(f_rmin, f_rdelta * np.float32(step), nmax), hi - lo)
         _round_clamp_(torch.sub(x, lo, out=codes).mul_(iscale), 0, nmax)
         torch.mul(w, codes, out=wl)
-        sum_l = sequential_sum(wl)
-        sum_l2 = sequential_sum(torch.mul(wl, codes, out=term))
-        sum_xl = sequential_sum(torch.mul(wl, x, out=term))
+        sum_l = sequential_sum(wl_rows)
+        torch.mul(wl, codes, out=term)
+        sum_l2 = sequential_sum(term_rows)
+        torch.mul(wl, x, out=term)
+        sum_xl = sequential_sum(term_rows)
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
@@ -117,11 +121,14 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     w = x * x
     wx = w * x
     level, term = torch.empty_like(x), torch.empty_like(x)
+    term_rows = term.unbind(0)
 
     def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _round_clamp_(torch.mul(x, iscale, out=level), -nmax, nmax - 1)
-        sum_lx = sequential_sum(torch.mul(wx, level, out=term))
-        return sum_lx, sequential_sum(torch.mul(w, level, out=term).mul_(level))
+        torch.mul(wx, level, out=term)
+        sum_lx = sequential_sum(term_rows)
+        torch.mul(w, level, out=term).mul_(level)
+        return sum_lx, sequential_sum(term_rows)
 
     best_iscale = rdiv(-nmax, peak)
     sum_lx, sum_l2 = trial(best_iscale)

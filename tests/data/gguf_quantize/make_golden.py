@@ -8,7 +8,8 @@ For each of two tiny llama-architecture inputs (`{tied,untied}_f32.gguf`, writte
 seed) it runs `llama_model_quantize` once per file type in FTYPES and gathers every tensor llama.cpp quantized into
 `{tied,untied}_golden.gguf`, named `FTYPE/tensor`. The tensors are not a working model: llama-quantize reads the
 hyperparameters but never checks tensor shapes, so rows are few (a handful per tensor) while the widths are the
-ones that decide the types: 256-multiples for the k-quants, 96 and 32 to force llama.cpp's fallbacks. Some blocks
+ones that decide the types: 256-multiples for the k-quants, 96 and 32 to force llama.cpp's fallbacks. A tensor of
+one row is a vector to ggml (untied ffn_up): llama-quantize leaves it F32. Some blocks
 are made awkward on purpose (zeros, a negative constant, tiny values, sign ties, outliers, all-positive).
 """
 
@@ -31,7 +32,7 @@ def fixtures() -> dict[str, dict]:
     tied = {"token_embd.weight": (6, 256), "output_norm.weight": (256,)}
     for i in range(8):
         tied |= {f"blk.{i}.attn_norm.weight": (256,), f"blk.{i}.attn_q.weight": (3, 256),
-                 f"blk.{i}.attn_k.weight": (2, 256), f"blk.{i}.attn_v.weight": (1, 256),
+                 f"blk.{i}.attn_k.weight": (2, 256), f"blk.{i}.attn_v.weight": (2, 256),
                  f"blk.{i}.attn_output.weight": (3, 96), f"blk.{i}.ffn_norm.weight": (256,),
                  f"blk.{i}.ffn_gate.weight": (2, 256), f"blk.{i}.ffn_up.weight": (2, 256),
                  f"blk.{i}.ffn_down.weight": (2, 512)}
@@ -40,7 +41,7 @@ def fixtures() -> dict[str, dict]:
         untied |= {f"blk.{i}.attn_norm.weight": (256,), f"blk.{i}.attn_q.weight": (2, 512),
                    f"blk.{i}.attn_k.weight": (1, 512), f"blk.{i}.attn_v.weight": (2, 512),
                    f"blk.{i}.attn_output.weight": (2, 32), f"blk.{i}.ffn_norm.weight": (256,),
-                   f"blk.{i}.ffn_gate.weight": (1, 768), f"blk.{i}.ffn_up.weight": (1, 768),
+                   f"blk.{i}.ffn_gate.weight": (2, 768), f"blk.{i}.ffn_up.weight": (1, 768),
                    f"blk.{i}.ffn_down.weight": (2, 256)}
     return {"tied": {"layers": 8, "tensors": tied}, "untied": {"layers": 3, "tensors": untied}}
 
