@@ -6,7 +6,8 @@ and times it with `triton.testing.do_bench` (median; L2 flushed before each run)
 least number of bytes the kernel must move divided by its time, shown next to a device-to-device copy
 measured in the same run (bytes read + written). Prefill attention is also timed against torch's
 `scaled_dot_product_attention`. With two GPUs, tensor parallelism over NCCL is checked too
-(benchmarks/gpu_check_tp.py: 2 ranks give 1 rank's greedy tokens). The table is printed and appended to
+(benchmarks/gpu_check_tp.py: 2 ranks give 1 rank's greedy tokens), and `--deterministic`'s batch invariance
+(benchmarks/gpu_check_deterministic.py: rows bit-identical however batched). The table is printed and appended to
 benchmarks/RESULTS.md with the GPU's name. Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA device.
 """
 
@@ -26,6 +27,7 @@ from llmengine_runtime.benchmarks.common import (
     markdown_table,
     write_outputs,
 )
+from llmengine_runtime.benchmarks.gpu_check_deterministic import check_deterministic
 from llmengine_runtime.benchmarks.gpu_check_tp import check_tensor_parallel
 from llmengine_runtime.kernels.testing import make_paged_cache
 from llmengine_runtime.models.layers import alibi_slopes
@@ -269,17 +271,18 @@ def main() -> int:
     torch.manual_seed(0)
     copy = copy_bandwidth(device, mib=1024) / 1e9
     rows = run_checks(device)
+    exact = check_deterministic()  # --deterministic: rows bit-identical however batched (gpu_check_deterministic.py)
     info = machine_info()
     markdown = (f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}. "
                 f"Device-to-device copy: {copy:.0f} GB/s (bytes read + written). Times: median of "
                 f"triton.testing.do_bench, L2 flushed. GB/s: least bytes the kernel must move / time. "
                 f"Errors: max |triton - reference| (reference in fp32; SDPA for the no-prefix prefill).\n\n"
-                f"{table(rows, copy)}")
+                f"{table(rows, copy)}\n\n{exact['detail']}")
     print(markdown)
     write_outputs(OUT_DIR, "gpu_check", {"machine": info, "copy_gbps": copy, "rows": [vars(r) | {
         "dtype": DTYPE_NAME[r.dtype]} for r in rows]}, markdown)
     append_results(f"gpu_check: {info.get('gpu')}", markdown, info)
-    failed = [r.kernel for r in rows if not r.ok]
+    failed = [r.kernel for r in rows if not r.ok] + ([] if exact["ok"] else ["--deterministic"])
     tp = check_tensor_parallel()  # needs 2 GPUs; says "skipped" otherwise
     print(tp["detail"])
     if not tp["ok"]:
