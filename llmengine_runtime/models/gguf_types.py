@@ -222,9 +222,8 @@ def tensor_shape(tensor) -> tuple[int, ...]:
 
 
 def has_cpu_product(qtype: GGMLQuantizationType) -> bool:
-    """Whether `torch.ops.llmengine_cpu.gguf_linear` exists (built, loaded, not disabled by LLMENGINE_CPU_KERNELS=0)
-    and takes this type: it is asked once per type to multiply one zero row by one row of zero blocks, and an
-    error means no."""
+    """Whether `torch.ops.llmengine_cpu.gguf_linear` (kernels/cpu/gguf_linear.cpp) is built, loaded, not disabled
+    by LLMENGINE_CPU_KERNELS=0, and takes this type (as its `gguf_linear_supported` says)."""
     from llmengine_runtime.kernels import cpu as cpu_kernels
 
     return qtype in TYPES and cpu_kernels.available() and _op_takes(qtype)
@@ -232,12 +231,6 @@ def has_cpu_product(qtype: GGMLQuantizationType) -> bool:
 
 @cache
 def _op_takes(qtype: GGMLQuantizationType) -> bool:
-    if not hasattr(torch.ops.llmengine_cpu, "gguf_linear"):
-        return False
-    k = 256
-    try:
-        y = torch.ops.llmengine_cpu.gguf_linear(torch.zeros(1, k), torch.zeros(1, TYPES[qtype].row_bytes(k),
-                                                dtype=torch.uint8), int(qtype), k, None)
-    except (RuntimeError, ValueError, TypeError):
-        return False
-    return tuple(y.shape) == (1, 1) and bool((y == 0).all())
+    ops = torch.ops.llmengine_cpu
+    return hasattr(ops, "gguf_linear") and hasattr(ops, "gguf_linear_supported") \
+        and bool(ops.gguf_linear_supported(int(qtype)))
