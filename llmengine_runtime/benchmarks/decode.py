@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -46,12 +45,7 @@ from llmengine_runtime.benchmarks.decode_runners import (
     run_ours,
     summarize_runs,
 )
-from llmengine_runtime.benchmarks.random_model import (
-    checkpoint_dir,
-    make_random_checkpoint,
-    parse_overrides,
-    random_config,
-)
+from llmengine_runtime.benchmarks.random_model import resolve_folder
 from llmengine_runtime.benchmarks.report import decode_markdown, decode_plot, publish
 
 DEFAULT_PROMPT = "1, 2, 3, 4, 5, 6,"
@@ -64,23 +58,6 @@ def make_prompts(args, tokenizer, vocab_size: int, batch_size: int) -> list[list
     length = args.prompt_len or 16
     generator = torch.Generator().manual_seed(args.seed + batch_size)
     return torch.randint(min(16, vocab_size - 1), vocab_size, (batch_size, length), generator=generator).tolist()
-
-
-def resolve_folder(args) -> tuple[Path, bool]:
-    """(model folder, random weights?) for --model: real weights unless asked for random ones or absent."""
-    from llmengine_runtime.models.zoo import ZOO, ModelNotFoundError, resolve_model
-
-    wants_random = args.random_weights or args.num_layers is not None or args.override
-    if not wants_random:
-        try:
-            return Path(resolve_model(args.model)), False
-        except ModelNotFoundError:
-            if args.model not in ZOO:
-                raise
-            print(f"{args.model}: no weights on this machine; using random weights at its shapes", file=sys.stderr)
-    config = random_config(args.model, args.num_layers, parse_overrides(args.override))
-    folder = checkpoint_dir(Path(args.out_dir) / "models", args.model, config, args.seed)
-    return make_random_checkpoint(config, folder, seed=args.seed), True
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,20 @@ def make_random_checkpoint(config: dict, folder: Path, seed: int = 0, dtype: tor
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     done.touch()
     return folder
+
+
+def resolve_folder(args) -> tuple[Path, bool]:
+    """(model folder, random weights?) for --model: real weights unless asked for random ones or absent."""
+    from llmengine_runtime.models.zoo import ZOO, ModelNotFoundError, resolve_model
+
+    wants_random = args.random_weights or args.num_layers is not None or args.override
+    if not wants_random:
+        try:
+            return Path(resolve_model(args.model)), False
+        except ModelNotFoundError:
+            if args.model not in ZOO:
+                raise
+            print(f"{args.model}: no weights on this machine; using random weights at its shapes", file=sys.stderr)
+    config = random_config(args.model, args.num_layers, parse_overrides(args.override))
+    folder = checkpoint_dir(Path(args.out_dir) / "models", args.model, config, args.seed)
+    return make_random_checkpoint(config, folder, seed=args.seed), True

@@ -98,7 +98,7 @@ def generate(llm, prompts: list[list[int]], params) -> tuple[float, list[list[in
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmengine_runtime.benchmarks.decode import resolve_folder
+    from llmengine_runtime.benchmarks.random_model import resolve_folder
     from llmengine_runtime.models.loader import resolve_device
     from llmengine_runtime.runtime import LLM, SamplingParams
 

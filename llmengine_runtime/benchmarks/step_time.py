@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from llmengine_runtime.benchmarks.common import OUT_DIR, machine_info, spread
 from llmengine_runtime.benchmarks.report import new_figure, publish, save_figure
-from llmengine_runtime.runtime.decode_buffers import DecodeBuffers
+from llmengine_runtime.runtime.step import StepBuffers
 
 KERNEL_PARTS = ["norms", "products", "rotary", "store_kv", "attention", "activation", "head_kernel"]  # step_profile.h
 
@@ -56,9 +56,8 @@ def one_repeat(engine, prompt: list[int], params, steps: int) -> dict[str, float
     engine.step()  # prefill
     model, runner = engine.model, engine.runner
     runner.run_scored = timed(runner.run_scored, totals, "model")
-    runner.prepare = timed(runner.prepare, totals, "inputs")
-    fill = DecodeBuffers.fill  # the fused step's inputs (its buffers are made at its first step)
-    DecodeBuffers.fill = timed(fill, totals, "inputs")
+    fill = StepBuffers.fill  # the step's inputs, whichever executor runs it
+    StepBuffers.fill = timed(fill, totals, "inputs")
     model.compute_logits = timed(model.compute_logits, totals, "head")
     engine.sampler.sample = timed(engine.sampler.sample, totals, "sampler")
     kernel_profile(True)
@@ -70,8 +69,8 @@ def one_repeat(engine, prompt: list[int], params, steps: int) -> dict[str, float
             n += 1
         totals["step"] = time.perf_counter() - start
     finally:
-        del runner.run_scored, runner.prepare, model.compute_logits, engine.sampler.sample
-        DecodeBuffers.fill = fill
+        del runner.run_scored, model.compute_logits, engine.sampler.sample
+        StepBuffers.fill = fill
         kernels = kernel_profile(False)
     while engine.has_unfinished():
         engine.step()

@@ -55,7 +55,7 @@ from llmengine_runtime.models.gguf_quant import (
 )
 from llmengine_runtime.models.gguf_types import FLOAT_TYPES, TYPES, gguf_type, raw_rows, tensor_shape
 from llmengine_runtime.models.layers import Linear
-from llmengine_runtime.models.loader import WeightsError
+from llmengine_runtime.models.weights import WeightsError
 
 EMBEDDING = "model.embed_tokens.weight"
 

@@ -15,15 +15,12 @@ from llmengine_runtime.models.config import ModelConfig, load_config
 from llmengine_runtime.models.packed_linear import can_pack
 from llmengine_runtime.models.parallel import TensorParallel, shard_group_size
 from llmengine_runtime.models.quantized_linear import QuantizedLinear, quantize_model
+from llmengine_runtime.models.weights import WeightsError
 
 # Tensors some checkpoints carry that hold nothing we need.
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias)$")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-class WeightsError(ValueError):
-    """A checkpoint that does not match its config: names the tensor and what was expected."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

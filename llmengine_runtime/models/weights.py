@@ -10,6 +10,10 @@ from typing import Any
 import torch
 
 
+class WeightsError(ValueError):
+    """A checkpoint that does not match its config: names the tensor and what was expected."""
+
+
 @dataclass
 class ParamTarget:
     param: torch.Tensor

@@ -13,16 +13,26 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from llmengine_runtime.runtime.params import SamplingParams
 
-if TYPE_CHECKING:
-    from llmengine_runtime.runtime.engine import Engine
-
 logger = logging.getLogger("runtime")
+
+
+class WarmUpTarget(Protocol):
+    """What the warm-up drives: runtime/engine.py's Engine."""
+
+    thread_tuner: Any
+    block_manager: Any
+
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Any: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def step(self) -> list: ...
 
 
 def persistent_compile_cache() -> Path:
@@ -35,7 +45,7 @@ def persistent_compile_cache() -> Path:
     return path
 
 
-def warm_up(engine: Engine) -> list[tuple[int, int, float]]:
+def warm_up(engine: WarmUpTarget) -> list[tuple[int, int, float]]:
     """Run decode steps for one and for two sequences, so that compiling happens now, not in a request; logs and
     returns (threads, batch size, seconds) for each.
 

@@ -5,7 +5,7 @@ and turns each step's new tokens into a `RequestOutput` delta (stop tokens, stop
 async engine runs it on a background thread; `LLM` runs it in a plain loop.
 
 With `speculative` ("ngram" or a draft model), sequences in decode propose up to k tokens and the target
-checks them in the same forward pass (runtime/spec_step.py): a step may then emit several tokens per request,
+checks them in the same forward pass (runtime/speculative/step.py): a step may then emit several tokens per request,
 appended one by one, the first that ends the request dropping the rest. The rejected proposals' K/V lies past
 the new length: the blocks entirely past it go back to the pool at once, and the slots in the last kept block
 are overwritten by the next tokens; blocks are registered in the prefix cache only after that rollback.
@@ -33,7 +33,12 @@ from llmengine_runtime.runtime.block_manager import BlockManager
 from llmengine_runtime.runtime.compile_warmup import persistent_compile_cache, warm_up
 from llmengine_runtime.runtime.detokenizer import TextStream
 from llmengine_runtime.runtime.engine_guided import EngineGuided
-from llmengine_runtime.runtime.engine_setup import checked_prompt_ids, compute_dtype, kv_cache_plan
+from llmengine_runtime.runtime.engine_setup import (
+    checked_prompt_ids,
+    compute_dtype,
+    kv_cache_plan,
+    resolve_model_dir,
+)
 from llmengine_runtime.runtime.guided import apply_token_masks
 from llmengine_runtime.runtime.log_probs import TopLogProbs, prompt_scores
 from llmengine_runtime.runtime.logits_processors import logits_processing
@@ -43,7 +48,7 @@ from llmengine_runtime.runtime.request_output import FINISH_REASONS, RequestOutp
 from llmengine_runtime.runtime.sampler import Sampler
 from llmengine_runtime.runtime.scheduler import Scheduler
 from llmengine_runtime.runtime.sequence import Sequence
-from llmengine_runtime.runtime.spec_step import make_speculator
+from llmengine_runtime.runtime.speculative.step import make_speculator
 from llmengine_runtime.runtime.stopping import after_token
 from llmengine_runtime.runtime.thread_tuner import make_thread_tuner
 from llmengine_runtime.runtime.tp_step import TensorParallelError
@@ -53,13 +58,6 @@ logger = logging.getLogger("runtime")
 COUNTERS = ("requests_added", "steps", "failed_steps", "tokens_computed", "tokens_generated",
             *(f"finished_{reason}" for reason in FINISH_REASONS),
             "spec_proposed_tokens", "spec_accepted_tokens", "spec_steps")  # spec_steps: sequence-steps that proposed
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    """A model folder, or a name the model zoo knows."""
-    from llmengine_runtime.models.zoo import resolve_model
-
-    return Path(resolve_model(model))
 
 
 class Engine:

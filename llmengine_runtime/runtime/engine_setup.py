@@ -90,3 +90,10 @@ def checked_prompt_ids(prompt: str | list[int], params: SamplingParams, tokenize
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
                          f"{total} tokens, but {limit}")
     return prompt_ids
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A model folder, or a name the model zoo knows."""
+    from llmengine_runtime.models.zoo import resolve_model
+
+    return Path(resolve_model(model))

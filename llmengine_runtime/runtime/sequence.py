@@ -40,7 +40,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_hashed_blocks: int = 0  # leading blocks of block_table the prefix cache has seen (BlockManager)
-    # Speculative decoding (runtime/spec_step.py): this step's proposals, fed after the last token, and the
+    # Speculative decoding (runtime/speculative/step.py): this step's proposals, fed after the last token, and the
     # proposer's own per-sequence state (a TokenHistory, the draft model's KV length); preemption drops it.
     draft_token_ids: list[int] = field(default_factory=list)
     proposer_state: Any = None

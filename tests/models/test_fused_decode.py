@@ -8,6 +8,7 @@ import torch
 
 from llmengine_runtime.models.fused_decode import FusedDecode
 from llmengine_runtime.runtime import LLM, SamplingParams
+from llmengine_runtime.runtime.executor import CpuStepExecutor
 from tests.fast import fast_subset
 from tests.models.tiny import save_tiny
 
@@ -32,7 +33,7 @@ def run(path, quantize: str | None, fused: bool, monkeypatch, prompts=PROMPTS, n
         assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, kv_cache_dtype)
     params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
     results = llm.generate(prompts, params, progress=False)
-    took = isinstance(llm.engine.model.fused_decode, FusedDecode)
+    took = isinstance(llm.engine.runner.executor, CpuStepExecutor)
     return [(r.token_ids, r.log_probs) for r in results], took
 
 
@@ -114,10 +115,12 @@ def test_fused_head_gives_compute_logits_numbers(tiny_dirs, mode, monkeypatch):
     results = {}
     for has_head in (True, False):
         llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize=mode, block_size=16, cpu_threads=2)
-        model = llm.engine.model
-        model.fused_decode = FusedDecode.build(model)
-        assert model.fused_decode.has_head
-        model.fused_decode.has_head = has_head
+        runner = llm.engine.runner
+        assert isinstance(runner.executor, CpuStepExecutor) and runner.executor.fused.has_head
+        if not has_head:  # the C++ step without its head: its hidden states, then compute_logits
+            runner.executor = CpuStepExecutor(runner.executor.eager, FusedDecode.build(llm.engine.model))
+            runner.executor.fused.has_head = False
+            runner.executor.head_buffers = None
         out = []
         for log_probs in (True, False):
             params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True,

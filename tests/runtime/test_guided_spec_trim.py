@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmengine_runtime.runtime.spec_step import trim_to_constraints
+from llmengine_runtime.runtime.speculative.step import trim_to_constraints
 
 
 class PrefixMatcher:

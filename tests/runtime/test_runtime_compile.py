@@ -23,7 +23,7 @@ def test_compiled_decode_equals_eager(tiny_dir, tmp_path, monkeypatch, caplog):
     # With the thread tuner (`auto`), whose trials switch torch's thread count (2 <-> 1), which Dynamo guards on.
     torch.set_num_threads(2)  # (this folder's tests run on one; the module fixture restores it)
     compiled_llm = LLM(folder, device="cpu", kv_cache_gib=0.01, compile=True, cpu_threads="auto")
-    assert compiled_llm.engine.runner.decode_forward is not compiled_llm.engine.model.forward
+    assert compiled_llm.engine.runner.executor.decode_forward is not compiled_llm.engine.model.forward
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = compiled_llm.generate(prompts, params, progress=False)
     assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]

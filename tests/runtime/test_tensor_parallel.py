@@ -16,7 +16,7 @@ from llmengine_runtime.models.config import load_config, parse_config
 from llmengine_runtime.models.loader import load_weights
 from llmengine_runtime.models.parallel import TensorParallel
 from llmengine_runtime.runtime import LLM, SamplingParams
-from llmengine_runtime.runtime.model_runner import Chunk
+from llmengine_runtime.runtime.step import Chunk
 from tests.models.tiny import LLAMA_BASE
 
 BLOCK = 4

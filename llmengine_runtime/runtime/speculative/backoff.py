@@ -10,7 +10,7 @@ So each sequence carries `spec_wait` (steps to sit out) and `spec_miss_streak` (
 proposals were all rejected). After a step that accepted nothing, the sequence skips the next
 `min(2 ** (streak - 1), MAX_WAIT)` steps: 1, 2, 4, ... A step that accepts anything resets the streak, so in
 input-grounded text, where proposals are mostly right, a miss costs one skipped step. Skipping changes no
-output: a step without proposals is exactly a plain step (runtime/spec_step.py).
+output: a step without proposals is exactly a plain step (runtime/speculative/step.py).
 """
 
 from __future__ import annotations

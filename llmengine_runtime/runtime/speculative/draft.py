@@ -33,9 +33,11 @@ import torch
 from llmengine_runtime.models.config import ModelConfig, load_config
 from llmengine_runtime.models.loader import load_model
 from llmengine_runtime.models.tokenizer import TOKENIZER_FILES, Tokenizer
-from llmengine_runtime.runtime.model_runner import Chunk, ModelRunner
+from llmengine_runtime.runtime.engine_setup import resolve_model_dir
+from llmengine_runtime.runtime.model_runner import ModelRunner
 from llmengine_runtime.runtime.sampler import final_logits
 from llmengine_runtime.runtime.sequence import Sequence
+from llmengine_runtime.runtime.step import Chunk
 
 NUM_TOKENS_CHECKED = 256  # token ids compared between the two tokenizers, spread over the vocabulary
 
@@ -76,8 +78,6 @@ class DraftProposer:
         """The draft `model` (zoo name or folder) for `engine`'s target: checked, loaded in the target's dtype
         on its device (the target's own weights when it is the same folder), with a cache of the target's
         geometry."""
-        from llmengine_runtime.runtime.engine import resolve_model_dir
-
         draft_dir = resolve_model_dir(model)
         config = load_config(draft_dir)
         has_tokenizer = any((draft_dir / name).is_file() for name in TOKENIZER_FILES)
