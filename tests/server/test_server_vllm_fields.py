@@ -87,6 +87,19 @@ def test_genai_perf_min_tokens_equal_to_max_tokens_gives_exactly_that_many(llm_s
     assert list(chat)[-1].usage.completion_tokens == 40
 
 
+def test_vllm_bench_serve_style_stream_gives_exactly_the_requested_length(llm_server):
+    """`vllm bench serve`'s openai-completions payload (streamed, usage asked, best_of 1, ignore_eos false) with
+    min_tokens = max_tokens through its extra body: every streamed token counted, the stream ends by length."""
+    body = {"model": MODEL, "prompt": SHOP, "temperature": 0.0, "best_of": 1, "max_tokens": 24, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": False, "min_tokens": 24,
+            "return_token_ids": True}
+    r = httpx.post(llm_server.url + "/v1/completions", json=body, timeout=120)
+    chunks = events(r.text)
+    assert r.status_code == 200 and chunks[-1]["usage"]["completion_tokens"] == 24
+    choices = [c for chunk in chunks for c in chunk["choices"]]
+    assert sum(len(c["token_ids"]) for c in choices) == 24 and choices[-1]["finish_reason"] == "length"
+
+
 def test_stop_token_ids_logit_bias_and_bad_words_change_the_answer(llm_server):
     c, tokenizer = client(llm_server), llm_server.engine.tokenizer
     unique = tokenizer.encode(" unique", add_special_tokens=False)[0]
