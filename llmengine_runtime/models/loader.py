@@ -98,11 +98,21 @@ def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> dic
 QUANTIZE_MODES = ("none", "int8", "int4", "gguf", "auto")
 
 
+def gguf_mixtures() -> tuple[str, ...]:
+    """The llama-quantize file types `quantize` also takes ("q4_k_m", "q8_0", ...: models/gguf_quantize_mix.py)."""
+    from llmengine_runtime.models.gguf_quantize_mix import MIXTURES  # imports gguf: only when asked
+
+    return MIXTURES
+
+
 def resolve_quantize(quantize: str | None, model_dir: Path, device: str | torch.device) -> str | None:
-    """None, "int8", "int4" or "gguf" for a `quantize` argument. "auto": "gguf" on CPU when the folder records
-    the GGUF it came from (gguf_source.json, written by `llmengine convert`), else None (float weights)."""
+    """None, "int8", "int4", "gguf" or a GGUF mixture name for a `quantize` argument. "auto": "gguf" on CPU when
+    the folder records the GGUF it came from (gguf_source.json, written by `llmengine convert`), else None."""
+    if isinstance(quantize, str) and quantize.lower() in gguf_mixtures():
+        return quantize.lower()
     if quantize not in (None, *QUANTIZE_MODES):
-        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_MODES)}")
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_MODES)} "
+                         f"or a llama-quantize type: {', '.join(gguf_mixtures())}")
     if quantize == "auto":
         from llmengine_runtime.models.gguf import gguf_source
 
@@ -122,7 +132,10 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     channel, or per `group_size` columns) or "int4" (groups of `group_size`, default 64 or 32): the float weights
     quantized at load (models/quantized_linear.py `quantize_model`, the head too); "gguf": the integers of the
     folder's GGUF as they are (Q4_0/Q4_1 -> int4 g32, Q8_0 -> int8 g32; other tensors float); "auto": "gguf" on
-    CPU for a folder that came from a GGUF, else float. `model.quantization` says what was done.
+    CPU for a folder that came from a GGUF, else float. A llama-quantize type ("q4_k_m", "q5_k_m", "q6_k",
+    "q8_0", "q4_0", ...: models/gguf_quantize_mix.py MIXTURES): the float weights quantized at load to the bytes
+    and per-tensor types llama-quantize writes (models/gguf_quantize_model.py); these are the llama.cpp-compatible
+    choices, while int8/int4 stay our own schemes. `model.quantization` says what was done.
     `pack`: move the float projection weights to oneDNN's packed layout (models/packed_linear.py); by default
     wherever that is possible (CPU, fp32 or bf16). A packed model's Linear weights are on the meta device.
     `tp`: load only this tensor-parallel rank's shard (models/parallel.py), from safetensors slices; "auto"
@@ -155,6 +168,12 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         model.init_buffers(device)  # computed tables were made on meta too
         with torch.no_grad():
             load_weights(model, model_dir, progress)
+    if mode not in (None, "gguf", "int8", "int4"):  # a llama-quantize mixture, from the float weights
+        if tp is not None:
+            raise WeightsError(f"{model_dir}: quantize={mode} quantizes whole float weights, not a rank's shard")
+        from llmengine_runtime.models.gguf_quantize_model import quantize_model_gguf
+
+        quantize_model_gguf(model, mode, progress)
     if mode in ("int8", "int4"):
         if tp is not None:
             group_size = shard_group_size(config, tp, mode, group_size)
