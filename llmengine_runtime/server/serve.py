@@ -97,12 +97,18 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     """Weight quantization's options (`llmengine serve` and `llmengine generate`)."""
-    parser.add_argument("--quantize", default="auto", choices=["none", "int8", "int4", "auto"],
+    from llmengine_runtime.models.loader import gguf_mixtures
+
+    parser.add_argument("--quantize", default="auto", choices=["none", "int8", "int4", "auto", *gguf_mixtures()],
+                        type=str.lower, metavar="{none,auto,q4_k_m,q5_k_m,q6_k,q8_0,q4_0,...,int8,int4}",
                         help="weight-only quantization; activations keep --dtype. auto (the "
                              "default): on CPU, a model that came from a GGUF (the default model; a .gguf file) "
-                             "keeps the GGUF's own int4/int8 weights, any other model its own dtype; with an "
-                             "explicit --dtype, auto means none. none: float weights. int8 (per output channel) "
-                             "or int4 (groups of --quant-group-size): quantize the float weights at load")
+                             "keeps the GGUF's own weights, any other model its own dtype; with an "
+                             "explicit --dtype, auto means none. none: float weights. A llama-quantize type ("
+                             + ", ".join(gguf_mixtures()) + "): quantize the float weights at load as "
+                             "llama-quantize does (its per-tensor mixture and rounding searches; the llama.cpp-"
+                             "compatible choice). int8 (per output channel) or int4 (min/max in groups of "
+                             "--quant-group-size): our own older schemes, not llama.cpp's")
     parser.add_argument("--quant-group-size", type=int, default=None, metavar="N",
                         help="int4 group size, 32, 64, 128 or 256 (default: 64, or 32 where 64 does not divide "
                              "a layer's inputs); with int8, per group instead of per channel")
