@@ -27,23 +27,54 @@ const TypeTraits* type_traits(int type) {
   return t ? t : k_traits(type);
 }
 
-// One row's blocks: xd = max|x| / 127, xq = round-half-even(x * (1 / xd)), and the integer sums.
+// One row's blocks: xd = max|x| / 127, xq = round-half-even(x * (1 / xd)), and the integer sums. The AVX2 loop and
+// the scalar one give the same numbers (max is exact; both round to nearest even).
 static void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, float* d, float* s, int32_t* sum,
                          int16_t* sum16) {
   for (int64_t b = 0; b < k / block; ++b) {
     const float* xb = x + b * block;
+    int8_t* qb = q + b * block;
+    int16_t* s16 = sum16 + b * (block / 16);
+    int32_t total = 0;
+#ifdef LLME_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 vmax = _mm256_setzero_ps();
+    for (int64_t j = 0; j < block; j += 8)
+      vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t j = 0; j < block; j += 32) {
+      __m256i v[4];
+      for (int u = 0; u < 4; ++u) v[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8 * u), vinv));
+      // packs interleave 128-bit lanes; the permute puts the 32 bytes back in order.
+      const __m256i p = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])),
+          _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + j), p);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i pair = _mm256_add_epi32(v[2 * h], v[2 * h + 1]);
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(pair), _mm256_extracti128_si256(pair, 1));
+        t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
+        const int32_t part = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
+        s16[j / 16 + h] = static_cast<int16_t>(part);
+        total += part;
+      }
+    }
+#else
     float amax = 0.f;
     for (int64_t j = 0; j < block; ++j) amax = std::max(amax, std::fabs(xb[j]));
     const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-    int8_t* qb = q + b * block;
     for (int64_t j = 0; j < block; ++j) qb[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
-    int32_t total = 0;
     for (int64_t g = 0; g < block / 16; ++g) {
       int32_t part = 0;
       for (int64_t j = 16 * g; j < 16 * g + 16; ++j) part += qb[j];
-      sum16[b * (block / 16) + g] = static_cast<int16_t>(part);
+      s16[g] = static_cast<int16_t>(part);
       total += part;
     }
+#endif
     d[b] = scale;
     sum[b] = total;
     s[b] = scale * static_cast<float>(total);
