@@ -51,11 +51,17 @@ class GGUFLinear(nn.Module):
         self.register_buffer("raw", raw, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
         self.dense: torch.Tensor | None = None  # the dequantized weight, made at the first call that needs it
+        self.chosen: tuple[torch.device, str] | None = None  # (the bytes' device, the backend chosen there)
 
     @property
     def backend(self) -> str:
-        """"cpu" where the C++ product runs it, else "dequantized" (F.linear over the dequantized weight)."""
-        return "cpu" if self.raw.device.type == "cpu" and has_cpu_product(self.ggml_type) else "dequantized"
+        """"cpu" where the C++ product runs it, else "dequantized" (F.linear over the dequantized weight); chosen
+        where the bytes first run (again if they move), as QuantizedLinear chooses when it is built."""
+        device = self.raw.device
+        if self.chosen is None or self.chosen[0] != device:
+            self.chosen = (device, "cpu" if device.type == "cpu" and has_cpu_product(self.ggml_type)
+                           else "dequantized")
+        return self.chosen[1]
 
     def dequantize(self) -> torch.Tensor:
         """W as fp32 `[N, K]` (a fresh tensor), exactly gguf-py's dequantization of the bytes."""

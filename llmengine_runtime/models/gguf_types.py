@@ -47,10 +47,15 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _fields(b: torch.Tensor, width: int) -> torch.Tensor:
     """uint8 `[..., n]` -> `[..., 8 / width, n]`: each byte's `width`-bit fields, lowest first."""
-    mask = (1 << width) - 1
-    return torch.stack([(b >> shift) & mask for shift in range(0, 8, width)], dim=-2)
+    shifts = _SHIFTS.get((width, b.device))
+    if shifts is None:  # (one broadcast shift instead of one op per field: a lookup of a few rows is op-bound)
+        shifts = _SHIFTS[width, b.device] = torch.arange(0, 8, width, dtype=torch.uint8, device=b.device)[:, None]
+    return (b.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
