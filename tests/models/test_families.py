@@ -37,12 +37,12 @@ FAMILIES = {
 PROMPT_LENGTHS = [64, 5, 17, 33]
 
 
-def make_hf_model(name: str, seed: int = 0):
+def make_hf_model(name: str, seed: int = 0, **overrides):
     import transformers
 
     prefix, kwargs = FAMILIES[name]
     torch.manual_seed(seed)
-    config = getattr(transformers, f"{prefix}Config")(**kwargs)
+    config = getattr(transformers, f"{prefix}Config")(**{**kwargs, **overrides})
     model = getattr(transformers, f"{prefix}ForCausalLM")(config)
     with torch.no_grad():
         for param_name, p in model.named_parameters():
@@ -204,3 +204,28 @@ def test_loader_reads_every_tensor(pair, tmp_path: Path):
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert set(ours.checkpoint_targets()) == names
+
+
+@pytest.mark.parametrize("name", fast_subset(["qwen2", "qwen2-window", "qwen3", "mistral-window16"],
+                                             ["qwen2", "mistral-window16"]))
+def test_fused_decode_only_where_exact(name, tmp_path, monkeypatch):
+    """Quantized (int4) on our CPU kernels: the one-call decode step takes Qwen2 without windows (its q/k/v biases
+    are per-projection biases, which the step adds) and gives the eager blocks' tokens and log-probs bit for bit;
+    it declines per-head q/k norms (Qwen3) and sliding windows (Mistral, windowed Qwen2)."""
+    from llmengine_runtime.runtime.executor import CpuStepExecutor
+
+    make_hf_model(name).save_pretrained(tmp_path, safe_serialization=True)
+    prompts = random_prompts([40, 6], seed=7)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, return_token_log_probs=True)
+    outputs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("LLMENGINE_FUSED_DECODE", fused)
+        llm = LLM(tmp_path, quantize="int4", block_size=16, cpu_threads=2, kv_cache_gib=0.01)
+        try:
+            outputs[fused] = [(r.token_ids, r.log_probs) for r in llm.generate(prompts, params, progress=False)]
+            if fused == "1":
+                takes = isinstance(llm.engine.runner.executor, CpuStepExecutor)
+        finally:
+            llm.close()
+    assert takes == (name == "qwen2")
+    assert outputs["1"] == outputs["0"]
