@@ -94,4 +94,18 @@ inline float lanes_total(const float* l) {
 
 inline float f16(uint16_t h) { return half_to_float(h); }
 
+#ifndef LLME_GGUF_PREFETCH
+#define LLME_GGUF_PREFETCH 2048
+#endif
+// Ask for the weight bytes [p + PREFETCH, p + PREFETCH + n) ahead of their use: the rows of one task lie back to back,
+// and a row's dot product is too short for the hardware's stream prefetch alone to reach the memory's bandwidth.
+inline void prefetch_ahead(const void* p, int64_t n) {
+#ifdef LLME_AVX2
+  const char* c = static_cast<const char*>(p) + LLME_GGUF_PREFETCH;
+  for (int64_t o = 0; o < n; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+#else
+  (void)p, (void)n;
+#endif
+}
+
 }  // namespace llmengine_cpu::gguf

@@ -203,6 +203,7 @@ void tile_avx2(const uint8_t* wp, int64_t nb, const Activations& x, int64_t i0, 
   // shuffle then gives chunk c's [sc_2c x 8 | sc_2c+1 x 8].
   const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int64_t b = 0; b < nb; ++b) {
+    prefetch_ahead(&w[b], sizeof(w[b]));
     __m128i sc8, mn8;
     scales_simd(w[b], sc8, mn8);
     const __m256i sc_split = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, split));

@@ -117,6 +117,7 @@ void tile_avx2(const uint8_t* wp, int64_t nb, const Activations& x, int64_t i0, 
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8) {
+    prefetch_ahead(&w[b], 8 * sizeof(Block));
     __m128i sums[MT][2];
     for (int h = 0; h < 2; ++h) {  // blocks b + 4h .. b + 4h + 3
       __m256i pairs[MT][2];
