@@ -12,8 +12,14 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2/Qwen2.5/Qwen3 vocabularies: llama3's cut, but every digit alone
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell"}  # GPT-2 regex after single digits
 LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"}
+QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
 
 
@@ -90,10 +96,10 @@ def byte_level_bpe(vocab: dict[str, int], meta: dict) -> Tokenizer:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), GPT2_BYTE_LEVEL]
         )
-    elif pre in LLAMA3_PRE:
+    elif pre in LLAMA3_PRE or pre in QWEN2_PRE:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT if pre in LLAMA3_PRE else QWEN2_SPLIT), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )

@@ -21,6 +21,15 @@ from tests.models.test_gguf import gpt2_vocab, llamacpp_permute
 CASES = {"qwen2": "qwen2", "qwen3-bias": "qwen3", "mistral-window16": "llama"}  # family case -> GGUF architecture
 
 
+def digit_vocab():
+    """test_gguf's byte-level vocabulary plus merges of digits ("12", "123", "00", "000"): cut as one word,
+    "12345" would take them; cut a digit at a time (Qwen's pre-tokenizer) it cannot."""
+    tokens, types, merges, scores = gpt2_vocab()
+    for merged, merge in [("12", "1 2"), ("123", "12 3"), ("00", "0 0"), ("000", "00 0")]:
+        tokens, types, merges = tokens + [merged], types + [1], merges + [merge]
+    return tokens, types, merges, scores
+
+
 def gguf_tensor_name(hf: str) -> str:
     if hf.startswith("model.layers."):
         _, _, i, rest = hf.split(".", 3)
@@ -32,7 +41,7 @@ def gguf_tensor_name(hf: str) -> str:
 
 def write_gguf(path, hf, arch: str) -> None:
     c = hf.config
-    tokens, types, merges, _ = gpt2_vocab()
+    tokens, types, merges, _ = digit_vocab()
     w = GGUFWriter(path, arch)
     w.add_name("Mistral-tiny" if arch == "llama" else f"{arch}-tiny")
     w.add_block_count(c.num_hidden_layers)
@@ -50,7 +59,7 @@ def write_gguf(path, hf, arch: str) -> None:
         w.add_sliding_window(c.sliding_window)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "default")  # as llama.cpp writes Qwen vocabularies
     w.add_token_merges(merges)
     w.add_token_list(tokens)
     w.add_token_types(types)
@@ -74,7 +83,7 @@ def write_gguf(path, hf, arch: str) -> None:
 @pytest.fixture(scope="module", params=list(CASES))
 def written(request, tmp_path_factory):
     name = request.param
-    hf = make_hf_model(name, vocab_size=len(gpt2_vocab()[0]))
+    hf = make_hf_model(name, vocab_size=len(digit_vocab()[0]))
     folder = tmp_path_factory.mktemp(name)
     write_gguf(folder / "tiny.gguf", hf, CASES[name])
     return name, hf, folder
@@ -116,3 +125,21 @@ def test_llama_rows_left_permuted_would_show(written):
     permuted = hf.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     swapped = torch.from_numpy(llamacpp_permute(permuted.numpy(), hf.config.num_attention_heads))
     assert not torch.equal(permuted, swapped)
+
+
+def test_qwen_tokenizer_equals_transformers(written):
+    """A Qwen GGUF's `tokenizer.ggml.pre` "qwen2" cuts every digit alone (llama3's cut takes up to three), as
+    transformers' GGUF tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from llmengine_runtime.models.tokenizer import Tokenizer
+
+    name, _, folder = written
+    if not name.startswith("qwen"):
+        pytest.skip("a llama vocabulary (tests/models/test_gguf.py)")
+    ours = Tokenizer.from_folder(gguf_model_folder(folder / "tiny.gguf", folder / "served"))
+    ref = AutoTokenizer.from_pretrained(folder, gguf_file="tiny.gguf")
+    for text in ["hello world 12345", "the code is in 2024-06-01, x=1000000", "  return  x\n\tdef 7"]:
+        assert ours.encode(text) == ref.encode(text), text
+    assert len(ours.encode("12345")) == 5  # one token a digit, though "123" is one token of the vocabulary
+    assert len(ours.encode("abc 123")) == len(ours.encode("abc 1")) + 2
