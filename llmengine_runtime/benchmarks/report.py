@@ -125,13 +125,19 @@ def decode_plot(report: dict[str, Any], path: Path) -> Path:
 
 
 # -- serving ------------------------------------------------------------------------------------------
-def serving_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The serving report: the run settings, the machine, and the runs, each given its output tok/s as a multiple
-    of the first run's when that one is a single stream."""
-    single = runs[0] if runs[0]["concurrency"] == 1 else None
+def add_vs_single_stream(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run given its output tok/s as a multiple of the first run's when that one is a single stream."""
+    single = runs[0] if runs and runs[0]["concurrency"] == 1 else None
     for spec in runs:
         spec["vs_single_stream"] = spec["output_throughput"] / single["output_throughput"] \
             if single and single["output_throughput"] else None
+    return runs
+
+
+def serving_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The serving report: the run settings, the machine, and the runs, each with its scaling
+    (add_vs_single_stream)."""
+    add_vs_single_stream(runs)
     info = machine_info()
     return {"benchmark": "serving", "machine": info, "base_url": args.base_url, "api": args.api,
             "model": args.model, "input_len": args.input_len, "max_new_tokens": args.max_new_tokens,

@@ -11,176 +11,52 @@ are all at once (each --concurrency level is a run with at most that many reques
 process at --request-rate requests/s. Per run: TTFT, TPOT ((latency - TTFT) / (tokens - 1)), inter-token
 latency (gaps between chunks) and end-to-end latency at p50/p90/p99, request and output token throughput. When
 the first run is a single stream, every run's output tok/s is also given as a multiple of it.
+
+With --baseline-url (or --launch-baseline "COMMAND", see serving_baseline.py) every level also runs, with the same
+requests, against a second server on the OpenAI route, right after ours (ours c=1, baseline c=1, ours c=16, ...):
+the report then holds both sides, each one's scaling vs its own single stream, and ours/baseline ratios per level.
+
+    python -m llmengine_runtime.benchmarks.serving --launch --api openai --concurrency 1 16 64 \
+        --baseline-name "vLLM CPU 0.32" --launch-baseline "VLLM_CPU_KVCACHE_SPACE=2 .cache/vllm-venv/bin/python \
+        -m vllm.entrypoints.openai.api_server --model FOLDER --dtype bfloat16 --max-model-len 2048 --port {port}"
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import random
 import shlex
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from tqdm import tqdm
 
-from llmengine_runtime.benchmarks.common import OUT_DIR, distribution, parse_range
+from llmengine_runtime.benchmarks.common import OUT_DIR, parse_range
 from llmengine_runtime.benchmarks.report import publish, serving_markdown, serving_plot, serving_report
-
-WORDS = ("the of and to in is was for on that with as by at from his her an which or this are be had it not "
-         "they one all were but we there been have when their who will more no if out so said what up its about "
-         "into than them can only other new some could time these two may first then do any like my now over "
-         "such our man me even most made after also did many before must through back years where much your way "
-         "well down should because each just those people how too little state good very make world still own "
-         "see men work long here get both between life being under never day same another know while last").split()
-
+from llmengine_runtime.benchmarks.serving_baseline import (
+    add_baseline_args,
+    baseline_args,
+    launch_baseline,
+    served_model,
+    stop_baseline,
+    wait_baseline_ready,
+)
+from llmengine_runtime.benchmarks.serving_client import (  # noqa: F401 (re-exported: the other benchmarks' client)
+    WORDS,
+    RequestResult,
+    compute_metrics,
+    make_requests,
+    run_load,
+    send_llm,
+    send_openai,
+)
+from llmengine_runtime.benchmarks.serving_compare import add_baseline, compare_markdown, compare_plot
 
 SERVER_COMMAND = [sys.executable, "-m", "llmengine_runtime.cli", "serve"]  # what --launch runs
-
-
-@dataclass
-class RequestResult:
-    ok: bool = False
-    start: float = 0.0
-    end: float = 0.0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk that brought new tokens
-    error: str | None = None
-
-
-def compute_metrics(results: list[RequestResult], duration: float) -> dict:
-    """Latency distributions (ms) and throughputs of one run; failed requests count only as failed."""
-    ok = [r for r in results if r.ok and r.chunk_times]
-    ttft = [r.chunk_times[0] - r.start for r in ok]
-    tpot = [(r.end - r.chunk_times[0]) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
-    e2e = [r.end - r.start for r in ok]
-    output_tokens = sum(r.output_tokens for r in ok)
-    prompt_tokens = sum(r.prompt_tokens for r in ok)
-    ms = lambda xs: {k: v * 1e3 for k, v in distribution(xs).items()}
-    return {
-        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
-        "request_throughput": len(ok) / duration, "output_throughput": output_tokens / duration,
-        "total_token_throughput": (prompt_tokens + output_tokens) / duration,
-        "total_output_tokens": output_tokens, "total_prompt_tokens": prompt_tokens,
-        "mean_output_tokens": output_tokens / len(ok) if ok else 0.0,
-        "ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(itl), "e2e_ms": ms(e2e),
-        "errors": sorted({r.error for r in results if r.error})[:5],
-    }
-
-
-def make_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int], seed: int) -> list[tuple[str, int]]:
-    """n (prompt, max_new_tokens): prompts of random common words, lengths uniform in the given ranges."""
-    rng = random.Random(seed)
-    return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(*input_len))), rng.randint(*output_len))
-            for _ in range(n)]
-
-
-async def send_llm(client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int,
-                   args: argparse.Namespace) -> RequestResult:
-    """One streamed request on the LLM Engine API: one `data:` event per chunk, tokens counted by the server."""
-    body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0.0, "stop_sequences": None,
-            "return_token_log_probs": False, "ignore_eos": args.ignore_eos}  # unknown fields are ignored
-    result = RequestResult(start=time.perf_counter())
-    try:
-        async with client.stream("POST", url, params={"model_endpoint_name": args.model}, json=body) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                chunk = json.loads(line[5:])
-                if chunk.get("error"):
-                    result.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
-                    return result
-                out = chunk["output"]
-                count = out.get("num_completion_tokens") or 0
-                if count > result.output_tokens:
-                    result.chunk_times.append(time.perf_counter())
-                    result.output_tokens = count
-                result.prompt_tokens = out.get("num_prompt_tokens") or result.prompt_tokens
-                result.ok = bool(out.get("finished")) or result.ok
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
-        result.error = f"{type(e).__name__}: {e}"
-    result.end = time.perf_counter()
-    if not result.ok and result.error is None:
-        result.error = "stream ended without a finished chunk"
-    return result
-
-
-async def send_openai(client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int,
-                      args: argparse.Namespace) -> RequestResult:
-    """One streamed request on /v1/completions: a chunk per text delta, exact counts from the usage chunk."""
-    body = {"model": args.model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos}
-    result = RequestResult(start=time.perf_counter())
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
-                return result
-            async for line in response.aiter_lines():
-                data = line[5:].strip() if line.startswith("data:") else None
-                if data == "[DONE]":
-                    result.ok = True
-                elif data:
-                    chunk = json.loads(data)
-                    if chunk.get("error"):
-                        result.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
-                        return result
-                    if any(c.get("text") for c in chunk.get("choices") or []):
-                        result.chunk_times.append(time.perf_counter())
-                        result.output_tokens += 1
-                    if chunk.get("usage"):
-                        result.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                        result.output_tokens = chunk["usage"]["completion_tokens"]
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
-        result.error = f"{type(e).__name__}: {e}"
-    result.end = time.perf_counter()
-    if not result.ok and result.error is None:
-        result.error = "stream ended without [DONE]"
-    return result
-
-
-async def run_load(args: argparse.Namespace, requests: list[tuple[str, int]], concurrency: int | None,
-                   rate: float | None, bar: tqdm | None = None) -> tuple[list[RequestResult], float]:
-    """Send every request (Poisson arrivals at `rate`/s, or all at once when None), at most `concurrency`
-    in flight; returns the results in order and the wall time from the first send to the last answer."""
-    send = send_openai if args.api == "openai" else send_llm
-    url = args.base_url.rstrip("/") + ("/v1/completions" if args.api == "openai" else "/v1/llm/completions-stream")
-    headers = {"x-api-key": args.api_key} if args.api_key else {}
-    auth = (args.api_key, "") if args.api_key else None
-    limit = asyncio.Semaphore(concurrency) if concurrency else None
-    rng = random.Random(args.seed)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), headers=headers, auth=auth,
-                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as client:
-
-        async def one(prompt: str, max_new_tokens: int) -> RequestResult:
-            if limit is None:
-                result = await send(client, url, prompt, max_new_tokens, args)
-            else:
-                async with limit:
-                    result = await send(client, url, prompt, max_new_tokens, args)
-            if bar is not None:
-                bar.update(1)
-            return result
-
-        start = time.perf_counter()
-        tasks = []
-        for i, (prompt, max_new_tokens) in enumerate(requests):
-            if i and rate:
-                await asyncio.sleep(rng.expovariate(rate))
-            tasks.append(asyncio.create_task(one(prompt, max_new_tokens)))
-        results = await asyncio.gather(*tasks)
-    return list(results), time.perf_counter() - start
 
 
 # -- the server ---------------------------------------------------------------------------------------
@@ -226,21 +102,38 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 # -- the benchmark ------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+    """Start what --launch and --launch-baseline ask for, wait until both servers are ready, run the benchmark,
+    and stop what was started."""
     out_dir = Path(args.out_dir)
-    proc = launch_server(args, out_dir / f"{args.name}-server.log") if args.launch else None
+    proc = baseline_proc = None
     try:
+        if args.launch_baseline:
+            port = free_port() if "{port}" in args.launch_baseline else None
+            if port is not None and not args.baseline_url:
+                args.baseline_url = f"http://127.0.0.1:{port}"
+            if not args.baseline_url:
+                raise RuntimeError("--launch-baseline needs {port} in its command or a --baseline-url")
+            baseline_proc = launch_baseline(args, out_dir / f"{args.name}-baseline.log", port or 0)
+        proc = launch_server(args, out_dir / f"{args.name}-server.log") if args.launch else None
         wait_ready(args.base_url, args.launch_timeout if proc else 2, proc)
-        return benchmark(args, out_dir)
-    except RuntimeError as e:
+        baseline = None
+        if args.baseline_url:
+            wait_baseline_ready(args.baseline_url, args.baseline_launch_timeout if baseline_proc else 2, baseline_proc)
+            model = args.baseline_model or served_model(args.baseline_url, args.baseline_api_key) or args.model
+            baseline = baseline_args(args, model)
+        return benchmark(args, out_dir, baseline)
+    except (RuntimeError, ValueError) as e:
         print(f"serving benchmark: {e}", file=sys.stderr)
         return 1
     finally:
         if proc is not None:
             stop_server(proc)
+        if baseline_proc is not None:
+            stop_baseline(baseline_proc)
 
 
-def benchmark(args: argparse.Namespace, out_dir: Path) -> int:
-    input_len, output_len = parse_range(args.input_len), parse_range(args.max_new_tokens)
+def plan_runs(args: argparse.Namespace) -> list[dict]:
+    """One spec per level: a concurrency (all requests at once) or a Poisson rate, with its number of prompts."""
     if args.request_rate:
         runs = [{"request_rate": None if r == float("inf") else r, "concurrency": args.max_concurrency}
                 for r in args.request_rate]
@@ -248,19 +141,36 @@ def benchmark(args: argparse.Namespace, out_dir: Path) -> int:
         runs = [{"request_rate": None, "concurrency": c} for c in args.concurrency]
     for spec in runs:
         spec["num_prompts"] = args.num_prompts or max(args.min_prompts, 2 * (spec["concurrency"] or 8))
+    return runs
+
+
+def benchmark(args: argparse.Namespace, out_dir: Path, baseline: argparse.Namespace | None = None) -> int:
+    """Every level against our server and then, with the same requests, against the baseline (ours level 1,
+    baseline level 1, ours level 16, ...); the report of ours, or of both side by side."""
+    input_len, output_len = parse_range(args.input_len), parse_range(args.max_new_tokens)
+    sides = [(args, plan_runs(args))] + ([(baseline, plan_runs(args))] if baseline else [])
     if args.warmup:
         warm = make_requests(args.warmup, input_len, (8, 8), args.seed + 1)
-        asyncio.run(run_load(args, warm, args.warmup, None))
-    bar = tqdm(total=sum(s["num_prompts"] for s in runs), desc="serving", unit="req", disable=args.no_progress)
-    for i, spec in enumerate(runs):
-        bar.set_description(f"serving c={spec['concurrency']} rate={spec['request_rate'] or 'inf'}")
-        requests = make_requests(spec["num_prompts"], input_len, output_len, args.seed + 100 * i)
-        results, duration = asyncio.run(run_load(args, requests, spec["concurrency"], spec["request_rate"], bar))
-        spec.update(compute_metrics(results, duration))
+        for side, _ in sides:
+            asyncio.run(run_load(side, warm, args.warmup, None))
+    total = sum(s["num_prompts"] for _, runs in sides for s in runs)
+    bar = tqdm(total=total, desc="serving", unit="req", disable=args.no_progress)
+    for i, specs in enumerate(zip(*(runs for _, runs in sides))):
+        requests = make_requests(specs[0]["num_prompts"], input_len, output_len, args.seed + 100 * i)
+        for (side, _), spec in zip(sides, specs):
+            name = args.baseline_name if side is baseline else args.ours_name
+            bar.set_description(f"serving {name} c={spec['concurrency']} rate={spec['request_rate'] or 'inf'}")
+            results, duration = asyncio.run(run_load(side, requests, spec["concurrency"], spec["request_rate"], bar))
+            spec.update(compute_metrics(results, duration))
     bar.close()
-    report = serving_report(args, runs)
-    publish(report, serving_markdown(report), serving_plot, args, f"serving: {args.model}")
-    return 0 if all(s["failed"] == 0 for s in runs) else 1
+    report = serving_report(args, sides[0][1])
+    if baseline is None:
+        publish(report, serving_markdown(report), serving_plot, args, f"serving: {args.model}")
+    else:
+        add_baseline(report, args, baseline, sides[1][1])
+        publish(report, compare_markdown(report), compare_plot, args,
+                f"serving: {args.model} ({args.ours_name}) vs {args.baseline_name}")
+    return 0 if all(s["failed"] == 0 for _, runs in sides for s in runs) else 1
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -293,6 +203,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="serving", help="output file stem (default: %(default)s)")
     parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--ours-name", default="llmengine", help="our server's name in a side-by-side report")
+    add_baseline_args(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
