@@ -195,39 +195,86 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// The sums of 8 vectors of int32: lane j = the sum of v[j]'s 8 lanes.
+inline __m256i sums_of_8(const __m256i* v) {
+  const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// Super-block b against MT activation rows: per row, 8 int32 lanes whose sum is isum, and 8 whose sum is imin.
 template <class T, int MT>
-void tile_avx2(const uint8_t* wp, int64_t nb, const Activations& x, int64_t i0, float* y, int64_t ldy) {
-  const auto* w = reinterpret_cast<const typename T::Block*>(wp);
-  float lanes[MT][8] = {};
+inline void block_ints(const typename T::Block& blk, const Activations& x, int64_t i0, int64_t nb, int64_t b,
+                       __m256i* isum, __m256i* imin) {
   // scales as int16, the even ones in the low 128-bit lane and the odd ones in the high one: one in-lane byte
   // shuffle then gives chunk c's [sc_2c x 8 | sc_2c+1 x 8].
   const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-  for (int64_t b = 0; b < nb; ++b) {
-    prefetch_ahead(&w[b], sizeof(w[b]));
-    __m128i sc8, mn8;
-    scales_simd(w[b], sc8, mn8);
-    const __m256i sc_split = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, split));
-    __m256i acc[MT];
-    for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
-    for (int c = 0; c < 8; ++c) {
-      const __m256i q = chunk(w[b], c);
-      const __m256i pick = _mm256_set1_epi16(static_cast<int16_t>(0x0100 * (2 * c + 1) + 2 * c));
-      const __m256i scale = _mm256_shuffle_epi8(sc_split, pick);
-      for (int t = 0; t < MT; ++t) {
-        const int8_t* xq = x.q.data() + ((i0 + t) * nb + b) * QK_K + 32 * c;
-        const __m256i pairs = _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-        acc[t] = madd_add(acc[t], pairs, scale);
-      }
+  __m128i sc8, mn8;
+  scales_simd(blk, sc8, mn8);
+  const __m256i sc_split = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, split));
+  __m256i acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) {
+    const __m256i q = chunk(blk, c);
+    const __m256i pick = _mm256_set1_epi16(static_cast<int16_t>(0x0100 * (2 * c + 1) + 2 * c));
+    const __m256i scale = _mm256_shuffle_epi8(sc_split, pick);
+    for (int t = 0; t < MT; ++t) {
+      const int8_t* xq = x.q.data() + ((i0 + t) * nb + b) * QK_K + 32 * c;
+      const __m256i pairs = _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+      acc[t] = madd_add(acc[t], pairs, scale);
     }
-    const __m256i sc16 = _mm256_cvtepi8_epi16(sc8), mn16 = _mm256_cvtepi8_epi16(mn8);
-    const float d = f16(w[b].d), dmin = T::dmin(w[b]);
+  }
+  const __m256i sc16 = _mm256_cvtepi8_epi16(sc8), mn16 = _mm256_cvtepi8_epi16(mn8);
+  for (int t = 0; t < MT; ++t) {
+    const auto* s16 = reinterpret_cast<const __m256i*>(x.sum16.data() + ((i0 + t) * nb + b) * 16);
+    const __m256i bsums = _mm256_loadu_si256(s16);
+    isum[t] = acc[t];
+    if constexpr (T::offset != 0) {
+      const __m256i offsets = _mm256_mullo_epi32(_mm256_madd_epi16(sc16, bsums), _mm256_set1_epi32(T::offset));
+      isum[t] = _mm256_sub_epi32(acc[t], offsets);
+    }
+    imin[t] = T::has_min ? _mm256_madd_epi16(mn16, bsums) : _mm256_setzero_si256();
+  }
+}
+
+// Whole groups of 8 super-blocks take their float part 8 lanes at once (block b in lane b % 8, as the portable
+// path adds them); the last nb % 8 blocks one by one.
+template <class T, int MT>
+void tile_avx2(const uint8_t* wp, int64_t nb, const Activations& x, int64_t i0, float* y, int64_t ldy) {
+  const auto* w = reinterpret_cast<const typename T::Block*>(wp);
+  __m256 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    __m256i isum[MT][8], imin[MT][8];
+    for (int j = 0; j < 8; ++j) {
+      prefetch_ahead(&w[b + j], sizeof(w[b]));
+      __m256i is[MT], im[MT];
+      block_ints<T, MT>(w[b + j], x, i0, nb, b + j, is, im);
+      for (int t = 0; t < MT; ++t) isum[t][j] = is[t], imin[t][j] = im[t];
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_setr_epi16(w[b].d, w[b + 1].d, w[b + 2].d, w[b + 3].d, w[b + 4].d,
+                                                    w[b + 5].d, w[b + 6].d, w[b + 7].d));
+    __m256 dmin = _mm256_setzero_ps();
+    if constexpr (T::has_min)
+      dmin = _mm256_cvtph_ps(_mm_setr_epi16(w[b].dmin, w[b + 1].dmin, w[b + 2].dmin, w[b + 3].dmin, w[b + 4].dmin,
+                                            w[b + 5].dmin, w[b + 6].dmin, w[b + 7].dmin));
+    for (int t = 0; t < MT; ++t) {
+      const __m256 xd = _mm256_loadu_ps(x.d.data() + (i0 + t) * nb + b);
+      const __m256 ints = _mm256_cvtepi32_ps(sums_of_8(isum[t])), mins = _mm256_cvtepi32_ps(sums_of_8(imin[t]));
+      const __m256 value = _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(d, xd), ints),
+                                         _mm256_mul_ps(_mm256_mul_ps(dmin, xd), mins));
+      acc[t] = _mm256_add_ps(acc[t], value);
+    }
+  }
+  float lanes[MT][8];
+  for (int t = 0; t < MT; ++t) _mm256_storeu_ps(lanes[t], acc[t]);
+  for (; b < nb; ++b) {
+    __m256i is[MT], im[MT];
+    block_ints<T, MT>(w[b], x, i0, nb, b, is, im);
     for (int t = 0; t < MT; ++t) {
       const int64_t r = (i0 + t) * nb + b;
-      const __m256i s16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sum16.data() + r * 16));
-      int32_t isum = hsum_i32(acc[t]), imin = 0;
-      if constexpr (T::offset != 0) isum -= T::offset * hsum_i32(_mm256_madd_epi16(sc16, s16));
-      if constexpr (T::has_min) imin = hsum_i32(_mm256_madd_epi16(mn16, s16));
-      lanes[t][b % 8] += block_value_256(d, dmin, x.d[r], isum, imin);
+      lanes[t][b % 8] += block_value_256(f16(w[b].d), T::dmin(w[b]), x.d[r], hsum_i32(is[t]), hsum_i32(im[t]));
     }
   }
   for (int t = 0; t < MT; ++t) y[t * ldy] = lanes_total(lanes[t]);
