@@ -8,9 +8,11 @@
     integers times x quantized per block (Q8_0 or Q8_K, the table's `activation`). `backend == "cpu"`. Each row
     of the result is the same whatever the other rows of x are (the op guarantees it).
   - otherwise (no such op, the type not taken, under torch.compile, CUDA): the weight is dequantized once (exact,
-    the table's dequantizer) to x's dtype, kept, and multiplied by `F.linear`. `backend == "dequantized"`: not a
-    quantized kernel, and it holds the dense weight beside the bytes. F.linear (oneDNN, cuBLAS) may block its
-    sums differently for different numbers of rows, so a row's result can depend on the batch in the last bits.
+    the table's dequantizer) to x's dtype, kept, and multiplied by `F.linear` (kernels/deterministic_matmul.py's
+    `linear`: F.linear unless --deterministic puts it on the fixed-tile Triton product). `backend ==
+    "dequantized"`: not a quantized kernel, and it holds the dense weight beside the bytes. F.linear (oneDNN,
+    cuBLAS) may block its sums differently for different numbers of rows, so a row's result can depend on the
+    batch in the last bits.
 - `GGUFRowParts(parts, bias)`: a fused projection (q|k|v, gate|up) whose parts have different types: each part a
   GGUFLinear, the outputs concatenated (then the bias added).
 - `GGUFEmbedding(raw, ggml_type, embedding_dim, dtype)`: the table as the file's bytes; a lookup dequantizes only
