@@ -11,6 +11,9 @@
 // float part of block b is one fixed formula (block_value_* below) and lands in lane b % 8 of 8 fp32 accumulators;
 // the row's value is lanes_total() of those 8 lanes, then + bias. The float formulas are written out with
 // contraction off (no fused multiply-add), in every file that includes this header.
+// ISA: AVX2 (+ VNNI's vpdpbusd / vpdpwssd where the build has them) and a scalar fallback. A 512-bit variant of the
+// 32-value kernels (two blocks per register) was measured no faster (M = 1 slower, M = 4..16 within 5%), so there
+// is none.
 #pragma once
 
 #include <cstdint>
@@ -22,17 +25,21 @@
 namespace llmengine_cpu::gguf {
 
 // gguf's GGMLQuantizationType numbers.
-enum Type : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum Type : int {
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14
+};
 
 constexpr int64_t QK_K = 256;
 
-// The blocks, field for field as in the file.
+// The blocks, field for field as in the file. 32-value blocks: value j's nibble is the low one of qs[j] for j < 16,
+// the high one of qs[j - 16] above; Q5's fifth bit is bit j of qh (little endian). w = d (q - 8) for Q4_0,
+// d (q - 16) for Q5_0, d q + m for Q4_1 / Q5_1, d q for Q8_0. The K types' layouts: gguf_dot_k.cpp.
 #pragma pack(push, 1)
-struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };                  // q = nibble (j: low of qs[j], j+16: high); w = d (q - 8)
-struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };               // w = d q + m
-struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };   // q = nibble | bit j of qh << 4; w = d (q - 16)
-struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };  // w = d q + m
-struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };                   // w = d q
+struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
+struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
+struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };
+struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };
+struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
 struct BlockQ2_K { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; };
 struct BlockQ3_K { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; };
 struct BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };

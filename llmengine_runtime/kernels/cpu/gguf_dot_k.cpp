@@ -4,12 +4,20 @@
 //
 // Every type reads as 256 unsigned values q (2..6 bits), an integer scale sc and min mn per 16 values (a type with
 // 32-value sub-blocks repeats each twice), and an offset o (Q3_K 4, Q6_K 32, else 0): w = d sc (q - o) - dmin mn.
+// Where value e = 128 h + 32 j + l (h < 2, j < 4, l < 32) of a super-block lives (as gguf-py's dequantizers read it):
+//   Q2_K  bits 2j.. of qs[32h + l]; scales[e / 16]: sc low nibble, mn high nibble.
+//   Q3_K  the same two bits | bit (4h + j) of hmask[l] << 2; sc = 6 bits from scales[12] (low nibbles of bytes 0-7,
+//         then their high ones; two more bits from bytes 8-11) - 32.
+//   Q4_K  nibble (e / 32) % 2 of qs[32 (e / 64) + l]; sc, mn: 6 bits each per 32 values from scales[12].
+//   Q5_K  the same | bit (e / 32) of qh[l] << 4.
+//   Q6_K  nibble j / 2 of ql[64h + 32 (j % 2) + l] | bits 2j.. of qh[32h + l] << 4; sc = int8 scales[e / 16].
 // Per super-block and activation row, exactly in int32:
 //   isum = sum_s sc_s (sum_{l in s} q_l xq_l - o sum16_s),   imin = sum_s mn_s sum16_s,
 // then block_value_256(d, dmin, xd, isum, imin) into lane b % 8.
 // AVX2: the 256 values are 8 vectors of 32 bytes (unpacked per type), maddubs gives u8 x s8 pair sums in int16 (at
 // most 2 * 63 * 127), madd by the 16-value scales gives int32 (VNNI's vpdpwssd where present: the same exact sums);
-// the sc . sum16 and mn . sum16 terms are one madd each, and a horizontal sum closes the super-block.
+// the sc . sum16 and mn . sum16 terms are one madd each. A group of 8 super-blocks closes with one horizontal-add
+// tree and its float part 8 lanes at once; the weight rows are prefetched 2 KB ahead.
 #include "gguf_blocks.h"
 
 namespace llmengine_cpu::gguf {
