@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         baseline = None
         if args.baseline_url:
             wait_baseline_ready(args.baseline_url, args.baseline_launch_timeout if baseline_proc else 2, baseline_proc)
-            model = args.baseline_model or served_model(args.baseline_url, args.baseline_api_key) or args.model
+            model = args.baseline_model or served_model(args.baseline_url) or args.model
             baseline = baseline_args(args, model)
         return benchmark(args, out_dir, baseline)
     except (RuntimeError, ValueError) as e:

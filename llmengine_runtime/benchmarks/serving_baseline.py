@@ -29,16 +29,15 @@ ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 def baseline_args(args: argparse.Namespace, model: str) -> argparse.Namespace:
     """The client settings for the baseline: our run's settings with its URL, the OpenAI route (the only one vLLM
-    has), its model name and its own API key."""
+    has), its model name and no API key."""
     return argparse.Namespace(**{**vars(args), "base_url": args.baseline_url, "api": "openai", "model": model,
-                                 "api_key": args.baseline_api_key})
+                                 "api_key": None})
 
 
-def served_model(base_url: str, api_key: str | None = None) -> str | None:
+def served_model(base_url: str) -> str | None:
     """The first model id that GET /v1/models lists, or None when the server does not answer it."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+        response = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=10)
         data = response.json().get("data") if response.status_code == 200 else None
         return data[0]["id"] if data else None
     except (httpx.HTTPError, ValueError, KeyError, TypeError, IndexError):
@@ -116,7 +115,6 @@ def add_baseline_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--baseline-name", default="baseline", help="its name in the report, e.g. 'vLLM CPU 0.32'")
     group.add_argument("--baseline-model", default=None,
                        help="the model name it serves (default: the first of its /v1/models, else --model)")
-    group.add_argument("--baseline-api-key", default=None)
     group.add_argument("--launch-baseline", default=None, metavar="COMMAND",
                        help="start this command as the baseline and stop it after: NAME=VALUE words first set its "
                             "environment, {port} becomes a free port (the baseline's URL unless --baseline-url); "
