@@ -13,15 +13,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmengine_runtime.kernels.attention_tiles import load_kv_tile, online_softmax_step
 from llmengine_runtime.kernels.cpu import cpu_kv_caches, use_cpu_kernel
 from llmengine_runtime.kernels.deterministic import deterministic
 from llmengine_runtime.kernels.dispatch import use_triton
-from llmengine_runtime.kernels.prefill_attention import (
-    kernel_window,
-    load_kv_tile,
-    online_softmax_step,
-    reference_dtype,
-)
+from llmengine_runtime.kernels.prefill_attention import kernel_window, reference_dtype
 
 
 def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, alibi_slopes=None, window=0):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmengine_runtime.kernels.prefill_attention import load_kv_tile, online_softmax_step
+from llmengine_runtime.kernels.attention_tiles import load_kv_tile, online_softmax_step
 
 SPLIT_KEYS = 256  # keys per split: fixed, so a row's partition of its keys follows its position only
 NO_WINDOW = 1 << 30  # the kernels' window when there is none
