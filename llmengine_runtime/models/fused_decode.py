@@ -1,4 +1,4 @@
-"""A whole decode step of a quantized Llama in one C++ call (kernels/cpu/decode_step.cpp), on the CPU.
+"""A whole step of a quantized Llama in one C++ call (kernels/cpu/decode_step.cpp), on the CPU.
 
 In eager PyTorch a batch-1 decode step of the default model is ~300 small op calls from Python (norms,
 rotary, cache store, attention, activation, the projections), ~10 us each on this CPU: about as much time as
@@ -9,14 +9,16 @@ It applies (`FusedDecode.build` returns None otherwise, and the model runs its e
 is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP; no per-head q/k norm, no
 sliding window) without tensor parallelism; every projection is a QuantizedLinear on our CPU kernels
 (`backend == "cpu"`: int4 or int8);
-norms and the embedding table are fp32 (an nn.Embedding: not a GGUF table kept as its bytes), the KV caches fp32 or fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not
-"0". Only decode steps (one new token per sequence, with a KV cache) take it; prefill stays eager. The numbers
-are the eager path's: the same kernels in the same order (tests/models/test_fused_decode.py checks it).
+norms and the embedding table are fp32 (an nn.Embedding: not a GGUF table kept as its bytes), the KV caches fp32 or
+fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not "0". The numbers are the eager path's: the same
+kernels in the same order (tests/models/test_fused_decode.py checks it).
 
-When the head is a QuantizedLinear on our kernels too (a quantized model's, or a GGUF's tied Q8_0 head), the step
-also runs the head's product, on the same threads, and takes each row's argmax as it goes (`step_buffers`): the
-runner then gets the logits without another Python call, and a greedy batch its tokens without the sampler's.
-Those steps take their inputs from, and write their outputs to, buffers bound once (runtime/decode_buffers.py).
+Without the head (`__call__`) it runs decode steps (one new token per sequence). When the head is a QuantizedLinear on
+our kernels too (a quantized model's, or a GGUF's tied Q8_0 head), the step also runs the head's product on the rows
+whose logits are wanted, on the same threads, and takes each row's argmax as it goes (`step_buffers`): then it runs
+any step, prompt chunks and speculative verification rows beside decode rows, and the runner gets the logits without
+another Python call, and a greedy batch its tokens without the sampler's. Those steps take their inputs from, and
+write their outputs to, buffers bound once (runtime/step.py).
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ def _projection(layer: nn.Module) -> list[torch.Tensor] | None:
 
 
 class StepBuffers(Protocol):
-    """What `step_buffers` binds (runtime/decode_buffers.py has the layouts): input tensors, then logits and argmax
-    outputs, whose first `rows` rows a step reads and writes; a new `version` means new tensors."""
+    """What `step_buffers` binds (runtime/step.py has the layouts): input tensors, then logits and argmax outputs, of
+    which a step reads its first `rows` sequences, `num_tokens` tokens and `len(logit_index)` logits rows; a new
+    `version` means new tensors."""
 
     rows: int
+    num_tokens: int
+    logit_index: list[int]
     version: int
 
     def tensors(self) -> tuple[torch.Tensor, ...]: ...
@@ -69,7 +74,7 @@ class FusedDecode:
         self.bound_buffers, self.bound_version, self.bound_cos_sin = None, 0, None  # and to its DecodeBuffers
         self.decoder_step = None  # the decoder's step method, looked up once (~3 us a lookup, more when cold)
         self.handle = 0  # the decoder's number for decode_step, the C entry point of `step_buffers`
-        self.decode_step = cpu_kernels.decode_step_function() if self.has_head else None
+        self.step_function = cpu_kernels.step_function() if self.has_head else None
         self.error = ctypes.create_string_buffer(2048)
 
     def bind(self, kv_caches: list[KVCache]) -> None:
@@ -127,7 +132,7 @@ class FusedDecode:
 
     def step_buffers(self, buffers: StepBuffers, kv_caches: list[KVCache], argmax: bool) -> None:
         """The step over `buffers`' filled rows and the head's product (`has_head` only), into `buffers`: the
-        logits `[rows, vocab]` as `model.compute_logits` gives them, and with `argmax` each row's argmax (as
+        logits `[len(logit_index), vocab]` as `model.compute_logits` gives them, and with `argmax` each row's argmax (as
         `logits.argmax(-1)`). Called through ctypes (kernels/cpu/decoder.cpp says why); RuntimeError with the
         step's message if it fails."""
         if kv_caches is not self.bound_caches:
@@ -137,5 +142,6 @@ class FusedDecode:
                 or cos_sin is not self.bound_cos_sin):
             self.decoder.bind_buffers(*buffers.tensors(), cos_sin, *buffers.outputs())
             self.bound_buffers, self.bound_version, self.bound_cos_sin = buffers, buffers.version, cos_sin
-        if self.decode_step(self.handle, buffers.rows, argmax, self.error, len(self.error)):
+        if self.step_function(self.handle, buffers.rows, buffers.num_tokens, len(buffers.logit_index), argmax,
+                              self.error, len(self.error)):
             raise RuntimeError(self.error.value.decode(errors="replace"))

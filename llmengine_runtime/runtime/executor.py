@@ -5,10 +5,12 @@ Each executor has one entry, `run(chunks, buffers) -> StepResult`: the step's in
 - `EagerExecutor`: the model's forward, one torch op (or C++/Triton kernel) at a time, then the head
   (`compute_logits`) on the rows whose logits are wanted; decode steps through torch.compile with `--compile`; under
   tensor parallelism each step's inputs go to the workers first (runtime/tp_worker.py).
-- `CpuStepExecutor`: our C++ decode step with its head (models/fused_decode.py), on buffers bound once, for steps
-  of one new token per sequence; it takes each logits row's argmax on the way. It runs every other step shape
-  (prompt chunks, verification, prompt scoring) through the eager executor, over the same KV caches and the same
-  C++ kernels, so a row's numbers do not depend on which of the two ran it (tests/runtime/test_batch_invariance.py).
+- `CpuStepExecutor`: our C++ step with its head (models/fused_decode.py), on buffers bound once, for any step:
+  decode rows, prompt chunks and speculative verification rows side by side; it takes each logits row's argmax on
+  the way. Steps that score prompt positions (which need every position's hidden state) go through the eager
+  executor, over the same KV caches and the same C++ kernels, so a row's numbers do not depend on which of the two
+  ran it (tests/runtime/test_batch_invariance.py). Without a head on our kernels, it runs decode steps through the
+  C++ step and the head in torch, the rest eager.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from llmengine_runtime.models.attention import AttentionMetadata, KVCache
 from llmengine_runtime.models.causal_lm import CausalLM
 from llmengine_runtime.models.fused_decode import FusedDecode
 from llmengine_runtime.runtime.log_probs import Scores, score_positions
-from llmengine_runtime.runtime.step import Chunk, StepBuffers, is_decode
+from llmengine_runtime.runtime.step import Chunk, StepBuffers, is_decode, scores_prompt
 from llmengine_runtime.runtime.tp_step import TensorParallelError
 
 
@@ -129,7 +131,7 @@ class CpuStepExecutor:
         return self.eager.forward(input_ids, positions, meta)
 
     def run(self, chunks: list[Chunk], buffers: StepBuffers, block_size: int) -> StepResult:
-        if not is_decode(chunks):
+        if scores_prompt(chunks) or (self.head_buffers is None and not is_decode(chunks)):
             return self.eager.run(chunks, buffers, block_size)
         if self.head_buffers is None:  # a head outside our kernels: the step's hidden states, then compute_logits
             with torch.inference_mode():
@@ -141,7 +143,8 @@ class CpuStepExecutor:
         step = self.head_buffers
         step.fill(chunks, block_size, bound=True)
         self.fused.step_buffers(step, self.kv_caches, argmax=True)
-        return StepResult(step.step_logits(), [([], [], [])] * len(chunks), step.step_argmax())
+        argmax = step.step_argmax() if step.logit_index else None
+        return StepResult(step.step_logits(), [([], [], [])] * len(chunks), argmax)
 
 
 def make_executor(model: CausalLM, kv_caches: list[KVCache], compile_decode: bool = False,

@@ -8,8 +8,9 @@ views of their memory: on this CPU each tensor made from Python costs ~3 us, 10-
 stream has left the interpreter's code and data cold. The executors (runtime/executor.py) read the filled rows:
 - `inputs()`: views of the filled rows as (input_ids, positions, AttentionMetadata), block tables as wide as the
   step's longest (at least 2 columns: torch.compile specialises a dimension of size 1), for the model's forward;
-- `tensors()` / `outputs()`: the whole buffers, which our C++ decode step binds once (kernels/cpu/decoder.cpp) and
-  whose first `rows` rows it reads, block tables `capacity_width` wide, writing logits and their argmax in place.
+- `tensors()` / `outputs()`: the whole buffers, which our C++ step binds once (kernels/cpu/decoder.cpp) and whose
+  first `rows` sequences, `num_tokens` tokens and `len(logit_index)` logit rows it reads (block tables
+  `capacity_width` wide, filled with `bound=True`), writing those rows' logits and their argmax in place.
 Rows past the filled ones, and block-table entries past a sequence's blocks, hold stale values that no step reads.
 The buffers grow (and `version` changes, so that a decoder binds them again) when a step needs more.
 """
@@ -63,13 +64,18 @@ def chunk_of(seq: Sequence, n: int) -> Chunk:
 
 
 def is_decode(chunks: list[Chunk]) -> bool:
-    """One new token per sequence, each wanting its logits, no prompt scoring: the C++ decode step's shape."""
+    """One new token per sequence, each wanting its logits, no prompt scoring."""
     return all(len(chunk.token_ids) == chunk.num_logits == 1 for chunk in chunks)
+
+
+def scores_prompt(chunks: list[Chunk]) -> bool:
+    """Some chunk scores its prompt positions (which needs their hidden states)."""
+    return any(chunk.score_targets for chunk in chunks)
 
 
 class StepBuffers:
     def __init__(self, vocab_size: int = 0, tokens: int = 8, seqs: int = 8, width: int = 32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", logit_rows: int = 8):
         """`vocab_size`: the logits buffer's width (0: no logits buffer, the executor makes its own); `device`: where
         `inputs()` puts the views (copies, off the CPU)."""
         self.vocab_size = vocab_size
@@ -80,10 +86,10 @@ class StepBuffers:
         self.max_seqlen_q = 0
         self.logit_index: list[int] = []  # packed token indices whose logits are wanted, chunk after chunk
         self.version = 0
-        self._allocate(tokens, seqs, width)
+        self._allocate(tokens, seqs, width, logit_rows)
 
-    def _allocate(self, tokens: int, seqs: int, width: int) -> None:
-        tokens = max(tokens, seqs)  # (the C++ step binds one token per sequence)
+    def _allocate(self, tokens: int, seqs: int, width: int, logit_rows: int) -> None:
+        tokens = max(tokens, seqs)  # (every sequence has a token)
         self.input_ids = torch.zeros(tokens, dtype=torch.int64)
         self.positions = torch.zeros(tokens, dtype=torch.int64)
         self.slot_mapping = torch.zeros(tokens, dtype=torch.int64)
@@ -92,13 +98,12 @@ class StepBuffers:
         self.table_storage = torch.zeros(seqs * width, dtype=torch.int32)
         self.block_tables = self.table_storage.view(seqs, width)  # the C++ step's layout: `capacity_width` wide
         self.capacity_width = width
-        self.logits = torch.zeros(seqs if self.vocab_size else 0, self.vocab_size, dtype=torch.float32)
-        self.tokens = torch.zeros(seqs, dtype=torch.int64)
+        self.logit_rows = torch.zeros(logit_rows, dtype=torch.int64)
+        self.logits = torch.zeros(logit_rows if self.vocab_size else 0, self.vocab_size, dtype=torch.float32)
+        self.tokens = torch.zeros(logit_rows, dtype=torch.int64)
         self._np = (self.input_ids.numpy(), self.positions.numpy(), self.slot_mapping.numpy(), self.seq_lens.numpy(),
-                    self.cu_seqlens_q.numpy(), self.table_storage.numpy())
+                    self.cu_seqlens_q.numpy(), self.table_storage.numpy(), self.logit_rows.numpy())
         self._tokens = self.tokens.numpy()
-        self._bound = (self.input_ids[:seqs], self.positions[:seqs], self.slot_mapping[:seqs], self.block_tables,
-                       self.seq_lens)
         self._logits_rows: dict[int, torch.Tensor] = {}  # (views made once per row count: a slice costs ~3 us)
         self.version += 1
 
@@ -106,15 +111,18 @@ class StepBuffers:
         """Write the chunks' inputs; returns the number of sequences. `bound`: block tables in the bound layout
         (`capacity_width` wide, for the C++ step), else as wide as this step needs (for `inputs()`)."""
         num_tokens = sum(len(chunk.token_ids) for chunk in chunks)
+        num_logits = sum(chunk.num_logits for chunk in chunks)
         longest = max(len(chunk.block_table) for chunk in chunks)
         seqs, width = self.block_tables.shape
-        if num_tokens > self.input_ids.numel() or len(chunks) > seqs or longest > width:
-            self._allocate(max(num_tokens, 2 * self.input_ids.numel()), max(len(chunks), 2 * seqs),
-                           max(width, 2 * longest))
+        tokens, logit_rows = self.input_ids.numel(), self.logit_rows.numel()
+        if num_tokens > tokens or len(chunks) > seqs or longest > width or num_logits > logit_rows:
+            grow = (lambda need, have: have if need <= have else max(need, 2 * have))
+            self._allocate(grow(num_tokens, tokens), grow(len(chunks), seqs), grow(longest, width),
+                           grow(num_logits, logit_rows))
             width = self.capacity_width
         if not bound:
             width = max(2, longest)
-        ids, positions, slots, lens, cu, tables = self._np
+        ids, positions, slots, lens, cu, tables, rows = self._np
         cu[0] = 0
         at = 0
         logit_index: list[int] = []
@@ -135,6 +143,7 @@ class StepBuffers:
             cu[i + 1] = at
             tables[i * width:i * width + len(table)] = table
             if chunk.num_logits:
+                rows[len(logit_index):len(logit_index) + chunk.num_logits] = range(at - chunk.num_logits, at)
                 logit_index += range(at - chunk.num_logits, at)
         self.rows, self.num_tokens, self.width = len(chunks), num_tokens, width
         self.max_seqlen_q = max(len(chunk.token_ids) for chunk in chunks)
@@ -157,21 +166,23 @@ class StepBuffers:
         return view(self.input_ids[:t]), view(self.positions[:t]), meta
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The C++ step's inputs: input_ids, positions, slot_mapping, block_tables, seq_lens (LlamaDecoder.bind_buffers
-        takes them, then the rotary table, then `outputs()`), one row per sequence."""
-        return self._bound
+        """The C++ step's inputs: input_ids, positions, slot_mapping, block_tables, seq_lens, cu_seqlens_q and
+        logit_rows (LlamaDecoder.bind_buffers takes them, then the rotary table, then `outputs()`)."""
+        return (self.input_ids, self.positions, self.slot_mapping, self.block_tables, self.seq_lens, self.cu_seqlens_q,
+                self.logit_rows)
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The C++ step's outputs: logits `[rows, vocab]` and the argmax of each row."""
         return self.logits, self.tokens
 
     def step_logits(self) -> torch.Tensor:
-        """The last C++ step's logits `[rows, vocab]`: a view that the next step overwrites."""
-        view = self._logits_rows.get(self.rows)
+        """The last C++ step's logits `[len(logit_index), vocab]`: a view that the next step overwrites."""
+        n = len(self.logit_index)
+        view = self._logits_rows.get(n)
         if view is None:
-            view = self._logits_rows[self.rows] = self.logits[:self.rows]
+            view = self._logits_rows[n] = self.logits[:n]
         return view
 
     def step_argmax(self) -> list[int]:
         """The last C++ step's argmax of each logits row."""
-        return self._tokens[:self.rows].tolist()
+        return self._tokens[:len(self.logit_index)].tolist()

@@ -48,6 +48,32 @@ def test_fused_decode_matches_eager(tiny_dirs, variant, mode, kv, monkeypatch):
     assert fused == eager  # tokens and log-probs, bit for bit
 
 
+@pytest.mark.parametrize("speculative", fast_subset([None, "ngram"], ["ngram"]))
+def test_the_cpp_step_takes_prompt_chunks_and_verification(tiny_dirs, speculative, monkeypatch):
+    """Prompt chunks of 5 tokens (so steps mix a chunk with decode rows) and n-gram verification rows go through the
+    C++ step, several rows per sequence, with the eager path's numbers."""
+    prompts = [[5, 17, 99, 3, 64, 8, 21, 5, 17, 99, 3, 64, 8], [7, 100, 2, 45] * 5, [9] * 40]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
+    results, shapes = {}, []
+    calls = FusedDecode.step_buffers
+
+    def recording(self, buffers, kv_caches, argmax):
+        shapes.append((buffers.rows, buffers.num_tokens))
+        calls(self, buffers, kv_caches, argmax)
+
+    monkeypatch.setattr(FusedDecode, "step_buffers", recording)
+    for fused in ("1", "0"):
+        monkeypatch.setenv("LLMENGINE_FUSED_DECODE", fused)
+        llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize="int4", block_size=16, cpu_threads=2,
+                  max_num_batched_tokens=5 if speculative is None else 2048, speculative=speculative,
+                  enable_prefix_caching=False)
+        results[fused] = [(r.token_ids, r.log_probs) for r in llm.generate(prompts, params, progress=False)]
+    assert results["1"] == results["0"]
+    assert any(tokens > seqs for seqs, tokens in shapes)  # several rows for a sequence, in one C++ step
+    if speculative:
+        assert llm.engine.stats()["spec_accepted_tokens"] > 0
+
+
 @pytest.mark.slow  # two more engines per case
 @pytest.mark.parametrize("threads", [1, 3])
 def test_fused_decode_matches_eager_with_other_thread_counts(tiny_dirs, threads, monkeypatch):
@@ -83,10 +109,10 @@ def test_decode_step_profile_times_the_parts(tiny_dirs, monkeypatch):
     params = SamplingParams(max_new_tokens=9, temperature=0.0, ignore_eos=True)
     llm.generate([PROMPTS[0]], params, progress=False)  # binds the decoder
     torch.ops.llmengine_cpu.decode_step_profile(True)
-    llm.generate([PROMPTS[0]], params, progress=False)  # a prefill, then 8 fused decode steps
+    llm.generate([PROMPTS[0]], params, progress=False)  # a prefill, then 8 decode steps, all in the C++ step
     seconds = torch.ops.llmengine_cpu.decode_step_profile(False).tolist()
     parts, step, steps = seconds[:7], seconds[7], seconds[8]  # the 7th part: the head, which int4 quantized too
-    assert steps == 8
+    assert steps == 9
     assert all(p > 0 for p in parts) and sum(parts) <= step
     llm.generate([PROMPTS[0]], params, progress=False)
     assert torch.ops.llmengine_cpu.decode_step_profile(False).tolist() == [0.0] * 9  # off: nothing counted
@@ -158,6 +184,6 @@ def test_fused_head_argmax_is_torch_argmax(tiny_dirs, threads, nan_rows, monkeyp
         torch.set_num_threads(before)
     vocab = head.out_features
     expected = sorted(r % vocab for r in nan_rows)[0] if nan_rows else 0
-    assert len(seen) == 5 and all(torch.equal(argmax, logits.argmax(-1)) for logits, argmax in seen)
+    assert len(seen) == 6 and all(torch.equal(argmax, logits.argmax(-1)) for logits, argmax in seen)  # prefill too
     assert all((argmax == expected).all() for _, argmax in seen)
     assert tokens == [[expected] * 6] * 2

@@ -67,21 +67,26 @@ def test_fill_writes_every_chunk_and_grows(decode):
                 assert meta.block_tables.shape == (n, max(2, longest)) and meta.block_tables.is_contiguous()
                 tables = meta.block_tables
             else:  # the C++ step's layout: the whole buffers, tables `capacity_width` wide
-                bound_ids, _, bound_slots, tables, bound_lens = buffers.tensors()
+                bound_ids, bound_pos, bound_slots, tables, bound_lens, bound_cu, bound_rows = buffers.tensors()
                 assert tables.shape[1] == buffers.capacity_width
-                if decode:
-                    assert bound_ids[:n].tolist() == ids and bound_slots[:n].tolist() == slots
-                    assert bound_lens[:n].tolist() == lens
+                t, r = len(ids), len(logit_index)
+                assert bound_ids[:t].tolist() == ids and bound_slots[:t].tolist() == slots
+                assert bound_pos[:t].tolist() == positions and bound_lens[:n].tolist() == lens
+                assert bound_cu[:n + 1].tolist() == cu and bound_rows[:r].tolist() == logit_index
+                assert buffers.step_logits().shape == (r, 7) and len(buffers.step_argmax()) == r
             for i, chunk in enumerate(chunks):  # entries past a sequence's blocks are never read
                 assert tables[i, :len(chunk.block_table)].tolist() == chunk.block_table
 
 
-def test_bound_tensors_have_one_row_per_sequence():
-    """What LlamaDecoder.bind_buffers checks: every input, the logits and the argmax have the same rows."""
-    buffers = StepBuffers(vocab_size=5, tokens=3, seqs=6, width=4)
-    inputs, (logits, tokens) = buffers.tensors(), buffers.outputs()
-    assert {t.shape[0] for t in inputs} == {6} == {logits.shape[0], tokens.shape[0]}
-    assert all(t.is_contiguous() for t in inputs)
+def test_bound_tensors_fit_what_the_decoder_checks():
+    """What LlamaDecoder.bind_buffers checks: one entry per token, per sequence (and one more query offset), per
+    logits row; contiguous."""
+    buffers = StepBuffers(vocab_size=5, tokens=3, seqs=6, width=4, logit_rows=2)
+    (ids, positions, slots, tables, lens, cu, rows), (logits, tokens) = buffers.tensors(), buffers.outputs()
+    assert ids.numel() == positions.numel() == slots.numel() >= 6  # at least a token per sequence
+    assert tables.shape == (6, 4) and lens.numel() == 6 and cu.numel() == 7
+    assert rows.numel() == logits.shape[0] == tokens.numel() == 2 and logits.shape[1] == 5
+    assert all(t.is_contiguous() for t in (ids, positions, slots, tables, lens, cu, rows, logits, tokens))
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +113,10 @@ def test_a_failing_step_raises_its_message(tiny_llm):
     buffers.fill([Chunk([3], 16, [10 ** 6, 1], 1)], runner.block_size, bound=True)
     with pytest.raises(RuntimeError, match="block 1000000 is not in the cache"):
         fused.step_buffers(buffers, runner.kv_caches, argmax=True)
+    buffers.fill([Chunk([3, 4], 0, [1], 1)], runner.block_size, bound=True)  # a 2-token chunk ...
+    buffers.seq_lens[0] = 1  # ... of a 1-token sequence
+    with pytest.raises(RuntimeError, match="has 2 new tokens and 1 in all"):
+        fused.step_buffers(buffers, runner.kv_caches, argmax=True)
     # and the engine goes on serving
     out = tiny_llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, temperature=0.0), progress=False)
     assert len(out[0].token_ids) == 3
@@ -115,7 +124,7 @@ def test_a_failing_step_raises_its_message(tiny_llm):
 
 def test_a_stale_decoder_number_is_an_error():
     error = ctypes.create_string_buffer(256)
-    assert cpu_kernels.decode_step_function()(2 ** 40, 1, 1, error, len(error)) == 1
+    assert cpu_kernels.step_function()(2 ** 40, 1, 1, 1, 1, error, len(error)) == 1
     assert b"no live decoder" in error.value
 
 

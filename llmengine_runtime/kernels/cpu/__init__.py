@@ -8,7 +8,7 @@ against the installed torch, loaded as `torch.ops.llmengine_cpu.*`.
 - sampling.cpp: `greedy_sample`, argmax and its log-prob in one pass (runtime/sampler.py's greedy path).
 - decode_step.cpp, decoder.cpp: `LlamaDecoder`, a whole decode step of a quantized Llama through the above
   (models/fused_decode.py decides when it applies), and its C entry point for the engine's steps
-  (`decode_step_function`, called through ctypes).
+  (`step_function`, called through ctypes).
 
 `available()` builds (first time, ~1 minute, logged) or loads the library and says whether the ops are there;
 without a compiler, or with `LLMENGINE_CPU_KERNELS=0`, it is False and callers use the plain-torch references.
@@ -151,11 +151,13 @@ def available() -> bool:
 
 
 @cache
-def decode_step_function() -> ctypes._CFuncPtr:
-    """decoder.cpp's `llme_decode_step(handle, rows, argmax, error, error_size) -> int` (0: done; 1: the message is in
-    `error`), from the library `available()` loaded: the engine's decode steps call it through ctypes."""
-    function = ctypes.CDLL(str(library_path())).llme_decode_step
-    function.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_char_p, ctypes.c_int64]
+def step_function() -> ctypes._CFuncPtr:
+    """decoder.cpp's `llme_step(handle, num_seqs, num_tokens, num_logits, argmax, error, error_size) -> int` (0: done;
+    1: the message is in `error`), from the library `available()` loaded: the engine's C++ steps call it through
+    ctypes."""
+    function = ctypes.CDLL(str(library_path())).llme_step
+    function.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+                         ctypes.c_char_p, ctypes.c_int64]
     function.restype = ctypes.c_int
     return function
 

@@ -1,22 +1,26 @@
-// One decode step of a Llama-architecture model in a single call: every layer's RMSNorms, quantized projections,
-// rotary embedding, KV-cache store and paged attention, the final norm and optionally the head, through the kernels
-// of the sibling files. It does what models/llama.py's blocks do for a decode batch, without a Python round trip
-// per op (on this CPU each op called from Python costs ~10 us, ~11 ms per token over 30 layers).
+// One step of a Llama-architecture model in a single call: every layer's RMSNorms, quantized projections, rotary
+// embedding, KV-cache store and paged attention, the final norm and optionally the head, through the kernels of the
+// sibling files. It does what models/llama.py's blocks do for any batch (decode rows, prompt chunks, speculative
+// verification rows, side by side), without a Python round trip per op (on this CPU each op called from Python costs
+// ~10 us, ~11 ms per step over 30 layers).
 //
 // decoder.cpp binds a LlamaDecoder (decoder.h) to the model once, and to a step's inputs (tensors passed, or
 // buffers bound once: the engine's decode steps); `LlamaDecoder::run` here computes the step.
-// Layout: input_ids int64 [S] (the S sequences' new tokens; embedding fp32 [vocab, hidden]); positions, slot_mapping
-// int64 [S]; block_tables int32 [S, max_blocks]; seq_lens int32 [S] (after this step); cos_sin_cache fp32 [P, d];
+// Layout: input_ids int64 [T] (the S sequences' T new tokens, packed as cu_seqlens_q int32 [S + 1] says, or one per
+// sequence; embedding fp32 [vocab, hidden]); positions, slot_mapping int64 [T]; block_tables int32 [S, max_blocks];
+// seq_lens int32 [S] (after this step); logit_rows int64 [R] (the token rows whose logits are wanted, increasing, or
+// every row); cos_sin_cache fp32 [P, d];
 // k_caches, v_caches: L tensors [num_blocks, block_size, Hkv, d], all fp32 or all fp16 (kv_rows.h: keys are rotated
 // in fp32, then rounded as stored); norms: 2L + 1 weights [hidden] (each layer's input and post-attention norms,
 // then the final norm); proj: L * 4 projections (qkv, o, gate_up, down), each four tensors (qs, d, m, bias) of
 // quant_gemm.cpp's layout, m empty for int8 and bias empty when there is none; the head, when bound: one more.
-// It writes the final-normed hidden states [S, hidden], or with the head its logits [S, vocab] and then, when asked,
-// each row's first maximum int64 [S] (as torch.argmax: sampling.cpp's first_max).
+// It writes the final-normed hidden states [T, hidden], or with the head its logits [R, vocab] and then, when asked,
+// each row's first maximum int64 [R] (as torch.argmax: sampling.cpp's first_max).
 // Threads: one OpenMP team for the whole step (not a fork and join per op, ~150 a token): the products split
 // their weight rows (the head's too, each thread taking the argmax of its own rows, merged in thread order),
-// attention its (sequence, KV head, chunk of keys) tasks (attention.cpp: the chunks are fixed, so a row's numbers
-// are the same in any batch and on any number of threads), rotary and the KV store the tokens, with a barrier after each;
+// attention its (row, KV head, chunk of keys) tasks, or for prompt chunks its (tile of rows, KV head) tasks
+// (attention.cpp: the chunks are fixed, so a row's numbers are the same in any batch, in either form and on any
+// number of threads), rotary and the KV store the tokens, with a barrier after each;
 // every thread computes the norms and quantizes the activations itself (its own copy of the residual stream) rather
 // than wait for one thread to. The gate/up product and SiLU-and-mul go together.
 // Each row or task is computed by the same functions as the eager ops', so the numbers are theirs, bit for bit.
@@ -56,40 +60,56 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
   PartTimer step_timer(STEP);
   const bool profiling = step_profile().enabled.load(std::memory_order_relaxed);
   if (profiling) ++step_profile().steps;
-  const int64_t L = static_cast<int64_t>(k_caches.size()), S = in.S;
+  const int64_t L = static_cast<int64_t>(k_caches.size()), S = in.S, T = in.cu_seqlens_q ? in.T : in.S;
+  const int64_t R = in.logit_rows ? in.R : T;
+  const int nt_wanted = at::get_num_threads();
   const int64_t hidden = embedding.size(1), vocab = embedding.size(0), d = head_dim, H = num_heads,
                 Hkv = num_kv_heads, q_size = H * d, kv_size = Hkv * d, qkv_size = q_size + 2 * kv_size;
   const int64_t *idp = in.input_ids, *pp = in.positions, *sp = in.slot_mapping;
   const int64_t block_size = k_caches[0].size(1), num_slots = k_caches[0].size(0) * block_size;
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(idp[s] >= 0 && idp[s] < vocab, "LlamaDecoder.step: token id ", idp[s], " is not in the vocabulary");
-    TORCH_CHECK(pp[s] >= 0 && pp[s] < in.cos_sin_rows, "position ", pp[s], " is outside the rotary table of ",
+  for (int64_t r = 0; r < T; ++r) {
+    TORCH_CHECK(idp[r] >= 0 && idp[r] < vocab, "LlamaDecoder.step: token id ", idp[r], " is not in the vocabulary");
+    TORCH_CHECK(pp[r] >= 0 && pp[r] < in.cos_sin_rows, "position ", pp[r], " is outside the rotary table of ",
                 in.cos_sin_rows, " rows");
-    TORCH_CHECK(sp[s] < num_slots, "store_kv: slot ", sp[s], " past the cache");
+    TORCH_CHECK(sp[r] < num_slots, "store_kv: slot ", sp[r], " past the cache");
   }
-  const int32_t *bt = in.block_tables, *lp = in.seq_lens;
+  const int32_t *bt = in.block_tables, *lp = in.seq_lens, *cu = in.cu_seqlens_q;
   check_block_tables(bt, lp, S, in.max_blocks, block_size, k_caches[0].size(0));
+  const int64_t* lr = in.logit_rows;
+  for (int64_t i = 0; lr && i < R; ++i)
+    TORCH_CHECK(lr[i] >= (i ? lr[i - 1] + 1 : 0) && lr[i] < T, "LlamaDecoder.step: logit rows must increase within ",
+                "the ", T, " tokens");
   const int64_t I = layers[2].N / 2, G = H / Hkv;
-  const int nt_wanted = at::get_num_threads();
   Scratch& sh = shared;  // the team's intermediates, reused from the last step (resize only grows them)
-  sh.row_seq.resize(S), sh.row_keys.resize(S);
-  for (int64_t s = 0; s < S; ++s) sh.row_seq[s] = s, sh.row_keys[s] = lp[s];
-  // Attention's (row, KV head, chunk) tasks; the plan's other fields are the layer's (see below).
-  const int64_t tasks = PagedAttention{nullptr, nullptr, nullptr, nullptr, sh.row_seq.data(), sh.row_keys.data(),
-                                       nullptr, nullptr, S, H, Hkv}.plan_split(sh.row_task);
+  // Row r of sequence s sits at position seq_lens[s] - q_len + (r - cu[s]) and sees the keys up to it.
+  sh.row_seq.resize(T), sh.row_keys.resize(T);
+  TORCH_CHECK(!cu || (cu[0] == 0 && cu[S] == T), "LlamaDecoder.step: cu_seqlens_q must run from 0 to ", T);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t r0 = cu ? cu[s] : s, r1 = cu ? cu[s + 1] : s + 1;
+    TORCH_CHECK(r1 > r0 && r1 - r0 <= lp[s], "LlamaDecoder.step: sequence ", s, " has ", r1 - r0,
+                " new tokens and ", lp[s], " in all");
+    for (int64_t r = r0; r < r1; ++r) sh.row_seq[r] = s, sh.row_keys[r] = lp[s] - (r1 - 1 - r);
+  }
+  // Attention's tasks: (tile of rows, KV head) when there are enough of them to share out whole (prompt chunks), else
+  // (row, KV head, chunk); the plan's other fields are the layer's (see below).
+  const PagedAttention rows_plan{nullptr, nullptr, nullptr, nullptr, sh.row_seq.data(), sh.row_keys.data(),
+                                 nullptr, nullptr, T, H, Hkv};
+  const int64_t tiles = rows_plan.plan_tiles(sh.tile_start);
+  const bool tiled = tiles * Hkv >= 4 * nt_wanted;
+  const int64_t tasks = tiled ? 0 : rows_plan.plan_split(sh.row_task);
   TORCH_CHECK(!logits || head.has_value(), "LlamaDecoder: no head was bound");
   const bool argmax = logits && tokens != nullptr;
-  for (auto [buffer, size] : {std::pair{&sh.x, S * hidden}, {&sh.qkv, S * qkv_size}, {&sh.q_rot, S * q_size},
-                              {&sh.attn, S * q_size}, {&sh.o, S * hidden}, {&sh.act, S * I},
+  for (auto [buffer, size] : {std::pair{&sh.x, T * hidden}, {&sh.qkv, T * qkv_size}, {&sh.q_rot, T * q_size},
+                              {&sh.attn, T * q_size}, {&sh.o, T * hidden}, {&sh.act, T * I},
                               {&sh.part_max, tasks * G}, {&sh.part_sum, tasks * G}, {&sh.part_acc, tasks * G * d},
-                              {&sh.head_max, argmax ? nt_wanted * S : 0}})
+                              {&sh.head_max, argmax ? nt_wanted * R : 0}})
     buffer->resize(size);
-  if (argmax) sh.head_arg.resize(nt_wanted * S);
+  if (argmax) sh.head_arg.resize(nt_wanted * R);
   float *xp = sh.x.data(), *qkvp = sh.qkv.data(), *qp = sh.q_rot.data();
   float *ap = sh.attn.data(), *op = sh.o.data(), *actp = sh.act.data();
   if (static_cast<int>(per_thread.size()) < nt_wanted) per_thread.resize(nt_wanted);
   const float* ep = embedding.data_ptr<float>();
-  for (int64_t s = 0; s < S; ++s) std::copy(ep + idp[s] * hidden, ep + (idp[s] + 1) * hidden, xp + s * hidden);
+  for (int64_t r = 0; r < T; ++r) std::copy(ep + idp[r] * hidden, ep + (idp[r] + 1) * hidden, xp + r * hidden);
   const float feps = static_cast<float>(eps);
   const bool paired = q4_pairs_blocks();
   const float* csp = in.cos_sin;
@@ -116,15 +136,15 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
     std::vector<float>&residual = mine.residual, &normed = mine.normed, &scores = mine.scores;
     std::vector<float>&gate_tmp = mine.gate_tmp, &up_tmp = mine.up_tmp, &k_rotated = mine.k_rotated;
     QuantizedRows& xr = mine.xr;
-    for (auto [buffer, size] : {std::pair{&residual, S * hidden}, {&normed, S * hidden}, {&scores, G * block_size},
-                                {&gate_tmp, S * ACT_BLOCK}, {&up_tmp, S * ACT_BLOCK}, {&k_rotated, kv_size}})
+    for (auto [buffer, size] : {std::pair{&residual, T * hidden}, {&normed, T * hidden}, {&scores, G * block_size},
+                                {&gate_tmp, T * ACT_BLOCK}, {&up_tmp, T * ACT_BLOCK}, {&k_rotated, kv_size}})
       buffer->resize(size);
-    auto quantize = [&](const float* a, int64_t K, const Projection& p) {
-      quantize_rows_into(xr, a, S, K, p.w.nb, p.q4 && paired);
+    auto quantize = [&](const float* a, int64_t K, const Projection& p, int64_t rows = -1) {
+      quantize_rows_into(xr, a, rows < 0 ? T : rows, K, p.w.nb, p.q4 && paired);
     };
     auto product = [&](const Projection& p, float* y, int64_t ldy) {
       const auto [n0, n1] = share(p.N, t, nt);
-      quant_rows(xr, p.w, S, n0, n1, y + n0, ldy);
+      quant_rows(xr, p.w, T, n0, n1, y + n0, ldy);
       barrier();
     };
     for (int64_t l = 0; l < L; ++l) {
@@ -132,10 +152,10 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
                        &dn_p = layers[4 * l + 3];
       {
         PartTimer timer(timing ? NORM : NUM_PARTS);
-        for (int64_t s = 0; s < S; ++s)
-          rms_norm_row(xp + s * hidden, l ? residual.data() + s * hidden : nullptr, norm_weights[2 * l],
-                       normed.data() + s * hidden, l ? residual.data() + s * hidden : nullptr, hidden, feps);
-        if (!l) std::copy(xp, xp + S * hidden, residual.data());
+        for (int64_t r = 0; r < T; ++r)
+          rms_norm_row(xp + r * hidden, l ? residual.data() + r * hidden : nullptr, norm_weights[2 * l],
+                       normed.data() + r * hidden, l ? residual.data() + r * hidden : nullptr, hidden, feps);
+        if (!l) std::copy(xp, xp + T * hidden, residual.data());
       }
       {
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
@@ -143,7 +163,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
         product(qkv_p, qkvp, qkv_size);
       }
       {
-        const auto [s0, s1] = share(S, t, nt);
+        const auto [s0, s1] = share(T, t, nt);
         {
           PartTimer timer(timing ? ROTARY : NUM_PARTS);
           for (int64_t s = s0; s < s1; ++s) rotate_heads(qkvp + s * qkv_size, d, H, d, csp + pp[s] * d, qp + s * q_size);
@@ -156,16 +176,27 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       {
         PartTimer timer(timing ? ATTENTION : NUM_PARTS);
         const PagedAttention plan{qp, k_data[l], v_data[l], bt, sh.row_seq.data(), sh.row_keys.data(), nullptr,
-                                  ap, S, H, Hkv, d, block_size, in.max_blocks, q_size, d, static_cast<float>(scale),
+                                  ap, T, H, Hkv, d, block_size, in.max_blocks, q_size, d, static_cast<float>(scale),
                                   half_cache};
-        const int64_t* row_task = sh.row_task.data();
-        const auto [t0, t1] = share(tasks, t, nt);
-        for (int64_t task = t0; task < t1; ++task)
-          plan.split_task(task, row_task, scores.data(), sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data());
-        barrier();
-        const auto [m0, m1] = share(S * H, t, nt);
-        for (int64_t rh = m0; rh < m1; ++rh)
-          plan.split_merge(rh, row_task, sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data());
+        if (tiled) {
+          const int64_t* tile_start = sh.tile_start.data();
+          const auto [t0, t1] = share(tiles * Hkv, t, nt);
+          for (int64_t task = t0; task < t1; ++task) {
+            const int64_t tile = task / Hkv;
+            plan.tile(tile_start[tile], tile_start[tile + 1] - tile_start[tile], task % Hkv, scores.data(),
+                      mine.partial);
+          }
+        } else {
+          const int64_t* row_task = sh.row_task.data();
+          const auto [t0, t1] = share(tasks, t, nt);
+          for (int64_t task = t0; task < t1; ++task)
+            plan.split_task(task, row_task, scores.data(), sh.part_max.data(), sh.part_sum.data(),
+                            sh.part_acc.data());
+          barrier();
+          const auto [m0, m1] = share(T * H, t, nt);
+          for (int64_t rh = m0; rh < m1; ++rh)
+            plan.split_merge(rh, row_task, sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data());
+        }
         barrier();
       }
       {
@@ -175,9 +206,9 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       }
       {
         PartTimer timer(timing ? NORM : NUM_PARTS);
-        for (int64_t s = 0; s < S; ++s)
-          rms_norm_row(op + s * hidden, residual.data() + s * hidden, norm_weights[2 * l + 1],
-                       normed.data() + s * hidden, residual.data() + s * hidden, hidden, feps);
+        for (int64_t r = 0; r < T; ++r)
+          rms_norm_row(op + r * hidden, residual.data() + r * hidden, norm_weights[2 * l + 1],
+                       normed.data() + r * hidden, residual.data() + r * hidden, hidden, feps);
       }
       // gate rows i and up rows I + i together, then their SiLU-and-mul: no [S, 2I] intermediate.
       const auto [i0, i1] = share(I, t, nt);
@@ -189,12 +220,12 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
         const int64_t b1 = std::min(i1, b0 + ACT_BLOCK), n = b1 - b0;
         {
           PartTimer timer(timing ? PRODUCT : NUM_PARTS);
-          quant_rows(xr, gu_p.w, S, b0, b1, gate_tmp.data(), n);
-          quant_rows(xr, gu_p.w, S, I + b0, I + b1, up_tmp.data(), n);
+          quant_rows(xr, gu_p.w, T, b0, b1, gate_tmp.data(), n);
+          quant_rows(xr, gu_p.w, T, I + b0, I + b1, up_tmp.data(), n);
         }
         PartTimer timer(timing ? ACTIVATION : NUM_PARTS);
-        for (int64_t s = 0; s < S; ++s)
-          silu_mul_row(gate_tmp.data() + s * n, up_tmp.data() + s * n, actp + s * I + b0, n);
+        for (int64_t r = 0; r < T; ++r)
+          silu_mul_row(gate_tmp.data() + r * n, up_tmp.data() + r * n, actp + r * I + b0, n);
       }
       {
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
@@ -207,40 +238,44 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
     if (!logits) {
       if (t == 0) {
         PartTimer timer(timing ? NORM : NUM_PARTS);
-        for (int64_t s = 0; s < S; ++s)
-          rms_norm_row(xp + s * hidden, L ? residual.data() + s * hidden : nullptr, norm_weights[2 * L],
-                       outp + s * hidden, L ? residual.data() + s * hidden : nullptr, hidden, feps);
+        for (int64_t r = 0; r < T; ++r)
+          rms_norm_row(xp + r * hidden, L ? residual.data() + r * hidden : nullptr, norm_weights[2 * L],
+                       outp + r * hidden, L ? residual.data() + r * hidden : nullptr, hidden, feps);
       }
-    } else {  // every thread norms its own residual copy, then computes its share of the head's rows
+    } else if (R > 0) {  // every thread norms its own copy of the logit rows' residuals, then its share of the head
+      std::vector<float>& head_in = mine.head_in;
+      head_in.resize(R * hidden);
       {
         PartTimer timer(timing ? NORM : NUM_PARTS);
-        for (int64_t s = 0; s < S; ++s)
-          rms_norm_row(xp + s * hidden, L ? residual.data() + s * hidden : nullptr, norm_weights[2 * L],
-                       normed.data() + s * hidden, L ? residual.data() + s * hidden : nullptr, hidden, feps);
+        for (int64_t i = 0; i < R; ++i) {
+          const int64_t r = lr ? lr[i] : i;
+          rms_norm_row(xp + r * hidden, L ? residual.data() + r * hidden : nullptr, norm_weights[2 * L],
+                       head_in.data() + i * hidden, L ? residual.data() + r * hidden : nullptr, hidden, feps);
+        }
       }
       PartTimer timer(timing ? HEAD : NUM_PARTS);
-      quantize(normed.data(), hidden, *head);
+      quantize(head_in.data(), hidden, *head, R);
       const int64_t V = head->N;
       const auto [n0, n1] = share(V, t, nt);
-      quant_rows(xr, head->w, S, n0, n1, outp + n0, V);
+      quant_rows(xr, head->w, R, n0, n1, outp + n0, V);
       if (argmax)
-        for (int64_t s = 0; s < S; ++s) {
-          const auto [index, value] = first_max(outp + s * V + n0, n1 - n0);
-          sh.head_arg[t * S + s] = n0 + index;
-          sh.head_max[t * S + s] = n1 > n0 ? value : -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < R; ++i) {
+          const auto [index, value] = first_max(outp + i * V + n0, n1 - n0);
+          sh.head_arg[t * R + i] = n0 + index;
+          sh.head_max[t * R + i] = n1 > n0 ? value : -std::numeric_limits<float>::infinity();
         }
       barrier();
       if (argmax && t == 0) {
         // In thread order, so the lowest index wins a tie; a NaN, the first one, wins over every number.
-        for (int64_t s = 0; s < S; ++s) {
-          int64_t best = sh.head_arg[s];
-          float best_value = sh.head_max[s];
+        for (int64_t i = 0; i < R; ++i) {
+          int64_t best = sh.head_arg[i];
+          float best_value = sh.head_max[i];
           for (int u = 1; u < nt; ++u) {
-            const float value = sh.head_max[u * S + s];
+            const float value = sh.head_max[u * R + i];
             if (!std::isnan(best_value) && (std::isnan(value) || value > best_value))
-              best = sh.head_arg[u * S + s], best_value = value;
+              best = sh.head_arg[u * R + i], best_value = value;
           }
-          tokens[s] = best;
+          tokens[i] = best;
         }
       }
     }

@@ -1,17 +1,20 @@
 // Binding the fused decode step (decode_step.cpp) to a model and to the engine: the LlamaDecoder's checks, its
-// TorchScript class, the step profile, and `llme_decode_step`, the C entry point of the engine's decode steps.
+// TorchScript class, the step profile, and `llme_step`, the C entry point of the engine's decode steps.
 //
 // `torch.classes.llmengine_cpu.LlamaDecoder(embedding, norms, proj, k_caches, v_caches, head, ...)` binds the model
 // once (layouts in decode_step.cpp). Its `step(input_ids, positions, slot_mapping, block_tables, seq_lens,
 // cos_sin_cache)` takes a step's inputs as tensors and returns the final-normed hidden states.
-// With a head bound, the engine's decode steps pass nothing: `bind_buffers(input_ids, positions, slot_mapping,
-// block_tables, seq_lens, cos_sin_cache, logits, tokens)` binds persistent tensors once (the same layouts with room
-// for `rows` rows; logits fp32 [rows, vocab], tokens int64 [rows]), the caller writes the first S rows of the inputs
-// in place, and `llme_decode_step(handle, S, argmax, error, error_size)` (through ctypes: runtime/decode_buffers.py)
-// runs the step into the bound logits and, with argmax != 0, each row's first maximum into tokens. It returns 0, or
-// 1 with the error's message in `error`. `handle()` is the decoder's number for it; a number whose decoder is gone
-// gives an error, not a crash. Why not a method call: on this CPU a TorchScript method call costs ~13 us plus ~1.5
-// us per tensor passed, and ~130 us right after a step's weight stream has evicted the caches (the JIT's call
+// With a head bound, the engine's steps pass nothing: `bind_buffers(input_ids, positions, slot_mapping, block_tables,
+// seq_lens, cu_seqlens_q, logit_rows, cos_sin_cache, logits, tokens)` binds persistent tensors once (the layouts of
+// decode_step.cpp with room for Tmax tokens, Smax sequences and Rmax logits rows: input_ids, positions, slot_mapping
+// int64 [Tmax]; block_tables int32 [Smax, max_blocks], seq_lens int32 [Smax], cu_seqlens_q int32 [Smax + 1];
+// logit_rows int64 [Rmax]; logits fp32 [Rmax, vocab], tokens int64 [Rmax]), the caller writes a step's first S, T
+// and R entries in place, and `llme_step(handle, S, T, R, argmax, error, error_size)` (through ctypes:
+// runtime/executor.py) runs the step, any mix of prompt chunks, verification rows and decode rows, into the bound
+// logits and, with argmax != 0, each row's first maximum into tokens. It returns 0, or 1 with the error's message in
+// `error`. `handle()` is the decoder's number for it; a number whose decoder is gone gives an error, not a crash.
+// Why not a method call: on this CPU a TorchScript method call costs ~13 us plus ~1.5 us per tensor passed, and
+// ~130 us right after a step's weight stream has evicted the caches (the JIT's call
 // path is long); a ctypes call, ~25 us cold, and a step then makes no tensor either.
 // `decode_step_profile(enable)` returns the seconds spent per part (step_profile.h) since its last call, and the
 // number of steps, and turns the timers on or off for the steps that follow.
@@ -51,7 +54,7 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index) {
   return {w, qs.size(0), d.size(1) * QK, q4};
 }
 
-// The live decoders by number: `llme_decode_step` finds its decoder here, and a decoder leaves when it is freed.
+// The live decoders by number: `llme_step` finds its decoder here, and a decoder leaves when it is freed.
 std::mutex registry_mutex;
 std::unordered_map<int64_t, LlamaDecoder*> registry;
 int64_t next_handle = 1;
@@ -141,61 +144,68 @@ at::Tensor LlamaDecoder::step(const at::Tensor& input_ids, const at::Tensor& pos
   TORCH_CHECK(cs.dim() == 2 && cs.size(1) == head_dim, "LlamaDecoder.step: cos_sin_cache must be [positions, head_dim]");
   at::Tensor out = at::empty({S, embedding.size(1)}, embedding.options());
   run({ids.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), tables.data_ptr<int32_t>(),
-       lens.data_ptr<int32_t>(), cs.data_ptr<float>(), S, tables.size(1), cs.size(0)},
+       lens.data_ptr<int32_t>(), nullptr, nullptr, cs.data_ptr<float>(), S, S, S, tables.size(1), cs.size(0)},
       out.data_ptr<float>(), nullptr, false);
   return out;
 }
 
 void LlamaDecoder::bind_buffers(at::Tensor input_ids, at::Tensor positions, at::Tensor slot_mapping,
-                                at::Tensor block_tables, at::Tensor seq_lens, at::Tensor cos_sin_cache,
-                                at::Tensor logits, at::Tensor tokens) {
+                                at::Tensor block_tables, at::Tensor seq_lens, at::Tensor cu_seqlens_q,
+                                at::Tensor logit_rows, at::Tensor cos_sin_cache, at::Tensor logits, at::Tensor tokens) {
   TORCH_CHECK(head.has_value(), "LlamaDecoder.bind_buffers: no head was bound, so there are no logits to write");
-  const int64_t rows = input_ids.numel();
+  const int64_t T = input_ids.numel(), S = seq_lens.numel(), R = logit_rows.numel();
   TORCH_CHECK(input_ids.dim() == 1 && positions.dim() == 1 && slot_mapping.dim() == 1 && seq_lens.dim() == 1 &&
-                  block_tables.dim() == 2 && positions.numel() == rows && slot_mapping.numel() == rows &&
-                  seq_lens.numel() == rows && block_tables.size(0) == rows && tokens.numel() == rows &&
-                  logits.dim() == 2 && logits.size(0) == rows && logits.size(1) == head->N,
-              "LlamaDecoder.bind_buffers: one position, slot, length, block-table row, logits row [", head->N,
-              "] and token per row");
+                  cu_seqlens_q.dim() == 1 && logit_rows.dim() == 1 && block_tables.dim() == 2 &&
+                  positions.numel() == T && slot_mapping.numel() == T && block_tables.size(0) == S &&
+                  cu_seqlens_q.numel() == S + 1 && tokens.numel() == R && logits.dim() == 2 && logits.size(0) == R &&
+                  logits.size(1) == head->N,
+              "LlamaDecoder.bind_buffers: one position and slot per token; one length, block-table row and query "
+              "offset (and one more) per sequence; one logits row [", head->N, "] and token per logits row");
   TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim,
               "LlamaDecoder.bind_buffers: cos_sin_cache must be [positions, head_dim]");
-  for (const at::Tensor* t : {&input_ids, &positions, &slot_mapping, &block_tables, &seq_lens, &cos_sin_cache,
-                              &logits, &tokens})
+  for (const at::Tensor* t : {&input_ids, &positions, &slot_mapping, &block_tables, &seq_lens, &cu_seqlens_q,
+                              &logit_rows, &cos_sin_cache, &logits, &tokens})
     TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), "LlamaDecoder.bind_buffers: contiguous CPU tensors");
   TORCH_CHECK(input_ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
                   slot_mapping.scalar_type() == at::kLong && block_tables.scalar_type() == at::kInt &&
-                  seq_lens.scalar_type() == at::kInt && cos_sin_cache.scalar_type() == at::kFloat &&
+                  seq_lens.scalar_type() == at::kInt && cu_seqlens_q.scalar_type() == at::kInt &&
+                  logit_rows.scalar_type() == at::kLong && cos_sin_cache.scalar_type() == at::kFloat &&
                   logits.scalar_type() == at::kFloat && tokens.scalar_type() == at::kLong,
-              "LlamaDecoder.bind_buffers: int64 ids, positions, slots and tokens; int32 tables and lengths; fp32 "
-              "cos_sin and logits");
-  buffers = {input_ids, positions, slot_mapping, block_tables, seq_lens, cos_sin_cache, logits, tokens};
+              "LlamaDecoder.bind_buffers: int64 ids, positions, slots, logit rows and tokens; int32 tables, lengths "
+              "and query offsets; fp32 cos_sin and logits");
+  buffers = {input_ids, positions, slot_mapping, block_tables, seq_lens, cu_seqlens_q, logit_rows, cos_sin_cache,
+             logits, tokens};
   bound = {input_ids.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int64_t>(),
-           block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), cos_sin_cache.data_ptr<float>(), rows,
-           block_tables.size(1), cos_sin_cache.size(0)};
+           block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(),
+           logit_rows.data_ptr<int64_t>(), cos_sin_cache.data_ptr<float>(), S, T, R, block_tables.size(1),
+           cos_sin_cache.size(0)};
   bound_logits = logits.data_ptr<float>();
   bound_tokens = tokens.data_ptr<int64_t>();
 }
 
-void LlamaDecoder::step_bound(int64_t S, bool argmax) {
+void LlamaDecoder::step_bound(int64_t S, int64_t T, int64_t R, bool argmax) {
   TORCH_CHECK(bound_logits != nullptr, "LlamaDecoder: step_bound before bind_buffers");
-  TORCH_CHECK(S >= 1 && S <= bound.S, "LlamaDecoder: a step of ", S, " rows, but ", bound.S, " are bound");
+  TORCH_CHECK(S >= 1 && S <= bound.S && T >= S && T <= bound.T && R >= 0 && R <= bound.R && R <= T,
+              "LlamaDecoder: a step of ", S, " sequences, ", T, " tokens and ", R, " logits rows, but ", bound.S, ", ",
+              bound.T, " and ", bound.R, " are bound");
   StepInputs in = bound;
-  in.S = S;
+  in.S = S, in.T = T, in.R = R;
   run(in, bound_logits, argmax ? bound_tokens : nullptr, true);
 }
 
 }  // namespace llmengine_cpu
 
-extern "C" int llme_decode_step(int64_t handle, int64_t rows, int32_t argmax, char* error, int64_t error_size) {
+extern "C" int llme_step(int64_t handle, int64_t num_seqs, int64_t num_tokens, int64_t num_logits, int32_t argmax,
+                         char* error, int64_t error_size) {
   try {
     llmengine_cpu::LlamaDecoder* decoder = nullptr;
     {
       std::lock_guard<std::mutex> lock(llmengine_cpu::registry_mutex);
       const auto found = llmengine_cpu::registry.find(handle);
-      TORCH_CHECK(found != llmengine_cpu::registry.end(), "llme_decode_step: no live decoder ", handle);
+      TORCH_CHECK(found != llmengine_cpu::registry.end(), "llme_step: no live decoder ", handle);
       decoder = found->second;
     }
-    decoder->step_bound(rows, argmax != 0);
+    decoder->step_bound(num_seqs, num_tokens, num_logits, argmax != 0);
     return 0;
   } catch (const std::exception& e) {
     if (error_size > 0) {

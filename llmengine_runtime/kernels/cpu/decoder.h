@@ -21,12 +21,16 @@ struct Projection {
   bool q4;
 };
 
-// One step's inputs (the AttentionMetadata contract's layouts), as pointers: S tokens, one per sequence.
+// One step's inputs (the AttentionMetadata contract's layouts), as pointers: T tokens of S sequences, packed as
+// cu_seqlens_q says (null: one token per sequence, T = S); the logits of the R token rows `logit_rows` (null: every
+// row, R = T) are wanted.
 struct StepInputs {
-  const int64_t *input_ids, *positions, *slot_mapping;  // [S] each
+  const int64_t *input_ids, *positions, *slot_mapping;  // [T] each
   const int32_t *block_tables, *seq_lens;                // [S, max_blocks], [S]
+  const int32_t* cu_seqlens_q;                           // [S + 1] or null
+  const int64_t* logit_rows;                             // [R] increasing, or null
   const float* cos_sin;                                  // [cos_sin_rows, head_dim]
-  int64_t S, max_blocks, cos_sin_rows;
+  int64_t S, T, R, max_blocks, cos_sin_rows;
 };
 
 // What a step writes besides its output, kept from one step to the next so that a step allocates nothing else (a
@@ -34,12 +38,12 @@ struct StepInputs {
 // thread's own copies of the residual stream, the normed and quantized activations and its scratch.
 struct Scratch {
   std::vector<float> x, qkv, q_rot, attn, o, act, part_max, part_sum, part_acc;
-  std::vector<int64_t> row_seq, row_keys, row_task;  // attention's rows and tasks (PagedAttention)
+  std::vector<int64_t> row_seq, row_keys, row_task, tile_start;  // attention's rows and tasks (PagedAttention)
   std::vector<int64_t> head_arg;  // each thread's argmax of its head rows [threads, S], and its value
   std::vector<float> head_max;
 };
 struct ThreadScratch {
-  std::vector<float> residual, normed, scores, gate_tmp, up_tmp, k_rotated;
+  std::vector<float> residual, normed, scores, gate_tmp, up_tmp, k_rotated, partial, head_in;
   QuantizedRows xr;
 };
 
@@ -54,8 +58,8 @@ struct LlamaDecoder : torch::CustomClassHolder {
   std::vector<const float*> norm_weights;
   std::vector<void*> k_data, v_data;
   bool half_cache;
-  int64_t handle_id;  // this decoder's number for `llme_decode_step` (decoder.cpp)
-  // bind_buffers': the step's inputs, its logits [rows, vocab] and argmax [rows]; `bound` their pointers (S = rows)
+  int64_t handle_id;  // this decoder's number for `llme_step` (decoder.cpp)
+  // bind_buffers': the step's inputs, its logits [R, vocab] and argmax [R]; `bound` their pointers and capacities
   StepInputs bound{};
   float* bound_logits = nullptr;
   int64_t* bound_tokens = nullptr;
@@ -70,12 +74,14 @@ struct LlamaDecoder : torch::CustomClassHolder {
   at::Tensor step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& slot_mapping,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos_sin_cache);
   void bind_buffers(at::Tensor input_ids, at::Tensor positions, at::Tensor slot_mapping, at::Tensor block_tables,
-                    at::Tensor seq_lens, at::Tensor cos_sin_cache, at::Tensor logits, at::Tensor tokens);
+                    at::Tensor seq_lens, at::Tensor cu_seqlens_q, at::Tensor logit_rows, at::Tensor cos_sin_cache,
+                    at::Tensor logits, at::Tensor tokens);
   int64_t handle() const { return handle_id; }
-  // The step over the first S rows of the bound buffers, into the bound logits (and argmax).
-  void step_bound(int64_t S, bool argmax);
-  // The step itself (decode_step.cpp): the final-normed hidden states [S, hidden] into out, or with `logits` the
-  // head's [S, vocab], and then, when tokens is not null, each logits row's first maximum.
+  // The step over the bound buffers' first S sequences, T tokens and R logits rows, into the bound logits (and
+  // argmax).
+  void step_bound(int64_t S, int64_t T, int64_t R, bool argmax);
+  // The step itself (decode_step.cpp): the final-normed hidden states [T, hidden] into out, or with `logits` the
+  // head's [R, vocab], and then, when tokens is not null, each logits row's first maximum.
   void run(const StepInputs& in, float* out, int64_t* tokens, bool logits);
 };
 
