@@ -99,6 +99,7 @@ bench: $(MODEL) $(KERNELS)
 	$(PY) -m llmengine_runtime.benchmarks.decode --dtype float32 --quantize none int8 int4 gguf --baseline llama.cpp \
 		--batch-sizes 1 4 16 --max-new-tokens 128 --threads $(BENCH_THREADS) --name decode_quant
 	$(PY) -m llmengine_runtime.benchmarks.quality --threads $(BENCH_THREADS)
+	$(PY) -m llmengine_runtime.benchmarks.gguf_formats --shape smollm2-135m llama-3.2-1b --threads $(BENCH_THREADS)
 	$(PY) -m llmengine_runtime.benchmarks.kv_cache_quality --threads $(BENCH_THREADS)
 	$(PY) -m llmengine_runtime.benchmarks.sync_server --threads $(BENCH_THREADS)
 	$(PY) -m llmengine_runtime.benchmarks.step_time --threads $(BENCH_THREADS)

@@ -1,0 +1,93 @@
+"""llama.cpp driven through llama-cpp-python's low-level API, so it runs several sequences in one batch (its
+high-level `Llama` runs one): greedy generation of N sequences together, timed per step like our engine's runs
+(benchmarks/decode_runners.py `Run`). A prompt is one `llama_decode` of all prompts' tokens (up to n_batch at a
+time, logits only at each prompt's last token); each decode step is one `llama_decode` of one token per sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmengine_runtime.benchmarks.decode_runners import Run
+
+
+class LlamaCppBatch:
+    """A llama.cpp model and context for up to `n_seq` sequences of `n_ctx // n_seq` tokens each."""
+
+    def __init__(self, gguf: Path, threads: int, n_seq: int = 8, n_ctx: int = 8192, n_batch: int = 512):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise SystemExit("the llama.cpp baseline needs llama-cpp-python: pip install '.[llamacpp]' "
+                             "(compiles llama.cpp, a few minutes; `make bench` does it)") from None
+        self.lib = llama_cpp
+        llama_cpp.llama_backend_init()
+        llama_cpp.llama_log_set(_quiet, None)
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, n_batch, n_seq
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.n_batch = n_batch
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq)
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries."""
+        b = self.batch
+        b.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _argmax(self, index: int) -> int:
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        return int(logits.argmax())
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> Run:
+        """Greedy, `max_new_tokens` per sequence past any end token, all sequences in each step."""
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        entries = [(t, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+        tokens: list[list[int]] = [[] for _ in prompts]
+        t0 = time.perf_counter()
+        for start in range(0, len(entries), self.n_batch):
+            chunk = entries[start:start + self.n_batch]
+            self._decode(chunk)
+            for i, (_, _, seq, logits) in enumerate(chunk):
+                if logits:
+                    tokens[seq].append(self._argmax(i))
+        first = time.perf_counter()
+        steps = []
+        for _ in range(max_new_tokens - 1):
+            self._decode([(out[-1], len(p) + len(out) - 1, s, True) for s, (p, out) in enumerate(zip(prompts, tokens))])
+            for s in range(len(prompts)):
+                tokens[s].append(self._argmax(s))
+            steps.append(time.perf_counter())
+        end = steps[-1] if steps else first
+        return Run(ttft=first - t0, decode_time=end - first, decode_steps=len(steps),
+                   decode_tokens=len(steps) * len(prompts), total_time=end - t0,
+                   output_tokens=sum(map(len, tokens)), token_ids=tokens)
+
+
+def _quiet_log(level, text, user_data) -> None:  # llama.cpp's log callback: say nothing
+    pass
+
+
+try:
+    import llama_cpp as _llama_cpp
+
+    _quiet = _llama_cpp.llama_log_callback(_quiet_log)
+except ImportError:  # the module still imports; LlamaCppBatch says how to install
+    _quiet = None
