@@ -217,21 +217,27 @@ def test_mixed_types_match_their_dequantized_model(tmp_path, models_dir, table, 
 
 def test_mixed_gguf_serves_greedy_tokens(tmp_path, models_dir):
     """Through runtime.LLM (KV cache, decode steps, the GGUF embedding's lookups of one row): the same greedy
-    tokens as recomputing the loaded model over each whole prefix."""
+    tokens and log-probs as recomputing the loaded model over each whole prefix (an fp32 KV cache: "auto" would take
+    fp16 here, which moves this random model's log-probs by up to 0.05)."""
     from llmengine_runtime.models.fused_decode import FusedDecode
     from llmengine_runtime.runtime.llm import LLM
     from llmengine_runtime.runtime.params import SamplingParams
 
     write_mixed_gguf(tmp_path / "mixed.gguf", Q.Q6_K, tied=True)
-    llm = LLM(tmp_path / "mixed.gguf", device="cpu", kv_cache_gib=0.01, quantize="gguf")
+    llm = LLM(tmp_path / "mixed.gguf", device="cpu", kv_cache_gib=0.01, quantize="gguf",
+              kv_cache_dtype="float32")
     model = llm.engine.model
     assert isinstance(model.embed, GGUFEmbedding) and FusedDecode.build(model) is None  # eager steps
-    got = llm.generate(PROMPTS, SamplingParams(max_new_tokens=6, ignore_eos=True), progress=False)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, return_token_log_probs=True)
+    got = llm.generate(PROMPTS, params, progress=False)
     for prompt, result in zip(PROMPTS, got):
-        tokens = list(prompt)
+        tokens, log_probs = list(prompt), []
         for _ in range(6):
-            tokens.append(int(logits(model, [tokens])[-1].argmax()))
+            row = logits(model, [tokens])[-1].double().log_softmax(-1)
+            tokens.append(int(row.argmax()))
+            log_probs.append(row.max().item())
         assert result.token_ids == tokens[len(prompt):]
+        assert np.allclose(result.log_probs, log_probs, rtol=0, atol=1e-5), (result.log_probs, log_probs)  # 4e-7
 
 
 def test_iq_types_are_refused_by_name(tmp_path, models_dir):
