@@ -2,10 +2,18 @@
 high-level `Llama` runs one): greedy generation of N sequences together, timed per step like our engine's runs
 (benchmarks/decode_runners.py `Run`). A prompt is one `llama_decode` of all prompts' tokens (up to n_batch at a
 time, logits only at each prompt's last token); each decode step is one `llama_decode` of one token per sequence.
+
+AMX: llama.cpp built with -march=native on a CPU that reports AMX (amx_int8/amx_tile) moves Q4_0, Q4_1, Q8_0 and
+k-quant weights to its AMX buffer type, and on this VM its first `ldtilecfg` takes a general protection fault
+(every batch of more than one token crashes the process, 2026-12-07). Where the CPU reports AMX we therefore load
+models with `use_extra_bufts = False` (no AMX, and none of llama.cpp's other weight repacks either: its speed is
+then a lower bound); LLMENGINE_LLAMACPP_EXTRA_BUFTS=1 turns them back on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -25,8 +33,7 @@ class LlamaCppBatch:
                              "(compiles llama.cpp, a few minutes; `make bench` does it)") from None
         self.lib = llama_cpp
         llama_cpp.llama_backend_init()
-        llama_cpp.llama_log_set(_quiet, None)
-        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), model_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         params = llama_cpp.llama_context_default_params()
@@ -81,13 +88,39 @@ class LlamaCppBatch:
                    output_tokens=sum(map(len, tokens)), token_ids=tokens)
 
 
-def _quiet_log(level, text, user_data) -> None:  # llama.cpp's log callback: say nothing
-    pass
+def extra_buffer_types() -> bool:
+    """Whether llama.cpp may use its extra weight buffer types here (module docstring: not where AMX is reported)."""
+    if os.environ.get("LLMENGINE_LLAMACPP_EXTRA_BUFTS"):
+        return os.environ["LLMENGINE_LLAMACPP_EXTRA_BUFTS"] == "1"
+    try:
+        return " amx_int8" not in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
 
 
-try:
-    import llama_cpp as _llama_cpp
+def model_params():
+    """llama_model_default_params with extra buffer types off where `extra_buffer_types()` says so."""
+    import llama_cpp
 
-    _quiet = _llama_cpp.llama_log_callback(_quiet_log)
-except ImportError:  # the module still imports; LlamaCppBatch says how to install
-    _quiet = None
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = extra_buffer_types()
+    return params
+
+
+@contextlib.contextmanager
+def high_level_model_params():
+    """While it lasts, llama_cpp.Llama(...) loads as `model_params()` says (it takes no such argument)."""
+    import llama_cpp.llama_cpp as lib
+
+    saved = lib.llama_model_default_params
+
+    def patched():
+        params = saved()
+        params.use_extra_bufts = extra_buffer_types()
+        return params
+
+    lib.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = saved

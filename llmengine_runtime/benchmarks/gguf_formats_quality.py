@@ -25,6 +25,7 @@ import numpy as np
 
 from llmengine_runtime.benchmarks.common import OUT_DIR, fmt, machine_info, markdown_table
 from llmengine_runtime.benchmarks.gguf_formats_files import export_f32_gguf, llama_quantize
+from llmengine_runtime.benchmarks.gguf_formats_llamacpp import extra_buffer_types, high_level_model_params
 from llmengine_runtime.benchmarks.quality import PROMPTS, agreement, corpus_text, perplexity
 
 
@@ -103,8 +104,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return model, perplexity(model, ids, window, not args.no_progress)[0], tokens
 
     def theirs(gguf: Path) -> tuple[float, list[list[int]]]:
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=window, n_batch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, logits_all=True, verbose=False)
+        with high_level_model_params():  # no AMX where it faults (benchmarks/gguf_formats_llamacpp.py)
+            llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=window, n_batch=512, n_threads=args.threads,
+                                  n_threads_batch=args.threads, logits_all=True, verbose=False)
         return llamacpp_perplexity(llm, ids, window), llamacpp_greedy(llm, prompt_ids, args.greedy_tokens)
 
     tokenizer = LLM(folder, dtype="float32", device="cpu", kv_cache_gib=0.01, quantize="none").tokenizer
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "gguf_formats_quality", "machine": machine_info(), "model": args.model,
             "folder": str(folder), "f32_gguf": str(f32), "text": f"pydoc_data.topics, first {len(ids)} tokens",
             "window": window, "fp32_ppl": fp32_ppl, "llamacpp_fp32_ppl": llamacpp_fp32_ppl, "rows": rows,
-            "greedy_tokens": args.greedy_tokens, "prompts": PROMPTS}
+            "greedy_tokens": args.greedy_tokens, "prompts": PROMPTS, "llamacpp_extra_bufts": extra_buffer_types()}
 
 
 def markdown(report: dict[str, Any]) -> str:
