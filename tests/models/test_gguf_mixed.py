@@ -240,6 +240,16 @@ def test_mixed_gguf_serves_greedy_tokens(tmp_path, models_dir):
         assert np.allclose(result.log_probs, log_probs, rtol=0, atol=1e-5), (result.log_probs, log_probs)  # 4e-7
 
 
+def test_a_k_quant_model_gets_the_quantized_kv_cache(tmp_path, models_dir):
+    """KV cache "auto" on the CPU is fp16 for quantized weights: GGUF layers count, not only QuantizedLinear."""
+    from llmengine_runtime.runtime.llm import LLM
+
+    write_mixed_gguf(tmp_path / "k.gguf", Q.Q6_K, tied=True, overrides={"blk.0.ffn_down": Q.Q6_K})
+    llm = LLM(tmp_path / "k.gguf", device="cpu", kv_cache_gib=0.01, quantize="gguf")
+    assert not any(isinstance(m, QuantizedLinear) for m in llm.engine.model.modules())
+    assert llm.engine.kv_cache_dtype == torch.float16
+
+
 def test_iq_types_are_refused_by_name(tmp_path, models_dir):
     """An IQ2_XXS tensor: a clear error naming the tensor and its type, before anything is loaded."""
     write_mixed_gguf(tmp_path / "iq.gguf", Q.Q6_K, tied=True, overrides={"blk.1.ffn_up": Q.IQ2_XXS})
