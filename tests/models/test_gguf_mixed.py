@@ -240,6 +240,51 @@ def test_mixed_gguf_serves_greedy_tokens(tmp_path, models_dir):
         assert np.allclose(result.log_probs, log_probs, rtol=0, atol=1e-5), (result.log_probs, log_probs)  # 4e-7
 
 
+LLAMA_QUANTIZE = [("Q4_0", 2, {Q.Q4_0, Q.Q6_K}), ("Q4_K_M", 15, {Q.Q4_K, Q.Q6_K})]  # llama.cpp's LLAMA_FTYPE numbers
+
+
+@pytest.mark.parametrize("name, ftype, expected", LLAMA_QUANTIZE, ids=[c[0] for c in LLAMA_QUANTIZE])
+def test_files_llama_quantize_writes(tmp_path, models_dir, name, ftype, expected):
+    """An F16 file quantized by llama.cpp itself (its tied table becomes Q6_K, the issue's refused case): it loads,
+    its logits lie within the activation roundings of the float model of its weights, and as near llama.cpp's own
+    logits on the same file (which round activations too, in their own places)."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    write_mixed_gguf(tmp_path / "f16.gguf", Q.F16, tied=True,
+                     overrides={f"blk.{i}.{part}": Q.F16 for i in MIXED_TYPES for part in MIXED_TYPES[i]})
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    path = tmp_path / f"{name}.gguf"
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f16.gguf").encode(), str(path).encode(),
+                                          ctypes.byref(params)) == 0
+    types = {Q(t.tensor_type) for t in GGUFReader(path).tensors if len(t.shape) == 2}
+    assert types == expected
+    served = resolve_model(path)
+    model = load_model(served, quantize="gguf", progress=False)
+    assert isinstance(model.embed, GGUFEmbedding) and model.embed.ggml_type == Q.Q6_K
+
+    prompt = PROMPTS[0] + PROMPTS[1]
+    reference = logits(load_model(served, quantize=None, progress=False, pack=False), [prompt])
+    emulated_logits = logits(mixed_emulation(load_model(served, quantize=None, progress=False, pack=False), model),
+                             [prompt])
+    got = logits(model, [prompt])
+    scale = rms(reference)
+    e = rms(emulated_logits - reference) / scale
+    assert rms(got - reference) / scale <= 1.01 * e and rms(got - emulated_logits) / scale <= 0.01 * e
+
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+    rows = []
+    for token in prompt:  # one at a time: llama-cpp-python 0.3.36 crashes on a batched eval of the Q4_0 file
+        llm.eval([token])
+        rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+    theirs = torch.tensor(np.array(rows), dtype=torch.float32)
+    assert rms(theirs - reference) / scale <= 2 * e  # llama.cpp's roundings are of the same size
+    assert rms(got - theirs) / scale <= 2 * e  # measured: 1.00 and 0.97 E (E: 1.8% and 2.4% of the logits)
+
+
 def test_a_k_quant_model_gets_the_quantized_kv_cache(tmp_path, models_dir):
     """KV cache "auto" on the CPU is fp16 for quantized weights: GGUF layers count, not only QuantizedLinear."""
     from llmengine_runtime.runtime.llm import LLM
