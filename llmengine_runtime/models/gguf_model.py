@@ -183,6 +183,9 @@ def load_gguf_model(config: ModelConfig, gguf_path: str | Path, dtype: torch.dty
             kinds.update(_qtype(tensors[n]).name for n in names)
         table = tensors[EMBEDDING]
         if raw_table:
+            if tensor_shape(table) != (config.vocab_size, config.hidden_size):
+                raise WeightsError(f"{gguf_path.name}: {EMBEDDING} has shape {tensor_shape(table)}, expected "
+                                   f"{(config.vocab_size, config.hidden_size)}")
             model.embed = GGUFEmbedding(raw_rows(table).to(device), _qtype(table), config.hidden_size, dtype)
             kinds[f"{_qtype(table).name} (embedding)"] += 1
             if config.tie_word_embeddings:
