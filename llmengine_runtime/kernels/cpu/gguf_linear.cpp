@@ -3,8 +3,8 @@
 // exactly the file's bytes, and x quantized to int8 blocks on the way in (gguf_blocks.h).
 //
 // Layout: x fp32 [M, K] (rows contiguous); w uint8 [N, row_bytes], row n = its K / block_elems blocks as in the file;
-// y fp32 [M, N]. Grid: the activations are quantized once per call (at::parallel_for over rows), then
-// at::parallel_for splits the N output rows (never K): a task takes a run of weight rows and, for each chunk of 64
+// y fp32 [M, N]. Grid: the activations are quantized once per call (at::parallel_for over rows), then the threads
+// split the N output rows (never K), taking runs of them in turn: a run of weight rows, for each chunk of 64
 // activation rows, computes tiles of one weight row x 4 activation rows (then 3, 2, 1), reading each weight block
 // once per tile. Every output's sums go in one order whatever M, the tile, the chunk or the thread count.
 // `gguf_linear_portable` is the same product through the scalar loops only (what a CPU without AVX2 runs): tests
@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -139,11 +140,19 @@ static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, int64_t
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    weight_rows(tile, wp, row_bytes, nb, acts, M, n0, n1, yp + n0, N);
-    if (bp)
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t n = n0; n < n1; ++n) yp[i * N + n] += bp[n];
+  // Runs of weight rows handed out in turn (about 8 per thread, at least 16 rows each), so that a thread the OS
+  // holds up leaves its share to the others instead of keeping them at the barrier.
+  const int64_t threads = at::get_num_threads(), run = std::max<int64_t>(16, N / (8 * threads) + 1);
+  const int64_t runs = (N + run - 1) / run;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, runs), 1, [&](int64_t, int64_t) {
+    for (int64_t r = next++; r < runs; r = next++) {
+      const int64_t n0 = r * run, n1 = std::min(N, n0 + run);
+      weight_rows(tile, wp, row_bytes, nb, acts, M, n0, n1, yp + n0, N);
+      if (bp)
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t n = n0; n < n1; ++n) yp[i * N + n] += bp[n];
+    }
   });
   return y;
 }
