@@ -33,7 +33,7 @@ constexpr int64_t QK_K = 256;
 
 // The blocks, field for field as in the file. 32-value blocks: value j's nibble is the low one of qs[j] for j < 16,
 // the high one of qs[j - 16] above; Q5's fifth bit is bit j of qh (little endian). w = d (q - 8) for Q4_0,
-// d (q - 16) for Q5_0, d q + m for Q4_1 / Q5_1, d q for Q8_0. The K types' layouts: gguf_dot_k.cpp.
+// d (q - 16) for Q5_0, d q + m for Q4_1 / Q5_1, d q for Q8_0. The K types' layouts: gguf_k_blocks.h.
 #pragma pack(push, 1)
 struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
 struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
