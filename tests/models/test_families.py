@@ -229,3 +229,22 @@ def test_fused_decode_only_where_exact(name, tmp_path, monkeypatch):
             llm.close()
     assert takes == (name == "qwen2")
     assert outputs["1"] == outputs["0"]
+
+
+def test_windowed_rows_are_batch_invariant(tmp_path):
+    """Same request, same numbers with a sliding window (quantized on our C++ kernels, README "Same request, same
+    text"): a Mistral's greedy tokens and log-probs are identical (==) whether its 64-token prompt is one step or
+    chunks of 24 and 7, and alone or beside another prompt."""
+    make_hf_model("mistral-window16").save_pretrained(tmp_path, safe_serialization=True)
+    prompt, other = random_prompts([64, 20], seed=9)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, return_token_log_probs=True)
+    runs = []
+    for chunk, prompts in [(2048, [prompt]), (24, [prompt]), (7, [other, prompt])]:
+        llm = LLM(tmp_path, quantize="int4", block_size=16, cpu_threads=2, kv_cache_gib=0.01,
+                  max_num_batched_tokens=chunk, enable_prefix_caching=False)
+        try:
+            result = llm.generate(prompts, params, progress=False)[-1]
+        finally:
+            llm.close()
+        runs.append((result.token_ids, result.log_probs))
+    assert runs[0] == runs[1] == runs[2]
