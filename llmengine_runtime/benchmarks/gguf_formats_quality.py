@@ -56,6 +56,7 @@ def bytes_equal(model, gguf: Path) -> tuple[int, int]:
     import torch
     from gguf import GGUFReader
 
+    from llmengine_runtime.models.causal_lm import CausalLM
     from llmengine_runtime.models.gguf import unpermute_rotary
     from llmengine_runtime.models.gguf_linear import GGUFRowParts
     from llmengine_runtime.models.gguf_quant import rotary_heads_for
@@ -64,8 +65,10 @@ def bytes_equal(model, gguf: Path) -> tuple[int, int]:
     c = model.config
     heads = {"num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads}
     theirs = {t.name: t for t in GGUFReader(gguf).tensors}
+    with torch.device("meta"):
+        float_layout = CausalLM(c)  # the projections' checkpoint names, as before quantization
     equal = total = 0
-    for module, names in projections(model).items():
+    for module, names in projections(float_layout).items():
         layer = model.get_submodule(module)
         rows = [r for p in (layer.parts if isinstance(layer, GGUFRowParts) else [layer]) for r in p.raw]
         for name in names:
