@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,22 +91,26 @@ def launch_baseline(args: argparse.Namespace, log_path: Path, port: int) -> subp
     shown = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command)])
     print(f"launching the baseline: {shown} (cwd {workdir}, log: {log_path})", file=sys.stderr)
     with log_path.open("w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                                 env={**os.environ, **env}, start_new_session=True)
+    proc.workdir = workdir  # removed by stop_baseline
+    return proc
 
 
 def stop_baseline(proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """SIGTERM to the baseline's process group, SIGKILL to it after `timeout` s."""
+    """SIGTERM to the baseline's process group, SIGKILL to it after `timeout` s; then its scratch folder goes."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, None)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
             proc.wait(timeout=wait)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    if getattr(proc, "workdir", None):
+        shutil.rmtree(proc.workdir, ignore_errors=True)
 
 
 def add_baseline_args(parser: argparse.ArgumentParser) -> None:

@@ -121,6 +121,7 @@ def test_launch_baseline_starts_and_stops_it(tmp_path, monkeypatch):
                        "3", "--out-dir", str(tmp_path), "--no-progress", "--baseline-name", "fake2",
                        "--launch-baseline", f"SOME_ENV=1 {sys.executable} {rel} --port {{port}} --model fake"])
     assert rc == 0 and launched and launched[0].poll() is not None  # stopped after
+    assert not Path(launched[0].workdir).exists() and not Path(launched[0].workdir).is_relative_to(Path.cwd())
     report = json.loads((tmp_path / "serving.json").read_text())
     assert report["baseline"]["runs"][0]["completed"] == 4 and report["runs"][0]["completed"] == 4
     assert report["baseline"]["base_url"] != report["base_url"]
