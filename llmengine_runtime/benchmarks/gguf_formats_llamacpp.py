@@ -33,6 +33,7 @@ class LlamaCppBatch:
                              "(compiles llama.cpp, a few minutes; `make bench` does it)") from None
         self.lib = llama_cpp
         llama_cpp.llama_backend_init()
+        llama_cpp.llama_log_set(_QUIET, None)  # its load and context logs run to hundreds of lines per file
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), model_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
@@ -124,3 +125,15 @@ def high_level_model_params():
         yield
     finally:
         lib.llama_model_default_params = saved
+
+
+def _quiet_log(level: int, text: bytes, user_data) -> None:
+    pass
+
+
+try:
+    import llama_cpp as _llama_cpp
+
+    _QUIET = _llama_cpp.llama_log_callback(_quiet_log)  # kept referenced: llama.cpp calls it later
+except ImportError:  # the module still imports; LlamaCppBatch says how to install
+    _QUIET = None
