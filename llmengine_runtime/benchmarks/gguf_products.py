@@ -15,6 +15,7 @@ dequantized weight before timing (within 2% of the output's scale: activation ro
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -98,6 +99,7 @@ def time_type(name: str, n: int, k: int, pool_mb: int, repeats: int, gen: torch.
 def run(args: argparse.Namespace) -> dict[str, Any]:
     assert cpu_kernels.available(), "the C++ CPU kernels did not build"
     gen = torch.Generator().manual_seed(args.seed)
+    load_before = os.getloadavg()[0]
     errors = {name: check(name, random_weight(name, 256, 2048, gen), 2048) for name in args.types}
     rows, bandwidth = [], {}
     for threads in args.threads:
@@ -115,17 +117,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"({100 * gb_s * 1e9 / bandwidth[threads]:.0f}% of {bandwidth[threads] / 1e9:.1f})", flush=True)
     return {"benchmark": "gguf_products", "machine": machine_info(), "march": cpu_kernels.march(),
             "pool_mb": args.pool_mb, "repeats": args.repeats, "rows": rows, "max_rel_error_vs_float64": errors,
-            "read_gb_s": {str(t): b / 1e9 for t, b in bandwidth.items()}}
+            "read_gb_s": {str(t): b / 1e9 for t, b in bandwidth.items()},
+            "load_average_1min": [load_before, os.getloadavg()[0]]}
 
 
 def markdown(report: dict[str, Any]) -> str:
     """One row per type: per shape and thread count, weight GB/s (% of the read bandwidth of that thread count)."""
     cases = sorted({(r["out"], r["in"], r["threads"]) for r in report["rows"]}, key=lambda c: (c[2], c[0]))
     by = {(r["type"], r["out"], r["in"], r["threads"]): r for r in report["rows"]}
+    before, after = report["load_average_1min"]
     reads = ", ".join(f"{t} thread(s) {float(b):.1f} GB/s" for t, b in report["read_gb_s"].items())
     lines = [f"gguf_linear, 1 activation row (-march={report['march']}): weight GB/s (% of the read bandwidth: "
              f"{reads}; float32 sum over {report['pool_mb']} MB). Weights cycled through {report['pool_mb']} MB of "
-             f"copies, median of {report['repeats']} rounds.", ""]
+             f"copies, median of {report['repeats']} rounds. 1-minute load average {before:.1f} before, {after:.1f} "
+             f"after ({report['machine']['cores']} cores): on a busy machine each 2-thread product also waits for "
+             "both threads to be scheduled.", ""]
     table = []
     for name in dict.fromkeys(r["type"] for r in report["rows"]):
         cells = []
