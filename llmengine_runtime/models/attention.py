@@ -8,7 +8,7 @@ import torch
 
 from llmengine_runtime.kernels import decode_attention, prefill_attention, store_kv
 from llmengine_runtime.kernels.cached_attention import cached_attention, cached_attention_applies
-from llmengine_runtime.models.config import ModelConfig
+from llmengine_runtime.models.model_config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, d]
 

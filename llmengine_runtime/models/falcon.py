@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache
-from llmengine_runtime.models.config import ConfigError, ModelConfig, dtype_name, eos_ids, rope_settings
-from llmengine_runtime.models.families import Family
+from llmengine_runtime.models.family_entry import Family
 from llmengine_runtime.models.layers import Attention, GeluMLP, LayerNorm
+from llmengine_runtime.models.model_config import ConfigError, ModelConfig, dtype_name, eos_ids, rope_settings
 from llmengine_runtime.models.parallel import Reader, TensorParallel, merge_runs, read_rows, shard_readers
 from llmengine_runtime.models.weights import ParamTarget
 

@@ -1,62 +1,26 @@
 """The model families: one entry each, naming what a family brings (docs/architecture.md, "Model families").
 
-A family is one file (models/<family>.py) that provides a `Family`: the HF architecture names and model types it
-serves, how its config.json becomes a ModelConfig, its decoder block, its final norm, its checkpoint names
-(safetensors) and how a GGUF of its `general.architecture` maps onto those (models/gguf.py). Adding a family is
-that file plus one line in `FAMILIES` below; CausalLM, the loader and the GGUF paths look it up here.
+A family is one file (models/<family>.py) that provides a `Family` (models/family_entry.py): the HF architecture
+names and model types it serves, how its config.json becomes a ModelConfig, its decoder block, its final norm, its
+checkpoint names (safetensors) and how a GGUF of its `general.architecture` maps onto those (models/gguf.py).
+Adding a family is that file plus one line in `FAMILIES` below; parse_config (models/config.py), CausalLM and the
+GGUF paths look it up here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from llmengine_runtime.models import falcon, llama, mistral, qwen2, qwen3
+from llmengine_runtime.models.family_entry import Family
+from llmengine_runtime.models.model_config import ConfigError
 
-from llmengine_runtime.models.config import ConfigError, ModelConfig
-from llmengine_runtime.models.weights import ParamTarget
-
-
-@dataclass(frozen=True)
-class GGUFNames:
-    """How a GGUF of this family reads: its `general.architecture`, whether llama.cpp's converter interleaved the
-    q/k rows of each head for its rotate-adjacent rope (only "llama" files: qwen2/qwen3 use NeoX rope and keep HF's
-    order), the llama.cpp tensor names (after `blk.{i}.`) beyond Llama's, and the config.json fields its metadata
-    adds to Llama's (`extra_config(meta, tensor_names)`)."""
-
-    architecture: str
-    permuted_rotary: bool
-    layer_names: dict[str, str] = field(default_factory=dict)
-    extra_config: Callable[[dict, set[str]], dict[str, Any]] | None = None
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str  # ModelConfig.arch
-    architectures: frozenset[str]  # config.json "architectures"
-    model_types: frozenset[str]  # config.json "model_type", when it lists no architectures
-    parse: Callable[[dict[str, Any]], ModelConfig]
-    block: Callable[[ModelConfig, int], nn.Module]  # (config, layer index) -> one decoder block
-    final_norm: Callable[[int, float], nn.Module]  # (hidden, eps)
-    targets: Callable[[nn.Module, ModelConfig], dict[str, ParamTarget]]  # HF name -> where it lands
-    gguf: GGUFNames | None = None
-
-
-def _families() -> list[Family]:
-    from llmengine_runtime.models import falcon, llama, mistral, qwen2, qwen3
-
-    return [llama.FAMILY, falcon.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY]  # the registry
-
-
-_REGISTRY: list[Family] = []
+FAMILIES: list[Family] = [llama.FAMILY, falcon.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY]  # the registry
 
 
 def families() -> list[Family]:
-    """Every family, in registry order (imported on first use: the family modules import models/config.py)."""
-    if not _REGISTRY:
-        _REGISTRY.extend(_families())
-    return _REGISTRY
+    """Every family, in registry order."""
+    return FAMILIES
 
 
 def family(name: str) -> Family:

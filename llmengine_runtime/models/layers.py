@@ -11,7 +11,7 @@ from torch import nn
 from llmengine_runtime.kernels import layer_norm, rms_norm, rotary, silu_and_mul
 from llmengine_runtime.kernels.deterministic_matmul import linear
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache, paged_attention
-from llmengine_runtime.models.config import ModelConfig
+from llmengine_runtime.models.model_config import ModelConfig
 from llmengine_runtime.models.packed_linear import packed_linear
 
 

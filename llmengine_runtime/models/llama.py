@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache
-from llmengine_runtime.models.config import ConfigError, ModelConfig, dtype_name, eos_ids, rope_settings
-from llmengine_runtime.models.families import Family, GGUFNames
+from llmengine_runtime.models.family_entry import Family, GGUFNames
 from llmengine_runtime.models.layers import Attention, GatedMLP, RMSNorm
+from llmengine_runtime.models.model_config import ConfigError, ModelConfig, dtype_name, eos_ids, rope_settings
 from llmengine_runtime.models.parallel import shard_readers
 from llmengine_runtime.models.weights import ParamTarget
 

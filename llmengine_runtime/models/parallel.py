@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmengine_runtime.models.config import ModelConfig
+from llmengine_runtime.models.model_config import ModelConfig
 
 Reader = Callable[[Any], torch.Tensor]  # a safetensors slice -> this rank's part of the tensor
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmengine_runtime.models.config import ConfigError, ModelConfig
-from llmengine_runtime.models.families import Family, GGUFNames
+from llmengine_runtime.models.family_entry import Family, GGUFNames
 from llmengine_runtime.models.layers import RMSNorm
 from llmengine_runtime.models.llama import LlamaBlock, llama_targets, parse_llama
 from llmengine_runtime.models.mistral import window_size
+from llmengine_runtime.models.model_config import ConfigError, ModelConfig
 
 LAYER_TYPES = {"full_attention", "sliding_attention"}
 

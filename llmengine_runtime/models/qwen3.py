@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmengine_runtime.models.config import ModelConfig
-from llmengine_runtime.models.families import Family, GGUFNames
+from llmengine_runtime.models.family_entry import Family, GGUFNames
 from llmengine_runtime.models.layers import RMSNorm
 from llmengine_runtime.models.llama import LlamaBlock, llama_targets, parse_llama
+from llmengine_runtime.models.model_config import ModelConfig
 from llmengine_runtime.models.qwen2 import qwen_layer_windows
 
 
