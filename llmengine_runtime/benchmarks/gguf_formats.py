@@ -16,7 +16,8 @@ On each file, each engine, after a warm-up, median of --repeats:
   and that as a share of the read bandwidth measured in the same run (float32 `torch.sum` over 1 GiB, best of 5,
   the same thread count).
 Ours serves the file as it is (quantize "gguf": each tensor of the file's own type, models/gguf_model.py), with an
-fp16 KV cache as llama.cpp's default. Timings on a shared machine are noisy: compare within one run.
+fp16 KV cache as llama.cpp's default and no prefix caching (each repeat computes its prompt, as llama.cpp's
+does). Timings on a shared machine are noisy: compare within one run.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def ours_runner(gguf: Path, threads: int):
 
     torch.set_num_threads(threads)
     llm = LLM(gguf_model_folder(gguf, CACHE / "folders"), dtype="float32", device="cpu", quantize="gguf",
-              kv_cache_dtype="float16", kv_cache_gib=0.5)
+              kv_cache_dtype="float16", kv_cache_gib=0.5, enable_prefix_caching=False)  # repeats recompute
 
     def run(prompt_ids: list[list[int]], tokens: int):
         params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
