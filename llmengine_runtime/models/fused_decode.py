@@ -32,15 +32,38 @@ from torch import nn
 
 from llmengine_runtime.kernels import cpu as cpu_kernels
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache
+from llmengine_runtime.models.gguf_linear import GGUFEmbedding, GGUFLinear, GGUFRowParts
+from llmengine_runtime.models.gguf_types import has_cpu_product
 from llmengine_runtime.models.layers import RMSNorm
 from llmengine_runtime.models.quantized_linear import QuantizedLinear
 
 
-def _projection(layer: nn.Module) -> list[torch.Tensor] | None:
-    """(qs, d, m, bias) of a QuantizedLinear on our CPU kernels (empty m for int8, empty bias), else None."""
+def _gguf_parts(layer: nn.Module) -> tuple[list[GGUFLinear], torch.Tensor | None] | None:
+    """The GGUF parts of a GGUFLinear / GGUFRowParts whose every part runs on the C++ product, and its bias."""
+    if isinstance(layer, GGUFLinear):
+        parts = [layer]
+    elif isinstance(layer, GGUFRowParts):
+        parts = list(layer.parts)
+    else:
+        return None
+    if not all(p.backend == "cpu" and p.raw.is_contiguous() for p in parts):
+        return None
+    return parts, layer.bias
+
+
+def _projection(layer: nn.Module, raws: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """(qs, d, m, bias) of a QuantizedLinear on our CPU kernels (empty m for int8, empty bias); or for a GGUF layer
+    on the C++ product (spec int64 [parts, 2] of (ggml type, index of its raw rows, appended to `raws`), empty,
+    empty, bias); else None."""
+    empty = torch.empty(0)
+    gguf = _gguf_parts(layer)
+    if gguf is not None:
+        parts, bias = gguf
+        spec = torch.tensor([[int(p.ggml_type), len(raws) + i] for i, p in enumerate(parts)], dtype=torch.int64)
+        raws.extend(p.raw for p in parts)
+        return [spec, empty, empty, empty if bias is None else bias.float().contiguous()]
     if not isinstance(layer, QuantizedLinear) or layer.backend != "cpu":
         return None
-    empty = torch.empty(0)
     if layer.mode == "int4":
         qs, m = layer.w_int4, layer.m
     else:
@@ -65,11 +88,11 @@ class StepBuffers(Protocol):
 
 class FusedDecode:
     def __init__(self, model: nn.Module, norms: list[torch.Tensor], proj: list[torch.Tensor],
-                 head: list[torch.Tensor] | None):
-        self.model, self.norms, self.proj, self.head = model, norms, proj, head
+                 head: list[torch.Tensor] | None, raws: list[torch.Tensor], head_rows: int):
+        self.model, self.norms, self.proj, self.head, self.raws = model, norms, proj, head, raws
         self.rope = model.rope  # (a module attribute lookup goes through nn.Module.__getattr__: slow when cold)
         self.has_head = head is not None  # the head's product runs in the step too (`step_buffers`)
-        self.head_rows = head[0].shape[0] if head is not None else 0  # the logits' width (compute_logits')
+        self.head_rows = head_rows if head is not None else 0  # the logits' width (compute_logits')
         self.decoder, self.bound_caches = None, None  # bound to the runner's KV caches at the first step
         self.bound_buffers, self.bound_version, self.bound_cos_sin = None, 0, None  # and to its DecodeBuffers
         self.decoder_step = None  # the decoder's step method, looked up once (~3 us a lookup, more when cold)
@@ -78,11 +101,15 @@ class FusedDecode:
         self.error = ctypes.create_string_buffer(2048)
 
     def bind(self, kv_caches: list[KVCache]) -> None:
-        attn = self.model.layers[0].attn
+        attn, embed = self.model.layers[0].attn, self.model.embed
+        if isinstance(embed, GGUFEmbedding):  # the table's bytes: the step dequantizes the rows it looks up
+            table, table_type = embed.raw, int(embed.ggml_type)
+        else:
+            table, table_type = embed.weight.detach(), 0
         self.decoder = torch.classes.llmengine_cpu.LlamaDecoder(
-            self.model.embed.weight.detach(), self.norms, self.proj, [k for k, _ in kv_caches],
-            [v for _, v in kv_caches], self.head or [], attn.num_heads, attn.num_kv_heads, attn.head_dim,
-            self.model.norm.eps, attn.scale)
+            table, self.norms, self.proj, [k for k, _ in kv_caches], [v for _, v in kv_caches], self.head or [],
+            attn.num_heads, attn.num_kv_heads, attn.head_dim, self.model.norm.eps, attn.scale, self.raws,
+            table_type)
         self.decoder_step, self.handle = self.decoder.step, self.decoder.handle()
         self.bound_caches, self.bound_buffers = kv_caches, None
 
@@ -95,25 +122,32 @@ class FusedDecode:
                 or model.rope is None or model.rope.rope_type == "dynamic" or config.alibi or config.qk_norm
                 or any(config.layer_windows) or not cpu_kernels.available()):
             return None
-        norms, proj = [], []
+        norms, proj, raws = [], [], []
         for block in model.layers:
             attn, mlp = block.attn, block.mlp
             if not hasattr(mlp, "gate_up_proj") or not isinstance(block.input_layernorm, RMSNorm):
                 return None
             for layer in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                tensors = _projection(layer)
+                tensors = _projection(layer, raws)
                 if tensors is None:
                     return None
                 proj.extend(tensors)
             norms += [block.input_layernorm.weight, block.post_attention_layernorm.weight]
         norms.append(model.norm.weight)
-        if type(model.embed) is not nn.Embedding:  # a GGUF table kept as its bytes (models/gguf_linear.py)
+        embed = model.embed
+        if isinstance(embed, GGUFEmbedding):  # a GGUF table kept as its bytes (models/gguf_linear.py)
+            if (embed.raw.device.type != "cpu" or not embed.raw.is_contiguous() or embed.dtype != torch.float32
+                    or not has_cpu_product(embed.ggml_type)):
+                return None
+        elif type(embed) is not nn.Embedding:
             return None
-        if not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in norms + [model.embed.weight]):
+        if not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in norms + [embed.weight]):
             return None
-        # the head compute_logits uses: a quantized copy of a tied head first
-        head = _projection(model.quantized_head if model.quantized_head is not None else model.lm_head)
-        return FusedDecode(model, [w.detach() for w in norms], proj, head)
+        # the head compute_logits uses: a quantized copy of a tied head first (or a GGUF tied table's bytes)
+        head_layer = model.quantized_head if model.quantized_head is not None else model.lm_head
+        head = _projection(head_layer, raws)
+        head_rows = head_layer.out_features if head is not None else 0
+        return FusedDecode(model, [w.detach() for w in norms], proj, head, raws, head_rows)
 
     def applies(self, kv_caches: list[KVCache] | None) -> bool:
         """Whether it can run decode steps over these caches."""

@@ -63,7 +63,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
   const int64_t L = static_cast<int64_t>(k_caches.size()), S = in.S, T = in.cu_seqlens_q ? in.T : in.S;
   const int64_t R = in.logit_rows ? in.R : T;
   const int nt_wanted = at::get_num_threads();
-  const int64_t hidden = embedding.size(1), vocab = embedding.size(0), d = head_dim, H = num_heads,
+  const int64_t hidden = hidden_size, vocab = vocab_size, d = head_dim, H = num_heads,
                 Hkv = num_kv_heads, q_size = H * d, kv_size = Hkv * d, qkv_size = q_size + 2 * kv_size;
   const int64_t *idp = in.input_ids, *pp = in.positions, *sp = in.slot_mapping;
   const int64_t block_size = k_caches[0].size(1), num_slots = k_caches[0].size(0) * block_size;
@@ -108,8 +108,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
   float *xp = sh.x.data(), *qkvp = sh.qkv.data(), *qp = sh.q_rot.data();
   float *ap = sh.attn.data(), *op = sh.o.data(), *actp = sh.act.data();
   if (static_cast<int>(per_thread.size()) < nt_wanted) per_thread.resize(nt_wanted);
-  const float* ep = embedding.data_ptr<float>();
-  for (int64_t r = 0; r < T; ++r) std::copy(ep + idp[r] * hidden, ep + (idp[r] + 1) * hidden, xp + r * hidden);
+  for (int64_t r = 0; r < T; ++r) embed_row(idp[r], xp + r * hidden);
   const float feps = static_cast<float>(eps);
   const bool paired = q4_pairs_blocks();
   const float* csp = in.cos_sin;
@@ -135,16 +134,15 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
     ThreadScratch& mine = per_thread[t];
     std::vector<float>&residual = mine.residual, &normed = mine.normed, &scores = mine.scores;
     std::vector<float>&gate_tmp = mine.gate_tmp, &up_tmp = mine.up_tmp, &k_rotated = mine.k_rotated;
-    QuantizedRows& xr = mine.xr;
     for (auto [buffer, size] : {std::pair{&residual, T * hidden}, {&normed, T * hidden}, {&scores, G * block_size},
                                 {&gate_tmp, T * ACT_BLOCK}, {&up_tmp, T * ACT_BLOCK}, {&k_rotated, kv_size}})
       buffer->resize(size);
-    auto quantize = [&](const float* a, int64_t K, const Projection& p, int64_t rows = -1) {
-      quantize_rows_into(xr, a, rows < 0 ? T : rows, K, p.w.nb, p.q4 && paired);
+    auto quantize = [&](const float* a, int64_t, const Projection& p, int64_t rows = -1) {
+      quantize_for(p, mine, a, rows < 0 ? T : rows, paired);
     };
     auto product = [&](const Projection& p, float* y, int64_t ldy) {
       const auto [n0, n1] = share(p.N, t, nt);
-      quant_rows(xr, p.w, T, n0, n1, y + n0, ldy);
+      project_rows(p, mine, T, n0, n1, y + n0, ldy);
       barrier();
     };
     for (int64_t l = 0; l < L; ++l) {
@@ -220,8 +218,8 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
         const int64_t b1 = std::min(i1, b0 + ACT_BLOCK), n = b1 - b0;
         {
           PartTimer timer(timing ? PRODUCT : NUM_PARTS);
-          quant_rows(xr, gu_p.w, T, b0, b1, gate_tmp.data(), n);
-          quant_rows(xr, gu_p.w, T, I + b0, I + b1, up_tmp.data(), n);
+          project_rows(gu_p, mine, T, b0, b1, gate_tmp.data(), n);
+          project_rows(gu_p, mine, T, I + b0, I + b1, up_tmp.data(), n);
         }
         PartTimer timer(timing ? ACTIVATION : NUM_PARTS);
         for (int64_t r = 0; r < T; ++r)
@@ -257,7 +255,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       quantize(head_in.data(), hidden, *head, R);
       const int64_t V = head->N;
       const auto [n0, n1] = share(V, t, nt);
-      quant_rows(xr, head->w, R, n0, n1, outp + n0, V);
+      project_rows(*head, mine, R, n0, n1, outp + n0, V);
       if (argmax)
         for (int64_t i = 0; i < R; ++i) {
           const auto [index, value] = first_max(outp + i * V + n0, n1 - n0);

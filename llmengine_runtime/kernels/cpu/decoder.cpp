@@ -38,22 +38,6 @@ namespace llmengine_cpu {
 
 namespace {
 
-Projection projection(const std::vector<at::Tensor>& proj, int64_t index) {
-  const at::Tensor& qs = proj[PROJ_TENSORS * index];
-  const at::Tensor& d = proj[PROJ_TENSORS * index + 1];
-  const at::Tensor& m = proj[PROJ_TENSORS * index + 2];
-  const at::Tensor& bias = proj[PROJ_TENSORS * index + 3];
-  TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf && (!m.numel() || m.is_contiguous()),
-              "LlamaDecoder: projection ", index, " is not in quant_gemm.cpp's layout");
-  TORCH_CHECK(!bias.numel() || (bias.scalar_type() == at::kFloat && bias.is_contiguous()),
-              "LlamaDecoder: biases must be contiguous fp32");
-  const bool q4 = m.numel() > 0;
-  const QuantWeight w{reinterpret_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr()),
-                      q4 ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr,
-                      bias.numel() ? bias.data_ptr<float>() : nullptr, d.size(1), qs.size(1)};
-  return {w, qs.size(0), d.size(1) * QK, q4};
-}
-
 // The live decoders by number: `llme_step` finds its decoder here, and a decoder leaves when it is freed.
 std::mutex registry_mutex;
 std::unordered_map<int64_t, LlamaDecoder*> registry;
@@ -80,9 +64,11 @@ at::Tensor decode_step_profile(bool enable) {
 LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_, std::vector<at::Tensor> proj_,
                            std::vector<at::Tensor> k_caches_, std::vector<at::Tensor> v_caches_,
                            std::vector<at::Tensor> head_tensors_, int64_t num_heads_, int64_t num_kv_heads_,
-                           int64_t head_dim_, double eps_, double scale_)
+                           int64_t head_dim_, double eps_, double scale_, std::vector<at::Tensor> gguf_raws_,
+                           int64_t embedding_type_)
     : norms(std::move(norms_)), proj(std::move(proj_)), k_caches(std::move(k_caches_)), v_caches(std::move(v_caches_)),
-      head_tensors(std::move(head_tensors_)), embedding(std::move(embedding_)), num_heads(num_heads_),
+      head_tensors(std::move(head_tensors_)), gguf_raws(std::move(gguf_raws_)), embedding(std::move(embedding_)),
+      embedding_type(embedding_type_), num_heads(num_heads_),
       num_kv_heads(num_kv_heads_), head_dim(head_dim_), eps(eps_), scale(scale_) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(L > 0 && v_caches.size() == k_caches.size(), "LlamaDecoder: one v_cache per k_cache, at least one");
@@ -90,9 +76,19 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
               " norm weights, got ", norms.size());
   TORCH_CHECK(static_cast<int64_t>(proj.size()) == 4 * PROJ_TENSORS * L, "LlamaDecoder: expected ",
               4 * PROJ_TENSORS * L, " projection tensors, got ", proj.size());
-  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == at::kFloat && embedding.is_contiguous(),
-              "LlamaDecoder: the embedding must be contiguous fp32 [vocab, hidden]");
-  const int64_t hidden = embedding.size(1), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  TORCH_CHECK(embedding.dim() == 2 && embedding.is_contiguous() && embedding.scalar_type() ==
+                  (embedding_type ? at::kByte : at::kFloat),
+              "LlamaDecoder: the embedding must be contiguous fp32 [vocab, hidden], or a GGUF table's uint8 rows");
+  vocab_size = embedding.size(0), hidden_size = embedding.size(1);
+  if (embedding_type) {
+    const gguf::TypeTraits* traits = gguf::type_traits(static_cast<int>(embedding_type));
+    TORCH_CHECK(traits && gguf::dequantize_supported(static_cast<int>(embedding_type)) &&
+                    hidden_size % traits->block_bytes == 0,
+                "LlamaDecoder: a GGUF table of type ", embedding_type, " and rows of ", hidden_size,
+                " bytes is not taken");
+    hidden_size = hidden_size / traits->block_bytes * traits->block_elems;
+  }
+  const int64_t hidden = hidden_size, q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   for (const at::Tensor& w : norms) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == hidden,
                 "LlamaDecoder: norm weights must be contiguous fp32 [hidden]");
@@ -109,7 +105,7 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
     v_data.push_back(v.data_ptr());
   }
   half_cache = k_caches[0].scalar_type() == at::kHalf;
-  for (int64_t i = 0; i < 4 * L; ++i) layers.push_back(projection(proj, i));
+  for (int64_t i = 0; i < 4 * L; ++i) layers.push_back(projection(proj, i, gguf_raws));
   for (int64_t l = 0; l < L; ++l) {
     const Projection &qkv = layers[4 * l], &o = layers[4 * l + 1], &gu = layers[4 * l + 2], &dn = layers[4 * l + 3];
     TORCH_CHECK(qkv.N == q_size + 2 * kv_size && o.N == hidden && gu.N % 2 == 0 && dn.N == hidden &&
@@ -119,12 +115,22 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
   TORCH_CHECK(head_tensors.empty() || static_cast<int64_t>(head_tensors.size()) == PROJ_TENSORS,
               "LlamaDecoder: the head is ", PROJ_TENSORS, " tensors or none, got ", head_tensors.size());
   if (!head_tensors.empty()) {
-    head = projection(head_tensors, 0);
+    head = projection(head_tensors, 0, gguf_raws);
     TORCH_CHECK(head->K >= hidden && head->N > 0, "LlamaDecoder: the head's shape does not fit the model");
   }
   std::lock_guard<std::mutex> lock(registry_mutex);
   handle_id = next_handle++;
   registry[handle_id] = this;
+}
+
+void LlamaDecoder::embed_row(int64_t id, float* out) const {
+  if (!embedding_type) {
+    const float* row = embedding.data_ptr<float>() + id * hidden_size;
+    std::copy(row, row + hidden_size, out);
+  } else {
+    gguf::dequantize_row(static_cast<int>(embedding_type), embedding.data_ptr<uint8_t>() + id * embedding.size(1),
+                         hidden_size, out);
+  }
 }
 
 LlamaDecoder::~LlamaDecoder() {
@@ -142,7 +148,7 @@ at::Tensor LlamaDecoder::step(const at::Tensor& input_ids, const at::Tensor& pos
   TORCH_CHECK(pos.numel() == S && slots.numel() == S && lens.numel() == S && tables.dim() == 2 && tables.size(0) == S,
               "LlamaDecoder.step: one position, slot, length and block-table row per token");
   TORCH_CHECK(cs.dim() == 2 && cs.size(1) == head_dim, "LlamaDecoder.step: cos_sin_cache must be [positions, head_dim]");
-  at::Tensor out = at::empty({S, embedding.size(1)}, embedding.options());
+  at::Tensor out = at::empty({S, hidden_size}, cs.options());
   run({ids.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), tables.data_ptr<int32_t>(),
        lens.data_ptr<int32_t>(), nullptr, nullptr, cs.data_ptr<float>(), S, S, S, tables.size(1), cs.size(0)},
       out.data_ptr<float>(), nullptr, false);
@@ -223,7 +229,8 @@ extern "C" int llme_step(int64_t handle, int64_t num_seqs, int64_t num_tokens, i
 TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
   lib.class_<llmengine_cpu::LlamaDecoder>("LlamaDecoder")
       .def(torch::init<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double, double>())
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double, double,
+                       std::vector<at::Tensor>, int64_t>())
       .def("step", &llmengine_cpu::LlamaDecoder::step)
       .def("bind_buffers", &llmengine_cpu::LlamaDecoder::bind_buffers)
       .def("handle", &llmengine_cpu::LlamaDecoder::handle);

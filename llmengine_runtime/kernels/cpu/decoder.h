@@ -9,16 +9,27 @@
 #include <optional>
 #include <vector>
 
+#include "gguf_rows.h"
 #include "quant_common.h"
 
 namespace llmengine_cpu {
 
-constexpr int64_t PROJ_TENSORS = 4;  // qs, d, m, bias
+constexpr int64_t PROJ_TENSORS = 4;  // qs, d, m, bias; or for a GGUF weight: spec, -, -, bias (step_projection.cpp)
 
+// One GGUF part of a projection: output rows n0 .. n1 - 1 are `raw`'s rows 0 .. n1 - n0 - 1, of type `traits`.
+struct GGUFPart {
+  const gguf::TypeTraits* traits;
+  const uint8_t* raw;
+  int64_t row_bytes, n0, n1;
+};
+
+// A projection: quant_gemm's weight `w` (parts empty), or a GGUF weight of one or more parts (then `bias`, or null).
 struct Projection {
   QuantWeight w;
   int64_t N, K;
   bool q4;
+  std::vector<GGUFPart> parts;
+  const float* bias = nullptr;
 };
 
 // One step's inputs (the AttentionMetadata contract's layouts), as pointers: T tokens of S sequences, packed as
@@ -45,12 +56,25 @@ struct Scratch {
 struct ThreadScratch {
   std::vector<float> residual, normed, scores, gate_tmp, up_tmp, k_rotated, partial, head_in;
   QuantizedRows xr;
+  gguf::Activations x32, x256;  // a GGUF projection's activations, per block of 32 and of 256
 };
+
+// Projection `index` of `proj` (PROJ_TENSORS each) with the GGUF weights `raws` (step_projection.cpp).
+Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const std::vector<at::Tensor>& raws);
+// x fp32 [rows, p.K] quantized as p's product takes it, into the calling thread's `mine`.
+void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int64_t rows, bool paired);
+// y[i, n - n0] = x_i . w_n (+ bias) for the M rows quantized in `mine` and p's output rows n0 <= n < n1, on the
+// calling thread (quant_rows, or gguf_rows per part); y points at column n0.
+void project_rows(const Projection& p, const ThreadScratch& mine, int64_t M, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy);
 
 struct LlamaDecoder : torch::CustomClassHolder {
   // The bound tensors (kept alive here) and the pointers a step reads.
   std::vector<at::Tensor> norms, proj, k_caches, v_caches, head_tensors, buffers;
-  at::Tensor embedding;
+  std::vector<at::Tensor> gguf_raws;  // the GGUF weights' raw rows, which projections' specs index
+  at::Tensor embedding;               // fp32 [vocab, hidden], or a GGUF table's raw rows
+  int64_t embedding_type;             // 0: fp32; else the table's ggml type
+  int64_t hidden_size, vocab_size;
   int64_t num_heads, num_kv_heads, head_dim;
   double eps, scale;
   std::vector<Projection> layers;  // 4 per layer: qkv, o, gate_up, down
@@ -68,7 +92,10 @@ struct LlamaDecoder : torch::CustomClassHolder {
 
   LlamaDecoder(at::Tensor embedding, std::vector<at::Tensor> norms, std::vector<at::Tensor> proj,
                std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, std::vector<at::Tensor> head_tensors,
-               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale);
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
+               std::vector<at::Tensor> gguf_raws, int64_t embedding_type);
+  // Token `id`'s embedding row into out [hidden] (a GGUF table's row dequantized).
+  void embed_row(int64_t id, float* out) const;
   ~LlamaDecoder() override;
   // input_ids int64 [S] -> the final-normed hidden states [S, hidden].
   at::Tensor step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& slot_mapping,

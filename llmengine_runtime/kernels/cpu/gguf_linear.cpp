@@ -18,6 +18,7 @@
 #include <string>
 
 #include "gguf_blocks.h"
+#include "gguf_rows.h"
 
 namespace llmengine_cpu::gguf {
 
@@ -82,16 +83,28 @@ static void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, fl
   }
 }
 
-void quantize_activations(Activations& a, const float* x, int64_t rows, int64_t k, int64_t block) {
+static void quantize_span(Activations& a, const float* x, int64_t k, int64_t begin, int64_t end) {
+  const int64_t nb = a.nb, block = a.block;
+  for (int64_t i = begin; i < end; ++i)
+    quantize_row(x + i * k, k, block, a.q.data() + i * k, a.d.data() + i * nb, a.s.data() + i * nb,
+                 a.sum.data() + i * nb, a.sum16.data() + i * k / 16);
+}
+
+static void size_activations(Activations& a, int64_t rows, int64_t k, int64_t block) {
   const int64_t nb = k / block;
   a.block = block, a.nb = nb;
   a.q.resize(rows * k), a.d.resize(rows * nb), a.s.resize(rows * nb), a.sum.resize(rows * nb);
   a.sum16.resize(rows * k / 16);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      quantize_row(x + i * k, k, block, a.q.data() + i * k, a.d.data() + i * nb, a.s.data() + i * nb,
-                   a.sum.data() + i * nb, a.sum16.data() + i * k / 16);
-  });
+}
+
+void quantize_activations(Activations& a, const float* x, int64_t rows, int64_t k, int64_t block) {
+  size_activations(a, rows, k, block);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) { quantize_span(a, x, k, begin, end); });
+}
+
+void quantize_activations_here(Activations& a, const float* x, int64_t rows, int64_t k, int64_t block) {
+  size_activations(a, rows, k, block);
+  quantize_span(a, x, k, 0, rows);
 }
 
 // Weight rows n0 .. n1 - 1 against all M activation rows; y points at column n0 of [M, N].
@@ -104,6 +117,14 @@ static void weight_rows(RowTile tile, const uint8_t* w, int64_t row_bytes, int64
         tile(w + n * row_bytes, nb, x, i, static_cast<int>(std::min<int64_t>(4, c1 - i)), y + i * ldy + (n - n0),
              ldy);
   }
+}
+
+void gguf_rows(const TypeTraits* traits, const uint8_t* w, int64_t row_bytes, const Activations& x, int64_t M,
+               int64_t n0, int64_t n1, const float* bias, float* y, int64_t ldy) {
+  weight_rows(traits->fast, w, row_bytes, x.nb, x, M, n0, n1, y, ldy);
+  if (bias)
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += bias[n];
 }
 
 static std::string supported_names() {
