@@ -8,17 +8,18 @@ eager path calls one by one, in a single call per step; the decoder holds the we
 It applies (`FusedDecode.build` returns None otherwise, and the model runs its eager blocks) when: the model
 is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP; no per-head q/k norm, no
 sliding window) without tensor parallelism; every projection is a QuantizedLinear on our CPU kernels
-(`backend == "cpu"`: int4 or int8);
-norms and the embedding table are fp32 (an nn.Embedding: not a GGUF table kept as its bytes), the KV caches fp32 or
-fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not "0". The numbers are the eager path's: the same
+(`backend == "cpu"`: int4 or int8) or a GGUF layer (models/gguf_linear.py: GGUFLinear, GGUFRowParts) whose every part
+runs the C++ GGUF product (`backend == "cpu"`), in any mix; norms are fp32, the embedding table an fp32 nn.Embedding
+or a GGUFEmbedding of fp32 rows (the step dequantizes the rows it looks up, as the eager lookup does); the KV caches
+fp32 or fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not "0". The numbers are the eager path's: the same
 kernels in the same order (tests/models/test_fused_decode.py checks it).
 
-Without the head (`__call__`) it runs decode steps (one new token per sequence). When the head is a QuantizedLinear on
-our kernels too (a quantized model's, or a GGUF's tied Q8_0 head), the step also runs the head's product on the rows
-whose logits are wanted, on the same threads, and takes each row's argmax as it goes (`step_buffers`): then it runs
-any step, prompt chunks and speculative verification rows beside decode rows, and the runner gets the logits without
-another Python call, and a greedy batch its tokens without the sampler's. Those steps take their inputs from, and
-write their outputs to, buffers bound once (runtime/step.py).
+Without the head (`__call__`) it runs decode steps (one new token per sequence). When the head is a QuantizedLinear or a
+GGUF layer on our kernels too (a quantized model's, a GGUF's tied Q8_0 head, a GGUF's Q6_K table or output), the step
+also runs the head's product on the rows whose logits are wanted, on the same threads, and takes each row's argmax as it
+goes (`step_buffers`): then it runs any step, prompt chunks and speculative verification rows beside decode rows, and
+the runner gets the logits without another Python call, and a greedy batch its tokens without the sampler's. Those steps
+take their inputs from, and write their outputs to, buffers bound once (runtime/step.py).
 """
 
 from __future__ import annotations

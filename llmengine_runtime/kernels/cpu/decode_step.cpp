@@ -7,13 +7,15 @@
 // decoder.cpp binds a LlamaDecoder (decoder.h) to the model once, and to a step's inputs (tensors passed, or
 // buffers bound once: the engine's decode steps); `LlamaDecoder::run` here computes the step.
 // Layout: input_ids int64 [T] (the S sequences' T new tokens, packed as cu_seqlens_q int32 [S + 1] says, or one per
-// sequence; embedding fp32 [vocab, hidden]); positions, slot_mapping int64 [T]; block_tables int32 [S, max_blocks];
+// sequence; embedding fp32 [vocab, hidden], or a GGUF table's uint8 rows, each looked-up row dequantized:
+// gguf_dequant.cpp); positions, slot_mapping int64 [T]; block_tables int32 [S, max_blocks];
 // seq_lens int32 [S] (after this step); logit_rows int64 [R] (the token rows whose logits are wanted, increasing, or
 // every row); cos_sin_cache fp32 [P, d];
 // k_caches, v_caches: L tensors [num_blocks, block_size, Hkv, d], all fp32 or all fp16 (kv_rows.h: keys are rotated
 // in fp32, then rounded as stored); norms: 2L + 1 weights [hidden] (each layer's input and post-attention norms,
 // then the final norm); proj: L * 4 projections (qkv, o, gate_up, down), each four tensors (qs, d, m, bias) of
-// quant_gemm.cpp's layout, m empty for int8 and bias empty when there is none; the head, when bound: one more.
+// quant_gemm.cpp's layout, m empty for int8 and bias empty when there is none, or a GGUF weight's four
+// (step_projection.cpp: parts of any types the gguf_linear op takes); the head, when bound: one more.
 // It writes the final-normed hidden states [T, hidden], or with the head its logits [R, vocab] and then, when asked,
 // each row's first maximum int64 [R] (as torch.argmax: sampling.cpp's first_max).
 // Threads: one OpenMP team for the whole step (not a fork and join per op, ~150 a token): the products split
