@@ -139,8 +139,8 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
     for (auto [buffer, size] : {std::pair{&residual, T * hidden}, {&normed, T * hidden}, {&scores, G * block_size},
                                 {&gate_tmp, T * ACT_BLOCK}, {&up_tmp, T * ACT_BLOCK}, {&k_rotated, kv_size}})
       buffer->resize(size);
-    auto quantize = [&](const float* a, int64_t, const Projection& p, int64_t rows = -1) {
-      quantize_for(p, mine, a, rows < 0 ? T : rows, paired);
+    auto quantize = [&](const float* a, int64_t K, const Projection& p, int64_t rows = -1) {
+      quantize_for(p, mine, a, rows < 0 ? T : rows, K, paired);
     };
     auto product = [&](const Projection& p, float* y, int64_t ldy) {
       const auto [n0, n1] = share(p.N, t, nt);

@@ -108,15 +108,18 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
   for (int64_t i = 0; i < 4 * L; ++i) layers.push_back(projection(proj, i, gguf_raws));
   for (int64_t l = 0; l < L; ++l) {
     const Projection &qkv = layers[4 * l], &o = layers[4 * l + 1], &gu = layers[4 * l + 2], &dn = layers[4 * l + 3];
+    // (quant_gemm's K is padded to whole blocks; a GGUF weight's is the input's own)
+    auto takes = [](const Projection& p, int64_t k) { return p.parts.empty() ? p.K >= k : p.K == k; };
     TORCH_CHECK(qkv.N == q_size + 2 * kv_size && o.N == hidden && gu.N % 2 == 0 && dn.N == hidden &&
-                    qkv.K >= hidden && o.K >= q_size && gu.K >= hidden && dn.K >= gu.N / 2,
+                    takes(qkv, hidden) && takes(o, q_size) && takes(gu, hidden) && takes(dn, gu.N / 2),
                 "LlamaDecoder: layer ", l, "'s projection shapes do not fit the model");
   }
   TORCH_CHECK(head_tensors.empty() || static_cast<int64_t>(head_tensors.size()) == PROJ_TENSORS,
               "LlamaDecoder: the head is ", PROJ_TENSORS, " tensors or none, got ", head_tensors.size());
   if (!head_tensors.empty()) {
     head = projection(head_tensors, 0, gguf_raws);
-    TORCH_CHECK(head->K >= hidden && head->N > 0, "LlamaDecoder: the head's shape does not fit the model");
+    TORCH_CHECK((head->parts.empty() ? head->K >= hidden : head->K == hidden) && head->N > 0,
+                "LlamaDecoder: the head's shape does not fit the model");
   }
   std::lock_guard<std::mutex> lock(registry_mutex);
   handle_id = next_handle++;

@@ -61,8 +61,9 @@ struct ThreadScratch {
 
 // Projection `index` of `proj` (PROJ_TENSORS each) with the GGUF weights `raws` (step_projection.cpp).
 Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const std::vector<at::Tensor>& raws);
-// x fp32 [rows, p.K] quantized as p's product takes it, into the calling thread's `mine`.
-void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int64_t rows, bool paired);
+// x fp32 [rows, k] (k <= p.K: quant_gemm's rows are padded to whole blocks; a GGUF weight's K is k) quantized as
+// p's product takes it, into the calling thread's `mine`.
+void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int64_t rows, int64_t k, bool paired);
 // y[i, n - n0] = x_i . w_n (+ bias) for the M rows quantized in `mine` and p's output rows n0 <= n < n1, on the
 // calling thread (quant_rows, or gguf_rows per part); y points at column n0.
 void project_rows(const Projection& p, const ThreadScratch& mine, int64_t M, int64_t n0, int64_t n1, float* y,

@@ -54,9 +54,9 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
   return {w, qs.size(0), d.size(1) * QK, q4, {}, nullptr};
 }
 
-void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int64_t rows, bool paired) {
+void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int64_t rows, int64_t k, bool paired) {
   if (p.parts.empty()) {
-    quantize_rows_into(mine.xr, x, rows, p.K, p.w.nb, p.q4 && paired);
+    quantize_rows_into(mine.xr, x, rows, k, p.w.nb, p.q4 && paired);
     return;
   }
   bool wants32 = false, wants256 = false;
