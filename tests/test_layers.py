@@ -89,3 +89,68 @@ def test_importing_the_server_loads_no_benchmark_or_cli_module():
             f"print(sorted(m for m in sys.modules if m.startswith(('{TOP}.benchmarks', '{TOP}.cli'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def module_graph(folder: Path) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (at any depth, TYPE_CHECKING and function-level imports included;
+    `from a import b` is a.b when that is a module, else a)."""
+    modules = {}
+    for path in (REPO / TOP).rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        if not path.is_relative_to(folder):
+            continue
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names if alias.name in modules}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    targets.add(full if full in modules else node.module)
+        graph[name] = targets - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph` (its strongly connected components of two modules or more)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(w)
+            if component:
+                found.append(sorted([v, *component]))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_no_import_cycle(layer):
+    """No module of a layer imports, however indirectly or lazily, one that imports it back (runtime's runner and
+    its buffers, the TP workers, the engine and its warm-up, speculation and the engine once did)."""
+    assert cycles(module_graph(REPO / TOP / layer)) == []
+
+
+def test_the_cycle_finder_finds_one():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmengine_runtime.models.gguf_quantize import (
+from llmengine_runtime.models.gguf_quantize_blocks import (
     MAGIC_ROUND,
     first_absmax,
     fp16_bytes,
