@@ -111,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
               for mode in ("plain", "speculative")}
     info = machine_info()
     rows, checks = [], []
+    quantize = (args.quantize or ["none"])[0]  # the first weight format asked for (gguf: what `make run` serves)
     for dtype in args.dtype:
         llm = LLM(folder, dtype=dtype, device=str(device), max_num_seqs=max(batch_sizes),
+                  quantize=None if quantize == "none" else quantize,
                   kv_cache_gib=args.kv_cache_gib, compile=args.compile, enable_prefix_caching=False,
                   speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
                   prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max)
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         llm = None
     report = {"benchmark": "decode-speculative", "machine": info, "model": args.model, "folder": str(folder),
+              "quantize": quantize,
               "random_weights": random_weights,
               "device": str(device), "speculative": args.speculative, "num_speculative_tokens":
               args.num_speculative_tokens, "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max],
