@@ -45,17 +45,6 @@ void tile_portable(const uint8_t* wp, int64_t nb, const Activations& x, int64_t 
 }
 
 #ifdef LLME_AVX2
-// acc + a . b per int32 lane (int16 pairs), exact.
-inline __m256i madd_add(__m256i acc, __m256i a, __m256i b) {
-#if LLME_VNNI == 512
-  return _mm256_dpwssd_epi32(acc, a, b);
-#elif LLME_VNNI == 256
-  return _mm256_dpwssd_avx_epi32(acc, a, b);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-#endif
-}
-
 inline int32_t hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));

@@ -34,6 +34,17 @@ inline __m256i dot_u8_s8_add(__m256i acc, __m256i w, __m256i x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 #endif
 }
+
+// acc + a . b per int32 lane (int16 pairs, two products summed per lane), exact: VNNI's vpdpwssd or AVX2's madd.
+inline __m256i madd_add(__m256i acc, __m256i a, __m256i b) {
+#if LLME_VNNI == 512
+  return _mm256_dpwssd_epi32(acc, a, b);
+#elif LLME_VNNI == 256
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
 #endif
 
 inline float half_to_float(uint16_t h) {
