@@ -13,7 +13,8 @@ On each file, each engine, after a warm-up, median of --repeats:
   benchmarks/gguf_formats_llamacpp.py; ours: the engine, benchmarks/decode_runners.py `run_ours`);
 - pp512: one prompt of 512 token ids and 1 token: prompt tok/s = 512 / time to the first token;
 - GB/s: the weight bytes one decode step reads (the file's tensors, less an untied table) / the b1 time per token,
-  and that as a share of the read bandwidth measured in the same run (float32 `torch.sum` over 1 GiB, best of 5,
+  and that as a share of the read bandwidth measured in the same run (float32 `torch.sum` over 1 GiB on huge pages,
+  as our weights are: models/huge_pages.py; best of 5,
   the same thread count).
 Ours serves the file as it is (quantize "gguf": each tensor of the file's own type, models/gguf_model.py), with an
 fp16 KV cache as llama.cpp's default and no prefix caching (each repeat computes its prompt, as llama.cpp's

@@ -4,10 +4,12 @@
     python -m llmengine_runtime.benchmarks.gguf_products --types Q4_0 Q4_K --threads 2
 
 Per type, a 2048 x 8192 and an 8192 x 2048 weight ([out, in], random valid blocks: finite fp16 scales, every other
-byte random), copied until the copies hold --pool-mb, so that cycling through them reads the weights from memory
+byte random), copied until the copies hold --pool-mb (on huge pages, as a loaded model's weights:
+models/huge_pages.py), so that cycling through them reads the weights from memory
 rather than from the cache (this machine's last-level cache may be hundreds of MB). One product per copy in turn,
 --repeats rounds; the median time per product and the weight bytes it read / that time (GB/s). Beside it, in the
-same run and per thread count: the plain read bandwidth, a float32 `torch.sum` over a --pool-mb tensor (best of 5),
+same run and per thread count: the plain read bandwidth, a float32 `torch.sum` over a --pool-mb tensor on the same
+kind of pages (best of 5),
 and each product's GB/s as a fraction of it. A product's result is checked against the float64 one of the
 dequantized weight before timing (within 2% of the output's scale: activation rounding).
 """
@@ -35,6 +37,7 @@ from llmengine_runtime.benchmarks.common import (
     write_outputs,
 )
 from llmengine_runtime.kernels import cpu as cpu_kernels
+from llmengine_runtime.models.huge_pages import huge_page_buffer, huge_pages_available
 
 T = gguf.GGMLQuantizationType
 # type -> (elements per block, bytes per block, byte offsets of the block's fp16 scales)
@@ -56,9 +59,19 @@ def random_weight(name: str, n: int, k: int, gen: torch.Generator) -> torch.Tens
     return w.view(n, -1)
 
 
+def on_pages_like_weights(t: torch.Tensor) -> torch.Tensor:
+    """`t` copied where a loaded model keeps its weights: on huge pages when the kernel gives them
+    (models/huge_pages.py), else as it is."""
+    if not huge_pages_available():
+        return t
+    copy = huge_page_buffer(t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+    return copy.copy_(t)
+
+
 def read_bandwidth(pool_mb: int, repeats: int = 5) -> float:
-    """Bytes per second of `torch.sum` over a float32 tensor of pool_mb (best of repeats)."""
-    data = torch.ones(pool_mb * MiB // 4)
+    """Bytes per second of `torch.sum` over a float32 tensor of pool_mb, on the pages weights get (best of
+    repeats)."""
+    data = on_pages_like_weights(torch.ones(pool_mb * MiB // 4))
     data.sum()
     best = float("inf")
     for _ in range(repeats):
@@ -82,7 +95,7 @@ def check(name: str, w: torch.Tensor, k: int) -> float:
 def time_type(name: str, n: int, k: int, pool_mb: int, repeats: int, gen: torch.Generator) -> list[float]:
     """Seconds per product over `repeats` rounds through the pool of copies of one random weight."""
     w = random_weight(name, n, k, gen)
-    copies = [w] + [w.clone() for _ in range(max(0, pool_mb * MiB // w.numel() - 1))]
+    copies = [on_pages_like_weights(w) for _ in range(max(1, pool_mb * MiB // w.numel()))]
     x = torch.randn(1, k)
     op = torch.ops.llmengine_cpu.gguf_linear
     for c in copies[:4]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from llmengine_runtime.models.causal_lm import CausalLM
 from llmengine_runtime.models.config import ModelConfig, load_config
+from llmengine_runtime.models.huge_pages import move_to_huge_pages
 from llmengine_runtime.models.packed_linear import can_pack
 from llmengine_runtime.models.parallel import TensorParallel, shard_group_size
 from llmengine_runtime.models.quantized_linear import QuantizedLinear, quantize_model
@@ -138,6 +139,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     choices, while int8/int4 stay our own schemes. `model.quantization` says what was done.
     `pack`: move the float projection weights to oneDNN's packed layout (models/packed_linear.py); by default
     wherever that is possible (CPU, fp32 or bf16). A packed model's Linear weights are on the meta device.
+    On CPU the weights then move onto huge pages (models/huge_pages.py).
     `tp`: load only this tensor-parallel rank's shard (models/parallel.py), from safetensors slices; "auto"
     then means float weights (a GGUF's integers are not sharded) and int8/int4 quantize the rank's slices.
     """
@@ -184,5 +186,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         pack = torch.device(device).type == "cpu" and can_pack(torch_dtype)
     if pack:
         model.use_packed_weights()
+    if torch.device(device).type == "cpu":
+        move_to_huge_pages(model)  # models/huge_pages.py: decoding reads them ~20% faster on 2 MiB pages
     return model.eval()
 

@@ -227,7 +227,8 @@ def test_mixed_gguf_serves_greedy_tokens(tmp_path, models_dir):
     llm = LLM(tmp_path / "mixed.gguf", device="cpu", kv_cache_gib=0.01, quantize="gguf",
               kv_cache_dtype="float32")
     model = llm.engine.model
-    assert isinstance(model.embed, GGUFEmbedding) and FusedDecode.build(model) is None  # eager steps (its layer 1 is float)
+    # eager steps (its layer 1 is float)
+    assert isinstance(model.embed, GGUFEmbedding) and FusedDecode.build(model) is None
     params = SamplingParams(max_new_tokens=6, ignore_eos=True, return_token_log_probs=True)
     got = llm.generate(PROMPTS, params, progress=False)
     for prompt, result in zip(PROMPTS, got):
