@@ -1,4 +1,4 @@
-"""Where a batch-1 decode step's time goes: the weight products against everything else.
+"""Where a decode step's time goes (batch 1, or --batch N): the weight products against everything else.
 
     python -m llmengine_runtime.benchmarks.step_time
         # the default model as served (its GGUF int4), 2 threads
@@ -49,11 +49,15 @@ def kernel_profile(enable: bool) -> dict[str, float] | None:
     return dict(zip(KERNEL_PARTS + ["fused_step", "fused_steps"], seconds))
 
 
-def one_repeat(engine, prompt: list[int], params, steps: int) -> dict[str, float]:
-    """Per-token ms of each part over one sequence's decode steps (the prefill step is not counted)."""
+def one_repeat(engine, prompts: list[list[int]], params, steps: int) -> dict[str, float]:
+    """Per-step ms of each part over the decode steps of len(prompts) sequences (their prefill steps not
+    counted)."""
     totals: dict[str, float] = {}
-    engine.add_request(prompt, params)
+    for prompt in prompts:
+        engine.add_request(prompt, params)
     engine.step()  # prefill
+    while engine.stats()["num_waiting"]:
+        engine.step()
     model, runner = engine.model, engine.runner
     runner.run_scored = timed(runner.run_scored, totals, "model")
     fill = StepBuffers.fill  # the step's inputs, whichever executor runs it
@@ -94,15 +98,16 @@ def run(args: argparse.Namespace) -> dict:
     engine = Engine(args.model, quantize=args.quantize, cpu_threads=args.threads, enable_prefix_caching=False,
                     kv_cache_dtype=args.kv_cache_dtype)
     vocab = engine.model.config.vocab_size
-    prompt = [1] + [(7 * i + 100) % vocab for i in range(args.prompt_len - 1)]
+    prompts = [[1] + [(7 * i + 100 + b) % vocab for i in range(args.prompt_len - 1)] for b in range(args.batch)]
     params = SamplingParams(max_new_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
-    one_repeat(engine, prompt, params, min(args.steps, 16))  # warm-up
-    runs = [one_repeat(engine, prompt, params, args.steps)
+    one_repeat(engine, prompts, params, min(args.steps, 16))  # warm-up
+    runs = [one_repeat(engine, prompts, params, args.steps)
             for _ in tqdm(range(args.repeats), desc="step_time", disable=args.no_progress)]
     parts = {key: spread([r[key] for r in runs]) for key in runs[0]}
     return {"benchmark": "step_time", "machine": machine_info(), "model": args.model, "quantize": args.quantize,
             "kv_cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
-            "threads": args.threads, "prompt_len": args.prompt_len, "steps": args.steps, "repeats": args.repeats,
+            "threads": args.threads, "batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
+            "repeats": args.repeats,
             "fused": "fused_step" in runs[0], "parts": parts}
 
 
@@ -119,11 +124,13 @@ ROWS = [("step", "engine step (per token)"), ("model", "  model runner step"), (
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Batch-1 decode step, {report['model']} ({report['quantize']}, {report.get('kv_cache_dtype')} KV "
+    unit = "token" if report.get("batch", 1) == 1 else "step"
+    lines = [f"Batch-{report.get('batch', 1)} decode step, {report['model']} ({report['quantize']}, "
+             f"{report.get('kv_cache_dtype')} KV "
              f"cache), {report['threads']} threads, "
-             f"{report['prompt_len']}-token prompt, {report['steps']} steps; ms per token, median (min-max) of "
+             f"{report['prompt_len']}-token prompts, {report['steps']} steps; ms per {unit}, median (min-max) of "
              f"{report['repeats']}" + ("" if report["fused"] else "; the one-call decode step did not apply"), "",
-             "| part | ms per token |", "| --- | --- |"]
+             f"| part | ms per {unit} |", "| --- | --- |"]
     for key, label in ROWS:
         if key in report["parts"]:
             s = report["parts"][key]
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-dtype", default="auto", help="as llmengine serve's (default: auto)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=17)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out-dir", default=str(OUT_DIR))
