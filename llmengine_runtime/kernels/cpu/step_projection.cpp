@@ -47,6 +47,14 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
   }
   TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf && (!m.numel() || m.is_contiguous()),
               "LlamaDecoder: projection ", index, " is not in quant_gemm.cpp's layout");
+  if (qs.dim() == 3) {  // q4 with eight rows interleaved (q4_interleaved.cpp): qs [N / 8, nb, 128], d, m [N / 8, nb, 8]
+    TORCH_CHECK(qs.size(2) == 128 && m.numel() && d.sizes() == m.sizes() && d.dim() == 3 && d.size(0) == qs.size(0) &&
+                    d.size(1) == qs.size(1) && d.size(2) == 8,
+                "LlamaDecoder: projection ", index, " is not in q4_interleaved.cpp's layout");
+    const QuantWeight w{qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr()),
+                        reinterpret_cast<const uint16_t*>(m.data_ptr()), bias_data, qs.size(1), qs.size(1) * 128, true};
+    return {w, qs.size(0) * 8, qs.size(1) * QK, true, {}, nullptr};
+  }
   const bool q4 = m.numel() > 0;
   const QuantWeight w{reinterpret_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr()),
                       q4 ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr, bias_data, d.size(1),
@@ -56,7 +64,7 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
 
 void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int64_t rows, int64_t k, bool paired) {
   if (p.parts.empty()) {
-    quantize_rows_into(mine.xr, x, rows, k, p.w.nb, p.q4 && paired);
+    quantize_rows_into(mine.xr, x, rows, k, p.w.nb, p.q4 && paired && !p.w.interleaved);
     return;
   }
   bool wants32 = false, wants256 = false;
