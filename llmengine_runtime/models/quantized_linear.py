@@ -14,8 +14,8 @@ The weight `W [N, K]` is stored as integers and scales; activations stay floatin
 
 Where it runs (chosen when the layer is built, from the weight's device; build it where it will run):
 - CPU, `backend == "cpu"`: our C++ kernels (kernels/cpu/quant_gemm.cpp), the llama.cpp-style integer product;
-  int4 with N a multiple of 8 keeps its rows interleaved by eights (models/q4_layout.py) for
-  kernels/cpu/q4_interleaved.cpp, a GEMM micro-kernel (one output row per int32 lane; 2x at 16 rows).
+  int4 and int8 with N a multiple of 8 keep their rows interleaved by eights (models/row_interleave.py) for
+  kernels/cpu/q4_interleaved.cpp and q8_interleaved.cpp, GEMM micro-kernels (one output row per int32 lane).
   x is quantized per block of 32 to int8 (`x ~ xd * xq`, xd = max|x_block| / 127) and multiplied by the integer
   weights with AVX2 integer dot products, in fp32 from there on. int4 keeps torch's/Triton's byte layout
   (kernels/quant_matmul.py `pack_int4`) with fp16 `d = scale`, `m = zero - 8 scale` per block of 32
@@ -46,7 +46,7 @@ from llmengine_runtime.kernels import cpu as cpu_kernels
 from llmengine_runtime.kernels.dispatch import use_triton
 from llmengine_runtime.kernels.quant_matmul import pack_int4, unpack_int4, w4a16_matmul, w8a16_matmul
 from llmengine_runtime.models.layers import Linear
-from llmengine_runtime.models.q4_layout import deinterleave8, interleave8
+from llmengine_runtime.models.row_interleave import deinterleave8, deinterleave8_q8, interleave8, interleave8_q8
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZES = (64, 32)  # int4 default: the largest that divides every K
@@ -118,11 +118,14 @@ class QuantizedLinear(nn.Module):
         if self.backend == "cpu":
             blocks = lambda t: t.repeat_interleave(group_size // BLOCK, 1) if group_size < k else \
                 t[:, :1].expand(n, -(-k // BLOCK))  # per block of 32
-            if mode == "int4" and n % 8 == 0:  # eight rows interleaved (models/q4_layout.py): the GEMM micro-kernel
+            if mode == "int4" and n % 8 == 0:  # rows interleaved by eights (models/row_interleave.py)
                 qs, d, m = interleave8(pack_int4(q), blocks(scale).half(), blocks(min_).half())
                 self._store(w_int4=qs, d=d, m=m)
             elif mode == "int4":  # group sizes are multiples of 32, so K is too
                 self._store(w_int4=pack_int4(q), d=blocks(scale).half(), m=blocks(min_).half())
+            elif n % 8 == 0:  # eight rows interleaved (models/row_interleave.py): the GEMM micro-kernel
+                qs, d = interleave8_q8(torch.nn.functional.pad(q.to(torch.int8), (0, -k % BLOCK)), blocks(scale).half())
+                self._store(w_int8=qs, d=d)
             else:
                 self._store(w_int8=torch.nn.functional.pad(q.to(torch.int8), (0, -k % BLOCK)),
                             d=blocks(scale).half())
@@ -210,6 +213,8 @@ class QuantizedLinear(nn.Module):
                 y = torch.ops.llmengine_cpu.q4x8_linear(x, self.w_int4, self.d, self.m, self.bias)
             elif self.mode == "int4":
                 y = torch.ops.llmengine_cpu.q4_linear(x, self.w_int4, self.d, self.m, self.bias)
+            elif self.w_int8.dim() == 3:  # interleaved
+                y = torch.ops.llmengine_cpu.q8x8_linear(x, self.w_int8, self.d, self.bias)
             else:
                 y = torch.ops.llmengine_cpu.q8_linear(x, self.w_int8, self.d, self.bias)
             return y.view(*shape[:-1], self.out_features)
@@ -242,10 +247,13 @@ class QuantizedLinear(nn.Module):
             qs, d, m = self.w_int4 if self.mode == "int4" else None, self.d, getattr(self, "m", None)
             if self.mode == "int4" and qs.dim() == 3:
                 qs, d, m = deinterleave8(qs, d, m)
+            q8 = self.w_int8 if self.mode == "int8" else None
+            if q8 is not None and q8.dim() == 3:
+                q8, d = deinterleave8_q8(q8, d)
             d = _groups(d.float(), BLOCK)[:, :self.in_features]
             if self.mode == "int4":
                 return unpack_int4(qs).float() * d + _groups(m.float(), BLOCK)
-            return self.w_int8[:, :self.in_features].float() * d
+            return q8[:, :self.in_features].float() * d
         if self.backend == "triton":
             scale = _groups(self.scale.float().t(), g)[:, :self.in_features]
             if self.mode == "int4":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llmengine_runtime.models.fused_decode import FusedDecode
+from llmengine_runtime.models.row_interleave import deinterleave8_q8, interleave8_q8
 from llmengine_runtime.runtime import LLM, SamplingParams
 from llmengine_runtime.runtime.executor import CpuStepExecutor
 from tests.fast import fast_subset
@@ -165,11 +166,14 @@ def test_fused_head_argmax_is_torch_argmax(tiny_dirs, threads, nan_rows, monkeyp
     try:
         llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize="int8", block_size=16, cpu_threads=threads)
         head = llm.engine.model.quantized_head
+        interleaved = head.w_int8.dim() == 3  # rows interleaved by eights (models/row_interleave.py)
+        qs, d = deinterleave8_q8(head.w_int8, head.d) if interleaved else (head.w_int8, head.d)
+        qs, d = qs[:1].expand_as(qs).clone(), d[:1].expand_as(d).clone()  # every row the first one
+        for row in nan_rows:
+            d[row] = float("nan")
         with torch.no_grad():
-            head.w_int8.copy_(head.w_int8[:1].expand_as(head.w_int8))
-            head.d.copy_(head.d[:1].expand_as(head.d))
-            for row in nan_rows:
-                head.d[row] = float("nan")
+            for target, value in zip((head.w_int8, head.d), interleave8_q8(qs, d) if interleaved else (qs, d)):
+                target.copy_(value)
         seen = []
         step = FusedDecode.step_buffers
 

@@ -74,7 +74,7 @@ struct QuantWeight {
   const uint16_t* m;
   const float* bias;
   int64_t nb, row_bytes;
-  bool interleaved = false;  // q4 with eight rows interleaved (q4_interleaved.cpp's layout): x not `paired`
+  bool interleaved = false;  // eight rows interleaved (q4_interleaved.cpp's, q8_interleaved.cpp's): x not `paired`
 };
 
 // y[i, n - n0] = x_i . w_n (+ bias[n]) for the M rows of xr and the weight rows n0 <= n < n1, on the calling
@@ -83,8 +83,10 @@ void quant_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_
                 int64_t ldy);
 // Whether the q4 product wants its activations `paired` (quantize_x.cpp).
 bool q4_pairs_blocks();
-// quant_rows for an interleaved q4 weight (q4_interleaved.cpp).
+// quant_rows for an interleaved q4 weight (q4_interleaved.cpp) and q8 weight (q8_interleaved.cpp).
 void q4x8_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
+               int64_t ldy);
+void q8x8_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                int64_t ldy);
 
 }  // namespace llmengine_cpu

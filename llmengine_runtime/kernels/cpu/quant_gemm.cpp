@@ -209,7 +209,8 @@ void quant_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_
 
 void quant_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                 int64_t ldy) {
-  if (w.interleaved) q4x8_rows(xr, w, M, n0, n1, y, ldy);
+  if (w.interleaved && w.m) q4x8_rows(xr, w, M, n0, n1, y, ldy);
+  else if (w.interleaved) q8x8_rows(xr, w, M, n0, n1, y, ldy);
   else if (w.m) quant_rows<true>(xr, w, M, n0, n1, y, ldy);
   else quant_rows<false>(xr, w, M, n0, n1, y, ldy);
 }

@@ -47,13 +47,16 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
   }
   TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf && (!m.numel() || m.is_contiguous()),
               "LlamaDecoder: projection ", index, " is not in quant_gemm.cpp's layout");
-  if (qs.dim() == 3) {  // q4 with eight rows interleaved (q4_interleaved.cpp): qs [N / 8, nb, 128], d, m [N / 8, nb, 8]
-    TORCH_CHECK(qs.size(2) == 128 && m.numel() && d.sizes() == m.sizes() && d.dim() == 3 && d.size(0) == qs.size(0) &&
-                    d.size(1) == qs.size(1) && d.size(2) == 8,
-                "LlamaDecoder: projection ", index, " is not in q4_interleaved.cpp's layout");
-    const QuantWeight w{qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr()),
-                        reinterpret_cast<const uint16_t*>(m.data_ptr()), bias_data, qs.size(1), qs.size(1) * 128, true};
-    return {w, qs.size(0) * 8, qs.size(1) * QK, true, {}, nullptr};
+  if (qs.dim() == 3) {  // eight rows interleaved: q4 (q4_interleaved.cpp) qs [N / 8, nb, 128], d, m [N / 8, nb, 8];
+                       // q8 (q8_interleaved.cpp) qs [N / 8, nb, 256], d [N / 8, nb, 8], m empty
+    const bool q4 = m.numel() > 0;
+    TORCH_CHECK(qs.size(2) == (q4 ? 128 : 256) && d.dim() == 3 && d.size(0) == qs.size(0) && d.size(1) == qs.size(1) &&
+                    d.size(2) == 8 && (!q4 || d.sizes() == m.sizes()),
+                "LlamaDecoder: projection ", index, " is not in an interleaved layout (q4_interleaved.cpp)");
+    const QuantWeight w{reinterpret_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr()),
+                        q4 ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr, bias_data, qs.size(1),
+                        qs.size(1) * qs.size(2), true};
+    return {w, qs.size(0) * 8, qs.size(1) * QK, q4, {}, nullptr};
   }
   const bool q4 = m.numel() > 0;
   const QuantWeight w{reinterpret_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr()),
