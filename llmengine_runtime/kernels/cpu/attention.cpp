@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace llmengine_cpu {
@@ -110,17 +111,32 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
   // One block of keys at a time (one block-table lookup each), for every row of the tile while the block is in
   // cache. A row's pieces are the same whatever the tile: from its first key in the chunk (j0, or where its window
   // starts) to that block's end, then block by block, the last one to its own end.
+  // An fp16 block's keys and values of this KV head are widened once into `widened` (exact, so the sums are those
+  // of reading them in place), not once per query head and row.
+  thread_local std::vector<float> widened;
   for (int64_t j = j_begin; j < j_end;) {
     const int64_t off = j % block_size, block_take = std::min(block_size - off, j_end - j);
     const int64_t block = block_tables[s * max_blocks + j / block_size];
     const int64_t first = ((block * block_size + off) * Hkv + kvh) * d;
+    const float *k_block, *v_block;
+    int64_t stride;
+    if constexpr (std::is_same_v<E, float>) {
+      k_block = k_rows + first, v_block = v_rows + first, stride = row_stride;
+    } else {
+      widened.resize(2 * block_size * d);
+      for (int64_t t = 0; t < block_take; ++t) {
+        widen_row(k_rows + first + t * row_stride, widened.data() + t * d, d);
+        widen_row(v_rows + first + t * row_stride, widened.data() + (block_size + t) * d, d);
+      }
+      k_block = widened.data(), v_block = widened.data() + block_size * d, stride = d;
+    }
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t L = row_keys[r0 + i], j1 = std::min(L, j0 + CHUNK_KEYS);
       const int64_t ja = std::max(j, first_key(r0 + i));  // this row's first key in the block
       if (ja >= j1 || ja >= j + block_take) continue;
       const int64_t take = std::min(j + block_take, j1) - ja;
-      const E* kb = k_rows + first + (ja - j) * row_stride;
-      const E* vb = v_rows + first + (ja - j) * row_stride;
+      const float* kb = k_block + (ja - j) * stride;
+      const float* vb = v_block + (ja - j) * stride;
       const float* q_group = q + (r0 + i) * q_row_stride + kvh * G * q_head_stride;
       float *m_run = m_all + i * G, *l_run = l_all + i * G, *acc = acc_all + i * G * d;
       // the G heads' scores, then an online-softmax update of each head's state, its value sum in registers
@@ -129,7 +145,7 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
         const float* qg = q_group + g * q_head_stride;
         const float slope = slopes ? slopes[kvh * G + g] : 0.f;
         float block_max = -std::numeric_limits<float>::infinity();
-        dot_rows(qg, kb, row_stride, take, d, sc);
+        dot_rows(qg, kb, stride, take, d, sc);
         for (int64_t t = 0; t < take; ++t) {
           sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(ja + t - (L - 1)) : 0.f);
           block_max = std::max(block_max, sc[t]);
@@ -150,7 +166,7 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
         for (; t < take; ++t) block_sum += (sc[t] = std::exp(sc[t] - m_new));
         l_run[g] = l_run[g] * alpha + block_sum;
         m_run[g] = m_new;
-        accumulate_values(acc + g * d, alpha, sc, vb, row_stride, take, d);
+        accumulate_values(acc + g * d, alpha, sc, vb, stride, take, d);
       }
     }
     j += block_take;

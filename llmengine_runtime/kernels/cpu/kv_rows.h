@@ -38,6 +38,15 @@ inline void store_row(const float* src, Half* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = Half(src[i]);
 }
 
+// dst[0:n] = src[0:n] widened to fp32 (exact).
+inline void widen_row(const Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef LLME_KV_VEC
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = widen(src[i]);
+}
+
 // a . b over d values (b a cached key).
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t d) {
