@@ -94,7 +94,7 @@ def test_fixed_split_attention_default_split_matches_float64(device):
     assert_close(fixed_split_attention(*args), reference_rows(*args), ATTN_TOL[dtype])
 
 
-@pytest.mark.parametrize("case", fast_subset(["gqa-fp32", "mha-window-fp16"], ["gqa-fp32"]))
+@pytest.mark.parametrize("case", fast_subset(["gqa-fp32", "mha-window-fp16"], []))  # Triton interpreter: ~6 s each
 def test_prompt_rows_equal_decode_rows_for_any_chunking(device, case):
     """Sequences of L tokens whose K/V fill the cache: every token's attention computed as a decode row, in one
     whole cache-less prompt, and in prompt chunks after a cached prefix (two chunkings, sequences packed

@@ -56,7 +56,7 @@ def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module", params=fast_subset(list(FAMILIES), ["qwen2", "qwen3", "mistral-window16"]))
+@pytest.fixture(scope="module", params=fast_subset(list(FAMILIES), ["qwen3", "mistral-window16"]))
 def pair(request, tmp_path_factory):
     hf = make_hf_model(request.param)
     path = tmp_path_factory.mktemp(request.param)

@@ -18,6 +18,7 @@ from llmengine_runtime.models.gguf_quantize import quantize_rows
 from llmengine_runtime.models.gguf_quantize_model import gguf_name, plan_types, projections
 from llmengine_runtime.models.loader import load_model, resolve_quantize
 from llmengine_runtime.models.weights import WeightsError
+from tests.fast import fast_subset
 from tests.models.test_quantized_linear import assert_greedy_match
 from tests.reference_generate import generate
 
@@ -65,7 +66,8 @@ def layer_types(layer) -> list[T]:
     return [p.ggml_type for p in parts]
 
 
-@pytest.mark.parametrize("mixture, tied", [("q4_k_m", True), ("q5_k_m", False), ("q8_0", False)])
+@pytest.mark.parametrize("mixture, tied", fast_subset([("q4_k_m", True), ("q5_k_m", False), ("q8_0", False)],
+                                                     [("q4_k_m", True)]))
 def test_layers_hold_the_mixtures_bytes(folders, mixture, tied):
     fp32 = load_model(folders[tied], progress=False, pack=False)
     types = plan_types(fp32, mixture)
@@ -120,7 +122,7 @@ def prompt_logits(model, seq: list[int]) -> torch.Tensor:
                                           AttentionMetadata.for_prompts([len(seq)])))
 
 
-@pytest.mark.parametrize("mixture", ["q4_k_m", "q6_k"])
+@pytest.mark.parametrize("mixture", fast_subset(["q4_k_m", "q6_k"], ["q4_k_m"]))
 def test_serves_its_own_weights(folders, mixture):
     """Greedy tokens equal those of the float model of the dequantized weights, up to near ties (the products
     round the activations to 8 bits per block)."""
