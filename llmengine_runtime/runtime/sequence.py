@@ -46,6 +46,7 @@ class Sequence:
     proposer_state: Any = None
     spec_wait: int = 0  # steps to sit out before proposing again, and the misses behind it (speculative/backoff.py)
     spec_miss_streak: int = 0
+    spec_len: int = 0  # the most it proposes next (0: k); speculative/backoff.py `proposal_room`
     # Guided decoding: the request's runtime.guided.GuidedMatcher (None: unconstrained); it has consumed every
     # output token, so after preemption it is already where the recomputed sequence resumes.
     matcher: Any = None

@@ -1,12 +1,13 @@
-"""The speculation back-off: a sequence whose proposals are all rejected sits out 1, 2, 4, ... steps (up to
-MAX_WAIT); any acceptance resets it; and the engine uses it without changing a single output token."""
+"""The speculation back-off: a sequence proposes one more token than it accepted last time; one whose proposals are
+all rejected sits out 1, 2, 4, ... steps (up to MAX_WAIT); any acceptance resets that; and the engine uses both
+without changing a single output token."""
 
 from __future__ import annotations
 
 from llmengine_runtime.runtime import SamplingParams
 from llmengine_runtime.runtime.detokenizer import TextStream
 from llmengine_runtime.runtime.sequence import Sequence
-from llmengine_runtime.runtime.speculative.backoff import MAX_WAIT, may_propose, record_outcome
+from llmengine_runtime.runtime.speculative.backoff import MAX_WAIT, may_propose, proposal_room, record_outcome
 from tests.runtime.spec_helpers import make_engine, run, spec_stats
 
 
@@ -52,6 +53,19 @@ def test_an_engine_whose_proposals_always_miss_stops_proposing_and_its_tokens_ar
     [got] = run(spec, [prompt], params)
     assert got.token_ids == want.token_ids
     proposed, accepted, spec_steps = spec_stats(spec)
-    # 39 decode steps; it proposes on steps 1, 3, 6, 11, 20 and 37 (waits of 1, 2, 4, 8, 16 after the misses)
-    # 4 proposals each, but 2 on step 37: 3 tokens left, one of them the target's own
-    assert (accepted, spec_steps, proposed) == (0, 6, 5 * 4 + 2)
+    # 39 decode steps; it proposes on steps 1, 3, 6, 11, 20 and 37 (waits of 1, 2, 4, 8, 16 after the misses):
+    # 4 tokens the first time, then one each (one more than the none it accepted)
+    assert (accepted, spec_steps, proposed) == (0, 6, 4 + 5 * 1)
+
+
+def test_proposals_are_one_longer_than_the_last_acceptance():
+    seq = sequence()
+    assert proposal_room(seq, 4) == 4  # nothing learnt yet: all the room
+    record_outcome(seq, 4, 2)
+    assert proposal_room(seq, 4) == 3 and proposal_room(seq, 2) == 2  # never past the scheduler's room
+    record_outcome(seq, 3, 3)
+    assert proposal_room(seq, 4) == 4 and proposal_room(seq, 6) == 4
+    record_outcome(seq, 4, 0)
+    assert proposal_room(seq, 4) == 1
+    record_outcome(seq, 0, 0)  # nothing proposed: nothing learnt
+    assert proposal_room(seq, 4) == 1

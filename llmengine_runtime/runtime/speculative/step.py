@@ -46,7 +46,7 @@ from llmengine_runtime.runtime.speculative import (
     repeat_per_row,
     verify_proposals,
 )
-from llmengine_runtime.runtime.speculative.backoff import may_propose, record_outcome
+from llmengine_runtime.runtime.speculative.backoff import may_propose, proposal_room, record_outcome
 
 
 class SequenceProposer(Protocol):
@@ -97,7 +97,7 @@ class Speculator:
         entries, batch = [], list(batch)
         for i, seq, room in proposed_in(batch):
             if may_propose(seq):
-                entries.append((i, seq, room))
+                entries.append((i, seq, proposal_room(seq, room)))
             else:  # backing off: a plain decode
                 batch[i] = (seq, batch[i][1] - room)
         if not entries:
