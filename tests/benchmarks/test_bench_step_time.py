@@ -11,10 +11,11 @@ from tests.models.tiny import save_tiny
 
 
 @pytest.mark.slow  # loads and quantizes a model, decodes 20 steps
-def test_step_time_splits_a_fused_step(tmp_path):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_step_time_splits_a_fused_step(tmp_path, batch):
     path = save_tiny("llama-gqa-tied-bias", tmp_path / "tiny")
     args = Namespace(model=str(path), quantize="int4", kv_cache_dtype="auto", threads=1, prompt_len=5, steps=6,
-                     repeats=2, no_progress=True)
+                     repeats=2, no_progress=True, batch=batch)
     report = step_time.run(args)
     parts = {key: value["median"] for key, value in report["parts"].items()}
     assert report["fused"] and parts["products"] > 0 and parts["attention"] > 0
@@ -26,4 +27,5 @@ def test_step_time_splits_a_fused_step(tmp_path):
     assert abs(parts["outside_products"] - (parts["step"] - parts["products"] - parts["head"])) < 1e-9
     table = step_time.markdown(report)
     assert "| . . . . attention |" in table and "| outside the products" in table
+    assert f"Batch-{batch} decode step" in table and ("ms per token" if batch == 1 else "ms per step") in table
     assert step_time.plot(report, tmp_path / "step.png").stat().st_size > 1000

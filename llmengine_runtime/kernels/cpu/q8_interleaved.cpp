@@ -12,7 +12,7 @@
 // trick: pair sums stay within 2 * 128 * 127, so AVX2's maddubs is exact too). A row's numbers depend neither on
 // M, the tile, the thread nor on the other rows beside it.
 // Grid: `q8x8_rows` computes the groups covering output rows n0..n1 (writing only those) for tiles of up to 4
-// activation rows, on the calling thread; the op splits the groups with at::parallel_for.
+// activation rows, on the calling thread (interleaved_rows.h); the op splits the groups with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,13 +21,14 @@
 #include <cstring>
 
 #include "cpu_kernels.h"
+#include "interleaved_rows.h"
 #include "quant_common.h"
 
 namespace llmengine_cpu {
 
 namespace {
 
-constexpr int64_t GROUP = 8, GROUP_BYTES = 256, M_CHUNK = 64;
+constexpr int64_t GROUP = 8, GROUP_BYTES = 256;
 
 template <int MT>
 void group_tile(const int8_t* wq, const uint16_t* wd, int64_t nb, const QuantizedRows& xr, int64_t i0, int j0,
@@ -80,29 +81,17 @@ void group_tile(const int8_t* wq, const uint16_t* wd, int64_t nb, const Quantize
 
 void q8x8_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                int64_t ldy) {
-  const int64_t nb = w.nb, g0 = n0 / GROUP, g1 = (n1 + GROUP - 1) / GROUP;
-  const int8_t* qs = reinterpret_cast<const int8_t*>(w.qs);
-  for (int64_t c0 = 0; c0 < M; c0 += M_CHUNK) {
-    const int64_t c1 = std::min(M, c0 + M_CHUNK);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int8_t* wq = qs + g * nb * GROUP_BYTES;
-      const uint16_t* wd = w.d + g * nb * GROUP;
-      const int j0 = static_cast<int>(std::max<int64_t>(0, n0 - g * GROUP));
-      const int j1 = static_cast<int>(std::min<int64_t>(GROUP, n1 - g * GROUP));
-      float* yg = y + (g * GROUP + j0 - n0);
-      int64_t i = c0;
-      for (; i + 4 <= c1; i += 4) group_tile<4>(wq, wd, nb, xr, i, j0, j1, yg + i * ldy, ldy);
-      switch (c1 - i) {
-        case 3: group_tile<3>(wq, wd, nb, xr, i, j0, j1, yg + i * ldy, ldy); break;
-        case 2: group_tile<2>(wq, wd, nb, xr, i, j0, j1, yg + i * ldy, ldy); break;
-        case 1: group_tile<1>(wq, wd, nb, xr, i, j0, j1, yg + i * ldy, ldy); break;
-        default: break;
-      }
+  const int64_t nb = w.nb;
+  interleaved_rows(M, n0, n1, w.bias, y, ldy, [&](int64_t g, int mt, int64_t i, int j0, int j1, float* yt) {
+    const int8_t* wq = reinterpret_cast<const int8_t*>(w.qs) + g * nb * GROUP_BYTES;
+    const uint16_t* wd = w.d + g * nb * GROUP;
+    switch (mt) {
+      case 4: return group_tile<4>(wq, wd, nb, xr, i, j0, j1, yt, ldy);
+      case 3: return group_tile<3>(wq, wd, nb, xr, i, j0, j1, yt, ldy);
+      case 2: return group_tile<2>(wq, wd, nb, xr, i, j0, j1, yt, ldy);
+      default: return group_tile<1>(wq, wd, nb, xr, i, j0, j1, yt, ldy);
     }
-  }
-  if (w.bias)
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += w.bias[n];
+  });
 }
 
 at::Tensor q8x8_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
