@@ -118,17 +118,13 @@ class QuantizedLinear(nn.Module):
         if self.backend == "cpu":
             blocks = lambda t: t.repeat_interleave(group_size // BLOCK, 1) if group_size < k else \
                 t[:, :1].expand(n, -(-k // BLOCK))  # per block of 32
-            if mode == "int4" and n % 8 == 0:  # rows interleaved by eights (models/row_interleave.py)
-                qs, d, m = interleave8(pack_int4(q), blocks(scale).half(), blocks(min_).half())
-                self._store(w_int4=qs, d=d, m=m)
-            elif mode == "int4":  # group sizes are multiples of 32, so K is too
-                self._store(w_int4=pack_int4(q), d=blocks(scale).half(), m=blocks(min_).half())
-            elif n % 8 == 0:  # eight rows interleaved (models/row_interleave.py): the GEMM micro-kernel
-                qs, d = interleave8_q8(torch.nn.functional.pad(q.to(torch.int8), (0, -k % BLOCK)), blocks(scale).half())
-                self._store(w_int8=qs, d=d)
+            interleave = n % 8 == 0  # rows interleaved by eights (models/row_interleave.py)
+            if mode == "int4":  # group sizes are multiples of 32, so K is too
+                qs, d, m = pack_int4(q), blocks(scale).half(), blocks(min_).half()
+                self._store(**dict(zip(("w_int4", "d", "m"), interleave8(qs, d, m) if interleave else (qs, d, m))))
             else:
-                self._store(w_int8=torch.nn.functional.pad(q.to(torch.int8), (0, -k % BLOCK)),
-                            d=blocks(scale).half())
+                qs, d = torch.nn.functional.pad(q.to(torch.int8), (0, -k % BLOCK)), blocks(scale).half()
+                self._store(**dict(zip(("w_int8", "d"), interleave8_q8(qs, d) if interleave else (qs, d))))
         elif self.backend == "triton":
             if mode == "int4":
                 dtype = _scale_dtype("triton", scale, min_)
@@ -244,16 +240,15 @@ class QuantizedLinear(nn.Module):
         """The fp32 weight `[N, K]` this layer multiplies by (its stored scales, rounding included)."""
         g = self.group_size
         if self.backend == "cpu":
-            qs, d, m = self.w_int4 if self.mode == "int4" else None, self.d, getattr(self, "m", None)
-            if self.mode == "int4" and qs.dim() == 3:
-                qs, d, m = deinterleave8(qs, d, m)
-            q8 = self.w_int8 if self.mode == "int8" else None
-            if q8 is not None and q8.dim() == 3:
-                q8, d = deinterleave8_q8(q8, d)
-            d = _groups(d.float(), BLOCK)[:, :self.in_features]
             if self.mode == "int4":
-                return unpack_int4(qs).float() * d + _groups(m.float(), BLOCK)
-            return q8[:, :self.in_features].float() * d
+                qs, d, m = self.w_int4, self.d, self.m
+                if qs.dim() == 3:  # interleaved
+                    qs, d, m = deinterleave8(qs, d, m)
+                return unpack_int4(qs).float() * _groups(d.float(), BLOCK) + _groups(m.float(), BLOCK)
+            qs, d = self.w_int8, self.d
+            if qs.dim() == 3:  # interleaved
+                qs, d = deinterleave8_q8(qs, d)
+            return qs[:, :self.in_features].float() * _groups(d.float(), BLOCK)[:, :self.in_features]
         if self.backend == "triton":
             scale = _groups(self.scale.float().t(), g)[:, :self.in_features]
             if self.mode == "int4":

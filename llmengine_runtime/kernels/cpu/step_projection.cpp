@@ -47,9 +47,9 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
   }
   TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf && (!m.numel() || m.is_contiguous()),
               "LlamaDecoder: projection ", index, " is not in quant_gemm.cpp's layout");
+  const bool q4 = m.numel() > 0;
   if (qs.dim() == 3) {  // eight rows interleaved: q4 (q4_interleaved.cpp) qs [N / 8, nb, 128], d, m [N / 8, nb, 8];
                        // q8 (q8_interleaved.cpp) qs [N / 8, nb, 256], d [N / 8, nb, 8], m empty
-    const bool q4 = m.numel() > 0;
     TORCH_CHECK(qs.size(2) == (q4 ? 128 : 256) && d.dim() == 3 && d.size(0) == qs.size(0) && d.size(1) == qs.size(1) &&
                     d.size(2) == 8 && (!q4 || d.sizes() == m.sizes()),
                 "LlamaDecoder: projection ", index, " is not in an interleaved layout (q4_interleaved.cpp)");
@@ -58,7 +58,6 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
                         qs.size(1) * qs.size(2), true};
     return {w, qs.size(0) * 8, qs.size(1) * QK, q4, {}, nullptr};
   }
-  const bool q4 = m.numel() > 0;
   const QuantWeight w{reinterpret_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr()),
                       q4 ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr, bias_data, d.size(1),
                       qs.size(1)};
