@@ -96,11 +96,12 @@ def run_hf(model, prompts: list[list[int]], max_new_tokens: int, ignore_eos: boo
 
 def decode_weight_bytes(model) -> int:
     """Bytes of weights one decode step reads: all parameters and quantized weights (QuantizedLinear buffers: not
-    parameters), but the embedding table unless it is also the (float) head."""
+    parameters; FloatLinear's too), but the embedding table unless it is also the (float) head."""
+    from llmengine_runtime.models.float_linear import FloatLinear
     from llmengine_runtime.models.quantized_linear import QuantizedLinear
 
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantizedLinear)
+    total += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, (QuantizedLinear, FloatLinear))
                  for b in m.buffers(recurse=False))
     if model.lm_head is not None or getattr(model, "quantized_head", None) is not None:
         total -= model.embed.weight.numel() * model.embed.weight.element_size()

@@ -8,8 +8,9 @@ eager path calls one by one, in a single call per step; the decoder holds the we
 It applies (`FusedDecode.build` returns None otherwise, and the model runs its eager blocks) when: the model
 is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP; no per-head q/k norm, no
 sliding window) without tensor parallelism; every projection is a QuantizedLinear on our CPU kernels
-(`backend == "cpu"`: int4 or int8) or a GGUF layer (models/gguf_linear.py: GGUFLinear, GGUFRowParts) whose every part
-runs the C++ GGUF product (`backend == "cpu"`), in any mix; norms are fp32, the embedding table an fp32 nn.Embedding
+(`backend == "cpu"`: int4 or int8), a FloatLinear (bf16, fp16 or fp32 rows: models/float_linear.py) or a GGUF layer
+(models/gguf_linear.py: GGUFLinear, GGUFRowParts) whose every part runs the C++ GGUF product (`backend == "cpu"`),
+in any mix; norms are fp32, the embedding table an fp32 nn.Embedding
 or a GGUFEmbedding of fp32 rows (the step dequantizes the rows it looks up, as the eager lookup does); the KV caches
 fp32 or fp16; the C++ kernels are built; `LLMENGINE_FUSED_DECODE` is not "0". The numbers are the eager path's: the same
 kernels in the same order (tests/models/test_fused_decode.py checks it).
@@ -33,6 +34,7 @@ from torch import nn
 
 from llmengine_runtime.kernels import cpu as cpu_kernels
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache
+from llmengine_runtime.models.float_linear import FloatLinear
 from llmengine_runtime.models.gguf_linear import GGUFEmbedding, GGUFLinear, GGUFRowParts
 from llmengine_runtime.models.gguf_types import has_cpu_product
 from llmengine_runtime.models.layers import RMSNorm
@@ -63,6 +65,8 @@ def _projection(layer: nn.Module, raws: list[torch.Tensor]) -> list[torch.Tensor
         spec = torch.tensor([[int(p.ggml_type), len(raws) + i] for i, p in enumerate(parts)], dtype=torch.int64)
         raws.extend(p.raw for p in parts)
         return [spec, empty, empty, empty if bias is None else bias.float().contiguous()]
+    if isinstance(layer, FloatLinear):  # bf16/fp16/fp32 rows, interleaved (models/float_linear.py)
+        return [layer.w_rows, empty, empty, empty if layer.bias is None else layer.bias]
     if not isinstance(layer, QuantizedLinear) or layer.backend != "cpu":
         return None
     if layer.mode == "int4":

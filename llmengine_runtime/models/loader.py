@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tqdm import tqdm
 
 from llmengine_runtime.models.causal_lm import CausalLM
 from llmengine_runtime.models.config import ModelConfig, load_config
+from llmengine_runtime.models.float_linear import float_weights, float_weights_apply
 from llmengine_runtime.models.huge_pages import move_to_huge_pages
 from llmengine_runtime.models.packed_linear import can_pack
 from llmengine_runtime.models.parallel import TensorParallel, shard_group_size
@@ -137,6 +139,8 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     "q8_0", "q4_0", ...: models/gguf_quantize_mix.py MIXTURES): the float weights quantized at load to the bytes
     and per-tensor types llama-quantize writes (models/gguf_quantize_model.py); these are the llama.cpp-compatible
     choices, while int8/int4 stay our own schemes. `model.quantization` says what was done.
+    On the CPU, bf16 and fp16 float weights stay in that dtype in our C++ product's layout while the rest of the
+    model computes in fp32 (models/float_linear.py; LLMENGINE_FLOAT_WEIGHTS=0 keeps the eager bf16/fp16 model).
     `pack`: move the float projection weights to oneDNN's packed layout (models/packed_linear.py); by default
     wherever that is possible (CPU, fp32 or bf16). A packed model's Linear weights are on the meta device.
     On CPU the weights then move onto huge pages (models/huge_pages.py).
@@ -182,6 +186,11 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
         quantize_model(model, mode, group_size)
         group = next(m for m in model.modules() if isinstance(m, QuantizedLinear)).group_size
         model.quantization = "int8 per channel" if mode == "int8" and group_size is None else f"{mode} g{group}"
+    if (mode is None and tp is None and os.environ.get("LLMENGINE_FLOAT_WEIGHTS", "1") != "0"
+            and float_weights_apply(model, torch_dtype)):
+        float_weights(model, torch_dtype)  # models/float_linear.py: the C++ step runs it; activations fp32
+        model.quantization = f"{str(torch_dtype).removeprefix('torch.')} weights, fp32 activations"
+        pack = False
     if pack is None:
         pack = torch.device(device).type == "cpu" and can_pack(torch_dtype)
     if pack:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmengine_runtime.models.config import ModelConfig
+from llmengine_runtime.models.float_linear import FloatLinear
 from llmengine_runtime.models.gguf_linear import GGUFLinear
 from llmengine_runtime.models.loader import DTYPES, parse_dtype
 from llmengine_runtime.models.quantized_linear import QuantizedLinear
@@ -54,7 +55,9 @@ def kv_cache_plan(model: nn.Module, config: ModelConfig, dtype: torch.dtype, dev
     element = model.embed.weight.element_size()
     reserve = max_num_batched_tokens * element * 4 * (config.hidden_size * 4 + config.intermediate_size * 2) \
         + max_num_seqs * config.vocab_size * 4 * 4
-    quantized = any(isinstance(m, (QuantizedLinear, GGUFLinear)) for m in model.modules())  # a GGUF's too
+    quantized = any(isinstance(m, (QuantizedLinear, GGUFLinear, FloatLinear)) for m in model.modules())  # a GGUF's too
+    if any(isinstance(m, FloatLinear) for m in model.modules()):
+        dtype = torch.float32  # bf16/fp16 weights, fp32 activations (models/float_linear.py)
     cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype, device, quantized, tensor_parallel)
     # Under tensor parallelism the budget counts blocks as if one rank held every KV head (each holds its share),
     # so N ranks schedule exactly what one would.

@@ -38,7 +38,8 @@ def test_sharded_checkpoint_loads_identically(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cast_to_dtype(tiny_dir, dtype):
+def test_cast_to_dtype(tiny_dir, dtype, monkeypatch):
+    monkeypatch.setenv("LLMENGINE_FLOAT_WEIGHTS", "0")  # the whole model in `dtype` (test_float_linear: the default)
     model = load_model(tiny_dir, dtype=dtype, progress=False)
     assert {p.dtype for p in model.parameters()} == {dtype}
     ref = load_model(tiny_dir, progress=False)
@@ -112,9 +113,10 @@ def test_zoo_name_without_weights(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
-def test_packed_cpu_weights_give_the_same_logits(tiny_dir, dtype, tolerance):
+def test_packed_cpu_weights_give_the_same_logits(tiny_dir, dtype, tolerance, monkeypatch):
     import gc
 
+    monkeypatch.setenv("LLMENGINE_FLOAT_WEIGHTS", "0")  # bf16 weights in oneDNN's layout, not ours (float_linear)
     from llmengine_runtime.models.attention import AttentionMetadata
     from llmengine_runtime.models.packed_linear import PACKED, can_pack
 

@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include "float_rows.h"
 #include "gguf_rows.h"
 #include "quant_common.h"
 
@@ -23,13 +24,15 @@ struct GGUFPart {
   int64_t row_bytes, n0, n1;
 };
 
-// A projection: quant_gemm's weight `w` (parts empty), or a GGUF weight of one or more parts (then `bias`, or null).
+// A projection: quant_gemm's weight `w` (parts empty, `fw` NONE), a GGUF weight of one or more parts (then `bias`, or
+// null), or a float weight `fw` (float_interleaved.cpp's; its bias inside).
 struct Projection {
   QuantWeight w;
   int64_t N, K;
   bool q4;
   std::vector<GGUFPart> parts;
   const float* bias = nullptr;
+  FloatWeight fw{};
 };
 
 // One step's inputs (the AttentionMetadata contract's layouts), as pointers: T tokens of S sequences, packed as
@@ -57,6 +60,7 @@ struct ThreadScratch {
   std::vector<float> residual, normed, scores, gate_tmp, up_tmp, k_rotated, partial, head_in;
   QuantizedRows xr;
   gguf::Activations x32, x256;  // a GGUF projection's activations, per block of 32 and of 256
+  FloatActivations xf;          // a float projection's
 };
 
 // Projection `index` of `proj` (PROJ_TENSORS each) with the GGUF weights `raws` (step_projection.cpp).

@@ -2,7 +2,7 @@
 // quantized, and their products over a range of output rows, for quant_gemm.cpp's weights and for GGUF weights.
 //
 // Layout of one projection in `proj` (PROJ_TENSORS tensors): quant_gemm's (qs, d fp16, m fp16 or empty for int8,
-// bias fp32 or empty); or a GGUF weight's (spec int64 [P, 2], empty, empty, bias fp32 [N] or empty), where part p
+// bias fp32 or empty); a float weight's (w fp32/fp16/bf16 [N / 8, K4 / 4, 32]: float_interleaved.cpp, -, -, bias); or a GGUF weight's (spec int64 [P, 2], empty, empty, bias fp32 [N] or empty), where part p
 // of the spec is (ggml type, index into `raws`), raws[index] uint8 [N_p, row_bytes] (the file's rows), and the
 // parts' rows follow one another in the output (a fused q|k|v or gate|up whose parts have different types).
 // Grid: none here; the step's threads call project_rows for their own output rows. A GGUF product quantizes the
@@ -22,6 +22,13 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
   TORCH_CHECK(!bias.numel() || (bias.scalar_type() == at::kFloat && bias.is_contiguous()),
               "LlamaDecoder: biases must be contiguous fp32");
   const float* bias_data = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  if (qs.scalar_type() == at::kFloat || qs.scalar_type() == at::kHalf || qs.scalar_type() == at::kBFloat16) {
+    Projection p{QuantWeight{nullptr, nullptr, nullptr, nullptr, 0, 0}, qs.size(0) * 8, 0, false, {}, nullptr,
+                 float_weight(qs, bias_data)};
+    p.K = p.fw.K4;
+    TORCH_CHECK(!bias_data || bias.numel() == p.N, "LlamaDecoder: projection ", index, "'s bias is not [", p.N, "]");
+    return p;
+  }
   if (qs.scalar_type() == at::kLong) {  // a GGUF weight
     TORCH_CHECK(qs.dim() == 2 && qs.size(1) == 2 && qs.size(0) > 0 && qs.is_contiguous(),
                 "LlamaDecoder: projection ", index, "'s GGUF spec must be int64 [parts, 2]");
@@ -65,6 +72,10 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
 }
 
 void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int64_t rows, int64_t k, bool paired) {
+  if (p.fw.type != FloatType::NONE) {
+    prepare_float_rows(mine.xf, x, rows, k, p.fw.K4, p.fw.type);
+    return;
+  }
   if (p.parts.empty()) {
     quantize_rows_into(mine.xr, x, rows, k, p.w.nb, p.q4 && paired && !p.w.interleaved);
     return;
@@ -77,6 +88,10 @@ void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int6
 
 void project_rows(const Projection& p, const ThreadScratch& mine, int64_t M, int64_t n0, int64_t n1, float* y,
                   int64_t ldy) {
+  if (p.fw.type != FloatType::NONE) {
+    float_rows(mine.xf, p.fw, M, n0, n1, y, ldy);
+    return;
+  }
   if (p.parts.empty()) {
     quant_rows(mine.xr, p.w, M, n0, n1, y, ldy);
     return;
