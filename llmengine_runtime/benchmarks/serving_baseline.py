@@ -77,7 +77,8 @@ def split_command(command: str, port: int, cwd: Path) -> tuple[list[str], dict[s
         env[name] = value
     if not words:
         raise ValueError(f"--launch-baseline has no command: {command!r}")
-    absolute = [str((cwd / w).resolve()) if not w.startswith("-") and not os.path.isabs(w) and "/" in w
+    # absolute, not resolved: a venv's bin/python is a symlink to the base interpreter, which lacks the venv's packages
+    absolute = [os.path.normpath(cwd / w) if not w.startswith("-") and not os.path.isabs(w) and "/" in w
                 and (cwd / w).exists() else w for w in words]
     return absolute, env
 

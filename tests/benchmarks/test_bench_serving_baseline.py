@@ -99,12 +99,13 @@ def test_add_baseline_ratios_from_both_sides():
 
 def test_split_command_env_port_and_paths(tmp_path):
     (tmp_path / "venv" / "bin").mkdir(parents=True)
-    (tmp_path / "venv" / "bin" / "python").touch()
+    (tmp_path / "base-python").touch()
+    (tmp_path / "venv" / "bin" / "python").symlink_to(tmp_path / "base-python")  # as a venv's is
     words, env = split_command("A=1 B='x y' venv/bin/python -m srv --model /abs/folder --port {port} --x=a/b",
                                port=1234, cwd=tmp_path)
     assert env == {"A": "1", "B": "x y"}
     assert words == [str(tmp_path / "venv/bin/python"), "-m", "srv", "--model", "/abs/folder", "--port", "1234",
-                     "--x=a/b"]  # only existing relative paths become absolute
+                     "--x=a/b"]  # only existing relative paths become absolute, symlinks kept (the venv's python)
     with pytest.raises(ValueError):
         split_command("A=1", port=1, cwd=tmp_path)
 
