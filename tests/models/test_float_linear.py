@@ -89,6 +89,14 @@ def test_chunks_and_verification_through_the_step(tiny_dirs, speculative, monkey
         assert llm.engine.stats()["spec_accepted_tokens"] > 0
 
 
+def test_a_request_gets_the_same_numbers_alone_or_in_a_batch(tiny_dirs, monkeypatch):
+    """The products' rows do not depend on the rows beside them (unlike oneDNN's): batch invariance holds."""
+    together, llm = generate(tiny_dirs["llama-gqa-tied-bias"], "bfloat16", True, monkeypatch)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
+    alone = [(r.token_ids, r.log_probs) for p in PROMPTS for r in llm.generate([p], params, progress=False)]
+    assert alone == together
+
+
 def test_falcon_keeps_the_eager_blocks_over_float_weights(tiny_dirs, monkeypatch):
     """Falcon is not in the C++ step yet: its eager blocks run over the same FloatLinear products."""
     results, llm = generate(tiny_dirs["falcon-7b-like"], "bfloat16", True, monkeypatch)

@@ -94,9 +94,10 @@ void bf16_tile(const uint16_t* w, int64_t chunks, const uint16_t* x, int64_t K4,
   auto chunk = [&](int64_t c, __m512(&a)[MT]) __attribute__((always_inline)) {
     const __m512i wv = _mm512_loadu_si512(w + c * CHUNK);
     for (int t = 0; t < MT; ++t) {
-      int64_t x4;
-      std::memcpy(&x4, x + t * K4 + 4 * c, 8);
-      a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)wv, (__m512bh)_mm512_set1_epi64(x4));
+      // the 4 activations broadcast straight from memory (vbroadcastsd: a load, no shuffle port)
+      const __m512 x4 = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(
+          x + t * K4 + 4 * c))));
+      a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)wv, (__m512bh)x4);
     }
   };
   int64_t c = 0;
