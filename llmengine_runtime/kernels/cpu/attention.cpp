@@ -13,9 +13,10 @@
 //
 // Batch invariance: a row's output depends only on its own q, its L keys and values, never on the other rows, the
 // batch, the thread count or whether it came from a prompt chunk, a decode step or a speculative verification.
-// Its keys are cut into chunks of CHUNK_KEYS (fixed), each chunk reduced by one function in one order (a cache block
-// at a time: the G = H / Hkv query heads' scores, then an online-softmax update of each head's max, exp-sum and
-// exp-weighted value sum), and the chunks' partials merged in chunk order. A window leaves the chunks where they are
+// Its keys are cut into chunks of CHUNK_KEYS (fixed), each chunk reduced by one function in one order (for each
+// of the G = H / Hkv query heads all its scores in the chunk, their max, exp-sum and exp-weighted value sum, without
+// a running rescale), and the chunks' partials merged in chunk
+// order. A window leaves the chunks where they are
 // (multiples of CHUNK_KEYS from key 0): a row's keys before its window are in no chunk's sums, chunks wholly before
 // it are empty and weigh nothing in the merge. How the (row, KV head, chunk) pieces are
 // dealt to threads changes only who computes them.
@@ -108,68 +109,74 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
   std::fill(m_all, m_all + nr * G, -std::numeric_limits<float>::infinity());
   std::fill(l_all, l_all + nr * G, 0.f);  // (l stays 0 for an empty chunk)
   std::fill(acc_all, acc_all + nr * G * d, 0.f);
-  // One block of keys at a time (one block-table lookup each), for every row of the tile while the block is in
-  // cache. A row's pieces are the same whatever the tile: from its first key in the chunk (j0, or where its window
-  // starts) to that block's end, then block by block, the last one to its own end.
-  // An fp16 block's keys and values of this KV head are widened once into `widened` (exact, so the sums are those
-  // of reading them in place), not once per query head and row.
-  thread_local std::vector<float> widened;
-  for (int64_t j = j_begin; j < j_end;) {
-    const int64_t off = j % block_size, block_take = std::min(block_size - off, j_end - j);
-    const int64_t block = block_tables[s * max_blocks + j / block_size];
-    const int64_t first = ((block * block_size + off) * Hkv + kvh) * d;
-    const float *k_block, *v_block;
-    int64_t stride;
-    if constexpr (std::is_same_v<E, float>) {
-      k_block = k_rows + first, v_block = v_rows + first, stride = row_stride;
-    } else {
-      widened.resize(2 * block_size * d);
-      for (int64_t t = 0; t < block_take; ++t) {
-        widen_row(k_rows + first + t * row_stride, widened.data() + t * d, d);
-        widen_row(v_rows + first + t * row_stride, widened.data() + (block_size + t) * d, d);
+  // Each row in three passes over its keys in the chunk, read in place a cache block at a time: the G query heads'
+  // scores (scores [G, CHUNK_KEYS]); each head's max, then its exps and their sum; the exp-weighted value sums (one
+  // FMA chain a lane over the chunk's keys in order: no running rescale). A row's numbers are the same whatever the
+  // tile.
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t L = row_keys[r0 + i], j1 = std::min(L, j0 + CHUNK_KEYS);
+    const int64_t ja = std::max(j0, first_key(r0 + i));  // this row's first key in the chunk
+    if (ja >= j1) continue;
+    const int64_t take = j1 - ja;
+    const float* q_group = q + (r0 + i) * q_row_stride + kvh * G * q_head_stride;
+    float *m_row = m_all + i * G, *l_row = l_all + i * G, *acc = acc_all + i * G * d;
+    auto blocks = [&](auto&& each) {  // each(first row of the block's keys in the cache, key offset, count)
+      for (int64_t j = ja; j < j1;) {
+        const int64_t off = j % block_size, n = std::min(block_size - off, j1 - j);
+        each(((block_tables[s * max_blocks + j / block_size] * block_size + off) * Hkv + kvh) * d, j - ja, n);
+        j += n;
       }
-      k_block = widened.data(), v_block = widened.data() + block_size * d, stride = d;
+    };
+    // The keys and values come from a cache that the step's weight stream has just evicted, scattered by block: each
+    // block fetches its values and the next block's keys ahead of use (a prefetch changes no number).
+    auto prefetch_rows = [&](const E* rows, int64_t first, int64_t n) {
+      const char* p = reinterpret_cast<const char*>(rows + first);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t b = 0; b < static_cast<int64_t>(d * sizeof(E)); b += 64)
+          __builtin_prefetch(p + t * row_stride * sizeof(E) + b);
+    };
+    if (ja < j1) {
+      const int64_t off = ja % block_size, n = std::min(block_size - off, j1 - ja);
+      prefetch_rows(k_rows, ((block_tables[s * max_blocks + ja / block_size] * block_size + off) * Hkv + kvh) * d, n);
     }
-    for (int64_t i = 0; i < nr; ++i) {
-      const int64_t L = row_keys[r0 + i], j1 = std::min(L, j0 + CHUNK_KEYS);
-      const int64_t ja = std::max(j, first_key(r0 + i));  // this row's first key in the block
-      if (ja >= j1 || ja >= j + block_take) continue;
-      const int64_t take = std::min(j + block_take, j1) - ja;
-      const float* kb = k_block + (ja - j) * stride;
-      const float* vb = v_block + (ja - j) * stride;
-      const float* q_group = q + (r0 + i) * q_row_stride + kvh * G * q_head_stride;
-      float *m_run = m_all + i * G, *l_run = l_all + i * G, *acc = acc_all + i * G * d;
-      // the G heads' scores, then an online-softmax update of each head's state, its value sum in registers
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = scores + g * block_size;
-        const float* qg = q_group + g * q_head_stride;
-        const float slope = slopes ? slopes[kvh * G + g] : 0.f;
-        float block_max = -std::numeric_limits<float>::infinity();
-        dot_rows(qg, kb, stride, take, d, sc);
-        for (int64_t t = 0; t < take; ++t) {
-          sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(ja + t - (L - 1)) : 0.f);
-          block_max = std::max(block_max, sc[t]);
-        }
-        const float m_new = std::max(m_run[g], block_max), alpha = std::exp(m_run[g] - m_new);
-        int64_t t = 0;
-        float block_sum = 0.f;
+    blocks([&](int64_t first, int64_t at, int64_t n) {
+      const int64_t next = ja + at + n;
+      if (next < j1) {
+        const int64_t nn = std::min(block_size, j1 - next);
+        prefetch_rows(k_rows, ((block_tables[s * max_blocks + next / block_size] * block_size) * Hkv + kvh) * d, nn);
+      }
+      prefetch_rows(v_rows, first, n);
+      for (int64_t g = 0; g < G; ++g)
+        dot_rows(q_group + g * q_head_stride, k_rows + first, row_stride, n, d, scores + g * CHUNK_KEYS + at);
+    });
+    for (int64_t g = 0; g < G; ++g) {
+      float* sc = scores + g * CHUNK_KEYS;
+      const float slope = slopes ? slopes[kvh * G + g] : 0.f;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < take; ++t) {
+        sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(ja + t - (L - 1)) : 0.f);
+        mx = std::max(mx, sc[t]);
+      }
+      int64_t t = 0;
+      float sum = 0.f;
 #ifdef LLME_VEC_MATH
-        const __m256 m8 = _mm256_set1_ps(m_new);
-        __m256 sum8 = _mm256_setzero_ps();
-        for (; t + 8 <= take; t += 8) {
-          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m8));
-          _mm256_storeu_ps(sc + t, e);
-          sum8 = _mm256_add_ps(sum8, e);
-        }
-        block_sum = hsum256(sum8);
-#endif
-        for (; t < take; ++t) block_sum += (sc[t] = std::exp(sc[t] - m_new));
-        l_run[g] = l_run[g] * alpha + block_sum;
-        m_run[g] = m_new;
-        accumulate_values(acc + g * d, alpha, sc, vb, stride, take, d);
+      const __m256 m8 = _mm256_set1_ps(mx);
+      __m256 sum8 = _mm256_setzero_ps();
+      for (; t + 8 <= take; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m8));
+        _mm256_storeu_ps(sc + t, e);
+        sum8 = _mm256_add_ps(sum8, e);
       }
+      sum = hsum256(sum8);
+#endif
+      for (; t < take; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
+      l_row[g] = sum;
+      m_row[g] = mx;
     }
-    j += block_take;
+    blocks([&](int64_t first, int64_t at, int64_t n) {  // 1 * a is exact: the chain goes on across blocks
+      for (int64_t g = 0; g < G; ++g)
+        accumulate_values(acc + g * d, 1.f, scores + g * CHUNK_KEYS + at, v_rows + first, row_stride, n, d);
+    });
   }
 }
 
@@ -252,7 +259,7 @@ void PagedAttention::run(int threads) const {
   const int64_t tiles = plan_tiles(tile_start);
   if (tiles * Hkv >= 4 * threads) {  // enough (tile of rows, KV head) tasks to share out whole: prompt chunks
     at::parallel_for(0, tiles * Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(G * block_size), partial;
+      std::vector<float> scores(G * CHUNK_KEYS), partial;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t t = task / Hkv;
         tile(tile_start[t], tile_start[t + 1] - tile_start[t], task % Hkv, scores.data(), partial);
@@ -264,7 +271,7 @@ void PagedAttention::run(int threads) const {
   const int64_t tasks = plan_split(row_task);
   std::vector<float> part_max(tasks * G), part_sum(tasks * G), part_acc(tasks * G * d);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * block_size);
+    std::vector<float> scores(G * CHUNK_KEYS);
     for (int64_t task = begin; task < end; ++task)
       split_task(task, row_task.data(), scores.data(), part_max.data(), part_sum.data(), part_acc.data());
   });

@@ -61,7 +61,7 @@ struct PagedAttention {
 
   // Chunk c of the nr rows r0.. (one sequence's), KV head kvh: each row's G = H / Hkv query heads' max, exp-sum and
   // exp-weighted value sum over its keys in the chunk, into m[nr, G], l[nr, G], acc[nr, G, d]; `scores` is scratch of
-  // G * block_size floats. A row's numbers are the same for any nr.
+  // G * CHUNK_KEYS floats. A row's numbers are the same for any nr.
   void chunk(int64_t r0, int64_t nr, int64_t kvh, int64_t c, float* scores, float* m, float* l, float* acc) const;
   // out[r, h] from its KV head's chunk partials in chunk order: chunk c's G maxima and exp-sums at m, l + c * stride,
   // its G value sums [G, d] at acc + c * stride_acc.

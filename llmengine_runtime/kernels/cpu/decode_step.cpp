@@ -136,7 +136,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
     ThreadScratch& mine = per_thread[t];
     std::vector<float>&residual = mine.residual, &normed = mine.normed, &scores = mine.scores;
     std::vector<float>&gate_tmp = mine.gate_tmp, &up_tmp = mine.up_tmp, &k_rotated = mine.k_rotated;
-    for (auto [buffer, size] : {std::pair{&residual, T * hidden}, {&normed, T * hidden}, {&scores, G * block_size},
+    for (auto [buffer, size] : {std::pair{&residual, T * hidden}, {&normed, T * hidden}, {&scores, G * CHUNK_KEYS},
                                 {&gate_tmp, T * ACT_BLOCK}, {&up_tmp, T * ACT_BLOCK}, {&k_rotated, kv_size}})
       buffer->resize(size);
     auto quantize = [&](const float* a, int64_t K, const Projection& p, int64_t rows = -1) {
