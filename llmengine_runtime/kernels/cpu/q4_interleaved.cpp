@@ -48,6 +48,7 @@ void group_tile(const uint8_t* wq, const uint16_t* wd, const uint16_t* wm, int64
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = wq + b * GROUP_BYTES;
+    for (int line = 0; line < GROUP_BYTES; line += 64) __builtin_prefetch(wb + nb * GROUP_BYTES + line);  // next group
     __m256i isum[MT];
     for (int t = 0; t < MT; ++t) isum[t] = _mm256_setzero_si256();
     for (int c = 0; c < 4; ++c) {
