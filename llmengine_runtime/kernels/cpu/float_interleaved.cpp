@@ -60,6 +60,7 @@ void wide_tile(const void* w, int64_t chunks, const float* x, int64_t K4, int j0
     __m256 acc[MT];
     for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
+      __builtin_prefetch(static_cast<const char*>(w) + ((chunks + c) * CHUNK + 8 * h) * (F16 ? 2 : 4));
       __m256 wv;
       if constexpr (F16)
         wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
@@ -92,6 +93,7 @@ void bf16_tile(const uint16_t* w, int64_t chunks, const uint16_t* x, int64_t K4,
   __m512 acc[2][MT];  // even and odd chunks: two independent chains a row
   for (int t = 0; t < MT; ++t) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
   auto chunk = [&](int64_t c, __m512(&a)[MT]) __attribute__((always_inline)) {
+    __builtin_prefetch(w + (chunks + c) * CHUNK);  // the next group's chunk: a step's weights arrive cold
     const __m512i wv = _mm512_loadu_si512(w + c * CHUNK);
     for (int t = 0; t < MT; ++t) {
       // the 4 activations broadcast straight from memory (vbroadcastsd: a load, no shuffle port)
@@ -116,6 +118,7 @@ void bf16_tile(const uint16_t* w, int64_t chunks, const uint16_t* x, int64_t K4,
     __m256 acc[2][MT];
     for (int t = 0; t < MT; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
     auto chunk = [&](int64_t c, __m256(&a)[MT]) __attribute__((always_inline)) {
+      __builtin_prefetch(w + (chunks + c) * CHUNK + 16 * h);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * CHUNK + 16 * h));
       const __m256 w_odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
       const __m256 w_even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
