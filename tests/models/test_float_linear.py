@@ -77,6 +77,7 @@ def test_the_cpp_step_gives_the_eager_numbers(tiny_dirs, variant, dtype, monkeyp
     assert fused == eager  # tokens and log-probs, bit for bit
 
 
+@pytest.mark.slow  # engines of their own
 @pytest.mark.parametrize("speculative", [None, "ngram"])
 def test_chunks_and_verification_through_the_step(tiny_dirs, speculative, monkeypatch):
     """Prompt chunks of 5 tokens beside decode rows, or n-gram verification rows: the eager numbers."""
@@ -89,6 +90,7 @@ def test_chunks_and_verification_through_the_step(tiny_dirs, speculative, monkey
         assert llm.engine.stats()["spec_accepted_tokens"] > 0
 
 
+@pytest.mark.slow  # engines of their own
 def test_a_request_gets_the_same_numbers_alone_or_in_a_batch(tiny_dirs, monkeypatch):
     """The products' rows do not depend on the rows beside them (unlike oneDNN's): batch invariance holds."""
     together, llm = generate(tiny_dirs["llama-gqa-tied-bias"], "bfloat16", True, monkeypatch)
@@ -97,6 +99,7 @@ def test_a_request_gets_the_same_numbers_alone_or_in_a_batch(tiny_dirs, monkeypa
     assert alone == together
 
 
+@pytest.mark.slow  # engines of their own
 def test_falcon_keeps_the_eager_blocks_over_float_weights(tiny_dirs, monkeypatch):
     """Falcon is not in the C++ step yet: its eager blocks run over the same FloatLinear products."""
     results, llm = generate(tiny_dirs["falcon-7b-like"], "bfloat16", True, monkeypatch)
