@@ -93,8 +93,13 @@ test-fast: $(MODEL) $(KERNELS)
 # concurrent streams through the server, then the projection products by weight layout.
 # BENCH_THREADS: threads for both engines in the llama.cpp comparison (use 1 on a busy machine).
 BENCH_THREADS ?= 2
+# llama.cpp is built for this CPU's instruction sets but without AMX: the -march=native build of llama-cpp-python
+# 0.3.36 puts weights in AMX buffers on an AMX CPU and its decode then segfaults (reproduced standalone on this VM).
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF $(shell for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI \
+	avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do \
+	grep -qw "$${f%%:*}" /proc/cpuinfo 2>/dev/null && printf -- '-DGGML_%s=ON ' "$${f##*:}"; done)
 bench: $(MODEL) $(KERNELS)
-	$(PIPC) -e ".[bench,llamacpp]"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PIPC) -e ".[bench,llamacpp]"
 	$(PY) -m llmengine_runtime.benchmarks.decode --dtype float32 bfloat16 --batch-sizes 1 4 16 --max-new-tokens 128 --compile \
 		--check-text
 	$(PY) -m llmengine_runtime.benchmarks.decode --dtype float32 --quantize none int8 int4 gguf --baseline llama.cpp \
