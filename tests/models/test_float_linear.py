@@ -14,18 +14,9 @@ from llmengine_runtime.models.loader import load_model
 from llmengine_runtime.runtime import LLM, SamplingParams
 from llmengine_runtime.runtime.executor import CpuStepExecutor
 from tests.fast import fast_subset
-from tests.models.tiny import save_tiny
 
 PROMPTS = [[5, 17, 99, 3, 64, 8, 21, 5, 17, 99, 3, 64, 8], [7, 100, 2, 45] * 5, [9] * 40]
 
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    class Dirs(dict):  # saved on first use
-        def __missing__(self, variant):
-            self[variant] = save_tiny(variant, tmp_path_factory.mktemp(variant))
-            return self[variant]
-    return Dirs()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

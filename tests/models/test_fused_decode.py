@@ -11,19 +11,10 @@ from llmengine_runtime.models.row_interleave import deinterleave8_q8, interleave
 from llmengine_runtime.runtime import LLM, SamplingParams
 from llmengine_runtime.runtime.executor import CpuStepExecutor
 from tests.fast import fast_subset
-from tests.models.tiny import save_tiny
 
 PROMPTS = [[5, 17, 99, 3, 64, 8, 21], [7, 100, 2, 45], [9] * 40]  # 40 tokens: past a 16-token block
 ELIGIBLE = ["llama-mha", "llama-gqa-tied-bias", "llama-mqa-linear", "llama3-rope"]
 
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    class Dirs(dict):  # saved on first use
-        def __missing__(self, variant):
-            self[variant] = save_tiny(variant, tmp_path_factory.mktemp(variant))
-            return self[variant]
-    return Dirs()
 
 
 def run(path, quantize: str | None, fused: bool, monkeypatch, prompts=PROMPTS, n: int = 20,
