@@ -82,6 +82,21 @@ def test_float_linear_module(dtype):
     assert torch.equal(y.view(6, 16), ops.float_linear(x.reshape(6, 20), layer.w_rows, layer.bias))
 
 
+def test_shapes_for_torch_compile():
+    """The fake kernels torch.compile traces with (kernels/cpu/__init__.py), for the interleaved products too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.empty(2, 5, 32, dtype=torch.bfloat16)
+        y = ops.float_linear(torch.empty(3, 20, dtype=torch.bfloat16), w, None)
+        q4 = ops.q4x8_linear(torch.empty(3, 64), torch.empty(2, 2, 128, dtype=torch.uint8),
+                             torch.empty(2, 2, 8, dtype=torch.half), torch.empty(2, 2, 8, dtype=torch.half), None)
+        q8 = ops.q8x8_linear(torch.empty(3, 64), torch.empty(2, 2, 256, dtype=torch.int8),
+                             torch.empty(2, 2, 8, dtype=torch.half), None)
+    assert (y.shape, y.dtype) == ((3, 16), torch.float32)
+    assert q4.shape == q8.shape == (3, 16)
+
+
 def test_errors_name_the_layout():
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match=r"\[N / 8, K4 / 4, 32\]"):

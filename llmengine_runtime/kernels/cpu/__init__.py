@@ -139,10 +139,15 @@ def _load() -> bool:
 
 
 def _register_fakes() -> None:
-    """Shapes of the quantized products for torch.compile (the other ops are not used while compiling)."""
+    """Shapes of the weight products for torch.compile (the other ops are not used while compiling)."""
     for name in ("q4_linear", "q8_linear"):
         torch.library.register_fake(f"llmengine_cpu::{name}")(
             lambda x, qs, *rest: x.new_empty(x.shape[0], qs.shape[0]))
+    for name in ("q4x8_linear", "q8x8_linear"):  # eight rows interleaved: qs [N / 8, ...]
+        torch.library.register_fake(f"llmengine_cpu::{name}")(
+            lambda x, qs, *rest: x.new_empty(x.shape[0], qs.shape[0] * 8))
+    torch.library.register_fake("llmengine_cpu::float_linear")(  # fp32 out, whatever x's type
+        lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0] * 8, dtype=torch.float32))
 
 
 def available() -> bool:
