@@ -19,7 +19,7 @@ PROMPTS = [[5, 17, 99, 3, 64, 8, 21, 5, 17, 99, 3, 64, 8], [7, 100, 2, 45] * 5, 
 
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", fast_subset([torch.bfloat16, torch.float16], [torch.bfloat16]))
 def test_the_loader_keeps_projection_weights_in_their_dtype(tiny_dirs, dtype):
     path = tiny_dirs["llama-gqa-tied-bias"]
     model = load_model(path, dtype=dtype, progress=False)
@@ -36,6 +36,7 @@ def test_the_loader_keeps_projection_weights_in_their_dtype(tiny_dirs, dtype):
     assert torch.equal(model.embed.weight, ref.embed.weight.to(dtype).float())
 
 
+@pytest.mark.slow  # two models of its own
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.03), (torch.float16, 0.004)])
 def test_logits_within_the_weights_rounding_of_fp32(tiny_dirs, dtype, tolerance):
     path = tiny_dirs["llama-gqa-tied-bias"]
