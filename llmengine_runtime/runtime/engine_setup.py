@@ -55,8 +55,9 @@ def kv_cache_plan(model: nn.Module, config: ModelConfig, dtype: torch.dtype, dev
     element = model.embed.weight.element_size()
     reserve = max_num_batched_tokens * element * 4 * (config.hidden_size * 4 + config.intermediate_size * 2) \
         + max_num_seqs * config.vocab_size * 4 * 4
-    quantized = any(isinstance(m, (QuantizedLinear, GGUFLinear, FloatLinear)) for m in model.modules())  # a GGUF's too
-    if any(isinstance(m, FloatLinear) for m in model.modules()):
+    layers = {type(m) for m in model.modules()}
+    quantized = bool(layers & {QuantizedLinear, GGUFLinear, FloatLinear})  # a GGUF's too
+    if FloatLinear in layers:
         dtype = torch.float32  # bf16/fp16 weights, fp32 activations (models/float_linear.py)
     cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype, device, quantized, tensor_parallel)
     # Under tensor parallelism the budget counts blocks as if one rank held every KV head (each holds its share),

@@ -120,12 +120,13 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
     const int64_t take = j1 - ja;
     const float* q_group = q + (r0 + i) * q_row_stride + kvh * G * q_head_stride;
     float *m_row = m_all + i * G, *l_row = l_all + i * G, *acc = acc_all + i * G * d;
+    // key j's row of this KV head in the cache, and the keys of its block from j on (to the row's last one)
+    auto row_of = [&](int64_t j) {
+      return ((block_tables[s * max_blocks + j / block_size] * block_size + j % block_size) * Hkv + kvh) * d;
+    };
+    auto in_block = [&](int64_t j) { return std::min(block_size - j % block_size, j1 - j); };
     auto blocks = [&](auto&& each) {  // each(first row of the block's keys in the cache, key offset, count)
-      for (int64_t j = ja; j < j1;) {
-        const int64_t off = j % block_size, n = std::min(block_size - off, j1 - j);
-        each(((block_tables[s * max_blocks + j / block_size] * block_size + off) * Hkv + kvh) * d, j - ja, n);
-        j += n;
-      }
+      for (int64_t j = ja; j < j1; j += in_block(j)) each(row_of(j), j - ja, in_block(j));
     };
     // The keys and values come from a cache that the step's weight stream has just evicted, scattered by block: each
     // block fetches its values and the next block's keys ahead of use (a prefetch changes no number).
@@ -135,16 +136,9 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
         for (int64_t b = 0; b < static_cast<int64_t>(d * sizeof(E)); b += 64)
           __builtin_prefetch(p + t * row_stride * sizeof(E) + b);
     };
-    if (ja < j1) {
-      const int64_t off = ja % block_size, n = std::min(block_size - off, j1 - ja);
-      prefetch_rows(k_rows, ((block_tables[s * max_blocks + ja / block_size] * block_size + off) * Hkv + kvh) * d, n);
-    }
+    prefetch_rows(k_rows, row_of(ja), in_block(ja));  // (ja < j1 here)
     blocks([&](int64_t first, int64_t at, int64_t n) {
-      const int64_t next = ja + at + n;
-      if (next < j1) {
-        const int64_t nn = std::min(block_size, j1 - next);
-        prefetch_rows(k_rows, ((block_tables[s * max_blocks + next / block_size] * block_size) * Hkv + kvh) * d, nn);
-      }
+      if (const int64_t next = ja + at + n; next < j1) prefetch_rows(k_rows, row_of(next), in_block(next));
       prefetch_rows(v_rows, first, n);
       for (int64_t g = 0; g < G; ++g)
         dot_rows(q_group + g * q_head_stride, k_rows + first, row_stride, n, d, scores + g * CHUNK_KEYS + at);
