@@ -182,3 +182,25 @@ def test_fused_head_argmax_is_torch_argmax(tiny_dirs, threads, nan_rows, monkeyp
     assert len(seen) == 6 and all(torch.equal(argmax, logits.argmax(-1)) for logits, argmax in seen)  # prefill too
     assert all((argmax == expected).all() for _, argmax in seen)
     assert tokens == [[expected] * 6] * 2
+
+
+def test_amx_tiles_leave_the_numbers_as_they_were(tiny_dirs, monkeypatch):
+    """Prompts of 40 and 20 tokens give steps of 16 rows and more, which go to AMX int8 tiles where the CPU has them
+    (kernels/cpu/amx_interleaved.cpp), beside single decode rows: tokens and log-probs are the vector path's."""
+    ops = torch.ops.llmengine_cpu
+    prompts = [[9] * 40, [7, 100, 2, 45] * 5, [3, 1, 4]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
+    llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize="int4", block_size=16, cpu_threads=2,
+              enable_prefix_caching=False)
+    before = ops.amx_enabled()
+    if not ops.set_amx(True):
+        pytest.skip("no AMX int8 tiles in this build or on this CPU")
+    try:
+        results = {}
+        for on in (True, False):
+            ops.set_amx(on)
+            results[on] = [(r.token_ids, r.log_probs) for r in llm.generate(prompts, params, progress=False)]
+    finally:
+        ops.set_amx(before)
+    assert results[True] == results[False]
+

@@ -99,7 +99,8 @@ void group_tile(const uint8_t* wq, const uint16_t* wd, const uint16_t* wm, int64
 void q4x8_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                int64_t ldy) {
   const int64_t nb = w.nb;
-  interleaved_rows(M, n0, n1, w.bias, y, ldy, [&](int64_t g, int mt, int64_t i, int j0, int j1, float* yt) {
+  const AmxSpan done = q4x8_amx(xr, w, M, n0, n1, y, ldy);
+  interleaved_rest(done, M, n0, n1, w.bias, y, ldy, [&](int64_t g, int mt, int64_t i, int j0, int j1, float* yt) {
     const uint8_t* wq = w.qs + g * nb * GROUP_BYTES;
     const uint16_t *wd = w.d + g * nb * GROUP, *wm = w.m + g * nb * GROUP;
     switch (mt) {

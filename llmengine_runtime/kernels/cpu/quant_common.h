@@ -89,4 +89,18 @@ void q4x8_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t
 void q8x8_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                int64_t ldy);
 
+// The block of an interleaved product that AMX tiles computed (amx_interleaved.cpp): activation rows [0, rows),
+// output columns [n0, n1), bias included; rows = 0 when none.
+struct AmxSpan {
+  int64_t rows, n0, n1;
+};
+// q4x8_rows / q8x8_rows on AMX int8 tiles for the whole tiles of 16 activation rows by 16 output columns inside
+// the M x [n0, n1) output, where the CPU has them and they are on (`amx_enabled`); the rest is the caller's.
+AmxSpan q4x8_amx(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy);
+AmxSpan q8x8_amx(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy);
+// Whether the products use AMX: built with it, granted by the kernel, and not turned off (LLMENGINE_AMX=0).
+bool amx_enabled();
+
 }  // namespace llmengine_cpu

@@ -1,0 +1,236 @@
+#pragma GCC optimize("fp-contract=off")  // the float sums exactly as written: the same as the vector path's
+// AMX int8 tiles for the interleaved int4 and int8 products (q4_interleaved.cpp, q8_interleaved.cpp), on CPUs with
+// AMX (Sapphire Rapids and later; a build for any other CPU computes nothing here and the callers do it all).
+//
+// The numbers are the vpdpbusd path's, bit for bit: a block's int32 sum q . xq is exact however the hardware adds
+// it, and the float steps after it are the same ops in the same order: acc = fma(isum, d * xd, acc), then for q4
+// acc = fma(m, xs, acc), blocks in order from acc = 0, then + bias. So which rows run on tiles shows nowhere.
+//
+// Layout: A tile = 16 activation rows of one block, straight from the quantized rows (xq int8 [M, nb * 32], row
+// stride nb * 32): 16 x 32 bytes. B tile = the block's weights for two groups of 8 output rows (16 columns) in the
+// tiles' 4-bytes-per-column order, unpacked per call into scratch [nb, 8, 64]: its row r holds k = 4r'..4r'+3 of
+// each column, for q4 the low nibbles of chunk c (k = 4c..) at r = c and the high ones (k = 16 + 4c..) at r = 4 + c,
+// for q8 chunk c at r = c. C tile = 16 x 16 int32 (tdpbsud: signed x, unsigned q4; tdpbssd for q8), stored to
+// scratch and scaled into 16 fp32 accumulators of 16 columns, one per activation row.
+// Grid: one call computes, on the calling thread, every whole 16 x 16 tile of activation rows [0, 16 * (M / 16)) by
+// group pairs inside [n0, n1) (AmxSpan); the caller computes the rest on the vector path.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "quant_common.h"
+
+#if defined(LLME_AVX2) && defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define LLME_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace llmengine_cpu {
+
+namespace {
+
+std::atomic<int> amx_state{-1};  // -1: not decided yet, 0: off, 1: on
+
+bool amx_granted() {
+#ifdef LLME_AMX
+  // Linux hands out the tiles' 8 KiB register state only to a process that asks (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool amx_enabled() {
+  int state = amx_state.load(std::memory_order_relaxed);
+  if (state < 0) {
+    const char* env = std::getenv("LLMENGINE_AMX");
+    state = env && std::strcmp(env, "0") == 0 ? 0 : static_cast<int>(amx_granted());
+    amx_state.store(state);
+  }
+  return state == 1;
+}
+
+bool set_amx(bool enable) {
+  amx_state.store(enable && amx_granted() ? 1 : 0);
+  return amx_enabled();
+}
+
+#ifdef LLME_AMX
+
+namespace {
+
+constexpr int64_t TILE = 16, GROUP = 8, B_BYTES = 512, ROW_CHUNK = 64;
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void configure_tiles() {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int even = 0; even < 2; ++even) {  // tiles 0, 1, 2 for even blocks, 3, 4, 5 for odd ones
+    cfg.rows[3 * even] = TILE, cfg.colsb[3 * even] = QK;  // A: 16 activation rows x one block
+    cfg.rows[3 * even + 1] = QK / 4, cfg.colsb[3 * even + 1] = 4 * TILE;  // B: 32 k x 16 columns, 4 k a column
+    cfg.rows[3 * even + 2] = TILE, cfg.colsb[3 * even + 2] = 4 * TILE;  // C: 16 x 16 int32
+  }
+  _tile_loadconfig(&cfg);
+}
+
+struct PairScratch {
+  std::vector<uint8_t> b;  // [nb, 512] B tiles
+  std::vector<float> d, m;  // [nb, 16] the pair's scales and mins as fp32
+  alignas(64) int32_t c[2][TILE * TILE];  // C of an even block, of an odd one
+};
+
+// Groups g and g + 1 (their bytes at w0 and w1) as nb B tiles, and their scales (and mins) widened.
+template <bool Q4>
+void unpack_pair(const QuantWeight& w, int64_t g, PairScratch& s) {
+  const int64_t nb = w.nb, group_bytes = Q4 ? 128 : 256;
+  const uint8_t *w0 = w.qs + g * nb * group_bytes, *w1 = w0 + nb * group_bytes;
+  s.b.resize(nb * B_BYTES), s.d.resize(nb * TILE), s.m.resize(nb * TILE);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* bt = s.b.data() + b * B_BYTES;
+    for (int c = 0; c < group_bytes / 32; ++c) {
+      const __m512i raw = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + b * group_bytes + 32 * c))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + b * group_bytes + 32 * c)), 1);
+      if (Q4) {
+        _mm512_storeu_si512(bt + 64 * c, _mm512_and_si512(raw, low));
+        _mm512_storeu_si512(bt + 64 * (4 + c), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+      } else {
+        _mm512_storeu_si512(bt + 64 * c, raw);
+      }
+    }
+    for (int half = 0; half < 2; ++half) {
+      const int64_t at = ((g + half) * nb + b) * GROUP;
+      _mm256_storeu_ps(s.d.data() + b * TILE + 8 * half,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + at))));
+      if (Q4)
+        _mm256_storeu_ps(s.m.data() + b * TILE + 8 * half,
+                         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + at))));
+    }
+  }
+}
+
+// C = A . B of one block on tiles a, b, c (literal numbers: the intrinsics paste them into the instructions).
+#define LLME_BLOCK_PRODUCT(Q4, a, b, c, xq, stride, bt) \
+  do {                                                  \
+    _tile_zero(c);                                      \
+    _tile_loadd(a, xq, stride);                         \
+    _tile_loadd(b, bt, 4 * TILE);                       \
+    if constexpr (Q4) _tile_dpbsud(c, a, b);            \
+    else _tile_dpbssd(c, a, b);                         \
+  } while (0)
+
+// acc[t] += block b's sums c (16 x 16 int32) scaled: the vector path's two fmas per lane, in its order.
+template <bool Q4>
+__attribute__((always_inline)) inline void scale_block(__m512 (&acc)[TILE], const int32_t* c, const float* d,
+                                                       const float* m, const float* xd, const float* xs, int64_t nb) {
+  const __m512 dw = _mm512_loadu_ps(d), mw = Q4 ? _mm512_loadu_ps(m) : dw;
+#pragma GCC unroll 16
+  for (int t = 0; t < TILE; ++t) {
+    const __m512 isum = _mm512_cvtepi32_ps(_mm512_load_si512(c + TILE * t));
+    acc[t] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xd[t * nb])), acc[t]);
+    if constexpr (Q4) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[t * nb]), acc[t]);
+  }
+}
+
+// y[i, 0..16) for activation rows [r0, r1) against the unpacked pair; y points at the pair's first column. Two
+// sets of tiles (0-2 for even blocks, 3-5 for odd ones) pipeline the blocks: step b starts block b + 1's product,
+// stores block b's sums (its product had a step to finish) and scales block b - 1's.
+template <bool Q4>
+void pair_rows(PairScratch& s, const QuantizedRows& xr, int64_t nb, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  const int64_t stride = nb * QK;
+  const uint8_t* bt = s.b.data();
+  const float *d = s.d.data(), *m = s.m.data();
+  for (int64_t i0 = r0; i0 < r1; i0 += TILE) {
+    __m512 acc[TILE];
+    for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
+    const int8_t* xq = xr.q.data() + i0 * stride;
+    const float *xd = xr.d.data() + i0 * nb, *xs = xr.s.data() + i0 * nb;
+    LLME_BLOCK_PRODUCT(Q4, 0, 1, 2, xq, stride, bt);
+    for (int64_t b = 0; b <= nb; ++b) {
+      if (b + 1 < nb) {
+        if (b & 1) LLME_BLOCK_PRODUCT(Q4, 0, 1, 2, xq + (b + 1) * QK, stride, bt + (b + 1) * B_BYTES);
+        else LLME_BLOCK_PRODUCT(Q4, 3, 4, 5, xq + (b + 1) * QK, stride, bt + (b + 1) * B_BYTES);
+      }
+      if (b < nb) {
+        if (b & 1) _tile_stored(5, s.c[1], 4 * TILE);
+        else _tile_stored(2, s.c[0], 4 * TILE);
+      }
+      if (b > 0)
+        scale_block<Q4>(acc, s.c[(b - 1) & 1], d + (b - 1) * TILE, m + (b - 1) * TILE, xd + b - 1, xs + b - 1, nb);
+    }
+    for (int t = 0; t < TILE; ++t) _mm512_storeu_ps(y + (i0 + t) * ldy, acc[t]);
+  }
+}
+
+template <bool Q4>
+AmxSpan amx_block(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy) {
+  const int64_t rows = M / TILE * TILE, g0 = (n0 + GROUP - 1) / GROUP;
+  const int64_t pairs = std::max<int64_t>(0, (n1 / GROUP - g0) / 2);
+  if (rows == 0 || pairs == 0 || !amx_enabled()) return {0, n0, n0};
+  PairScratch scratch;  // per call, not thread_local: TLS lookups in the loop would clobber the accumulators
+  configure_tiles();  // per call: other libraries (oneDNN) configure the same threads' tiles their own way
+  // Chunks of activation rows stay in L1 across the pairs (the int4 pairs are unpacked once per chunk).
+  for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int64_t g = g0 + 2 * p;
+      unpack_pair<Q4>(w, g, scratch);
+      pair_rows<Q4>(scratch, xr, w.nb, r0, std::min(rows, r0 + ROW_CHUNK), y + (g * GROUP - n0), ldy);
+    }
+  _tile_release();
+  const AmxSpan done{rows, g0 * GROUP, (g0 + 2 * pairs) * GROUP};
+  if (w.bias)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t n = done.n0; n < done.n1; ++n) y[i * ldy + n - n0] += w.bias[n];
+  return done;
+}
+
+}  // namespace
+
+AmxSpan q4x8_amx(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy) {
+  return amx_block<true>(xr, w, M, n0, n1, y, ldy);
+}
+
+AmxSpan q8x8_amx(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy) {
+  return amx_block<false>(xr, w, M, n0, n1, y, ldy);
+}
+
+#else
+
+AmxSpan q4x8_amx(const QuantizedRows&, const QuantWeight&, int64_t, int64_t n0, int64_t, float*, int64_t) {
+  return {0, n0, n0};
+}
+
+AmxSpan q8x8_amx(const QuantizedRows&, const QuantWeight&, int64_t, int64_t n0, int64_t, float*, int64_t) {
+  return {0, n0, n0};
+}
+
+#endif
+
+}  // namespace llmengine_cpu
+
+TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
+  lib.def("amx_enabled() -> bool");
+  lib.def("set_amx(bool enable) -> bool");
+}
+
+TORCH_LIBRARY_IMPL(llmengine_cpu, CatchAll, lib) {
+  lib.impl("amx_enabled", &llmengine_cpu::amx_enabled);
+  lib.impl("set_amx", &llmengine_cpu::set_amx);
+}
