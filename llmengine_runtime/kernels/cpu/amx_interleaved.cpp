@@ -7,11 +7,11 @@
 // acc = fma(m, xs, acc), blocks in order from acc = 0, then + bias. So which rows run on tiles shows nowhere.
 //
 // Layout: A tile = 16 activation rows of one block, straight from the quantized rows (xq int8 [M, nb * 32], row
-// stride nb * 32): 16 x 32 bytes. B tile = the block's weights for two groups of 8 output rows (16 columns) in the
-// tiles' 4-bytes-per-column order, unpacked per call into scratch [nb, 8, 64]: its row r holds k = 4r'..4r'+3 of
-// each column, for q4 the low nibbles of chunk c (k = 4c..) at r = c and the high ones (k = 16 + 4c..) at r = 4 + c,
-// for q8 chunk c at r = c. C tile = 16 x 16 int32 (tdpbsud: signed x, unsigned q4; tdpbssd for q8), stored to
-// scratch and scaled into 16 fp32 accumulators of 16 columns, one per activation row.
+// stride nb * 32): 16 x 32 bytes. B tile = the block's weights for two groups of 8 output rows (16 columns), four
+// consecutive k of a column in each 4 bytes: [8, 64] per block, unpacked into scratch [nb, 8, 64] by the first row
+// tile. For q4 its row c (0..3) holds chunk c's low nibbles (k = 4c..4c+3) and row 4 + c the high ones
+// (k = 16 + 4c..); for q8 row c holds chunk c (k = 4c..4c+3). C tile = 16 x 16 int32 (tdpbsud: signed x, unsigned
+// q4; tdpbssd for q8), stored to scratch and scaled into 16 fp32 accumulators of 16 columns, one per activation row.
 // Grid: one call computes, on the calling thread, every whole 16 x 16 tile of activation rows [0, 16 * (M / 16)) by
 // group pairs inside [n0, n1) (AmxSpan); the caller computes the rest on the vector path.
 #include <torch/library.h>
@@ -92,34 +92,37 @@ struct PairScratch {
   alignas(64) int32_t c[2][TILE * TILE];  // C of an even block, of an odd one
 };
 
-// Groups g and g + 1 (their bytes at w0 and w1) as nb B tiles, and their scales (and mins) widened.
+// Block b of groups g and g + 1 as a B tile in s.b, and their scales (and mins) widened; the same block of the next
+// pair is prefetched (a step's weights arrive cold).
 template <bool Q4>
-void unpack_pair(const QuantWeight& w, int64_t g, PairScratch& s) {
-  const int64_t nb = w.nb, group_bytes = Q4 ? 128 : 256;
-  const uint8_t *w0 = w.qs + g * nb * group_bytes, *w1 = w0 + nb * group_bytes;
-  s.b.resize(nb * B_BYTES), s.d.resize(nb * TILE), s.m.resize(nb * TILE);
+__attribute__((always_inline)) inline void unpack_block(const QuantWeight& w, int64_t g, int64_t b, PairScratch& s) {
+  constexpr int64_t group_bytes = Q4 ? 128 : 256;
+  const int64_t nb = w.nb;
+  const uint8_t *w0 = w.qs + (g * nb + b) * group_bytes, *w1 = w0 + nb * group_bytes;
+  for (int64_t line = 0; line < group_bytes; line += 64) {
+    __builtin_prefetch(w0 + 2 * nb * group_bytes + line);
+    __builtin_prefetch(w1 + 2 * nb * group_bytes + line);
+  }
+  uint8_t* bt = s.b.data() + b * B_BYTES;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < nb; ++b) {
-    uint8_t* bt = s.b.data() + b * B_BYTES;
-    for (int c = 0; c < group_bytes / 32; ++c) {
-      const __m512i raw = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + b * group_bytes + 32 * c))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + b * group_bytes + 32 * c)), 1);
-      if (Q4) {
-        _mm512_storeu_si512(bt + 64 * c, _mm512_and_si512(raw, low));
-        _mm512_storeu_si512(bt + 64 * (4 + c), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
-      } else {
-        _mm512_storeu_si512(bt + 64 * c, raw);
-      }
+  for (int c = 0; c < group_bytes / 32; ++c) {
+    const __m512i raw = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 32 * c))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + 32 * c)), 1);
+    if constexpr (Q4) {
+      _mm512_storeu_si512(bt + 64 * c, _mm512_and_si512(raw, low));
+      _mm512_storeu_si512(bt + 64 * (4 + c), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+    } else {
+      _mm512_storeu_si512(bt + 64 * c, raw);
     }
-    for (int half = 0; half < 2; ++half) {
-      const int64_t at = ((g + half) * nb + b) * GROUP;
-      _mm256_storeu_ps(s.d.data() + b * TILE + 8 * half,
-                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + at))));
-      if (Q4)
-        _mm256_storeu_ps(s.m.data() + b * TILE + 8 * half,
-                         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + at))));
-    }
+  }
+  for (int half = 0; half < 2; ++half) {
+    const int64_t at = ((g + half) * nb + b) * GROUP;
+    _mm256_storeu_ps(s.d.data() + b * TILE + 8 * half,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + at))));
+    if constexpr (Q4)
+      _mm256_storeu_ps(s.m.data() + b * TILE + 8 * half,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + at))));
   }
 }
 
@@ -146,25 +149,31 @@ __attribute__((always_inline)) inline void scale_block(__m512 (&acc)[TILE], cons
   }
 }
 
-// y[i, 0..16) for activation rows [r0, r1) against the unpacked pair; y points at the pair's first column. Two
+// y[i, 0..16) for activation rows [r0, r1) against groups g and g + 1; y points at the pair's first column. Two
 // sets of tiles (0-2 for even blocks, 3-5 for odd ones) pipeline the blocks: step b starts block b + 1's product,
-// stores block b's sums (its product had a step to finish) and scales block b - 1's.
+// stores block b's sums (its product had a step to finish) and scales block b - 1's. The first row tile unpacks
+// the weights two blocks ahead of their product; the others reuse them.
 template <bool Q4>
-void pair_rows(PairScratch& s, const QuantizedRows& xr, int64_t nb, int64_t r0, int64_t r1, float* y, int64_t ldy) {
-  const int64_t stride = nb * QK;
+void pair_rows(const QuantWeight& w, int64_t g, PairScratch& s, const QuantizedRows& xr, int64_t r0, int64_t r1,
+               float* y, int64_t ldy) {
+  const int64_t nb = w.nb, stride = nb * QK;
   const uint8_t* bt = s.b.data();
   const float *d = s.d.data(), *m = s.m.data();
   for (int64_t i0 = r0; i0 < r1; i0 += TILE) {
+    const bool unpack = i0 == r0;
     __m512 acc[TILE];
     for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
     const int8_t* xq = xr.q.data() + i0 * stride;
     const float *xd = xr.d.data() + i0 * nb, *xs = xr.s.data() + i0 * nb;
+    if (unpack)
+      for (int64_t b = 0; b < std::min<int64_t>(2, nb); ++b) unpack_block<Q4>(w, g, b, s);
     LLME_BLOCK_PRODUCT(Q4, 0, 1, 2, xq, stride, bt);
     for (int64_t b = 0; b <= nb; ++b) {
       if (b + 1 < nb) {
         if (b & 1) LLME_BLOCK_PRODUCT(Q4, 0, 1, 2, xq + (b + 1) * QK, stride, bt + (b + 1) * B_BYTES);
         else LLME_BLOCK_PRODUCT(Q4, 3, 4, 5, xq + (b + 1) * QK, stride, bt + (b + 1) * B_BYTES);
       }
+      if (unpack && b + 2 < nb) unpack_block<Q4>(w, g, b + 2, s);
       if (b < nb) {
         if (b & 1) _tile_stored(5, s.c[1], 4 * TILE);
         else _tile_stored(2, s.c[0], 4 * TILE);
@@ -185,11 +194,11 @@ AmxSpan amx_block(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int6
   PairScratch scratch;  // per call, not thread_local: TLS lookups in the loop would clobber the accumulators
   configure_tiles();  // per call: other libraries (oneDNN) configure the same threads' tiles their own way
   // Chunks of activation rows stay in L1 across the pairs (the int4 pairs are unpacked once per chunk).
+  scratch.b.resize(w.nb * B_BYTES), scratch.d.resize(w.nb * TILE), scratch.m.resize(w.nb * TILE);
   for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK)
     for (int64_t p = 0; p < pairs; ++p) {
       const int64_t g = g0 + 2 * p;
-      unpack_pair<Q4>(w, g, scratch);
-      pair_rows<Q4>(scratch, xr, w.nb, r0, std::min(rows, r0 + ROW_CHUNK), y + (g * GROUP - n0), ldy);
+      pair_rows<Q4>(w, g, scratch, xr, r0, std::min(rows, r0 + ROW_CHUNK), y + (g * GROUP - n0), ldy);
     }
   _tile_release();
   const AmxSpan done{rows, g0 * GROUP, (g0 + 2 * pairs) * GROUP};
