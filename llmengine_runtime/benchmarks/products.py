@@ -10,8 +10,11 @@ count: the median time of all the products (ms) and the weight bytes read / that
 
 Methods: `F.linear` with the checkpoint's row-major weight; `F.linear` with a column-major copy;
 oneDNN's packed weight (`mkldnn._reorder_linear_weight` for 1 row and for 16 rows, then
-`_linear_pointwise`), which is what models/packed_linear.py runs on CPU. Each method's products are
-checked against float64 first.
+`_linear_pointwise`), which is what models/packed_linear.py runs on CPU; with fp32 and our C++ kernels, the
+weights quantized to int4 and int8 in blocks of 32 (eight rows interleaved, as the default model's GGUF layers run)
+on the vector path (vpdpbusd) and, where the CPU has AMX, on AMX tiles (kernels/cpu/amx_interleaved.cpp; the same
+bits). Each method's products are checked against float64 first (the quantized ones against their dequantized
+weights).
 """
 
 from __future__ import annotations
@@ -63,7 +66,33 @@ def methods(weights: list[torch.Tensor]) -> dict[str, list[Product]]:
     return found
 
 
-def check(name: str, products: list[Product], weights: list[torch.Tensor], dtype: torch.dtype) -> float:
+def quantized_methods(weights: list[torch.Tensor]) -> tuple[dict[str, list[Product]], dict[str, list[torch.Tensor]]]:
+    """The int4 and int8 interleaved products, on the vector path and on AMX tiles where there are some, and the
+    dequantized weights each is checked against."""
+    from llmengine_runtime.kernels import cpu as cpu_kernels
+    from llmengine_runtime.models.quantized_linear import QuantizedLinear
+
+    if weights[0].dtype != torch.float32 or not cpu_kernels.available():
+        return {}, {}
+    ops = torch.ops.llmengine_cpu
+    before = ops.amx_enabled()
+    paths = {"vpdpbusd": False, "AMX tiles": True} if ops.set_amx(True) else {"vpdpbusd": False}
+    ops.set_amx(before)
+
+    def on(layer: QuantizedLinear, amx: bool) -> Product:
+        return lambda x: (ops.set_amx(amx), layer(x))[1]
+
+    found, refs = {}, {}
+    for mode in ("int4", "int8"):
+        layers = [QuantizedLinear.quantize(w, mode=mode, group_size=32) for w in weights]
+        for path, amx in paths.items():
+            found[f"{mode} interleaved, {path}"] = [on(layer, amx) for layer in layers]
+            refs[f"{mode} interleaved, {path}"] = [layer.dequantize().float() for layer in layers[:4]]
+    return found, refs
+
+
+def check(name: str, products: list[Product], weights: list[torch.Tensor], dtype: torch.dtype,
+          quantized: bool = False) -> float:
     """Largest error against float64 over a few matrices and row counts, relative to the output's scale."""
     worst = 0.0
     for i in (0, 1, 2, 3):
@@ -72,7 +101,7 @@ def check(name: str, products: list[Product], weights: list[torch.Tensor], dtype
             ref = x.double() @ weights[i].double().t()
             err = (products[i](x).double() - ref).abs().max().item() / ref.abs().max().item()
             worst = max(worst, err)
-    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    bound = 1e-5 if dtype == torch.float32 and not quantized else 2e-2  # (quantized: the int8 activations)
     if worst > bound:
         raise AssertionError(f"{name}: relative error {worst:.2e} against float64 exceeds {bound:.0e}")
     return worst
@@ -100,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     found = methods(weights)
     errors = {name: check(name, products, weights, dtype) for name, products in found.items()}
+    quantized, refs = quantized_methods(weights)
+    errors |= {name: check(name, products, refs[name], dtype, quantized=True) for name, products in quantized.items()}
+    found |= quantized
+    numel = sum(w.numel() for w in weights)  # int4: half a byte a weight, fp16 scale and min a block; int8: 1 + scale
+    bytes_of = {name: numel // 2 + numel // 8 if name.startswith("int4") else numel + numel // 16
+                if name.startswith("int8") else weight_bytes for name in found}
     rows = []
     bar = tqdm(total=len(found) * len(args.rows), desc="products", unit="case", disable=args.no_progress)
     for n in args.rows:
@@ -108,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             times = time_products(products, inputs, args.repeats)
             ms = statistics.median(times) * 1e3
             rows.append({"method": name, "rows": n, "ms": ms, "min_ms": min(times) * 1e3,
-                         "max_ms": max(times) * 1e3, "weight_gb_s": weight_bytes / ms / 1e6})
+                         "max_ms": max(times) * 1e3, "weight_gb_s": bytes_of[name] / ms / 1e6})
             bar.update(1)
     bar.close()
     report = {"benchmark": "products", "machine": machine_info(), "model": args.model, "dtype": args.dtype,
