@@ -122,12 +122,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(line.startswith("flags") and flag in line.split()
+                   for line in Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return False
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
     }
+    if _cpu_has("amx_int8"):  # whether our int4/int8 products may use AMX tiles (kernels/cpu/amx_interleaved.cpp)
+        info["amx_tiles"] = os.environ.get("LLMENGINE_AMX", "1") != "0"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -148,6 +158,8 @@ def machine_line(info: dict[str, Any]) -> str:
     parts = [info["date"], f"CPU {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads)"]
     if info.get("gpu"):
         parts.append(f"GPU {info['gpu']}")
+    if "amx_tiles" in info:
+        parts.append("AMX tiles " + ("on" if info["amx_tiles"] else "off (LLMENGINE_AMX=0)"))
     parts.append(f"torch {info['torch']}")
     if info.get("transformers"):
         parts.append(f"transformers {info['transformers']}")

@@ -61,3 +61,14 @@ def test_peak_memory_and_copy_bandwidth_on_cpu():
     assert memory.peak_bytes() >= 60 << 20
     del block
     assert common.copy_bandwidth(torch.device("cpu"), mib=16, repeats=2) > 1e8
+
+
+def test_machine_info_says_whether_amx_tiles_were_on(monkeypatch):
+    monkeypatch.setattr(common, "_cpu_has", lambda flag: flag == "amx_int8")
+    monkeypatch.setenv("LLMENGINE_AMX", "0")
+    info = common.machine_info()
+    assert info["amx_tiles"] is False and "AMX tiles off" in common.machine_line(info)
+    monkeypatch.delenv("LLMENGINE_AMX")
+    assert common.machine_info()["amx_tiles"] is True
+    monkeypatch.setattr(common, "_cpu_has", lambda flag: False)
+    assert "amx_tiles" not in common.machine_info()
