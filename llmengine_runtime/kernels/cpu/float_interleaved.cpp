@@ -200,12 +200,7 @@ void prepare_float_rows(FloatActivations& out, const float* x, int64_t rows, int
 void float_rows(const FloatActivations& x, const FloatWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                 int64_t ldy) {
   interleaved_rows(0, M, n0, n1, w.bias, y, ldy, [&](int64_t g, int mt, int64_t i, int j0, int j1, float* yt) {
-    switch (mt) {
-      case 4: return group_tile<4>(x, w, g, i, j0, j1, yt, ldy);
-      case 3: return group_tile<3>(x, w, g, i, j0, j1, yt, ldy);
-      case 2: return group_tile<2>(x, w, g, i, j0, j1, yt, ldy);
-      default: return group_tile<1>(x, w, g, i, j0, j1, yt, ldy);
-    }
+    with_tile_rows<4>(mt, [&](auto rows) { group_tile<rows>(x, w, g, i, j0, j1, yt, ldy); });
   });
 }
 

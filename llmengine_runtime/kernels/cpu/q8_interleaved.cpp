@@ -11,8 +11,9 @@
 // chunk is one vpdpbusd of |w| (u8) against xq[4c..4c+3] broadcast to every lane and given w's sign (the sign
 // trick: pair sums stay within 2 * 128 * 127, so AVX2's maddubs is exact too). A row's numbers depend neither on
 // M, the tile, the thread nor on the other rows beside it.
-// Grid: `q8x8_rows` computes the groups covering output rows n0..n1 (writing only those) for tiles of up to 4
-// activation rows, on the calling thread (interleaved_rows.h); the op splits the groups with at::parallel_for.
+// Grid: `q8x8_rows` computes the groups covering output rows n0..n1 (writing only those) for tiles of up to
+// INT_MAX_TILE activation rows (8 with AVX-512, else 4), on the calling thread (interleaved_rows.h), after AMX tiles
+// took what they take (amx_interleaved.cpp); the op splits the groups with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -85,16 +86,12 @@ void q8x8_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t
                int64_t ldy) {
   const int64_t nb = w.nb;
   const AmxSpan done = q8x8_amx(xr, w, M, n0, n1, y, ldy);
-  interleaved_rest(done, M, n0, n1, w.bias, y, ldy, [&](int64_t g, int mt, int64_t i, int j0, int j1, float* yt) {
+  const auto tile = [&](int64_t g, int mt, int64_t i, int j0, int j1, float* yt) {
     const int8_t* wq = reinterpret_cast<const int8_t*>(w.qs) + g * nb * GROUP_BYTES;
     const uint16_t* wd = w.d + g * nb * GROUP;
-    switch (mt) {
-      case 4: return group_tile<4>(wq, wd, nb, xr, i, j0, j1, yt, ldy);
-      case 3: return group_tile<3>(wq, wd, nb, xr, i, j0, j1, yt, ldy);
-      case 2: return group_tile<2>(wq, wd, nb, xr, i, j0, j1, yt, ldy);
-      default: return group_tile<1>(wq, wd, nb, xr, i, j0, j1, yt, ldy);
-    }
-  });
+    with_tile_rows<INT_MAX_TILE>(mt, [&](auto rows) { group_tile<rows>(wq, wd, nb, xr, i, j0, j1, yt, ldy); });
+  };
+  interleaved_rest<INT_MAX_TILE>(done, M, n0, n1, w.bias, y, ldy, tile);
 }
 
 at::Tensor q8x8_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
