@@ -132,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
     quantized, refs = quantized_methods(weights)
     errors |= {name: check(name, products, refs[name], dtype, quantized=True) for name, products in quantized.items()}
     found |= quantized
-    numel = sum(w.numel() for w in weights)  # int4: half a byte a weight, fp16 scale and min a block; int8: 1 + scale
-    bytes_of = {name: numel // 2 + numel // 8 if name.startswith("int4") else numel + numel // 16
-                if name.startswith("int8") else weight_bytes for name in found}
+    numel = sum(w.numel() for w in weights)
+    stored = {"int4": numel // 2 + numel // 8, "int8": numel + numel // 16}  # + fp16 scale (and min) per 32
+    bytes_of = {name: stored.get(name.split()[0], weight_bytes) for name in found}
     rows = []
     bar = tqdm(total=len(found) * len(args.rows), desc="products", unit="case", disable=args.no_progress)
     for n in args.rows:

@@ -40,14 +40,17 @@ void interleaved_rows(int64_t m0, int64_t M, int64_t n0, int64_t n1, const float
 }
 
 // What the AMX tiles (amx_interleaved.cpp) left of the M x [n0, n1) output: the columns beside their block and the
-// rows below it. Same bits either way, so the split does not show in the numbers.
+// rows below it; then the bias over the whole output, once. Same bits either way, so the split does not show.
 template <int MAX_TILE, class Tile>
 void interleaved_rest(const AmxSpan& done, int64_t M, int64_t n0, int64_t n1, const float* bias, float* y,
                       int64_t ldy, const Tile& tile) {
   if (done.rows == 0 || done.n0 >= done.n1) return interleaved_rows<MAX_TILE>(0, M, n0, n1, bias, y, ldy, tile);
-  interleaved_rows<MAX_TILE>(0, done.rows, n0, done.n0, bias, y, ldy, tile);
-  interleaved_rows<MAX_TILE>(0, done.rows, done.n1, n1, bias, y + (done.n1 - n0), ldy, tile);
-  interleaved_rows<MAX_TILE>(done.rows, M, n0, n1, bias, y, ldy, tile);
+  interleaved_rows<MAX_TILE>(0, done.rows, n0, done.n0, nullptr, y, ldy, tile);
+  interleaved_rows<MAX_TILE>(0, done.rows, done.n1, n1, nullptr, y + (done.n1 - n0), ldy, tile);
+  interleaved_rows<MAX_TILE>(done.rows, M, n0, n1, nullptr, y, ldy, tile);
+  if (bias)
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += bias[n];
 }
 
 // f(std::integral_constant<int, mt>{}) for a tile of mt <= MAX_TILE rows: a kernel's tile templated on its rows.

@@ -90,7 +90,7 @@ void q8x8_rows(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t
                int64_t ldy);
 
 // The block of an interleaved product that AMX tiles computed (amx_interleaved.cpp): activation rows [0, rows),
-// output columns [n0, n1), bias included; rows = 0 when none.
+// output columns [n0, n1), without the bias; rows = 0 when none.
 struct AmxSpan {
   int64_t rows, n0, n1;
 };
