@@ -224,10 +224,11 @@ class Engine:
                 drafts = [seq.draft_token_ids for seq in sampling] if any(n > 1 for n in num_rows) else None
                 apply_token_masks(logits, [seq.matcher for seq in sampling], drafts)
                 argmax = None  # (of the logits before the masks)
+            need_log_probs = any(seq.params.return_token_log_probs for seq in sampling)
             if self.speculator is not None:
-                tokens, log_probs, tops = self.speculator.verify(sampling, logits, num_rows, draft_probs)
+                tokens, log_probs, tops = self.speculator.verify(sampling, logits, num_rows, draft_probs,
+                                                                 need_log_probs, argmax)
             else:
-                need_log_probs = any(seq.params.return_token_log_probs for seq in sampling)
                 flat_tokens, flat_log_probs, flat_tops = self.sampler.sample(logits, sampling, need_log_probs,
                                                                              argmax) if sampling else ([], [], [])
                 tokens, log_probs, tops = [[t] for t in flat_tokens], [[lp] for lp in flat_log_probs], \

@@ -62,8 +62,8 @@ def record_verifications(engine: Engine, monkeypatch) -> list[dict[str, list[int
     steps: list[dict[str, list[int]]] = []
     verify = engine.speculator.verify
 
-    def recording(seqs, logits, num_rows, draft_probs):
-        tokens, log_probs, tops = verify(seqs, logits, num_rows, draft_probs)
+    def recording(seqs, logits, num_rows, *rest):
+        tokens, log_probs, tops = verify(seqs, logits, num_rows, *rest)
         steps.append({seq.request_id: t for seq, t, n in zip(seqs, tokens, num_rows) if n > 1})
         return tokens, log_probs, tops
 

@@ -59,6 +59,22 @@ def test_mixed_steps_chunked_prefill_and_an_opt_out_change_nothing(folder, cache
     assert any(r.deltas < len(r.token_ids) for r in got)  # some deltas carried several tokens
 
 
+def test_greedy_without_log_probs_beside_a_processed_request(folder, cache_gib):
+    # Greedy rows verified from their argmax alone (no log-probs asked), in the steps of a request whose logits are
+    # processed (logit_bias: it does not speculate, and its row must not be taken from the raw argmax).
+    plain_params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    biased = SamplingParams(max_new_tokens=20, ignore_eos=True, logit_bias={9: 100.0})
+    params = [plain_params, plain_params, biased]
+    want = run(make_engine(folder, cache_gib), PATTERN_PROMPTS, params)
+    spec = make_engine(folder, cache_gib, speculative="ngram")
+    steps = record_verifications(spec, pytest.MonkeyPatch())
+    got = run(spec, PATTERN_PROMPTS, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert got[2].token_ids == [9] * 20
+    assert steps and all("r2" not in step for step in steps)  # (r2 runs from first step to last)
+    assert any(r.deltas < len(r.token_ids) for r in got[:2])
+
+
 def test_penalties_apply_to_each_row_with_the_proposals_before_it(folder, cache_gib):
     params = SamplingParams(max_new_tokens=24, ignore_eos=True, frequency_penalty=0.4, presence_penalty=0.3,
                             return_token_log_probs=True)

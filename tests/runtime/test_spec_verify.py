@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llmengine_runtime.runtime.speculative.verify as verify_module
+from llmengine_runtime.runtime.greedy import greedy_rows
 from llmengine_runtime.runtime.speculative import (
     accept_draft,
     draw_inverse_cdf,
@@ -17,6 +18,7 @@ from llmengine_runtime.runtime.speculative import (
     residual_distribution,
     verify_proposals,
 )
+from llmengine_runtime.runtime.speculative.verify import accept_greedy
 from tests.fast import fast_subset
 
 # Chi-square critical values at alpha = 1e-4 (upper tail), from the regularised incomplete gamma function.
@@ -54,6 +56,35 @@ def test_greedy_matches_a_plain_loop_on_random_logits():
             assert got_tokens == want_tokens
             assert got_log_probs == pytest.approx(want_log_probs, abs=1e-5)
             start += k + 1
+
+
+def random_greedy_case(rng: random.Random, vocab: int = 50) -> tuple[torch.Tensor, list[list[int]]]:
+    """Packed logits and proposals that agree with each row's argmax for a random number of rows, then not."""
+    num_draft = [rng.randint(0, 5) for _ in range(rng.randint(1, 8))]
+    logits = torch.randn(sum(num_draft) + len(num_draft), vocab) * 3
+    drafts, start = [], 0
+    for k in num_draft:
+        argmax = logits[start:start + k].argmax(-1).tolist()
+        accept = rng.randint(0, k)
+        drafts.append(argmax[:accept] + [(t + rng.randrange(1, vocab)) % vocab for t in argmax[accept:]])
+        start += k + 1
+    return logits, drafts
+
+
+def test_accept_greedy_from_the_argmax_rows_is_verify_proposals_to_the_bit():
+    rng = random.Random(1)
+    torch.manual_seed(1)
+    accepted = 0
+    for _ in range(30):
+        logits, drafts = random_greedy_case(rng)
+        want_tokens, want_log_probs = verify_proposals(logits, drafts, [True] * len(drafts))
+        row_argmax, row_log_probs = greedy_rows(logits)
+        tokens, log_probs = accept_greedy(row_argmax.tolist(), row_log_probs.tolist(), drafts)
+        assert tokens == want_tokens and log_probs == want_log_probs
+        accepted += sum(len(t) - 1 for t in tokens)
+    assert accepted > 30  # the cases accept runs of proposals, not only the first row's token
+    with pytest.raises(ValueError, match="expected 4 rows"):
+        accept_greedy([1, 2, 3], [0.0] * 3, [[1, 2, 3]])
 
 
 def draws(p: torch.Tensor, q: torch.Tensor, num_seqs: int, point_mass: bool = False,

@@ -15,7 +15,9 @@ The engine's step with a `Speculator`:
    row, temperature, top-k, top-p) and accepts with `verify_proposals`: 1..k_i + 1 tokens per sequence, with
    their log-probs. Sequences without proposals this step go through the plain sampler instead, so a step
    where nothing was proposed is exactly a plain step (and a seeded request draws as it would without
-   speculation whenever it proposes nothing).
+   speculation whenever it proposes nothing). A step whose sequences are all greedy, without penalties or logits
+   processing, is verified from each row's argmax (the C++ step's, when it took them and no log-probs are asked
+   for) by `accept_greedy`: the same tokens and log-probs, with no pass over the `[rows, V]` logits.
 
 A request that asks for top-N log-probs or prompt log-probs never speculates (`lookahead` 0): its tokens come
 from the plain sampler, which gives their top-N.
@@ -35,6 +37,7 @@ from typing import Protocol
 
 import torch
 
+from llmengine_runtime.runtime.greedy import greedy_rows
 from llmengine_runtime.runtime.log_probs import TopLogProbs
 from llmengine_runtime.runtime.params import SamplingParams
 from llmengine_runtime.runtime.sampler import Sampler, final_logits
@@ -47,6 +50,7 @@ from llmengine_runtime.runtime.speculative import (
     verify_proposals,
 )
 from llmengine_runtime.runtime.speculative.backoff import may_propose, proposal_room, record_outcome
+from llmengine_runtime.runtime.speculative.verify import accept_greedy
 
 
 class SequenceProposer(Protocol):
@@ -119,13 +123,24 @@ class Speculator:
         record_outcome(seq, num_proposed, num_accepted)
 
     def verify(self, seqs: list[Sequence], logits: torch.Tensor, num_rows: list[int],
-               draft_probs: torch.Tensor | None
+               draft_probs: torch.Tensor | None, need_log_probs: bool = True, argmax: list[int] | None = None
                ) -> tuple[list[list[int]], list[list[float]], list[list[TopLogProbs]]]:
         """Emitted tokens, their log-probs and their top-N per sampling sequence, from its 1 + k_i rows of logits
-        (top-N only from the plain sampler's rows: a sequence that asks for them does not speculate)."""
+        (top-N only from the plain sampler's rows: a sequence that asks for them does not speculate). As for the
+        sampler, `need_log_probs=False` lets a greedy batch return NaN log-probs, and `argmax` (each logits row's,
+        when the model step took it) then stands for the pass over the logits."""
         if all(n == 1 for n in num_rows):
-            tokens, log_probs, tops = self.sampler.sample(logits, seqs)
+            tokens, log_probs, tops = self.sampler.sample(logits, seqs, need_log_probs, argmax)
             return [[t] for t in tokens], [[lp] for lp in log_probs], [[top] for top in tops]
+        if all(plain_greedy(seq) for seq in seqs):  # the argmax rows decide: no torch op per row
+            if argmax is None or need_log_probs:
+                row_tokens, row_log_probs = greedy_rows(logits)
+                argmax, row_lp = row_tokens.tolist(), row_log_probs.tolist()
+            else:
+                row_lp = [float("nan")] * len(argmax)
+            drafts = [seq.draft_token_ids if n > 1 else [] for seq, n in zip(seqs, num_rows)]
+            tokens, log_probs = accept_greedy(argmax, row_lp, drafts)
+            return tokens, log_probs, [[[] for _ in t] for t in tokens]
         starts = [0]
         for n in num_rows:
             starts.append(starts[-1] + n)
@@ -152,6 +167,14 @@ class Speculator:
         for i, t, lp in zip(spec, tokens, log_probs):
             emitted[i], emitted_log_probs[i], emitted_tops[i] = t, lp, [[] for _ in t]
         return emitted, emitted_log_probs, emitted_tops
+
+
+def plain_greedy(seq: Sequence) -> bool:
+    """A greedy request whose rows' tokens are their logits' argmax as they come: no logits processing, penalties
+    or top-N."""
+    p = seq.params
+    return (p.greedy and seq.processing is None and not p.top_log_probs and not p.presence_penalty
+            and not p.frequency_penalty)
 
 
 def trim_to_constraints(seqs: list[Sequence], proposals: list[list[int]],

@@ -95,6 +95,26 @@ def _uniforms(draft_token_ids: list[list[int]], starts: list[int], greedy: list[
     return torch.cat(chunks), rows
 
 
+def accept_greedy(row_argmax: list[int], row_log_probs: list[float],
+                  draft_token_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy verification from each row's argmax and its log-prob alone (rows packed as `verify_proposals` takes
+    them, for sequences without penalties): x_j is accepted while it equals row j's argmax, so the emitted tokens
+    are the argmax of rows 0..stop. The same tokens and log-probs `verify_proposals` gives greedy rows, without a
+    pass over the logits."""
+    tokens, log_probs, at = [], [], 0
+    for drafts in draft_token_ids:
+        j = 0
+        while j < len(drafts) and drafts[j] == row_argmax[at + j]:
+            j += 1
+        tokens.append(row_argmax[at:at + j + 1])
+        log_probs.append(row_log_probs[at:at + j + 1])
+        at += len(drafts) + 1
+    if at != len(row_argmax):
+        raise ValueError(f"{len(row_argmax)} rows for {len(draft_token_ids)} sequences with {at - len(draft_token_ids)}"
+                         f" proposals: expected {at} rows")
+    return tokens, log_probs
+
+
 def verify_proposals(logits: torch.Tensor, draft_token_ids: list[list[int]], greedy: list[bool],
                      generators: list[torch.Generator | None] | None = None,
                      draft_probs: torch.Tensor | None = None) -> tuple[list[list[int]], list[list[float]]]:
