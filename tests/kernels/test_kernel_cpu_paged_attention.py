@@ -20,6 +20,10 @@ CASES = {
     "mha-chunk-after-prefix": (4, 4, 32, 16, [(257, 130), (129, 1), (128, 2)], False),
     "mqa-alibi": (8, 1, 16, 32, [(70, 70), (5, 2)], True),
     "gqa-alibi-hd40": (4, 2, 40, 16, [(150, 33), (1, 1)], True),
+    # query heads per KV head in kv_heads.h's groups (AVX-512: 4 + 3, 4 + 1), head dims whose
+    # value lanes end off its 32-lane runs
+    "gqa7-hd80": (14, 2, 80, 16, [(200, 5), (90, 1), (33, 33)], False),
+    "gqa5-hd48-alibi": (10, 2, 48, 16, [(131, 9), (7, 1)], True),
 }
 
 

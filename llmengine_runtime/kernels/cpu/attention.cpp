@@ -29,7 +29,7 @@
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
-#include "kv_rows.h"
+#include "kv_heads.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -140,8 +140,7 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
     blocks([&](int64_t first, int64_t at, int64_t n) {
       if (const int64_t next = ja + at + n; next < j1) prefetch_rows(k_rows, row_of(next), in_block(next));
       prefetch_rows(v_rows, first, n);
-      for (int64_t g = 0; g < G; ++g)
-        dot_rows(q_group + g * q_head_stride, k_rows + first, row_stride, n, d, scores + g * CHUNK_KEYS + at);
+      dot_rows_heads(q_group, q_head_stride, G, k_rows + first, row_stride, n, d, scores + at, CHUNK_KEYS);
     });
     for (int64_t g = 0; g < G; ++g) {
       float* sc = scores + g * CHUNK_KEYS;
@@ -168,8 +167,7 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
       m_row[g] = mx;
     }
     blocks([&](int64_t first, int64_t at, int64_t n) {  // 1 * a is exact: the chain goes on across blocks
-      for (int64_t g = 0; g < G; ++g)
-        accumulate_values(acc + g * d, 1.f, scores + g * CHUNK_KEYS + at, v_rows + first, row_stride, n, d);
+      accumulate_values_heads(acc, G, 1.f, scores + at, CHUNK_KEYS, v_rows + first, row_stride, n, d);
     });
   }
 }
