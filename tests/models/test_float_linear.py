@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmengine_runtime.models.attention import AttentionMetadata
-from llmengine_runtime.models.float_linear import FloatLinear
+from llmengine_runtime.models.float_linear import FloatLinear, amx_bf16_tiles
 from llmengine_runtime.models.layers import Linear
 from llmengine_runtime.models.loader import load_model
 from llmengine_runtime.runtime import LLM, SamplingParams
@@ -52,7 +52,7 @@ def test_logits_within_the_weights_rounding_of_fp32(tiny_dirs, dtype, tolerance)
 
 def generate(path, dtype: str, fused: bool, monkeypatch, **engine_kwargs) -> tuple[list, LLM]:
     monkeypatch.setenv("LLMENGINE_FUSED_DECODE", "1" if fused else "0")
-    llm = LLM(path, dtype=dtype, block_size=16, cpu_threads=2, **engine_kwargs)
+    llm = LLM(path, dtype=dtype, block_size=16, **{"cpu_threads": 2, **engine_kwargs})
     params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
     return [(r.token_ids, r.log_probs) for r in llm.generate(PROMPTS, params, progress=False)], llm
 
@@ -103,3 +103,19 @@ def test_switched_off_by_environment(tiny_dirs, monkeypatch):
     monkeypatch.setenv("LLMENGINE_FLOAT_WEIGHTS", "0")
     model = load_model(tiny_dirs["llama-gqa-tied-bias"], dtype=torch.bfloat16, progress=False, pack=False)
     assert not any(isinstance(m, FloatLinear) for m in model.modules()) and model.quantization is None
+
+
+@pytest.mark.slow  # engines of their own
+def test_the_cpp_step_over_cut_amx_tiles_gives_the_eager_numbers(tiny_dirs, monkeypatch):
+    """With bf16 weights on AMX tiles (kernels/cpu/bf16_amx.cpp), three threads share each projection's output rows
+    at N * t / 3: ranges that start and end inside 16-column tiles, which the step computes whole and copies (the
+    eager blocks' op gives each thread whole tiles)."""
+    if not amx_bf16_tiles():
+        pytest.skip("no AMX-BF16 here (the vector path's thread shares are tested above)")
+    results = []
+    for fused in (True, False):
+        got, llm = generate(tiny_dirs["llama-gqa-tied-bias"], "bfloat16", fused, monkeypatch, cpu_threads=3)
+        qkv = llm.engine.model.layers[0].attn.qkv_proj
+        assert qkv.tiles and qkv.out_features % 48  # so N * t / 3 cuts a tile
+        results.append(got)
+    assert results[0] == results[1]

@@ -59,6 +59,8 @@ bool amx_enabled() {
   return state == 1;
 }
 
+bool amx_available() { return amx_granted(); }
+
 bool set_amx(bool enable) {
   amx_state.store(enable && amx_granted() ? 1 : 0);
   return amx_enabled();

@@ -110,7 +110,7 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
     const Projection &qkv = layers[4 * l], &o = layers[4 * l + 1], &gu = layers[4 * l + 2], &dn = layers[4 * l + 3];
     // (quant_gemm's K is padded to whole blocks; a GGUF weight's is the input's own)
     auto takes = [](const Projection& p, int64_t k) {  // quant_gemm's K is padded to blocks of 32, a float one to 4
-      if (p.fw.type != FloatType::NONE) return p.K >= k && p.K - k < 4;
+      if (p.fw.type != FloatType::NONE) return p.K >= k && p.K - k < (p.fw.tiles ? 32 : 4);  // (AMX tiles: to 32)
       return p.parts.empty() ? p.K >= k : p.K == k;
     };
     TORCH_CHECK(qkv.N == q_size + 2 * kv_size && o.N == hidden && gu.N % 2 == 0 && dn.N == hidden &&

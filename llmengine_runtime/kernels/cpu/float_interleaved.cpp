@@ -199,6 +199,13 @@ void prepare_float_rows(FloatActivations& out, const float* x, int64_t rows, int
 
 void float_rows(const FloatActivations& x, const FloatWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                 int64_t ldy) {
+  if (w.tiles) {  // bf16 weights laid out for AMX tiles (bf16_amx.cpp)
+    bf16_tile_rows(x, w, M, n0, n1, y, ldy);
+    if (w.bias)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += w.bias[n];
+    return;
+  }
   interleaved_rows(0, M, n0, n1, w.bias, y, ldy, [&](int64_t g, int mt, int64_t i, int j0, int j1, float* yt) {
     with_tile_rows<4>(mt, [&](auto rows) { group_tile<rows>(x, w, g, i, j0, j1, yt, ldy); });
   });
@@ -206,37 +213,47 @@ void float_rows(const FloatActivations& x, const FloatWeight& w, int64_t M, int6
 
 FloatWeight float_weight(const at::Tensor& w, const float* bias) {
   const FloatType type = float_type(w);
+  if (type == FloatType::BF16 && w.dim() == 3 && w.size(2) == 512 && w.is_contiguous())  // AMX tiles
+    return {type, w.data_ptr(), w.size(1) * 32, bias, w.size(0) * 16, true};
   TORCH_CHECK(type != FloatType::NONE && w.dim() == 3 && w.size(2) == CHUNK && w.is_contiguous(),
-              "float weights must be contiguous fp32, fp16 or bf16 [N / 8, K4 / 4, 32] (models/float_linear.py), got ",
-              w.scalar_type(), " ", w.sizes());
-  return {type, w.data_ptr(), w.size(1) * 4, bias};
+              "float weights must be contiguous fp32, fp16 or bf16 [N / 8, K4 / 4, 32], or bf16 [N / 16, K32 / 32, 512] "
+              "(models/float_linear.py), got ", w.scalar_type(), " ", w.sizes());
+  return {type, w.data_ptr(), w.size(1) * 4, bias, w.size(0) * GROUP, false};
 }
 
 at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x_in.dim() == 2, "float_linear: x must be [M, K]");
   at::Tensor bc;
-  const int64_t N = w.dim() == 3 ? w.size(0) * GROUP : 0;
+  FloatWeight fw = float_weight(w, nullptr);
+  const int64_t N = fw.N;
   if (bias.has_value()) {
     bc = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(bc.numel() == N, "float_linear: bias must be [N=", N, "]");
+    fw.bias = bc.data_ptr<float>();
   }
-  const FloatWeight fw = float_weight(w, bc.defined() ? bc.data_ptr<float>() : nullptr);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K <= fw.K4 && K > fw.K4 - 4, "float_linear: x has K=", K, " but the weight has ", fw.K4, " columns");
+  TORCH_CHECK(K <= fw.K4 && K > fw.K4 - (fw.tiles ? 32 : 4), "float_linear: x has K=", K, " but the weight has ",
+              fw.K4, " columns");
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   FloatActivations xa;
   prepare_float_rows(xa, x.data_ptr<float>(), M, K, fw.K4, fw.type);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / GROUP, 4, [&](int64_t begin, int64_t end) {
-    float_rows(xa, fw, M, begin * GROUP, end * GROUP, yp + begin * GROUP, N);
+  const int64_t cols = fw.tiles ? 16 : GROUP;  // whole tiles to each thread
+  at::parallel_for(0, N / cols, 4, [&](int64_t begin, int64_t end) {
+    float_rows(xa, fw, M, begin * cols, end * cols, yp + begin * cols, N);
   });
   return y;
 }
 
 }  // namespace llmengine_cpu
 
-TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) { lib.def("float_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
+  lib.def("float_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  lib.def("amx_bf16_tiles() -> bool");
+}
 
 TORCH_LIBRARY_IMPL(llmengine_cpu, CPU, lib) { lib.impl("float_linear", &llmengine_cpu::float_linear); }
+
+TORCH_LIBRARY_IMPL(llmengine_cpu, CatchAll, lib) { lib.impl("amx_bf16_tiles", &llmengine_cpu::amx_bf16_tiles); }

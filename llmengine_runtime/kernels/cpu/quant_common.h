@@ -102,5 +102,7 @@ AmxSpan q8x8_amx(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64
                  int64_t ldy);
 // Whether the products use AMX: built with it, granted by the kernel, and not turned off (LLMENGINE_AMX=0).
 bool amx_enabled();
+// Whether the CPU grants the tiles to this process, whatever LLMENGINE_AMX or set_amx say.
+bool amx_available();
 
 }  // namespace llmengine_cpu

@@ -2,7 +2,8 @@
 // quantized, and their products over a range of output rows, for quant_gemm.cpp's weights and for GGUF weights.
 //
 // Layout of one projection in `proj` (PROJ_TENSORS tensors): quant_gemm's (qs, d fp16, m fp16 or empty for int8,
-// bias fp32 or empty); a float weight's (w fp32/fp16/bf16 [N / 8, K4 / 4, 32]: float_interleaved.cpp, -, -, bias); or a GGUF weight's (spec int64 [P, 2], empty, empty, bias fp32 [N] or empty), where part p
+// bias fp32 or empty); a float weight's (w fp32/fp16/bf16 [N / 8, K4 / 4, 32] or bf16 tiles [N / 16, K32 / 32, 512]: float_rows.h, -, -,
+// bias); or a GGUF weight's (spec int64 [P, 2], empty, empty, bias fp32 [N] or empty), where part p
 // of the spec is (ggml type, index into `raws`), raws[index] uint8 [N_p, row_bytes] (the file's rows), and the
 // parts' rows follow one another in the output (a fused q|k|v or gate|up whose parts have different types).
 // Grid: none here; the step's threads call project_rows for their own output rows. A GGUF product quantizes the
@@ -23,8 +24,8 @@ Projection projection(const std::vector<at::Tensor>& proj, int64_t index, const 
               "LlamaDecoder: biases must be contiguous fp32");
   const float* bias_data = bias.numel() ? bias.data_ptr<float>() : nullptr;
   if (qs.scalar_type() == at::kFloat || qs.scalar_type() == at::kHalf || qs.scalar_type() == at::kBFloat16) {
-    Projection p{QuantWeight{nullptr, nullptr, nullptr, nullptr, 0, 0}, qs.size(0) * 8, 0, false, {}, nullptr,
-                 float_weight(qs, bias_data)};
+    const FloatWeight fw = float_weight(qs, bias_data);
+    Projection p{QuantWeight{nullptr, nullptr, nullptr, nullptr, 0, 0}, fw.N, 0, false, {}, nullptr, fw};
     p.K = p.fw.K4;
     TORCH_CHECK(!bias_data || bias.numel() == p.N, "LlamaDecoder: projection ", index, "'s bias is not [", p.N, "]");
     return p;
