@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
                 p = SamplingParams(**fields)
                 seqs = [SimpleNamespace(params=p, processing=None, output_token_ids=[], generator=None)
                         for _ in range(rows)]
-                ours = timed(lambda: sampler.sample(logits, seqs, need_log_probs=False), args.repeats)
-                base = timed(lambda: torch_path(logits, p), args.repeats)
+                ours = timed(lambda x=logits, s=seqs: sampler.sample(x, s, need_log_probs=False), args.repeats)
+                base = timed(lambda x=logits, p=p: torch_path(x, p), args.repeats)
                 rows_out.append({"logits": kind, "rows": rows, "rule": rule, "ours_ms": spread(ours),
                                  "torch_ms": spread(base), "speedup": statistics.median(base) / statistics.median(ours)})
                 print(f"{kind:6s} rows={rows:3d} {rule:28s} ours {statistics.median(ours):8.3f} ms, torch "
