@@ -68,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
                         for _ in range(rows)]
                 ours = timed(lambda x=logits, s=seqs: sampler.sample(x, s, need_log_probs=False), args.repeats)
                 base = timed(lambda x=logits, p=p: torch_path(x, p), args.repeats)
+                speedup = statistics.median(base) / statistics.median(ours)
                 rows_out.append({"logits": kind, "rows": rows, "rule": rule, "ours_ms": spread(ours),
-                                 "torch_ms": spread(base), "speedup": statistics.median(base) / statistics.median(ours)})
+                                 "torch_ms": spread(base), "speedup": speedup})
                 print(f"{kind:6s} rows={rows:3d} {rule:28s} ours {statistics.median(ours):8.3f} ms, torch "
                       f"{statistics.median(base):8.3f} ms", file=sys.stderr)
     report = {"benchmark": "sampling", "machine": machine_info(), "vocab": args.vocab, "repeats": args.repeats,
