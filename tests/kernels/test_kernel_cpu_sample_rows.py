@@ -19,7 +19,10 @@ def built():
 
 @pytest.mark.parametrize("scale", [0.3, 1.0, 4.0])  # flat to peaked rows
 @pytest.mark.parametrize("vocab", [7, 1000, 49152])
-def test_truncation_keeps_the_sort_based_reference_set(scale, vocab):
+def test_truncation_keeps_the_reference_set(scale, vocab):
+    """Top-k alone: the torch reference's set exactly (ties to the lower id). With top-p: a prefix of the same rank
+    order whose boundary is where the float64 mass before a token reaches top_p, to 1e-5 (the fp32 probabilities'
+    rounding moves it over a long tail of tiny ones; torch's own fp32 softmax and cumsum miss by as much)."""
     gen = torch.Generator().manual_seed(int(scale * 10) + vocab)
     rows = 12
     logits = torch.randn(rows, vocab, generator=gen) * scale
@@ -27,23 +30,21 @@ def test_truncation_keeps_the_sort_based_reference_set(scale, vocab):
     logits[4, 1::3] = float("-inf")  # tokens already dropped
     top_k = torch.tensor([vocab, 1, 2, 5, vocab, 50, vocab, 3, vocab, vocab, 40, vocab])
     top_p = torch.tensor([1.0, 1.0, 0.5, 1.0, 0.9, 0.8, 0.95, 0.3, 0.999, 0.01, 1.0, 0.6])
-    mismatches = []
     got = ops.truncate_logits(logits, top_k, top_p)
-    want = top_k_top_p_torch(logits, top_k, top_p)
-    kept, want_kept = torch.isfinite(got), torch.isfinite(want)
+    kept = torch.isfinite(got)
     assert torch.equal(got[kept], logits[kept]) and kept.sum(-1).min() >= 1
+    want = torch.isfinite(top_k_top_p_torch(logits, top_k, top_p))
     for r in range(rows):
-        if torch.equal(kept[r], want_kept[r]):
+        if top_p[r] == 1:
+            assert torch.equal(kept[r], want[r])
             continue
-        # Only the nucleus' last token may differ, and only where the mass before it is top_p to rounding: the
-        # probabilities' last bits differ (our exp and sum against torch's softmax).
-        order = sorted(range(vocab), key=lambda j: (-logits[r, j].item(), j))
-        n, n_want = int(kept[r].sum()), int(want_kept[r].sum())
-        assert abs(n - n_want) == 1 and kept[r, order[:n]].all() and want_kept[r, order[:n_want]].all()
-        probs = torch.softmax(logits[r, order[:int(top_k[r])]].double(), -1)
-        assert abs(probs[:min(n, n_want)].sum().item() - top_p[r].item()) < 1e-5
-        mismatches.append(r)
-    assert len(mismatches) <= 1
+        order = sorted(range(vocab), key=lambda j: (-logits[r, j].item(), j))[:int(top_k[r])]
+        n = int(kept[r].sum())
+        assert kept[r, order[:n]].all()  # a prefix of the rank order
+        probs = torch.softmax(logits[r, order].double(), -1)
+        mass_before = torch.cumsum(probs, 0) - probs
+        assert n == 1 or mass_before[n - 1] < top_p[r] + 1e-5  # the last kept token was still needed
+        assert n == len(order) or mass_before[n] >= top_p[r] - 1e-5  # the first dropped one was not
 
 
 def test_truncation_rejects_what_it_cannot_do():

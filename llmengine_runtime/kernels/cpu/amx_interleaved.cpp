@@ -72,12 +72,6 @@ namespace {
 
 constexpr int64_t TILE = 16, GROUP = 8, B_BYTES = 512, ROW_CHUNK = 64;
 
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Tiles of mr activation rows (16, or the fewer left below the whole tiles).
 void configure_tiles(int mr) {
   TileConfig cfg{};

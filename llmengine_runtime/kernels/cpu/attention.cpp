@@ -150,20 +150,7 @@ void PagedAttention::chunk_rows(int64_t r0, int64_t nr, int64_t kvh, int64_t c, 
         sc[t] = sc[t] * scale + (slopes ? slope * static_cast<float>(ja + t - (L - 1)) : 0.f);
         mx = std::max(mx, sc[t]);
       }
-      int64_t t = 0;
-      float sum = 0.f;
-#ifdef LLME_VEC_MATH
-      const __m256 m8 = _mm256_set1_ps(mx);
-      __m256 sum8 = _mm256_setzero_ps();
-      for (; t + 8 <= take; t += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m8));
-        _mm256_storeu_ps(sc + t, e);
-        sum8 = _mm256_add_ps(sum8, e);
-      }
-      sum = hsum256(sum8);
-#endif
-      for (; t < take; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
-      l_row[g] = sum;
+      l_row[g] = exp_shifted(sc, take, mx, sc);  // (vec_math.h)
       m_row[g] = mx;
     }
     blocks([&](int64_t first, int64_t at, int64_t n) {  // 1 * a is exact: the chain goes on across blocks

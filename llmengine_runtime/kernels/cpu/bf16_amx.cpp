@@ -35,12 +35,6 @@ namespace {
 
 constexpr int64_t TILE = 16, KT = 32, TILE_ELEMS = 512, ROW_CHUNK = 128;
 
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Tiles 0, 1: C of two row tiles, mr x 16 fp32; 2, 3: their A, mr x 32 bf16; 4: B, 16 k pairs x 16 columns.
 void configure_tiles(int mr) {
   TileConfig cfg{};

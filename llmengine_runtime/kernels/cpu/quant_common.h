@@ -100,6 +100,16 @@ AmxSpan q4x8_amx(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64
                  int64_t ldy);
 AmxSpan q8x8_amx(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                  int64_t ldy);
+#ifdef __AMX_TILE__
+// What _tile_loadconfig reads (palette 1): each tile register's rows and bytes a row (amx_interleaved.cpp,
+// bf16_amx.cpp).
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+#endif
+
 // Whether the products use AMX: built with it, granted by the kernel, and not turned off (LLMENGINE_AMX=0).
 bool amx_enabled();
 // Whether the CPU grants the tiles to this process, whatever LLMENGINE_AMX or set_amx say.

@@ -35,24 +35,6 @@ namespace {
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// e[j] = exp(x[j] - mx) for j < V; returns their fp32 sum (8 lanes, then the tail, as greedy_sample's exp_sum).
-float exps(const float* x, int64_t V, float mx, float* e) {
-  float total = 0.f;
-  int64_t j = 0;
-#ifdef LLME_VEC_MATH
-  const __m256 m = _mm256_set1_ps(mx);
-  __m256 sum8 = _mm256_setzero_ps();
-  for (; j + 8 <= V; j += 8) {
-    const __m256 v = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), m));
-    _mm256_storeu_ps(e + j, v);
-    sum8 = _mm256_add_ps(sum8, v);
-  }
-  total = hsum256(sum8);
-#endif
-  for (; j < V; ++j) total += (e[j] = std::exp(x[j] - mx));
-  return total;
-}
-
 // The row's largest logit, NaN if it has one.
 float row_max(const float* x, int64_t V) {
   float mx = NEG_INF;
@@ -83,13 +65,17 @@ bool kept_tokens(const float* x, int64_t V, int64_t k, float p, std::vector<Rank
     kept.resize(std::max<int64_t>(k, 1));
     if (p >= 1.f) return true;
   }
-  double total = 0.0;  // the softmax's denominator over the top k (all of V without top-k)
-  float total_f = 0.f;
+  double total = 0.0;  // the probability mass of the ranks walked so far
+  float total_f = 0.f;  // the softmax's denominator over the top k (all of V without top-k)
   e.resize(V);
+  double denominator = 0.0;  // in double: a float sum of 49k terms in order drifts ~1e-5, enough to move the boundary
   if (k < V) {
-    for (const Ranked& r : kept) total_f += (e[r.second] = std::exp(r.first - mx));
+    for (const Ranked& r : kept) denominator += (e[r.second] = std::exp(r.first - mx));
+    total_f = static_cast<float>(denominator);
   } else {
-    total_f = exps(x, V, mx, e.data());
+    exp_shifted(x, V, mx, e.data());
+    for (int64_t j = 0; j < V; ++j) denominator += e[j];
+    total_f = static_cast<float>(denominator);
     // The nucleus lies among the tokens of probability >= c once those hold the mass p.
     for (float c = 1e-3f;; c *= 1e-3f) {
       kept.clear();
@@ -179,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> sample_logits(const at::Tensor& logits, const
         bad[b] = 1;
         continue;
       }
-      const float total_f = exps(x, V, mx, e.data());
+      const float total_f = exp_shifted(x, V, mx, e.data());
       double total = 0.0;
       for (int64_t j = 0; j < V; ++j) total += e[j];
       const double target = up[b] * total;

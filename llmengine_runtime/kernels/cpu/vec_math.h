@@ -3,6 +3,9 @@
 // inputs below -87.3 (and -inf) give exactly 0, inputs above 88 give exp(88) (2^n must stay below 2^128).
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -41,3 +44,26 @@ inline float hmax256(__m256 v) {
 }  // namespace llmengine_cpu
 #define LLME_VEC_MATH 1
 #endif
+
+namespace llmengine_cpu {
+
+// e[j] = exp(x[j] - mx) for j < n (e may be x itself); returns their fp32 sum: 8 lanes at a time (exp256, one sum
+// register, hsum256), then the tail in order with std::exp.
+inline float exp_shifted(const float* x, int64_t n, float mx, float* e) {
+  float total = 0.f;
+  int64_t j = 0;
+#ifdef LLME_VEC_MATH
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 sum8 = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), m));
+    _mm256_storeu_ps(e + j, v);
+    sum8 = _mm256_add_ps(sum8, v);
+  }
+  total = hsum256(sum8);
+#endif
+  for (; j < n; ++j) total += (e[j] = std::exp(x[j] - mx));
+  return total;
+}
+
+}  // namespace llmengine_cpu
