@@ -7,6 +7,10 @@ log-softmax of the final distribution: for sampled requests that is the one actu
 divided by the temperature, truncated by top-k/top-p and renormalised), so a log-prob is the log of the probability
 with which its token was drawn; for greedy requests it is the penalised logits at temperature 1. A request with
 `top_log_probs` N also gets the N most likely tokens of that same distribution (runtime/log_probs.py).
+
+On the CPU the truncation and the draws are kernels/cpu/sample_rows.cpp's (selection instead of a sort of the
+vocabulary; an inverse-CDF draw from one float64 uniform a row, the seeded request's own generator's), for every row:
+a row asking for top-N also gets the torch log-softmax its top-N come from, but draws as the others do.
 """
 
 from __future__ import annotations
@@ -95,6 +99,16 @@ def final_logits(logits: torch.Tensor, params: list[SamplingParams], output_ids:
     return logits
 
 
+def uniforms(seqs: list[RuntimeSequence], rows: list[int]) -> torch.Tensor:
+    """One float64 uniform per row in `rows` for sample_logits' draw: the sequence's own generator's when seeded (so a
+    seeded request draws the same whatever else is in the batch), else one batch from torch's default generator."""
+    unseeded = [i for i in rows if seqs[i].generator is None]
+    drawn = dict(zip(unseeded, torch.rand(len(unseeded), dtype=torch.float64).tolist()))
+    return torch.tensor([drawn[i] if i in drawn else
+                         float(torch.rand((), dtype=torch.float64, generator=seqs[i].generator)) for i in rows],
+                        dtype=torch.float64)
+
+
 class Sampler:
     def __init__(self):
         self.cpu_greedy = cpu_kernels.available()  # kernels/cpu/sampling.cpp's greedy_sample, looked up once
@@ -130,7 +144,11 @@ class Sampler:
         log_probs = torch.log_softmax(logits, dim=-1)
         tokens = log_probs.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled:
+        if sampled and on_cpu_kernels(logits):  # (rows with top-N: their draw by our kernel all the same)
+            rows = logits[sampled].contiguous()
+            draws, _ = torch.ops.llmengine_cpu.sample_logits(rows, uniforms(seqs, sampled), False)
+            tokens[sampled] = draws
+        elif sampled:
             probs = log_probs[sampled].exp()
             draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]
             tokens[sampled] = torch.cat(draws)
@@ -153,13 +171,9 @@ class Sampler:
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         plain = [i for i, p in enumerate(params) if p.greedy]
         if sampled:
-            unseeded = [i for i in sampled if seqs[i].generator is None]
-            drawn = dict(zip(unseeded, torch.rand(len(unseeded), dtype=torch.float64).tolist()))
-            uniforms = torch.tensor([drawn[i] if i in drawn else
-                                     float(torch.rand((), dtype=torch.float64, generator=seqs[i].generator))
-                                     for i in sampled], dtype=torch.float64)
             rows = logits if len(sampled) == len(seqs) else logits[sampled]
-            drawn_tokens, drawn_log_probs = torch.ops.llmengine_cpu.sample_logits(rows, uniforms, need_log_probs)
+            drawn_tokens, drawn_log_probs = torch.ops.llmengine_cpu.sample_logits(rows, uniforms(seqs, sampled),
+                                                                                  need_log_probs)
             for i, t, lp in zip(sampled, drawn_tokens.tolist(), drawn_log_probs.tolist()):
                 tokens[i], token_log_probs[i] = t, lp
         if plain:

@@ -93,3 +93,17 @@ def test_greedy_without_log_probs_gives_the_same_tokens():
     fast_tokens, fast_log_probs, _ = Sampler().sample(logits, seqs, need_log_probs=False)
     assert tokens == fast_tokens == logits.argmax(-1).tolist()
     assert all(lp == lp for lp in log_probs) and all(lp != lp for lp in fast_log_probs)  # NaN != NaN
+
+
+def test_a_seeded_draw_is_the_same_with_or_without_top_log_probs():
+    """Rows that ask for top-N take the torch log-softmax for it, but draw as the others do (sample_rows.cpp), so a
+    seeded request's tokens do not depend on whether it asked for top-N."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 500) * 2
+
+    def draws(top: int) -> list[int]:
+        seqs = [seq(SamplingParams(temperature=0.9, top_p=0.9, seed=5 + i, top_log_probs=top)) for i in range(3)]
+        return [t for _ in range(10) for t in Sampler().sample(logits, seqs)[0]]
+
+    plain, with_top = draws(0), draws(2)
+    assert plain == with_top and len(set(plain)) > 3
