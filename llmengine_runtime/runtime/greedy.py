@@ -14,8 +14,7 @@ from llmengine_runtime.kernels import cpu as cpu_kernels
 
 def greedy_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits `[B, V]` -> (argmax int64 `[B]`, its log-prob fp32 `[B]`)."""
-    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.stride(-1) == 1
-            and cpu_kernels.available()):
+    if cpu_kernels.cpu_logits(logits):
         return torch.ops.llmengine_cpu.greedy_sample(logits, True)
     logits = logits.float()
     tokens = logits.argmax(dim=-1)

@@ -50,15 +50,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     `top_p`; the rest become -inf. top_k `[B]` int (vocab size = off), top_p `[B]` (1 = off). Ties keep
     the lower token id first, as argmax does, so top_k=1 is greedy. On the CPU, kernels/cpu/sample_rows.cpp's
     truncate_logits (selection instead of a sort of the vocabulary: ~3.5 ms a row of 49k); elsewhere torch."""
-    if on_cpu_kernels(logits):
+    if cpu_kernels.cpu_logits(logits):
         return torch.ops.llmengine_cpu.truncate_logits(logits, top_k, top_p)
     return top_k_top_p_torch(logits, top_k, top_p)
-
-
-def on_cpu_kernels(logits: torch.Tensor) -> bool:
-    """Whether our C++ sampling kernels take these logits: CPU fp32 rows, contiguous."""
-    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
-            and logits.stride(-1) == 1 and cpu_kernels.available())
 
 
 def top_k_top_p_torch(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -109,10 +103,15 @@ def uniforms(seqs: list[RuntimeSequence], rows: list[int]) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-class Sampler:
-    def __init__(self):
-        self.cpu_greedy = cpu_kernels.available()  # kernels/cpu/sampling.cpp's greedy_sample, looked up once
+def plain_greedy(seq: RuntimeSequence) -> bool:
+    """A greedy request whose rows' tokens are their logits' argmax as they come: no logits processing, penalties
+    or top-N."""
+    p = seq.params
+    return (p.greedy and seq.processing is None and not p.top_log_probs and not p.presence_penalty
+            and not p.frequency_penalty)
 
+
+class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[RuntimeSequence]) -> tuple[list[int], list[float]]:
         """One next token and its log-prob per row of logits `[B, V]` (row i belongs to seqs[i])."""
         tokens, log_probs, _ = self.sample(logits, seqs)
@@ -126,11 +125,10 @@ class Sampler:
         params = [seq.params for seq in seqs]
         greedy = all(p.greedy and not p.top_log_probs for p in params)
         processed = any(seq.processing is not None for seq in seqs)
-        if greedy and not processed and not any(p.presence_penalty or p.frequency_penalty for p in params):
+        if all(plain_greedy(seq) for seq in seqs):
             if argmax is not None and not need_log_probs:
                 return argmax, [float("nan")] * len(params), [[] for _ in params]
-            if (self.cpu_greedy and logits.device.type == "cpu" and logits.dtype == torch.float32
-                    and logits.stride(-1) == 1):
+            if cpu_kernels.cpu_logits(logits):
                 tokens, token_log_probs = torch.ops.llmengine_cpu.greedy_sample(logits, need_log_probs)
                 return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
         if processed:
@@ -139,12 +137,12 @@ class Sampler:
         if greedy:  # argmax and one log-sum-exp per row
             tokens, token_log_probs = greedy_rows(logits)
             return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
-        if on_cpu_kernels(logits) and not any(p.top_log_probs for p in params):
+        if cpu_kernels.cpu_logits(logits) and not any(p.top_log_probs for p in params):
             return self.sample_on_cpu(logits, seqs, need_log_probs)
         log_probs = torch.log_softmax(logits, dim=-1)
         tokens = log_probs.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled and on_cpu_kernels(logits):  # (rows with top-N: their draw by our kernel all the same)
+        if sampled and cpu_kernels.cpu_logits(logits):  # (rows with top-N: their draw by our kernel all the same)
             rows = logits[sampled].contiguous()
             draws, _ = torch.ops.llmengine_cpu.sample_logits(rows, uniforms(seqs, sampled), False)
             tokens[sampled] = draws

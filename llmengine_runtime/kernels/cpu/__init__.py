@@ -176,6 +176,13 @@ def cpu_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
             and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
+def cpu_logits(logits: torch.Tensor) -> bool:
+    """The C++ sampling kernels (sampling.cpp, sample_rows.cpp) take these logits: CPU fp32 `[B, V]`, rows
+    contiguous, the kernels loaded."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.stride(-1) == 1 and available())
+
+
 def use_cpu_kernel(*tensors: torch.Tensor) -> bool:
     """The fp32 CPU fast path applies: every tensor fp32 on the CPU, the kernels loaded, not forced to Triton
     (tests run the Triton kernels on the CPU under the interpreter), and not inside torch.compile (which

@@ -201,10 +201,7 @@ void float_rows(const FloatActivations& x, const FloatWeight& w, int64_t M, int6
                 int64_t ldy) {
   if (w.tiles) {  // bf16 weights laid out for AMX tiles (bf16_amx.cpp)
     bf16_tile_rows(x, w, M, n0, n1, y, ldy);
-    if (w.bias)
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += w.bias[n];
-    return;
+    return add_bias(w.bias, 0, M, n0, n1, y, ldy);
   }
   interleaved_rows(0, M, n0, n1, w.bias, y, ldy, [&](int64_t g, int mt, int64_t i, int j0, int j1, float* yt) {
     with_tile_rows<4>(mt, [&](auto rows) { group_tile<rows>(x, w, g, i, j0, j1, yt, ldy); });

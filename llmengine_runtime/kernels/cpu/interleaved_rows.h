@@ -14,6 +14,13 @@
 
 namespace llmengine_cpu {
 
+// y[i, n - n0] += bias[n] for rows [m0, M) and columns [n0, n1) (y at row 0, column n0); nothing without a bias.
+inline void add_bias(const float* bias, int64_t m0, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  if (bias)
+    for (int64_t i = m0; i < M; ++i)
+      for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += bias[n];
+}
+
 template <int MAX_TILE = 4, class Tile>
 void interleaved_rows(int64_t m0, int64_t M, int64_t n0, int64_t n1, const float* bias, float* y, int64_t ldy,
                       const Tile& tile) {
@@ -34,9 +41,7 @@ void interleaved_rows(int64_t m0, int64_t M, int64_t n0, int64_t n1, const float
       }
     }
   }
-  if (bias)
-    for (int64_t i = m0; i < M; ++i)
-      for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += bias[n];
+  add_bias(bias, m0, M, n0, n1, y, ldy);
 }
 
 // What the AMX tiles (amx_interleaved.cpp) left of the M x [n0, n1) output: the columns beside their block and the
@@ -48,9 +53,7 @@ void interleaved_rest(const AmxSpan& done, int64_t M, int64_t n0, int64_t n1, co
   interleaved_rows<MAX_TILE>(0, done.rows, n0, done.n0, nullptr, y, ldy, tile);
   interleaved_rows<MAX_TILE>(0, done.rows, done.n1, n1, nullptr, y + (done.n1 - n0), ldy, tile);
   interleaved_rows<MAX_TILE>(done.rows, M, n0, n1, nullptr, y, ldy, tile);
-  if (bias)
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t n = n0; n < n1; ++n) y[i * ldy + n - n0] += bias[n];
+  add_bias(bias, 0, M, n0, n1, y, ldy);
 }
 
 // f(std::integral_constant<int, mt>{}) for a tile of mt <= MAX_TILE rows: a kernel's tile templated on its rows.

@@ -40,7 +40,7 @@ import torch
 from llmengine_runtime.runtime.greedy import greedy_rows
 from llmengine_runtime.runtime.log_probs import TopLogProbs
 from llmengine_runtime.runtime.params import SamplingParams
-from llmengine_runtime.runtime.sampler import Sampler, final_logits
+from llmengine_runtime.runtime.sampler import Sampler, final_logits, plain_greedy
 from llmengine_runtime.runtime.sequence import Sequence
 from llmengine_runtime.runtime.speculative import (
     NgramProposer,
@@ -167,14 +167,6 @@ class Speculator:
         for i, t, lp in zip(spec, tokens, log_probs):
             emitted[i], emitted_log_probs[i], emitted_tops[i] = t, lp, [[] for _ in t]
         return emitted, emitted_log_probs, emitted_tops
-
-
-def plain_greedy(seq: Sequence) -> bool:
-    """A greedy request whose rows' tokens are their logits' argmax as they come: no logits processing, penalties
-    or top-N."""
-    p = seq.params
-    return (p.greedy and seq.processing is None and not p.top_log_probs and not p.presence_penalty
-            and not p.frequency_penalty)
 
 
 def trim_to_constraints(seqs: list[Sequence], proposals: list[list[int]],
