@@ -134,14 +134,15 @@ __attribute__((always_inline)) inline void unpack_block(const QuantWeight& w, in
     else _tile_dpbssd(c, a, b);                         \
   } while (0)
 
-// acc[t] += block b's sums c (16 x 16 int32) scaled: the vector path's two fmas per lane, in its order.
-template <bool Q4>
+// acc[t] += block b's sums c (16 x 16 int32) scaled: the vector path's two fmas per lane, in its order. FULL: mr is
+// 16, known here, so the accumulators stay in registers (a run-time count spills them to the stack).
+template <bool Q4, bool FULL>
 __attribute__((always_inline)) inline void scale_block(__m512 (&acc)[TILE], int mr, const int32_t* c, const float* d,
                                                        const float* m, const float* xd, const float* xs, int64_t nb) {
   const __m512 dw = _mm512_loadu_ps(d), mw = Q4 ? _mm512_loadu_ps(m) : dw;
 #pragma GCC unroll 16
   for (int t = 0; t < TILE; ++t) {
-    if (t >= mr) break;
+    if (!FULL && t >= mr) break;
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_load_si512(c + TILE * t));
     acc[t] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xd[t * nb])), acc[t]);
     if constexpr (Q4) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[t * nb]), acc[t]);
@@ -152,7 +153,7 @@ __attribute__((always_inline)) inline void scale_block(__m512 (&acc)[TILE], int 
 // sets of tiles (0-2 for even blocks, 3-5 for odd ones) pipeline the blocks: step b starts block b + 1's product,
 // stores block b's sums (its product had a step to finish) and scales block b - 1's. The first row tile unpacks
 // the weights two blocks ahead of their product; the others reuse them.
-template <bool Q4>
+template <bool Q4, bool FULL>
 void pair_rows(const QuantWeight& w, int64_t g, PairScratch& s, const QuantizedRows& xr, int64_t r0, int64_t r1,
                float* y, int64_t ldy) {
   const int64_t nb = w.nb, stride = nb * QK;
@@ -179,9 +180,13 @@ void pair_rows(const QuantWeight& w, int64_t g, PairScratch& s, const QuantizedR
         else _tile_stored(2, s.c[0], 4 * TILE);
       }
       if (b > 0)
-        scale_block<Q4>(acc, mr, s.c[(b - 1) & 1], d + (b - 1) * TILE, m + (b - 1) * TILE, xd + b - 1, xs + b - 1, nb);
+        scale_block<Q4, FULL>(acc, mr, s.c[(b - 1) & 1], d + (b - 1) * TILE, m + (b - 1) * TILE, xd + b - 1, xs + b - 1, nb);
     }
-    for (int t = 0; t < mr; ++t) _mm512_storeu_ps(y + (i0 + t) * ldy, acc[t]);
+#pragma GCC unroll 16
+    for (int t = 0; t < TILE; ++t) {
+      if (!FULL && t >= mr) break;
+      _mm512_storeu_ps(y + (i0 + t) * ldy, acc[t]);
+    }
   }
 }
 
@@ -205,7 +210,9 @@ AmxSpan amx_block(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int6
     for (int64_t r0 = first; r0 < last; r0 += ROW_CHUNK)
       for (int64_t p = 0; p < pairs; ++p) {
         const int64_t g = g0 + 2 * p;
-        pair_rows<Q4>(w, g, scratch, xr, r0, std::min(last, r0 + ROW_CHUNK), y + (g * GROUP - n0), ldy);
+        const int64_t r1 = std::min(last, r0 + ROW_CHUNK);
+        if (last == whole) pair_rows<Q4, true>(w, g, scratch, xr, r0, r1, y + (g * GROUP - n0), ldy);
+        else pair_rows<Q4, false>(w, g, scratch, xr, r0, r1, y + (g * GROUP - n0), ldy);
       }
   }
   _tile_release();
