@@ -1,9 +1,9 @@
 """The interleaved int4 and int8 products on AMX int8 tiles (kernels/cpu/amx_interleaved.cpp) give the vector
 path's numbers bit for bit, on fresh random weights and activations: ragged row counts (whole 16-row tiles beside
-leftover rows, which int8 takes as one shorter tile from 8 rows), output ranges with odd group counts (whole
-16-column pairs beside a lone group), K of one block and of several, with and without bias
-(tests/models/test_fused_decode.py runs a whole model with AMX on and off). Where the build or the CPU has no AMX,
-`set_amx(True)` says so and these tests skip (the vector path is tested everywhere else)."""
+leftover rows, which int8 takes as one shorter tile from 4 rows and int4 from 12, each row count its own instance),
+output ranges with odd group counts (whole 16-column pairs beside a lone group), K of one block and of several, with
+and without bias (tests/models/test_fused_decode.py runs a whole model with AMX on and off). Where the build or the
+CPU has no AMX, `set_amx(True)` says so and these tests skip (the vector path is tested everywhere else)."""
 
 import os
 import subprocess
@@ -58,7 +58,7 @@ def both_paths(product, x, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])
-@pytest.mark.parametrize("rows", fast_subset([8, 15, 16, 17, 24, 33, 64, 70], [8, 33]))
+@pytest.mark.parametrize("rows", fast_subset([4, 5, 8, 12, 15, 16, 17, 24, 28, 31, 33, 64, 70], [5, 28]))
 @pytest.mark.parametrize("n", fast_subset([8, 24, 40, 64], [40]))
 @pytest.mark.parametrize("k", fast_subset([32, 100, 576], [100]))
 def test_tiles_give_the_vector_paths_bits(kind, rows, n, k):

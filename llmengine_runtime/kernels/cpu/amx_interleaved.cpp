@@ -13,8 +13,8 @@
 // (k = 16 + 4c..); for q8 row c holds chunk c (k = 4c..4c+3). C tile = 16 x 16 int32 (tdpbsud: signed x, unsigned
 // q4; tdpbssd for q8), stored to scratch and scaled into 16 fp32 accumulators of 16 columns, one per activation row.
 // Grid: one call computes, on the calling thread, every whole 16 x 16 tile of activation rows [0, 16 * (M / 16)) by
-// group pairs inside [n0, n1), and for int8 the 8-15 rows below them as one shorter tile (AmxSpan); the caller
-// computes the rest on the vector path.
+// group pairs inside [n0, n1), and the rows below them as one shorter tile when there are enough (int8 4-15, int4
+// 12-15; AmxSpan); the caller computes the rest on the vector path.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -134,15 +134,14 @@ __attribute__((always_inline)) inline void unpack_block(const QuantWeight& w, in
     else _tile_dpbssd(c, a, b);                         \
   } while (0)
 
-// acc[t] += block b's sums c (16 x 16 int32) scaled: the vector path's two fmas per lane, in its order. FULL: mr is
-// 16, known here, so the accumulators stay in registers (a run-time count spills them to the stack).
-template <bool Q4, bool FULL>
-__attribute__((always_inline)) inline void scale_block(__m512 (&acc)[TILE], int mr, const int32_t* c, const float* d,
+// acc[t] += block b's sums c (MR x 16 int32) scaled: the vector path's two fmas per lane, in its order. The row count
+// MR is a constant here, so the accumulators stay in registers (a run-time count spilled them to the stack).
+template <bool Q4, int MR>
+__attribute__((always_inline)) inline void scale_block(__m512 (&acc)[MR], const int32_t* c, const float* d,
                                                        const float* m, const float* xd, const float* xs, int64_t nb) {
   const __m512 dw = _mm512_loadu_ps(d), mw = Q4 ? _mm512_loadu_ps(m) : dw;
 #pragma GCC unroll 16
-  for (int t = 0; t < TILE; ++t) {
-    if (!FULL && t >= mr) break;
+  for (int t = 0; t < MR; ++t) {
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_load_si512(c + TILE * t));
     acc[t] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xd[t * nb])), acc[t]);
     if constexpr (Q4) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[t * nb]), acc[t]);
@@ -153,7 +152,7 @@ __attribute__((always_inline)) inline void scale_block(__m512 (&acc)[TILE], int 
 // sets of tiles (0-2 for even blocks, 3-5 for odd ones) pipeline the blocks: step b starts block b + 1's product,
 // stores block b's sums (its product had a step to finish) and scales block b - 1's. The first row tile unpacks
 // the weights two blocks ahead of their product; the others reuse them.
-template <bool Q4, bool FULL>
+template <bool Q4, int MR>
 void pair_rows(const QuantWeight& w, int64_t g, PairScratch& s, const QuantizedRows& xr, int64_t r0, int64_t r1,
                float* y, int64_t ldy) {
   const int64_t nb = w.nb, stride = nb * QK;
@@ -161,9 +160,8 @@ void pair_rows(const QuantWeight& w, int64_t g, PairScratch& s, const QuantizedR
   const float *d = s.d.data(), *m = s.m.data();
   for (int64_t i0 = r0; i0 < r1; i0 += TILE) {
     const bool unpack = i0 == r0;
-    const int mr = static_cast<int>(std::min<int64_t>(TILE, r1 - i0));  // as configure_tiles was told
-    __m512 acc[TILE];
-    for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
+    __m512 acc[MR];  // (MR rows: as configure_tiles was told)
+    for (int t = 0; t < MR; ++t) acc[t] = _mm512_setzero_ps();
     const int8_t* xq = xr.q.data() + i0 * stride;
     const float *xd = xr.d.data() + i0 * nb, *xs = xr.s.data() + i0 * nb;
     if (unpack)
@@ -180,23 +178,29 @@ void pair_rows(const QuantWeight& w, int64_t g, PairScratch& s, const QuantizedR
         else _tile_stored(2, s.c[0], 4 * TILE);
       }
       if (b > 0)
-        scale_block<Q4, FULL>(acc, mr, s.c[(b - 1) & 1], d + (b - 1) * TILE, m + (b - 1) * TILE, xd + b - 1, xs + b - 1, nb);
+        scale_block<Q4, MR>(acc, s.c[(b - 1) & 1], d + (b - 1) * TILE, m + (b - 1) * TILE, xd + b - 1, xs + b - 1, nb);
     }
 #pragma GCC unroll 16
-    for (int t = 0; t < TILE; ++t) {
-      if (!FULL && t >= mr) break;
-      _mm512_storeu_ps(y + (i0 + t) * ldy, acc[t]);
-    }
+    for (int t = 0; t < MR; ++t) _mm512_storeu_ps(y + (i0 + t) * ldy, acc[t]);
   }
+}
+
+// pair_rows for tiles of mr rows (1..16), each row count its own instance.
+template <bool Q4, int MR = TILE>
+void pair_rows_of(int mr, const QuantWeight& w, int64_t g, PairScratch& s, const QuantizedRows& xr, int64_t r0,
+                  int64_t r1, float* y, int64_t ldy) {
+  if constexpr (MR > 1)
+    if (mr < MR) return pair_rows_of<Q4, MR - 1>(mr, w, g, s, xr, r0, r1, y, ldy);
+  pair_rows<Q4, MR>(w, g, s, xr, r0, r1, y, ldy);
 }
 
 template <bool Q4>
 AmxSpan amx_block(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                   int64_t ldy) {
-  // Whole tiles, then the rows left below them in one shorter tile when there are MIN_ROWS of them: int8 from 8
-  // (benchmarks.products: 12.6 against 16-18 ms at 8-12 rows, even at 2-4), int4 never (its unpacking costs more
-  // than its vector path, which needs no sign trick: 12.2-15.7 against 11.4-15.2 ms at 8-12 rows).
-  constexpr int64_t MIN_ROWS = Q4 ? TILE : 8;
+  // Whole tiles, then the rows left below them in one shorter tile when there are MIN_ROWS of them (benchmarks.products,
+  // 2 threads, the model's 120 matrices cold: int8 from 4 rows, 6.9 against 8.9 ms at 4, 7.9 against 10.0 at 5;
+  // int4 from 12, 8.1 against 8.9 ms, where its B unpacking, a cost per weight whatever the rows, is paid back).
+  constexpr int64_t MIN_ROWS = Q4 ? 12 : 4;
   const int64_t whole = M / TILE * TILE, rows = M - whole >= MIN_ROWS ? M : whole;
   const int64_t g0 = (n0 + GROUP - 1) / GROUP, pairs = std::max<int64_t>(0, (n1 / GROUP - g0) / 2);
   if (rows == 0 || pairs == 0 || !amx_enabled()) return {0, n0, n0};
@@ -211,8 +215,8 @@ AmxSpan amx_block(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int6
       for (int64_t p = 0; p < pairs; ++p) {
         const int64_t g = g0 + 2 * p;
         const int64_t r1 = std::min(last, r0 + ROW_CHUNK);
-        if (last == whole) pair_rows<Q4, true>(w, g, scratch, xr, r0, r1, y + (g * GROUP - n0), ldy);
-        else pair_rows<Q4, false>(w, g, scratch, xr, r0, r1, y + (g * GROUP - n0), ldy);
+        pair_rows_of<Q4>(static_cast<int>(std::min<int64_t>(TILE, last - first)), w, g, scratch, xr, r0, r1,
+                         y + (g * GROUP - n0), ldy);
       }
   }
   _tile_release();
