@@ -149,4 +149,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """`(x - mean) / std * weight + bias` over the last dim."""
     if use_triton(x):
         return layer_norm_triton(x, weight, bias, eps)
+    if use_cpu_kernel(x, weight, bias) and x.stride(-1) == 1:  # (the fused step's own rows: falcon_layers.cpp)
+        return torch.ops.llmengine_cpu.layer_norm(x.reshape(-1, x.shape[-1]), weight, bias, eps).view(x.shape)
     return layer_norm_ref(x, weight, bias, eps)

@@ -7,7 +7,8 @@ eager path calls one by one, in a single call per step; the decoder holds the we
 
 It applies (`FusedDecode.build` returns None otherwise, and the model runs its eager blocks) when: the model
 is a Llama-architecture CausalLM (RMSNorm, RoPE other than dynamic, gated SiLU MLP; no per-head q/k norm, no
-sliding window) without tensor parallelism; every projection is a QuantizedLinear on our CPU kernels
+sliding window) or a Falcon (any of its three forms, RoPE or ALiBi: kernels/cpu/falcon_step.cpp) without tensor
+parallelism; every projection is a QuantizedLinear on our CPU kernels
 (`backend == "cpu"`: int4 or int8), a FloatLinear (bf16, fp16 or fp32 rows: models/float_linear.py) or a GGUF layer
 (models/gguf_linear.py: GGUFLinear, GGUFRowParts) whose every part runs the C++ GGUF product (`backend == "cpu"`),
 in any mix; norms are fp32, the embedding table an fp32 nn.Embedding
@@ -37,7 +38,7 @@ from llmengine_runtime.models.attention import AttentionMetadata, KVCache
 from llmengine_runtime.models.float_linear import FloatLinear
 from llmengine_runtime.models.gguf_linear import GGUFEmbedding, GGUFLinear, GGUFRowParts
 from llmengine_runtime.models.gguf_types import has_cpu_product
-from llmengine_runtime.models.layers import RMSNorm
+from llmengine_runtime.models.layers import LayerNorm, RMSNorm
 from llmengine_runtime.models.quantized_linear import QuantizedLinear
 
 
@@ -91,10 +92,51 @@ class StepBuffers(Protocol):
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+LLAMA, FALCON_PARALLEL, FALCON_SEQUENTIAL = 0, 1, 2  # the step's layer forms (kernels/cpu/decoder.h: BlockForm)
+
+
+def _llama_blocks(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[nn.Module]] | None:
+    """Norm weights (each layer's input and post-attention RMSNorms, then the final one), no biases, and each layer's
+    qkv, o, gate_up, down; None where a block is not Llama's form."""
+    norms, layers = [], []
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        if not hasattr(mlp, "gate_up_proj") or not isinstance(block.input_layernorm, RMSNorm):
+            return None
+        layers += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        norms += [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+    return norms + [model.norm.weight], [], layers
+
+
+def _falcon_blocks(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[nn.Module]] | None:
+    """Falcon's LayerNorms as (weights, biases): per layer attention's then the MLP's (one norm feeding both: the
+    same tensors twice; falcon-rw: input and post-attention), then the final one; and each layer's qkv, dense (o), up
+    and down."""
+    norms = []
+    for block in model.layers:
+        if block.two_norms:
+            norms += [block.ln_attn, block.ln_mlp]
+        elif block.parallel:
+            norms += [block.input_layernorm, block.input_layernorm]
+        else:
+            norms += [block.input_layernorm, block.post_attention_layernorm]
+    norms.append(model.norm)
+    if not all(isinstance(n, LayerNorm) for n in norms):
+        return None
+    layers = [p for b in model.layers for p in (b.attn.qkv_proj, b.attn.o_proj, b.mlp.up_proj, b.mlp.down_proj)]
+    return [n.weight for n in norms], [n.bias for n in norms], layers
+
+
 class FusedDecode:
     def __init__(self, model: nn.Module, norms: list[torch.Tensor], proj: list[torch.Tensor],
-                 head: list[torch.Tensor] | None, raws: list[torch.Tensor], head_rows: int):
+                 head: list[torch.Tensor] | None, raws: list[torch.Tensor], head_rows: int, form: int = LLAMA,
+                 norm_biases: list[torch.Tensor] | None = None):
         self.model, self.norms, self.proj, self.head, self.raws = model, norms, proj, head, raws
+        self.form, self.norm_biases = form, norm_biases or []
+        attn = model.layers[0].attn
+        self.alibi = attn.alibi_slopes.float().contiguous() if attn.alibi_slopes is not None else torch.empty(0)
+        # RoPE's table, or for ALiBi an empty one (the step reads none)
+        self.no_rope = torch.empty(0, attn.head_dim)
         self.rope = model.rope  # (a module attribute lookup goes through nn.Module.__getattr__: slow when cold)
         self.has_head = head is not None  # the head's product runs in the step too (`step_buffers`)
         self.head_rows = head_rows if head is not None else 0  # the logits' width (compute_logits')
@@ -114,7 +156,7 @@ class FusedDecode:
         self.decoder = torch.classes.llmengine_cpu.LlamaDecoder(
             table, self.norms, self.proj, [k for k, _ in kv_caches], [v for _, v in kv_caches], self.head or [],
             attn.num_heads, attn.num_kv_heads, attn.head_dim, self.model.norm.eps, attn.scale, self.raws,
-            table_type)
+            table_type, self.form, self.norm_biases, self.alibi)
         self.decoder_step, self.handle = self.decoder.step, self.decoder.handle()
         self.bound_caches, self.bound_buffers = kv_caches, None
 
@@ -123,22 +165,22 @@ class FusedDecode:
         config = model.config
         # (the step has no per-head q/k norm (Qwen3) and no sliding window (Mistral, Qwen2 with windows): those
         # keep the eager blocks; per-projection biases it adds as the eager layers do: Qwen2's q/k/v without o)
-        if (os.environ.get("LLMENGINE_FUSED_DECODE", "1") == "0" or config.arch == "falcon" or model.tp is not None
-                or model.rope is None or model.rope.rope_type == "dynamic" or config.alibi or config.qk_norm
+        falcon = config.arch == "falcon"
+        if (os.environ.get("LLMENGINE_FUSED_DECODE", "1") == "0" or model.tp is not None
+                or (model.rope is None) != (falcon and config.alibi)
+                or (model.rope is not None and model.rope.rope_type == "dynamic") or config.qk_norm
                 or any(config.layer_windows) or not cpu_kernels.available()):
             return None
-        norms, proj, raws = [], [], []
-        for block in model.layers:
-            attn, mlp = block.attn, block.mlp
-            if not hasattr(mlp, "gate_up_proj") or not isinstance(block.input_layernorm, RMSNorm):
+        blocks = _falcon_blocks(model) if falcon else _llama_blocks(model)
+        if blocks is None:
+            return None
+        norms, biases, layers = blocks
+        proj, raws = [], []
+        for layer in layers:
+            tensors = _projection(layer, raws)
+            if tensors is None:
                 return None
-            for layer in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                tensors = _projection(layer, raws)
-                if tensors is None:
-                    return None
-                proj.extend(tensors)
-            norms += [block.input_layernorm.weight, block.post_attention_layernorm.weight]
-        norms.append(model.norm.weight)
+            proj.extend(tensors)
         embed = model.embed
         if isinstance(embed, GGUFEmbedding):  # a GGUF table kept as its bytes (models/gguf_linear.py)
             if (embed.raw.device.type != "cpu" or not embed.raw.is_contiguous() or embed.dtype != torch.float32
@@ -146,13 +188,15 @@ class FusedDecode:
                 return None
         elif type(embed) is not nn.Embedding:
             return None
-        if not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in norms + [embed.weight]):
+        if not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in norms + biases + [embed.weight]):
             return None
         # the head compute_logits uses: a quantized copy of a tied head first (or a GGUF tied table's bytes)
         head_layer = model.quantized_head if model.quantized_head is not None else model.lm_head
         head = _projection(head_layer, raws)
         head_rows = head_layer.out_features if head is not None else 0
-        return FusedDecode(model, [w.detach() for w in norms], proj, head, raws, head_rows)
+        form = (FALCON_PARALLEL if config.parallel_attn else FALCON_SEQUENTIAL) if falcon else LLAMA
+        return FusedDecode(model, [w.detach() for w in norms], proj, head, raws, head_rows, form,
+                           [b.detach() for b in biases])
 
     def applies(self, kv_caches: list[KVCache] | None) -> bool:
         """Whether it can run decode steps over these caches."""
@@ -167,7 +211,7 @@ class FusedDecode:
         # The engine sized the table for its max model length (RotaryEmbedding.reserve); the step checks every
         # position against it and says so if one is outside.
         return self.decoder_step(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                                 self.rope.cos_sin_cache)
+                                 self.no_rope if self.rope is None else self.rope.cos_sin_cache)
 
     def step_buffers(self, buffers: StepBuffers, kv_caches: list[KVCache], argmax: bool) -> None:
         """The step over `buffers`' filled rows and the head's product (`has_head` only), into `buffers`: the
@@ -176,7 +220,7 @@ class FusedDecode:
         step's message if it fails."""
         if kv_caches is not self.bound_caches:
             self.bind(kv_caches)
-        cos_sin = self.rope.cos_sin_cache
+        cos_sin = self.no_rope if self.rope is None else self.rope.cos_sin_cache
         if (buffers is not self.bound_buffers or buffers.version != self.bound_version
                 or cos_sin is not self.bound_cos_sin):
             self.decoder.bind_buffers(*buffers.tensors(), cos_sin, *buffers.outputs())

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llmengine_runtime.kernels import layer_norm, rms_norm, rotary, silu_and_mul
+from llmengine_runtime.kernels import gelu, layer_norm, rms_norm, rotary, silu_and_mul
 from llmengine_runtime.kernels.deterministic_matmul import linear
 from llmengine_runtime.models.attention import AttentionMetadata, KVCache, paged_attention
 from llmengine_runtime.models.model_config import ModelConfig
@@ -123,4 +122,4 @@ class GeluMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(gelu(self.up_proj(x)))

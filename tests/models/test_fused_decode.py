@@ -1,5 +1,6 @@
 """The one-call CPU decode step (models/fused_decode.py) gives the eager blocks' numbers exactly (the same C++
-kernels in the same order), on every tiny Llama variant it takes; the others keep the eager path."""
+kernels in the same order), on every tiny Llama variant it takes; the others keep the eager path (Falcon's forms:
+test_fused_falcon.py)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,9 @@ def test_fused_decode_matches_eager(tiny_dirs, variant, mode, kv, monkeypatch):
     assert fused == eager  # tokens and log-probs, bit for bit
 
 
-@pytest.mark.parametrize("speculative", fast_subset([None, "ngram"], ["ngram"]))
-def test_the_cpp_step_takes_prompt_chunks_and_verification(tiny_dirs, speculative, monkeypatch):
-    """Prompt chunks of 5 tokens (so steps mix a chunk with decode rows) and n-gram verification rows go through the
-    C++ step, several rows per sequence, with the eager path's numbers."""
+def chunks_and_verification(path, speculative: str | None, monkeypatch) -> tuple[dict[str, list], list]:
+    """Greedy tokens and log-probs with the C++ step ("1") and the eager blocks ("0") for prompt chunks of 5 tokens
+    (so steps mix a chunk with decode rows) or n-gram verification rows; and each C++ step's (sequences, tokens)."""
     prompts = [[5, 17, 99, 3, 64, 8, 21, 5, 17, 99, 3, 64, 8], [7, 100, 2, 45] * 5, [9] * 40]
     params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True, return_token_log_probs=True)
     results, shapes = {}, []
@@ -56,14 +56,22 @@ def test_the_cpp_step_takes_prompt_chunks_and_verification(tiny_dirs, speculativ
     monkeypatch.setattr(FusedDecode, "step_buffers", recording)
     for fused in ("1", "0"):
         monkeypatch.setenv("LLMENGINE_FUSED_DECODE", fused)
-        llm = LLM(tiny_dirs["llama-gqa-tied-bias"], quantize="int4", block_size=16, cpu_threads=2,
+        llm = LLM(path, quantize="int4", block_size=16, cpu_threads=2,
                   max_num_batched_tokens=5 if speculative is None else 2048, speculative=speculative,
                   enable_prefix_caching=False)
         results[fused] = [(r.token_ids, r.log_probs) for r in llm.generate(prompts, params, progress=False)]
+        if speculative and fused == "1":
+            assert llm.engine.stats()["spec_accepted_tokens"] > 0
+    return results, shapes
+
+
+@pytest.mark.parametrize("speculative", fast_subset([None, "ngram"], ["ngram"]))
+def test_the_cpp_step_takes_prompt_chunks_and_verification(tiny_dirs, speculative, monkeypatch):
+    """Prompt chunks and n-gram verification rows go through the C++ step, several rows per sequence, with the eager
+    path's numbers."""
+    results, shapes = chunks_and_verification(tiny_dirs["llama-gqa-tied-bias"], speculative, monkeypatch)
     assert results["1"] == results["0"]
     assert any(tokens > seqs for seqs, tokens in shapes)  # several rows for a sequence, in one C++ step
-    if speculative:
-        assert llm.engine.stats()["spec_accepted_tokens"] > 0
 
 
 @pytest.mark.slow  # two more engines per case
@@ -79,10 +87,11 @@ def test_fused_decode_matches_eager_with_other_thread_counts(tiny_dirs, threads,
     assert took and fused == eager
 
 
-@pytest.mark.parametrize("variant, quantize", fast_subset([("llama-dynamic", "int4"), ("falcon-40b-like", "int4"),
-                                                           ("llama-mha", None)], [("falcon-40b-like", "int4")]))
+@pytest.mark.parametrize("variant, quantize", fast_subset([("llama-dynamic", "int4"), ("llama-mha", None)],
+                                                          [("llama-dynamic", "int4")]))
 def test_fused_decode_declines(tiny_dirs, variant, quantize, monkeypatch):
-    """Dynamic RoPE, Falcon and float weights keep the eager blocks."""
+    """Dynamic RoPE and fp32 weights (oneDNN's packed products) keep the eager blocks (Falcon runs the step:
+    test_fused_falcon.py)."""
     _, took = run(tiny_dirs[variant], quantize, True, monkeypatch, PROMPTS[:2], 8)  # llama-dynamic: 24 positions
     assert not took
 

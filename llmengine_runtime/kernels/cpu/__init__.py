@@ -6,8 +6,9 @@ against the installed torch, loaded as `torch.ops.llmengine_cpu.*`.
 - layers.cpp: `rms_norm` (with the residual add), `silu_and_mul`, `rotary`.
 - attention.cpp: `store_kv` and paged `decode_attention`.
 - sampling.cpp: `greedy_sample`, argmax and its log-prob in one pass (runtime/sampler.py's greedy path).
-- decode_step.cpp, decoder.cpp: `LlamaDecoder`, a whole decode step of a quantized Llama through the above
-  (models/fused_decode.py decides when it applies), and its C entry point for the engine's steps
+- falcon_layers.cpp: `layer_norm` (with bias) and `gelu` (erf), Falcon's.
+- decode_step.cpp, decoder.cpp: `LlamaDecoder`, a whole decode step of a quantized Llama (or Falcon: falcon_step.cpp)
+  through the above (models/fused_decode.py decides when it applies), and its C entry point for the engine's steps
   (`step_function`, called through ctypes).
 
 `available()` builds (first time, ~1 minute, logged) or loads the library and says whether the ops are there;

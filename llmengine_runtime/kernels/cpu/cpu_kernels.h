@@ -30,6 +30,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 void rms_norm_row(const float* x, const float* res, const float* w, float* out, float* h, int64_t hidden, float eps);
 void silu_mul_row(const float* gate, const float* up, float* out, int64_t n);
 void rotate_heads(const float* src, int64_t head_stride, int64_t heads, int64_t d, const float* cs, float* dst);
+void layer_norm_row(const float* x, const float* w, const float* b, float* out, int64_t hidden, float eps);
+void gelu_row(const float* x, float* out, int64_t n);
 // x[0:n]'s first maximum: (its index, its value), or the first NaN's (as torch.argmax); (0, -inf) for n = 0.
 std::pair<int64_t, float> first_max(const float* x, int64_t n);
 

@@ -1,8 +1,9 @@
-// One step of a Llama-architecture model in a single call: every layer's RMSNorms, quantized projections, rotary
-// embedding, KV-cache store and paged attention, the final norm and optionally the head, through the kernels of the
-// sibling files. It does what models/llama.py's blocks do for any batch (decode rows, prompt chunks, speculative
-// verification rows, side by side), without a Python round trip per op (on this CPU each op called from Python costs
-// ~10 us, ~11 ms per step over 30 layers).
+// One step of a Llama-architecture model (or a Falcon: its layer body in falcon_step.cpp) in a single call: every
+// layer's RMSNorms, quantized projections, rotary embedding, KV-cache store and paged attention, the final norm and
+// optionally the head, through the kernels of the sibling files. It does what models/llama.py's blocks do for any batch
+// (decode rows, prompt chunks, speculative verification rows, side by side), without a Python round trip per op (on
+// this CPU each op called from Python costs ~10 us, ~11 ms per step over 30 layers). StepThread (decoder.h) is one
+// thread's view of the step, with the pieces both layer forms share: quantize, product, rotary + store, attention.
 //
 // decoder.cpp binds a LlamaDecoder (decoder.h) to the model once, and to a step's inputs (tensors passed, or
 // buffers bound once: the engine's decode steps); `LlamaDecoder::run` here computes the step.
@@ -12,8 +13,9 @@
 // seq_lens int32 [S] (after this step); logit_rows int64 [R] (the token rows whose logits are wanted, increasing, or
 // every row); cos_sin_cache fp32 [P, d];
 // k_caches, v_caches: L tensors [num_blocks, block_size, Hkv, d], all fp32 or all fp16 (kv_rows.h: keys are rotated
-// in fp32, then rounded as stored); norms: 2L + 1 weights [hidden] (each layer's input and post-attention norms,
-// then the final norm); proj: L * 4 projections (qkv, o, gate_up, down), each four tensors (qs, d, m, bias) of
+// in fp32, then rounded as stored; ALiBi: keys stored as they are, cos_sin_cache [0, d]); norms: 2L + 1 weights
+// [hidden] (each layer's input and post-attention norms, then the final norm; Falcon: its LayerNorms, with as many
+// biases, falcon_step.cpp); proj: L * 4 projections (qkv, o, gate_up, down), each four tensors (qs, d, m, bias) of
 // quant_gemm.cpp's layout, m empty for int8 and bias empty when there is none, or a GGUF weight's four
 // (step_projection.cpp: parts of any types the gguf_linear op takes); the head, when bound: one more.
 // It writes the final-normed hidden states [T, hidden], or with the head its logits [R, vocab] and then, when asked,
@@ -46,17 +48,86 @@ namespace llmengine_cpu {
 
 namespace {
 
-constexpr int64_t ACT_BLOCK = 64;  // gate/up rows computed together before their SiLU-and-mul
-
-// [begin, end) of thread t's share of n items.
-inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt) { return {n * t / nt, n * (t + 1) / nt}; }
-
 // Waits for the whole team; with the profiler on, thread 0's wait counts in `part`'s time (its caller's timer).
 inline void barrier() {
 #pragma omp barrier
 }
 
 }  // namespace
+
+void StepThread::quantize(const float* a, int64_t K, const Projection& p, int64_t rows) const {
+  quantize_for(p, mine, a, rows < 0 ? T : rows, K, paired);
+}
+
+void StepThread::product(const Projection& p, float* y, int64_t ldy) const {
+  const auto [n0, n1] = share(p.N, t, nt);
+  project_rows(p, mine, T, n0, n1, y + n0, ldy);
+  barrier();
+}
+
+void StepThread::rotate_and_store(int64_t l) const {
+  const int64_t d = dec.head_dim, H = dec.num_heads, Hkv = dec.num_kv_heads, q_size = H * d, kv_size = Hkv * d,
+                qkv_size = q_size + 2 * kv_size;
+  const int64_t *pp = in.positions, *sp = in.slot_mapping;
+  const float* csp = in.cos_sin;
+  const bool rope = dec.alibi_slopes == nullptr;
+  const auto [s0, s1] = share(T, t, nt);
+  if (rope) {
+    PartTimer timer(timing ? ROTARY : NUM_PARTS);
+    for (int64_t s = s0; s < s1; ++s) rotate_heads(qkvp + s * qkv_size, d, H, d, csp + pp[s] * d, qp + s * q_size);
+  }
+  PartTimer timer(timing ? STORE_KV : NUM_PARTS);
+  // token s's (rotated) key and its value, into layer l's caches at slot sp[s] (fp16: rounded as stored)
+  float* k_rotated = mine.k_rotated.data();
+  for (int64_t s = s0; s < s1; ++s) {
+    if (sp[s] < 0) continue;
+    const float* row = qkvp + s * qkv_size;
+    const int64_t at_slot = sp[s] * kv_size;
+    if (dec.half_cache) {
+      const float* key = row + q_size;
+      if (rope) rotate_heads(key, d, Hkv, d, csp + pp[s] * d, k_rotated), key = k_rotated;
+      store_row(key, static_cast<Half*>(dec.k_data[l]) + at_slot, kv_size);
+      store_row(row + q_size + kv_size, static_cast<Half*>(dec.v_data[l]) + at_slot, kv_size);
+    } else {
+      float* k_out = static_cast<float*>(dec.k_data[l]) + at_slot;
+      if (rope) rotate_heads(row + q_size, d, Hkv, d, csp + pp[s] * d, k_out);
+      else store_row(row + q_size, k_out, kv_size);
+      store_row(row + q_size + kv_size, static_cast<float*>(dec.v_data[l]) + at_slot, kv_size);
+    }
+  }
+  barrier();
+}
+
+void StepThread::attend(int64_t l) const {
+  PartTimer timer(timing ? ATTENTION : NUM_PARTS);
+  const int64_t d = dec.head_dim, H = dec.num_heads, Hkv = dec.num_kv_heads, q_size = H * d,
+                qkv_size = q_size + 2 * Hkv * d;
+  const int64_t block_size = dec.k_caches[0].size(1);
+  // (ALiBi: the queries unrotated, straight from the QKV product's rows)
+  const bool rope = dec.alibi_slopes == nullptr;
+  const PagedAttention plan{rope ? qp : qkvp, dec.k_data[l], dec.v_data[l], in.block_tables, sh.row_seq.data(),
+                            sh.row_keys.data(), dec.alibi_slopes, ap, T, H, Hkv, d, block_size, in.max_blocks,
+                            rope ? q_size : qkv_size, d, static_cast<float>(dec.scale), dec.half_cache};
+  if (tiled) {
+    const int64_t* tile_start = sh.tile_start.data();
+    const auto [t0, t1] = share(tiles * Hkv, t, nt);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t tile = task / Hkv;
+      plan.tile(tile_start[tile], tile_start[tile + 1] - tile_start[tile], task % Hkv, mine.scores.data(),
+                mine.partial);
+    }
+  } else {
+    const int64_t* row_task = sh.row_task.data();
+    const auto [t0, t1] = share(tasks, t, nt);
+    for (int64_t task = t0; task < t1; ++task)
+      plan.split_task(task, row_task, mine.scores.data(), sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data());
+    barrier();
+    const auto [m0, m1] = share(T * H, t, nt);
+    for (int64_t rh = m0; rh < m1; ++rh)
+      plan.split_merge(rh, row_task, sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data());
+  }
+  barrier();
+}
 
 void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool logits) {
   PartTimer step_timer(STEP);
@@ -71,7 +142,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
   const int64_t block_size = k_caches[0].size(1), num_slots = k_caches[0].size(0) * block_size;
   for (int64_t r = 0; r < T; ++r) {
     TORCH_CHECK(idp[r] >= 0 && idp[r] < vocab, "LlamaDecoder.step: token id ", idp[r], " is not in the vocabulary");
-    TORCH_CHECK(pp[r] >= 0 && pp[r] < in.cos_sin_rows, "position ", pp[r], " is outside the rotary table of ",
+    TORCH_CHECK(pp[r] >= 0 && (alibi_slopes || pp[r] < in.cos_sin_rows), "position ", pp[r], " is outside the rotary table of ",
                 in.cos_sin_rows, " rows");
     TORCH_CHECK(sp[r] < num_slots, "store_kv: slot ", sp[r], " past the cache");
   }
@@ -81,7 +152,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
   for (int64_t i = 0; lr && i < R; ++i)
     TORCH_CHECK(lr[i] >= (i ? lr[i - 1] + 1 : 0) && lr[i] < T, "LlamaDecoder.step: logit rows must increase within ",
                 "the ", T, " tokens");
-  const int64_t I = layers[2].N / 2, G = H / Hkv;
+  const int64_t I = form == BlockForm::LLAMA ? layers[2].N / 2 : layers[2].N, G = H / Hkv;
   Scratch& sh = shared;  // the team's intermediates, reused from the last step (resize only grows them)
   // Row r of sequence s sits at position seq_lens[s] - q_len + (r - cu[s]) and sees the keys up to it.
   sh.row_seq.resize(T), sh.row_keys.resize(T);
@@ -113,19 +184,6 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
   for (int64_t r = 0; r < T; ++r) embed_row(idp[r], xp + r * hidden);
   const float feps = static_cast<float>(eps);
   const bool paired = q4_pairs_blocks();
-  const float* csp = in.cos_sin;
-  // token s's rotated key and its value, into layer l's caches at slot sp[s] (fp16: rounded as stored)
-  auto store_token = [&](int64_t l, int64_t s, const float* row, float* k_rotated) {
-    const int64_t at_slot = sp[s] * kv_size;
-    if (half_cache) {
-      rotate_heads(row + q_size, d, Hkv, d, csp + pp[s] * d, k_rotated);
-      store_row(k_rotated, static_cast<Half*>(k_data[l]) + at_slot, kv_size);
-      store_row(row + q_size + kv_size, static_cast<Half*>(v_data[l]) + at_slot, kv_size);
-    } else {
-      rotate_heads(row + q_size, d, Hkv, d, csp + pp[s] * d, static_cast<float*>(k_data[l]) + at_slot);
-      store_row(row + q_size + kv_size, static_cast<float*>(v_data[l]) + at_slot, kv_size);
-    }
-  };
 
 #pragma omp parallel num_threads(nt_wanted)
   {
@@ -134,20 +192,23 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
     // Every thread keeps its own copy of the residual stream and of each quantized activation: computing them
     // redundantly (a few microseconds) saves a barrier each, and the copies are equal bit for bit.
     ThreadScratch& mine = per_thread[t];
-    std::vector<float>&residual = mine.residual, &normed = mine.normed, &scores = mine.scores;
-    std::vector<float>&gate_tmp = mine.gate_tmp, &up_tmp = mine.up_tmp, &k_rotated = mine.k_rotated;
-    for (auto [buffer, size] : {std::pair{&residual, T * hidden}, {&normed, T * hidden}, {&scores, G * CHUNK_KEYS},
-                                {&gate_tmp, T * ACT_BLOCK}, {&up_tmp, T * ACT_BLOCK}, {&k_rotated, kv_size}})
+    std::vector<float>&residual = mine.residual, &normed = mine.normed;
+    std::vector<float>&gate_tmp = mine.gate_tmp, &up_tmp = mine.up_tmp;
+    const bool two_mlp_inputs = form == BlockForm::FALCON_PARALLEL;
+    for (auto [buffer, size] : {std::pair{&residual, T * hidden}, {&normed, T * hidden},
+                                {&mine.mlp_in, two_mlp_inputs ? T * hidden : 0}, {&mine.scores, G * CHUNK_KEYS},
+                                {&gate_tmp, T * ACT_BLOCK}, {&up_tmp, T * ACT_BLOCK}, {&mine.k_rotated, kv_size}})
       buffer->resize(size);
+    const StepThread c{*this, in, sh, mine, t, nt, timing, paired, tiled, T, tiles, tasks,
+                       xp, qkvp, qp, ap, op, actp};
     auto quantize = [&](const float* a, int64_t K, const Projection& p, int64_t rows = -1) {
-      quantize_for(p, mine, a, rows < 0 ? T : rows, K, paired);
-    };
-    auto product = [&](const Projection& p, float* y, int64_t ldy) {
-      const auto [n0, n1] = share(p.N, t, nt);
-      project_rows(p, mine, T, n0, n1, y + n0, ldy);
-      barrier();
+      c.quantize(a, K, p, rows);
     };
     for (int64_t l = 0; l < L; ++l) {
+      if (form != BlockForm::LLAMA) {
+        falcon_layer(c, l);
+        continue;
+      }
       const Projection &qkv_p = layers[4 * l], &o_p = layers[4 * l + 1], &gu_p = layers[4 * l + 2],
                        &dn_p = layers[4 * l + 3];
       {
@@ -160,49 +221,14 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       {
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
         quantize(normed.data(), hidden, qkv_p);
-        product(qkv_p, qkvp, qkv_size);
+        c.product(qkv_p, qkvp, qkv_size);
       }
-      {
-        const auto [s0, s1] = share(T, t, nt);
-        {
-          PartTimer timer(timing ? ROTARY : NUM_PARTS);
-          for (int64_t s = s0; s < s1; ++s) rotate_heads(qkvp + s * qkv_size, d, H, d, csp + pp[s] * d, qp + s * q_size);
-        }
-        PartTimer timer(timing ? STORE_KV : NUM_PARTS);
-        for (int64_t s = s0; s < s1; ++s)
-          if (sp[s] >= 0) store_token(l, s, qkvp + s * qkv_size, k_rotated.data());
-        barrier();
-      }
-      {
-        PartTimer timer(timing ? ATTENTION : NUM_PARTS);
-        const PagedAttention plan{qp, k_data[l], v_data[l], bt, sh.row_seq.data(), sh.row_keys.data(), nullptr,
-                                  ap, T, H, Hkv, d, block_size, in.max_blocks, q_size, d, static_cast<float>(scale),
-                                  half_cache};
-        if (tiled) {
-          const int64_t* tile_start = sh.tile_start.data();
-          const auto [t0, t1] = share(tiles * Hkv, t, nt);
-          for (int64_t task = t0; task < t1; ++task) {
-            const int64_t tile = task / Hkv;
-            plan.tile(tile_start[tile], tile_start[tile + 1] - tile_start[tile], task % Hkv, scores.data(),
-                      mine.partial);
-          }
-        } else {
-          const int64_t* row_task = sh.row_task.data();
-          const auto [t0, t1] = share(tasks, t, nt);
-          for (int64_t task = t0; task < t1; ++task)
-            plan.split_task(task, row_task, scores.data(), sh.part_max.data(), sh.part_sum.data(),
-                            sh.part_acc.data());
-          barrier();
-          const auto [m0, m1] = share(T * H, t, nt);
-          for (int64_t rh = m0; rh < m1; ++rh)
-            plan.split_merge(rh, row_task, sh.part_max.data(), sh.part_sum.data(), sh.part_acc.data());
-        }
-        barrier();
-      }
+      c.rotate_and_store(l);
+      c.attend(l);
       {
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
         quantize(ap, q_size, o_p);
-        product(o_p, op, hidden);
+        c.product(o_p, op, hidden);
       }
       {
         PartTimer timer(timing ? NORM : NUM_PARTS);
@@ -231,16 +257,22 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
         barrier();
         quantize(actp, I, dn_p);
-        product(dn_p, xp, hidden);
+        c.product(dn_p, xp, hidden);
       }
     }
+    // row r's final norm into o: Llama's of its last output plus the residual stream, Falcon's of the stream
+    auto final_norm = [&](int64_t r, float* o) {
+      if (form == BlockForm::LLAMA)
+        rms_norm_row(xp + r * hidden, L ? residual.data() + r * hidden : nullptr, norm_weights[2 * L], o,
+                     L ? residual.data() + r * hidden : nullptr, hidden, feps);
+      else
+        layer_norm_row(residual.data() + r * hidden, norm_weights[2 * L], norm_biases[2 * L], o, hidden, feps);
+    };
     float* outp = out;
     if (!logits) {
       if (t == 0) {
         PartTimer timer(timing ? NORM : NUM_PARTS);
-        for (int64_t r = 0; r < T; ++r)
-          rms_norm_row(xp + r * hidden, L ? residual.data() + r * hidden : nullptr, norm_weights[2 * L],
-                       outp + r * hidden, L ? residual.data() + r * hidden : nullptr, hidden, feps);
+        for (int64_t r = 0; r < T; ++r) final_norm(r, outp + r * hidden);
       }
     } else if (R > 0) {  // every thread norms its own copy of the logit rows' residuals, then its share of the head
       std::vector<float>& head_in = mine.head_in;
@@ -248,9 +280,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       {
         PartTimer timer(timing ? NORM : NUM_PARTS);
         for (int64_t i = 0; i < R; ++i) {
-          const int64_t r = lr ? lr[i] : i;
-          rms_norm_row(xp + r * hidden, L ? residual.data() + r * hidden : nullptr, norm_weights[2 * L],
-                       head_in.data() + i * hidden, L ? residual.data() + r * hidden : nullptr, hidden, feps);
+          final_norm(lr ? lr[i] : i, head_in.data() + i * hidden);
         }
       }
       PartTimer timer(timing ? HEAD : NUM_PARTS);

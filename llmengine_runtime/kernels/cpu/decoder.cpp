@@ -1,8 +1,9 @@
 // Binding the fused decode step (decode_step.cpp) to a model and to the engine: the LlamaDecoder's checks, its
 // TorchScript class, the step profile, and `llme_step`, the C entry point of the engine's decode steps.
 //
-// `torch.classes.llmengine_cpu.LlamaDecoder(embedding, norms, proj, k_caches, v_caches, head, ...)` binds the model
-// once (layouts in decode_step.cpp). Its `step(input_ids, positions, slot_mapping, block_tables, seq_lens,
+// `torch.classes.llmengine_cpu.LlamaDecoder(embedding, norms, proj, k_caches, v_caches, head, ..., form, norm_biases,
+// alibi_slopes)` binds the model once (layouts in decode_step.cpp; form: decoder.h's BlockForm, Falcon's with its
+// LayerNorms' biases, and ALiBi slopes or an empty tensor for RoPE). Its `step(input_ids, positions, slot_mapping, block_tables, seq_lens,
 // cos_sin_cache)` takes a step's inputs as tensors and returns the final-normed hidden states.
 // With a head bound, the engine's steps pass nothing: `bind_buffers(input_ids, positions, slot_mapping, block_tables,
 // seq_lens, cu_seqlens_q, logit_rows, cos_sin_cache, logits, tokens)` binds persistent tensors once (the layouts of
@@ -65,12 +66,18 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
                            std::vector<at::Tensor> k_caches_, std::vector<at::Tensor> v_caches_,
                            std::vector<at::Tensor> head_tensors_, int64_t num_heads_, int64_t num_kv_heads_,
                            int64_t head_dim_, double eps_, double scale_, std::vector<at::Tensor> gguf_raws_,
-                           int64_t embedding_type_)
+                           int64_t embedding_type_, int64_t form_, std::vector<at::Tensor> norm_biases_,
+                           at::Tensor alibi_slopes_)
     : norms(std::move(norms_)), proj(std::move(proj_)), k_caches(std::move(k_caches_)), v_caches(std::move(v_caches_)),
       head_tensors(std::move(head_tensors_)), gguf_raws(std::move(gguf_raws_)), embedding(std::move(embedding_)),
       embedding_type(embedding_type_), num_heads(num_heads_),
-      num_kv_heads(num_kv_heads_), head_dim(head_dim_), eps(eps_), scale(scale_) {
+      num_kv_heads(num_kv_heads_), head_dim(head_dim_), eps(eps_), scale(scale_),
+      norm_bias_tensors(std::move(norm_biases_)), alibi(std::move(alibi_slopes_)) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(form_ >= 0 && form_ <= 2, "LlamaDecoder: form ", form_, " is not one of 0 (Llama), 1 (Falcon, parallel), ",
+              "2 (Falcon, sequential)");
+  form = static_cast<BlockForm>(form_);
+  const bool falcon = form != BlockForm::LLAMA;
   TORCH_CHECK(L > 0 && v_caches.size() == k_caches.size(), "LlamaDecoder: one v_cache per k_cache, at least one");
   TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * L + 1, "LlamaDecoder: expected ", 2 * L + 1,
               " norm weights, got ", norms.size());
@@ -94,6 +101,18 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
                 "LlamaDecoder: norm weights must be contiguous fp32 [hidden]");
     norm_weights.push_back(w.data_ptr<float>());
   }
+  TORCH_CHECK(norm_bias_tensors.size() == (falcon ? norms.size() : 0), "LlamaDecoder: ",
+              falcon ? "Falcon's LayerNorms need one bias per weight" : "Llama's RMSNorms take no biases");
+  for (const at::Tensor& b : norm_bias_tensors) {
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == hidden,
+                "LlamaDecoder: norm biases must be contiguous fp32 [hidden]");
+    norm_biases.push_back(b.data_ptr<float>());
+  }
+  if (alibi.defined() && alibi.numel() > 0) {
+    TORCH_CHECK(alibi.scalar_type() == at::kFloat && alibi.is_contiguous() && alibi.numel() == num_heads,
+                "LlamaDecoder: the ALiBi slopes must be contiguous fp32 [num_heads]");
+    alibi_slopes = alibi.data_ptr<float>();
+  }
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor &k = k_caches[l], &v = v_caches[l];
     TORCH_CHECK(cache_type_ok(k, v) && k.scalar_type() == k_caches[0].scalar_type() && k.is_contiguous() &&
@@ -113,8 +132,9 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
       if (p.fw.type != FloatType::NONE) return p.K >= k && p.K - k < (p.fw.tiles ? 32 : 4);  // (AMX tiles: to 32)
       return p.parts.empty() ? p.K >= k : p.K == k;
     };
-    TORCH_CHECK(qkv.N == q_size + 2 * kv_size && o.N == hidden && gu.N % 2 == 0 && dn.N == hidden &&
-                    takes(qkv, hidden) && takes(o, q_size) && takes(gu, hidden) && takes(dn, gu.N / 2),
+    const int64_t I = falcon ? gu.N : gu.N / 2;  // (Llama's gate and up rows together)
+    TORCH_CHECK(qkv.N == q_size + 2 * kv_size && o.N == hidden && (falcon || gu.N % 2 == 0) && dn.N == hidden &&
+                    takes(qkv, hidden) && takes(o, q_size) && takes(gu, hidden) && takes(dn, I),
                 "LlamaDecoder: layer ", l, "'s projection shapes do not fit the model");
   }
   TORCH_CHECK(head_tensors.empty() || static_cast<int64_t>(head_tensors.size()) == PROJ_TENSORS,
@@ -153,7 +173,8 @@ at::Tensor LlamaDecoder::step(const at::Tensor& input_ids, const at::Tensor& pos
   const int64_t S = ids.numel();
   TORCH_CHECK(pos.numel() == S && slots.numel() == S && lens.numel() == S && tables.dim() == 2 && tables.size(0) == S,
               "LlamaDecoder.step: one position, slot, length and block-table row per token");
-  TORCH_CHECK(cs.dim() == 2 && cs.size(1) == head_dim, "LlamaDecoder.step: cos_sin_cache must be [positions, head_dim]");
+  TORCH_CHECK(cs.dim() == 2 && cs.size(1) == head_dim,
+              "LlamaDecoder.step: cos_sin_cache must be [positions, head_dim] (ALiBi: [0, head_dim])");
   at::Tensor out = at::empty({S, hidden_size}, cs.options());
   run({ids.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), tables.data_ptr<int32_t>(),
        lens.data_ptr<int32_t>(), nullptr, nullptr, cs.data_ptr<float>(), S, S, S, tables.size(1), cs.size(0)},
@@ -236,7 +257,7 @@ TORCH_LIBRARY_FRAGMENT(llmengine_cpu, lib) {
   lib.class_<llmengine_cpu::LlamaDecoder>("LlamaDecoder")
       .def(torch::init<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double, double,
-                       std::vector<at::Tensor>, int64_t>())
+                       std::vector<at::Tensor>, int64_t, int64_t, std::vector<at::Tensor>, at::Tensor>())
       .def("step", &llmengine_cpu::LlamaDecoder::step)
       .def("bind_buffers", &llmengine_cpu::LlamaDecoder::bind_buffers)
       .def("handle", &llmengine_cpu::LlamaDecoder::handle);

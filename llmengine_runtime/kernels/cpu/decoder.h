@@ -7,6 +7,7 @@
 #include <torch/custom_class.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "float_rows.h"
@@ -57,7 +58,7 @@ struct Scratch {
   std::vector<float> head_max;
 };
 struct ThreadScratch {
-  std::vector<float> residual, normed, scores, gate_tmp, up_tmp, k_rotated, partial, head_in;
+  std::vector<float> residual, normed, mlp_in, scores, gate_tmp, up_tmp, k_rotated, partial, head_in;
   QuantizedRows xr;
   gguf::Activations x32, x256;  // a GGUF projection's activations, per block of 32 and of 256
   FloatActivations xf;          // a float projection's
@@ -73,6 +74,11 @@ void quantize_for(const Projection& p, ThreadScratch& mine, const float* x, int6
 void project_rows(const Projection& p, const ThreadScratch& mine, int64_t M, int64_t n0, int64_t n1, float* y,
                   int64_t ldy);
 
+// A layer's form: Llama's (RMSNorms, gated SiLU MLP, the residual stream beside the layer's output), or Falcon's
+// (LayerNorms with bias, GELU MLP, the residual added in the layer): attention and MLP in parallel from one or two
+// norms of the same input (falcon-7b/40b), or in sequence with a norm before each (falcon-rw).
+enum class BlockForm : int64_t { LLAMA = 0, FALCON_PARALLEL = 1, FALCON_SEQUENTIAL = 2 };
+
 struct LlamaDecoder : torch::CustomClassHolder {
   // The bound tensors (kept alive here) and the pointers a step reads.
   std::vector<at::Tensor> norms, proj, k_caches, v_caches, head_tensors, buffers;
@@ -82,9 +88,14 @@ struct LlamaDecoder : torch::CustomClassHolder {
   int64_t hidden_size, vocab_size;
   int64_t num_heads, num_kv_heads, head_dim;
   double eps, scale;
-  std::vector<Projection> layers;  // 4 per layer: qkv, o, gate_up, down
+  std::vector<Projection> layers;  // 4 per layer: qkv, o, gate_up (Falcon: up), down
   std::optional<Projection> head;
   std::vector<const float*> norm_weights;
+  BlockForm form = BlockForm::LLAMA;
+  std::vector<at::Tensor> norm_bias_tensors;  // Falcon: the LayerNorms' biases, one per norm weight
+  std::vector<const float*> norm_biases;
+  at::Tensor alibi;  // fp32 [num_heads] ALiBi slopes (times the scale), or empty: RoPE
+  const float* alibi_slopes = nullptr;
   std::vector<void*> k_data, v_data;
   bool half_cache;
   int64_t handle_id;  // this decoder's number for `llme_step` (decoder.cpp)
@@ -98,7 +109,8 @@ struct LlamaDecoder : torch::CustomClassHolder {
   LlamaDecoder(at::Tensor embedding, std::vector<at::Tensor> norms, std::vector<at::Tensor> proj,
                std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, std::vector<at::Tensor> head_tensors,
                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
-               std::vector<at::Tensor> gguf_raws, int64_t embedding_type);
+               std::vector<at::Tensor> gguf_raws, int64_t embedding_type, int64_t form,
+               std::vector<at::Tensor> norm_biases, at::Tensor alibi_slopes);
   // Token `id`'s embedding row into out [hidden] (a GGUF table's row dequantized).
   void embed_row(int64_t id, float* out) const;
   ~LlamaDecoder() override;
@@ -116,5 +128,33 @@ struct LlamaDecoder : torch::CustomClassHolder {
   // head's [R, vocab], and then, when tokens is not null, each logits row's first maximum.
   void run(const StepInputs& in, float* out, int64_t* tokens, bool logits);
 };
+
+// One thread of a step's OpenMP team (decode_step.cpp sets it up; each layer form's body runs through it): the step's
+// inputs and shared intermediates, the thread's own scratch, and the pieces every form shares.
+struct StepThread {
+  const LlamaDecoder& dec;
+  const StepInputs& in;
+  Scratch& sh;
+  ThreadScratch& mine;
+  int t, nt;
+  bool timing, paired, tiled;
+  int64_t T, tiles, tasks;
+  float *xp, *qkvp, *qp, *ap, *op, *actp;  // the team's [T, hidden], [T, qkv], [T, q], [T, q], [T, hidden], [T, I]
+
+  // rows (default T) of a [rows, K] into this thread's quantized activations, as p's product takes them
+  void quantize(const float* a, int64_t K, const Projection& p, int64_t rows = -1) const;
+  // this thread's share of p's output rows for the T quantized rows into y (row stride ldy), then a barrier
+  void product(const Projection& p, float* y, int64_t ldy) const;
+  // the rotary embedding of q (into qp; ALiBi: none) and the KV store of this thread's tokens, then a barrier
+  void rotate_and_store(int64_t l) const;
+  // attention of the T rows into ap, then a barrier
+  void attend(int64_t l) const;
+};
+
+// Layer l of a Falcon form on thread c (falcon_step.cpp): the residual stream in c.mine.residual, from and to there.
+void falcon_layer(const StepThread& c, int64_t l);
+// [begin, end) of thread t's share of n items.
+inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt) { return {n * t / nt, n * (t + 1) / nt}; }
+constexpr int64_t ACT_BLOCK = 64;  // MLP rows computed together before their activation
 
 }  // namespace llmengine_cpu
