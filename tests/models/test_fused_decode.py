@@ -74,6 +74,24 @@ def test_the_cpp_step_takes_prompt_chunks_and_verification(tiny_dirs, speculativ
     assert any(tokens > seqs for seqs, tokens in shapes)  # several rows for a sequence, in one C++ step
 
 
+LONG_PROMPTS = [[(7 * i + 3 * j) % 120 + 3 for j in range(n)] for i, n in enumerate([100, 61, 90])]
+
+
+@pytest.mark.parametrize("variant", fast_subset(["llama-gqa-tied-bias", "falcon-rw-like"], ["llama-gqa-tied-bias"]))
+@pytest.mark.parametrize("mode", fast_subset(["int4", "int8"], ["int4"]))
+@pytest.mark.parametrize("threads", fast_subset([2, 3], [2]))
+def test_a_step_of_many_rows_shares_the_quantization(tiny_dirs, variant, mode, threads, monkeypatch):
+    """251 prompt rows in one step (at least TEAM_ROWS, decoder.h): each thread quantizes its share of the rows for
+    the whole team (2 threads, and 3 with uneven shares); the numbers stay the eager path's."""
+    before = torch.get_num_threads()
+    try:
+        fused, took = run(tiny_dirs[variant], mode, True, monkeypatch, LONG_PROMPTS, 8, threads=threads)
+        eager, _ = run(tiny_dirs[variant], mode, False, monkeypatch, LONG_PROMPTS, 8, threads=threads)
+    finally:
+        torch.set_num_threads(before)
+    assert took and fused == eager
+
+
 @pytest.mark.slow  # two more engines per case
 @pytest.mark.parametrize("threads", [1, 3])
 def test_fused_decode_matches_eager_with_other_thread_counts(tiny_dirs, threads, monkeypatch):

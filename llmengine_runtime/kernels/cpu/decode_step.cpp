@@ -55,13 +55,24 @@ inline void barrier() {
 
 }  // namespace
 
-void StepThread::quantize(const float* a, int64_t K, const Projection& p, int64_t rows) const {
-  quantize_for(p, mine, a, rows < 0 ? T : rows, K, paired);
+const ThreadScratch& StepThread::quantize(const float* a, int64_t K, const Projection& p, int64_t rows) const {
+  rows = rows < 0 ? T : rows;
+  if (rows < TEAM_ROWS || nt == 1 || p.fw.type != FloatType::NONE || !p.parts.empty()) {
+    quantize_for(p, mine, a, rows, K, paired);
+    return mine;
+  }
+  // The team's buffers are sized for the step (run); the last reader of their previous rows passed a barrier since.
+  QuantizedRows& xr = sh.team.xr;
+  if (t == 0) xr.nb = p.w.nb;
+  const auto [r0, r1] = share(rows, t, nt);
+  quantize_rows_range(xr, a, r0, r1, K, p.w.nb, p.q4 && paired && !p.w.interleaved);
+  barrier();
+  return sh.team;
 }
 
-void StepThread::product(const Projection& p, float* y, int64_t ldy) const {
+void StepThread::product(const Projection& p, const ThreadScratch& xs, float* y, int64_t ldy) const {
   const auto [n0, n1] = share(p.N, t, nt);
-  project_rows(p, mine, T, n0, n1, y + n0, ldy);
+  project_rows(p, xs, T, n0, n1, y + n0, ldy);
   barrier();
 }
 
@@ -178,6 +189,12 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
                               {&sh.head_max, argmax ? nt_wanted * R : 0}})
     buffer->resize(size);
   if (argmax) sh.head_arg.resize(nt_wanted * R);
+  if (std::max(T, R) >= TEAM_ROWS) {  // (StepThread::quantize's team buffers: its threads write their rows in place)
+    const int64_t rows = std::max(T, R);
+    QuantizedRows& team = sh.team.xr;
+    if (static_cast<int64_t>(team.q.size()) < rows * team_nb * QK) team.q.resize(rows * team_nb * QK);
+    if (static_cast<int64_t>(team.d.size()) < rows * team_nb) team.d.resize(rows * team_nb), team.s.resize(rows * team_nb);
+  }
   float *xp = sh.x.data(), *qkvp = sh.qkv.data(), *qp = sh.q_rot.data();
   float *ap = sh.attn.data(), *op = sh.o.data(), *actp = sh.act.data();
   if (static_cast<int>(per_thread.size()) < nt_wanted) per_thread.resize(nt_wanted);
@@ -201,9 +218,6 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       buffer->resize(size);
     const StepThread c{*this, in, sh, mine, t, nt, timing, paired, tiled, T, tiles, tasks,
                        xp, qkvp, qp, ap, op, actp};
-    auto quantize = [&](const float* a, int64_t K, const Projection& p, int64_t rows = -1) {
-      c.quantize(a, K, p, rows);
-    };
     for (int64_t l = 0; l < L; ++l) {
       if (form != BlockForm::LLAMA) {
         falcon_layer(c, l);
@@ -220,15 +234,13 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       }
       {
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
-        quantize(normed.data(), hidden, qkv_p);
-        c.product(qkv_p, qkvp, qkv_size);
+        c.product(qkv_p, c.quantize(normed.data(), hidden, qkv_p), qkvp, qkv_size);
       }
       c.rotate_and_store(l);
       c.attend(l);
       {
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
-        quantize(ap, q_size, o_p);
-        c.product(o_p, op, hidden);
+        c.product(o_p, c.quantize(ap, q_size, o_p), op, hidden);
       }
       {
         PartTimer timer(timing ? NORM : NUM_PARTS);
@@ -238,16 +250,17 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       }
       // gate rows i and up rows I + i together, then their SiLU-and-mul: no [S, 2I] intermediate.
       const auto [i0, i1] = share(I, t, nt);
+      const ThreadScratch* xs;
       {
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
-        quantize(normed.data(), hidden, gu_p);
+        xs = &c.quantize(normed.data(), hidden, gu_p);
       }
       for (int64_t b0 = i0; b0 < i1; b0 += ACT_BLOCK) {
         const int64_t b1 = std::min(i1, b0 + ACT_BLOCK), n = b1 - b0;
         {
           PartTimer timer(timing ? PRODUCT : NUM_PARTS);
-          project_rows(gu_p, mine, T, b0, b1, gate_tmp.data(), n);
-          project_rows(gu_p, mine, T, I + b0, I + b1, up_tmp.data(), n);
+          project_rows(gu_p, *xs, T, b0, b1, gate_tmp.data(), n);
+          project_rows(gu_p, *xs, T, I + b0, I + b1, up_tmp.data(), n);
         }
         PartTimer timer(timing ? ACTIVATION : NUM_PARTS);
         for (int64_t r = 0; r < T; ++r)
@@ -256,8 +269,7 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       {
         PartTimer timer(timing ? PRODUCT : NUM_PARTS);
         barrier();
-        quantize(actp, I, dn_p);
-        c.product(dn_p, xp, hidden);
+        c.product(dn_p, c.quantize(actp, I, dn_p), xp, hidden);
       }
     }
     // row r's final norm into o: Llama's of its last output plus the residual stream, Falcon's of the stream
@@ -279,15 +291,13 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
       head_in.resize(R * hidden);
       {
         PartTimer timer(timing ? NORM : NUM_PARTS);
-        for (int64_t i = 0; i < R; ++i) {
-          final_norm(lr ? lr[i] : i, head_in.data() + i * hidden);
-        }
+        for (int64_t i = 0; i < R; ++i) final_norm(lr ? lr[i] : i, head_in.data() + i * hidden);
       }
       PartTimer timer(timing ? HEAD : NUM_PARTS);
-      quantize(head_in.data(), hidden, *head, R);
+      const ThreadScratch& xs = c.quantize(head_in.data(), hidden, *head, R);
       const int64_t V = head->N;
       const auto [n0, n1] = share(V, t, nt);
-      project_rows(*head, mine, R, n0, n1, outp + n0, V);
+      project_rows(*head, xs, R, n0, n1, outp + n0, V);
       if (argmax)
         for (int64_t i = 0; i < R; ++i) {
           const auto [index, value] = first_max(outp + i * V + n0, n1 - n0);

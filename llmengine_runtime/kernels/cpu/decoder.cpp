@@ -144,6 +144,9 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
     TORCH_CHECK((head->parts.empty() ? head->K >= hidden : head->K == hidden) && head->N > 0,
                 "LlamaDecoder: the head's shape does not fit the model");
   }
+  for (const Projection& p : layers)
+    if (p.parts.empty() && p.fw.type == FloatType::NONE) team_nb = std::max(team_nb, p.w.nb);
+  if (head && head->parts.empty() && head->fw.type == FloatType::NONE) team_nb = std::max(team_nb, head->w.nb);
   std::lock_guard<std::mutex> lock(registry_mutex);
   handle_id = next_handle++;
   registry[handle_id] = this;

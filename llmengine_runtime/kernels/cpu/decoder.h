@@ -48,6 +48,13 @@ struct StepInputs {
   int64_t S, T, R, max_blocks, cos_sin_rows;
 };
 
+struct ThreadScratch {
+  std::vector<float> residual, normed, mlp_in, scores, gate_tmp, up_tmp, k_rotated, partial, head_in;
+  QuantizedRows xr;
+  gguf::Activations x32, x256;  // a GGUF projection's activations, per block of 32 and of 256
+  FloatActivations xf;          // a float projection's
+};
+
 // What a step writes besides its output, kept from one step to the next so that a step allocates nothing else (a
 // dozen allocations, each cold after the last step's weight stream): the team's shared intermediates, and every
 // thread's own copies of the residual stream, the normed and quantized activations and its scratch.
@@ -56,12 +63,7 @@ struct Scratch {
   std::vector<int64_t> row_seq, row_keys, row_task, tile_start;  // attention's rows and tasks (PagedAttention)
   std::vector<int64_t> head_arg;  // each thread's argmax of its head rows [threads, S], and its value
   std::vector<float> head_max;
-};
-struct ThreadScratch {
-  std::vector<float> residual, normed, mlp_in, scores, gate_tmp, up_tmp, k_rotated, partial, head_in;
-  QuantizedRows xr;
-  gguf::Activations x32, x256;  // a GGUF projection's activations, per block of 32 and of 256
-  FloatActivations xf;          // a float projection's
+  ThreadScratch team;  // the activations of a step with many rows, quantized by the whole team (StepThread::quantize)
 };
 
 // Projection `index` of `proj` (PROJ_TENSORS each) with the GGUF weights `raws` (step_projection.cpp).
@@ -89,6 +91,7 @@ struct LlamaDecoder : torch::CustomClassHolder {
   int64_t num_heads, num_kv_heads, head_dim;
   double eps, scale;
   std::vector<Projection> layers;  // 4 per layer: qkv, o, gate_up (Falcon: up), down
+  int64_t team_nb = 0;             // the most blocks of 32 an int4/int8 projection's input row has (Scratch::team)
   std::optional<Projection> head;
   std::vector<const float*> norm_weights;
   BlockForm form = BlockForm::LLAMA;
@@ -141,10 +144,12 @@ struct StepThread {
   int64_t T, tiles, tasks;
   float *xp, *qkvp, *qp, *ap, *op, *actp;  // the team's [T, hidden], [T, qkv], [T, q], [T, q], [T, hidden], [T, I]
 
-  // rows (default T) of a [rows, K] into this thread's quantized activations, as p's product takes them
-  void quantize(const float* a, int64_t K, const Projection& p, int64_t rows = -1) const;
-  // this thread's share of p's output rows for the T quantized rows into y (row stride ldy), then a barrier
-  void product(const Projection& p, float* y, int64_t ldy) const;
+  // rows (default T) of a [rows, K] quantized as p's product takes them; returns where: this thread's own scratch,
+  // or with TEAM_ROWS rows or more an int4/int8 product's, the team's, each thread quantizing its share of the rows
+  // (then a barrier; the numbers are the same: each row is quantized alone)
+  const ThreadScratch& quantize(const float* a, int64_t K, const Projection& p, int64_t rows = -1) const;
+  // this thread's share of p's output rows for the T rows quantized in xs into y (row stride ldy), then a barrier
+  void product(const Projection& p, const ThreadScratch& xs, float* y, int64_t ldy) const;
   // the rotary embedding of q (into qp; ALiBi: none) and the KV store of this thread's tokens, then a barrier
   void rotate_and_store(int64_t l) const;
   // attention of the T rows into ap, then a barrier
@@ -156,5 +161,8 @@ void falcon_layer(const StepThread& c, int64_t l);
 // [begin, end) of thread t's share of n items.
 inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt) { return {n * t / nt, n * (t + 1) / nt}; }
 constexpr int64_t ACT_BLOCK = 64;  // MLP rows computed together before their activation
+// From this many rows (prompt chunks) the team shares the activations' quantization rather than each thread doing all
+// (a 2048-row step of the default model spent ~50 ms of its ~1 s on every thread quantizing every row).
+constexpr int64_t TEAM_ROWS = 128;
 
 }  // namespace llmengine_cpu

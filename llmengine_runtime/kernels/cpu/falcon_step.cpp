@@ -40,15 +40,13 @@ void falcon_layer(const StepThread& c, int64_t l) {
   }
   {
     PartTimer timer(c.timing ? PRODUCT : NUM_PARTS);
-    c.quantize(normed, hidden, qkv_p);
-    c.product(qkv_p, c.qkvp, qkv_size);
+    c.product(qkv_p, c.quantize(normed, hidden, qkv_p), c.qkvp, qkv_size);
   }
   c.rotate_and_store(l);
   c.attend(l);
   {
     PartTimer timer(c.timing ? PRODUCT : NUM_PARTS);
-    c.quantize(c.ap, q_size, o_p);
-    c.product(o_p, c.op, hidden);
+    c.product(o_p, c.quantize(c.ap, q_size, o_p), c.op, hidden);
   }
   if (!parallel) {  // h = x + attn; the MLP's input is ln_2(h)
     PartTimer timer(c.timing ? NORM : NUM_PARTS);
@@ -61,16 +59,17 @@ void falcon_layer(const StepThread& c, int64_t l) {
   }
   // the up product ACT_BLOCK rows at a time, each block's GELU after it: no [T, I] pre-activation
   const auto [i0, i1] = share(I, c.t, c.nt);
+  const ThreadScratch* xs;
   {
     PartTimer timer(c.timing ? PRODUCT : NUM_PARTS);
-    c.quantize(mlp_x, hidden, up_p);
+    xs = &c.quantize(mlp_x, hidden, up_p);
   }
   float* up = c.mine.up_tmp.data();
   for (int64_t b0 = i0; b0 < i1; b0 += ACT_BLOCK) {
     const int64_t b1 = std::min(i1, b0 + ACT_BLOCK), n = b1 - b0;
     {
       PartTimer timer(c.timing ? PRODUCT : NUM_PARTS);
-      project_rows(up_p, c.mine, T, b0, b1, up, n);
+      project_rows(up_p, *xs, T, b0, b1, up, n);
     }
     PartTimer timer(c.timing ? ACTIVATION : NUM_PARTS);
     for (int64_t r = 0; r < T; ++r) gelu_row(up + r * n, c.actp + r * I + b0, n);
@@ -78,8 +77,7 @@ void falcon_layer(const StepThread& c, int64_t l) {
   {
     PartTimer timer(c.timing ? PRODUCT : NUM_PARTS);
 #pragma omp barrier
-    c.quantize(c.actp, I, dn_p);
-    c.product(dn_p, c.xp, hidden);
+    c.product(dn_p, c.quantize(c.actp, I, dn_p), c.xp, hidden);
   }
   PartTimer timer(c.timing ? NORM : NUM_PARTS);
   for (int64_t r = 0; r < T; ++r) {

@@ -66,6 +66,9 @@ struct QuantizedRows {
 QuantizedRows quantize_rows(const at::Tensor& x, int64_t nb, bool paired);
 // The same into `out` (its buffers reused when large enough), one thread: x fp32 [rows, k] with rows contiguous.
 void quantize_rows_into(QuantizedRows& out, const float* x, int64_t rows, int64_t k, int64_t nb, bool paired);
+// Rows [r0, r1) of x into `out`, sized already for them: one thread's share of rows quantized for the whole team.
+void quantize_rows_range(QuantizedRows& out, const float* x, int64_t r0, int64_t r1, int64_t k, int64_t nb,
+                         bool paired);
 
 // One quantized weight (quant_gemm.cpp's layout): m null for int8, bias null when none.
 struct QuantWeight {

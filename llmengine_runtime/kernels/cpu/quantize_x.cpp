@@ -85,6 +85,12 @@ void quantize_rows_into(QuantizedRows& out, const float* x, int64_t rows, int64_
     quantize_row(x + i * k, k, nb, out.q.data() + i * nb * QK, out.d.data() + i * nb, out.s.data() + i * nb, paired);
 }
 
+void quantize_rows_range(QuantizedRows& out, const float* x, int64_t r0, int64_t r1, int64_t k, int64_t nb,
+                         bool paired) {
+  for (int64_t i = r0; i < r1; ++i)
+    quantize_row(x + i * k, k, nb, out.q.data() + i * nb * QK, out.d.data() + i * nb, out.s.data() + i * nb, paired);
+}
+
 QuantizedRows quantize_rows(const at::Tensor& x, int64_t nb, bool paired) {
   const int64_t rows = x.size(0), k = x.size(1);
   QuantizedRows out{std::vector<int8_t>(rows * nb * QK), std::vector<float>(rows * nb),
