@@ -24,7 +24,7 @@ CPU_KERNEL_TESTS := tests/kernels/test_kernel_cpu.py tests/kernels/test_kernel_c
 	tests/kernels/test_kernel_cpu_gguf_linear.py tests/kernels/test_kernel_cpu_interleaved.py \
 	tests/models/test_fused_decode.py tests/models/test_fused_decode_gguf.py tests/models/test_quantized_linear.py \
 	tests/runtime/test_step_buffers.py tests/kernels/test_kernel_cpu_paged_attention.py tests/kernels/test_kernel_cpu_sample_rows.py \
-	tests/kernels/test_kernel_cpu_falcon_layers.py tests/models/test_fused_falcon.py
+	tests/kernels/test_kernel_cpu_falcon_layers.py tests/models/test_fused_falcon.py tests/kernels/test_kernel_cpu_top_log_probs.py
 LOWER_MARCHES := x86-64-v3 x86-64-v2
 
 .PHONY: run test test-fast test-isa setup model lint lock bench bench-serving vllm-baseline gpu-check clean

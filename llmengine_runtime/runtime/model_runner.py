@@ -47,7 +47,8 @@ class ModelRunner:
         self.buffers = StepBuffers(device=self.device)
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Feed the chunks; fp32 logits `[sum(num_logits), vocab]`, chunk after chunk."""
+        """Feed the chunks; fp32 logits `[sum(num_logits), vocab]`, chunk after chunk: valid until the next run (the C++
+        step writes them into its bound buffer, no copy a step), so clone what must outlive it."""
         return self.executor.run(chunks, self.buffers, self.block_size).logits
 
     def run_scored(self, chunks: list[Chunk]) -> StepResult:

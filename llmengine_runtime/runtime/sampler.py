@@ -15,6 +15,7 @@ a row asking for top-N also gets the torch log-softmax its top-N come from, but 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -137,7 +138,7 @@ class Sampler:
         if greedy:  # argmax and one log-sum-exp per row
             tokens, token_log_probs = greedy_rows(logits)
             return tokens.tolist(), token_log_probs.tolist(), [[] for _ in params]
-        if cpu_kernels.cpu_logits(logits) and not any(p.top_log_probs for p in params):
+        if cpu_kernels.cpu_logits(logits):
             return self.sample_on_cpu(logits, seqs, need_log_probs)
         log_probs = torch.log_softmax(logits, dim=-1)
         tokens = log_probs.argmax(dim=-1)
@@ -163,7 +164,8 @@ class Sampler:
                       need_log_probs: bool) -> tuple[list[int], list[float], list[TopLogProbs]]:
         """The final logits' draws by kernels/cpu/sample_rows.cpp (inverse CDF from one float64 uniform a sampled
         row: the sequence's own generator's when seeded, else one batch from torch's default), greedy rows by
-        greedy_sample, no top-N. Log-probs NaN where not `need_log_probs`."""
+        greedy_sample; rows that ask for top-N get it, and their token's log-prob, from top_log_probs.cpp (the same
+        numbers in both). Log-probs NaN where not `need_log_probs`."""
         params = [seq.params for seq in seqs]
         tokens, token_log_probs = [0] * len(seqs), [float("nan")] * len(seqs)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -179,4 +181,15 @@ class Sampler:
             plain_tokens, plain_log_probs = torch.ops.llmengine_cpu.greedy_sample(rows, need_log_probs)
             for i, t, lp in zip(plain, plain_tokens.tolist(), plain_log_probs.tolist()):
                 tokens[i], token_log_probs[i] = t, lp
-        return tokens, token_log_probs, [[] for _ in seqs]
+        tops: list[TopLogProbs] = [[] for _ in seqs]
+        asking = [i for i, p in enumerate(params) if p.top_log_probs]
+        if asking:
+            rows = logits if len(asking) == len(seqs) else logits[asking]
+            k = max(params[i].top_log_probs for i in asking)
+            own, values, ids = torch.ops.llmengine_cpu.top_log_probs(rows, torch.tensor([tokens[i] for i in asking]),
+                                                                      k)
+            for i, lp, vs, ts in zip(asking, own.tolist(), values.tolist(), ids.tolist()):
+                n = params[i].top_log_probs
+                token_log_probs[i] = lp
+                tops[i] = [(t, v) for v, t in zip(vs[:n], ts[:n]) if v != -math.inf]
+        return tokens, token_log_probs, tops

@@ -96,8 +96,8 @@ def test_greedy_without_log_probs_gives_the_same_tokens():
 
 
 def test_a_seeded_draw_is_the_same_with_or_without_top_log_probs():
-    """Rows that ask for top-N take the torch log-softmax for it, but draw as the others do (sample_rows.cpp), so a
-    seeded request's tokens do not depend on whether it asked for top-N."""
+    """Rows that ask for top-N draw as the others do (sample_rows.cpp), so a seeded request's tokens do not depend on
+    whether it asked for top-N."""
     torch.manual_seed(1)
     logits = torch.randn(3, 500) * 2
 
@@ -107,3 +107,32 @@ def test_a_seeded_draw_is_the_same_with_or_without_top_log_probs():
 
     plain, with_top = draws(0), draws(2)
     assert plain == with_top and len(set(plain)) > 3
+
+
+def test_top_log_probs_beside_plain_rows():
+    """Greedy and sampled rows asking for top-N (top_log_probs.cpp) beside rows that do not: the same tokens as
+    without top-N, the top-N against float64's log-softmax of the final logits (after top-k/top-p), and each row's
+    token log-prob the very number its top-N list gives that token."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, 3000) * 3
+    kinds = [dict(), dict(temperature=0.8, top_k=40, seed=11), dict(temperature=1.1, top_p=0.5, seed=12), dict()]
+
+    def run(top: int):
+        seqs = [seq(SamplingParams(**kind, top_log_probs=top if i < 3 else 0)) for i, kind in enumerate(kinds)]
+        return Sampler().sample(logits.clone(), seqs)
+
+    tokens, token_lps, tops = run(4)
+    plain_tokens, plain_lps, _ = run(0)
+    assert tokens == plain_tokens and token_lps[3] == plain_lps[3] and tops[3] == []
+    for row, (kind, top) in enumerate(zip(kinds[:3], tops[:3])):
+        final = logits[row].double() / kind.get("temperature", 1.0)
+        if "top_k" in kind:
+            final[final < final.topk(kind["top_k"]).values[-1]] = float("-inf")
+        reference = torch.log_softmax(final, -1)
+        values, ids = reference.topk(4)
+        finite = [(int(t), v) for v, t in zip(values.tolist(), ids.tolist()) if v != float("-inf")]
+        if "top_p" not in kind:  # (top-p's nucleus: sample_rows' own boundary, checked in its kernel tests)
+            assert [t for t, _ in top] == [t for t, _ in finite]
+            assert max(abs(a - b) for (_, a), (_, b) in zip(top, finite)) < 1e-5
+        assert dict(top).get(tokens[row], token_lps[row]) == token_lps[row]
+    assert tokens[0] == int(logits[0].argmax()) and tops[0][0][0] == tokens[0]

@@ -38,7 +38,8 @@ def logits_of(llm: LLM) -> torch.Tensor:
     runner = llm.engine.runner
     prefill = [Chunk([3, 1, 4, 1, 5, 9, 2, 6, 5], 0, [0, 1, 2], 9), Chunk([2, 7, 1, 8], 0, [3], 4)]
     decode = [Chunk([8], 9, [0, 1, 2], 1), Chunk([2], 4, [3, 4], 1)]
-    return torch.cat([runner.run(prefill), runner.run(decode)])
+    first = runner.run(prefill).clone()  # (the C++ step's logits live in its buffer until the next step)
+    return torch.cat([first, runner.run(decode)])
 
 
 def generate(llm: LLM) -> list[list[int]]:

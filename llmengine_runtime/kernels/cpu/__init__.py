@@ -5,7 +5,8 @@ against the installed torch, loaded as `torch.ops.llmengine_cpu.*`.
   quantizes the activations per block of 32 (quant_common.h).
 - layers.cpp: `rms_norm` (with the residual add), `silu_and_mul`, `rotary`.
 - attention.cpp: `store_kv` and paged `decode_attention`.
-- sampling.cpp: `greedy_sample`, argmax and its log-prob in one pass (runtime/sampler.py's greedy path).
+- sampling.cpp: `greedy_sample`, argmax and its log-prob in one pass (runtime/sampler.py's greedy path);
+  sample_rows.cpp: top-k/top-p truncation and draws; top_log_probs.cpp: each row's top-N log-probs.
 - falcon_layers.cpp: `layer_norm` (with bias) and `gelu` (erf), Falcon's.
 - decode_step.cpp, decoder.cpp: `LlamaDecoder`, a whole decode step of a quantized Llama (or Falcon: falcon_step.cpp)
   through the above (models/fused_decode.py decides when it applies), and its C entry point for the engine's steps
