@@ -153,8 +153,8 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
   const int64_t block_size = k_caches[0].size(1), num_slots = k_caches[0].size(0) * block_size;
   for (int64_t r = 0; r < T; ++r) {
     TORCH_CHECK(idp[r] >= 0 && idp[r] < vocab, "LlamaDecoder.step: token id ", idp[r], " is not in the vocabulary");
-    TORCH_CHECK(pp[r] >= 0 && (alibi_slopes || pp[r] < in.cos_sin_rows), "position ", pp[r], " is outside the rotary table of ",
-                in.cos_sin_rows, " rows");
+    TORCH_CHECK(pp[r] >= 0 && (alibi_slopes || pp[r] < in.cos_sin_rows), "position ", pp[r],
+                " is outside the rotary table of ", in.cos_sin_rows, " rows");
     TORCH_CHECK(sp[r] < num_slots, "store_kv: slot ", sp[r], " past the cache");
   }
   const int32_t *bt = in.block_tables, *lp = in.seq_lens, *cu = in.cu_seqlens_q;
