@@ -193,7 +193,8 @@ void LlamaDecoder::run(const StepInputs& in, float* out, int64_t* tokens, bool l
     const int64_t rows = std::max(T, R);
     QuantizedRows& team = sh.team.xr;
     if (static_cast<int64_t>(team.q.size()) < rows * team_nb * QK) team.q.resize(rows * team_nb * QK);
-    if (static_cast<int64_t>(team.d.size()) < rows * team_nb) team.d.resize(rows * team_nb), team.s.resize(rows * team_nb);
+    if (static_cast<int64_t>(team.d.size()) < rows * team_nb)
+      team.d.resize(rows * team_nb), team.s.resize(rows * team_nb);
   }
   float *xp = sh.x.data(), *qkvp = sh.qkv.data(), *qp = sh.q_rot.data();
   float *ap = sh.attn.data(), *op = sh.o.data(), *actp = sh.act.data();

@@ -74,8 +74,8 @@ LlamaDecoder::LlamaDecoder(at::Tensor embedding_, std::vector<at::Tensor> norms_
       num_kv_heads(num_kv_heads_), head_dim(head_dim_), eps(eps_), scale(scale_),
       norm_bias_tensors(std::move(norm_biases_)), alibi(std::move(alibi_slopes_)) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
-  TORCH_CHECK(form_ >= 0 && form_ <= 2, "LlamaDecoder: form ", form_, " is not one of 0 (Llama), 1 (Falcon, parallel), ",
-              "2 (Falcon, sequential)");
+  TORCH_CHECK(form_ >= 0 && form_ <= 2, "LlamaDecoder: form ", form_,
+              " is not one of 0 (Llama), 1 (Falcon, parallel), 2 (Falcon, sequential)");
   form = static_cast<BlockForm>(form_);
   const bool falcon = form != BlockForm::LLAMA;
   TORCH_CHECK(L > 0 && v_caches.size() == k_caches.size(), "LlamaDecoder: one v_cache per k_cache, at least one");
