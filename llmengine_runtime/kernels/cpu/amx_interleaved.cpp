@@ -198,8 +198,9 @@ template <bool Q4>
 AmxSpan amx_block(const QuantizedRows& xr, const QuantWeight& w, int64_t M, int64_t n0, int64_t n1, float* y,
                   int64_t ldy) {
   // Whole tiles, then the rows left below them in one shorter tile when there are MIN_ROWS of them
-  // (benchmarks.products, 2 threads, the model's 120 matrices cold: int8 from 4 rows, 6.9 against 8.9 ms at 4, 7.9 against 10.0 at 5;
-  // int4 from 12, 8.1 against 8.9 ms, where its B unpacking, a cost per weight whatever the rows, is paid back).
+  // (benchmarks.products, 2 threads, the model's 120 matrices cold: int8 from 4 rows, 6.9 against 8.9 ms at 4, 7.9
+  // against 10.0 at 5; int4 from 12, 8.1 against 8.9 ms, where its B unpacking, a cost per weight whatever the rows,
+  // is paid back).
   constexpr int64_t MIN_ROWS = Q4 ? 12 : 4;
   const int64_t whole = M / TILE * TILE, rows = M - whole >= MIN_ROWS ? M : whole;
   const int64_t g0 = (n0 + GROUP - 1) / GROUP, pairs = std::max<int64_t>(0, (n1 / GROUP - g0) / 2);
