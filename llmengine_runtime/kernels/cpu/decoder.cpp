@@ -3,8 +3,8 @@
 //
 // `torch.classes.llmengine_cpu.LlamaDecoder(embedding, norms, proj, k_caches, v_caches, head, ..., form, norm_biases,
 // alibi_slopes)` binds the model once (layouts in decode_step.cpp; form: decoder.h's BlockForm, Falcon's with its
-// LayerNorms' biases, and ALiBi slopes or an empty tensor for RoPE). Its `step(input_ids, positions, slot_mapping, block_tables, seq_lens,
-// cos_sin_cache)` takes a step's inputs as tensors and returns the final-normed hidden states.
+// LayerNorms' biases, and ALiBi slopes or an empty tensor for RoPE). Its `step(input_ids, positions, slot_mapping,
+// block_tables, seq_lens, cos_sin_cache)` takes a step's inputs as tensors and returns the final-normed hidden states.
 // With a head bound, the engine's steps pass nothing: `bind_buffers(input_ids, positions, slot_mapping, block_tables,
 // seq_lens, cu_seqlens_q, logit_rows, cos_sin_cache, logits, tokens)` binds persistent tensors once (the layouts of
 // decode_step.cpp with room for Tmax tokens, Smax sequences and Rmax logits rows: input_ids, positions, slot_mapping
