@@ -268,3 +268,39 @@ def test_final_only_requests_get_one_merged_output(tiny_engine):
     assert out.token_texts == [d.text for d in streamed]  # one token per streamed delta here
     assert len(aborted) == 1 and aborted[0].finished and aborted[0].finish_reason == "abort"
     wait_for(lambda: idle(tiny_engine))
+
+
+def test_streams_on_two_event_loops_and_one_closed(tiny_engine):
+    """Outputs reach each event loop in one hand-over a step, in order; a loop that closes mid-stream gets its request
+    aborted (every block back) while the other loop's stream runs to its end."""
+    import threading
+
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    other = asyncio.new_event_loop()
+    got_two = threading.Event()
+
+    async def walk_away():
+        stream = tiny_engine.add_request([5] * 12, SamplingParams(max_new_tokens=1500, ignore_eos=True),
+                                         request_id="gone")
+        count = 0
+        async for _ in stream:
+            count += 1
+            if count == 2:
+                got_two.set()
+                await asyncio.sleep(3600)  # the loop stops under it
+
+    other_thread = threading.Thread(target=lambda: other.run_until_complete(walk_away()), daemon=True)
+    other_thread.start()
+    assert got_two.wait(10)
+    other.call_soon_threadsafe(other.stop)
+    other_thread.join(10)
+    other.close()
+
+    async def main():
+        return await collect(tiny_engine.add_request([9] * 12, params, request_id="kept"))
+
+    deltas = asyncio.run(main())
+    assert deltas[-1].finished and sum(len(d.token_ids) for d in deltas) == 40
+    wait_for(lambda: idle(tiny_engine))
+    assert tiny_engine.stats()["finished_abort"] == 1
+    tiny_engine.engine.block_manager.check([])
