@@ -22,9 +22,11 @@ PYTEST  := TRITON_CACHE_DIR=$(CURDIR)/.cache/triton $(PY) -m pytest -q -n 2 --di
 # the intrinsics paths) and x86-64-v2 (no AVX: the scalar fallbacks). LLMENGINE_CPU_MARCH picks the build.
 CPU_KERNEL_TESTS := tests/kernels/test_kernel_cpu.py tests/kernels/test_kernel_cpu_float.py tests/kernels/test_kernel_cpu_fp16_cache.py \
 	tests/kernels/test_kernel_cpu_gguf_linear.py tests/kernels/test_kernel_cpu_interleaved.py \
-	tests/models/test_fused_decode.py tests/models/test_fused_decode_gguf.py tests/models/test_quantized_linear.py \
-	tests/runtime/test_step_buffers.py tests/kernels/test_kernel_cpu_paged_attention.py tests/kernels/test_kernel_cpu_sample_rows.py \
-	tests/kernels/test_kernel_cpu_falcon_layers.py tests/models/test_fused_falcon.py tests/kernels/test_kernel_cpu_top_log_probs.py
+	tests/kernels/test_kernel_cpu_paged_attention.py tests/kernels/test_kernel_cpu_sample_rows.py \
+	tests/kernels/test_kernel_cpu_falcon_layers.py tests/kernels/test_kernel_cpu_top_log_probs.py
+# Whole models through the C++ step on the lower builds: their fast cases (the full set runs on the native build).
+CPU_MODEL_TESTS := tests/models/test_fused_decode.py tests/models/test_fused_decode_gguf.py tests/models/test_quantized_linear.py \
+	tests/runtime/test_step_buffers.py tests/models/test_fused_falcon.py
 LOWER_MARCHES := x86-64-v3 x86-64-v2
 
 .PHONY: run test test-fast test-isa setup model lint lock bench bench-serving vllm-baseline gpu-check clean
@@ -72,7 +74,8 @@ run: $(MODEL) $(KERNELS)
 
 # Without a GPU the Triton kernels are tested under Triton's interpreter (tests/conftest.py sets it).
 # The lower builds compile in the background (niced) while the suite runs: it leaves about a sixth of the two cores
-# idle (servers, subprocesses), and the three builds are a quarter of a fresh `make test`.
+# idle (servers, subprocesses), and the three builds (~1 minute each, the torch headers precompiled once a build)
+# are a sixth of a fresh `make test`.
 test: $(MODEL) $(KERNELS)
 	@(for march in $(LOWER_MARCHES); do LLMENGINE_CPU_MARCH=$$march nice -n 10 $(PY) -m llmengine_runtime.kernels.cpu \
 		>/dev/null 2>&1; done) & builder=$$!; \
@@ -85,6 +88,7 @@ test-isa: $(MODEL) $(KERNELS)
 		echo "test-isa: the C++ kernel tests against a -march=$$march build"; \
 		LLMENGINE_CPU_MARCH=$$march $(PY) -m llmengine_runtime.kernels.cpu || exit 1; \
 		LLMENGINE_CPU_MARCH=$$march $(PYTEST) $(CPU_KERNEL_TESTS) || exit 1; \
+		LLMENGINE_CPU_MARCH=$$march $(PYTEST) -m "not slow" $(CPU_MODEL_TESTS) || exit 1; \
 	done
 
 # The edit-test loop: everything but the tests marked slow, in under a minute, one worker per core (a test file
