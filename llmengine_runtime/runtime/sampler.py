@@ -143,11 +143,7 @@ class Sampler:
         log_probs = torch.log_softmax(logits, dim=-1)
         tokens = log_probs.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled and cpu_kernels.cpu_logits(logits):  # (rows with top-N: their draw by our kernel all the same)
-            rows = logits[sampled].contiguous()
-            draws, _ = torch.ops.llmengine_cpu.sample_logits(rows, uniforms(seqs, sampled), False)
-            tokens[sampled] = draws
-        elif sampled:
+        if sampled:  # (CPU logits never get here: sample_on_cpu takes every row there)
             probs = log_probs[sampled].exp()
             draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]
             tokens[sampled] = torch.cat(draws)
